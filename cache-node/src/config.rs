@@ -1,0 +1,552 @@
+//! The node's configuration: one serde struct, loaded from a TOML file with
+//! `CACHE_NODE__<SECTION>__<KEY>` environment overrides, then validated once at start-up so that a
+//! bad value stops the node with a message naming the key, the value and a correct example.
+//!
+//! Sizes are strings such as `"10GiB"` or `"1MiB"`; durations are strings such as `"5s"` or
+//! `"2m"`. Every field has a default so a partial file works; the annotated defaults ship in
+//! `conf/cache-node.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be used. Each variant names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or an environment override had the wrong type.
+    #[error("configuration could not be loaded: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A key parsed but its value is not acceptable.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The dotted key, for example `storage.max_size`.
+        key: String,
+        /// What is wrong and what would be right.
+        message: String,
+    },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration of a cache node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The client-facing listener and request handling.
+    pub server: ServerConfig,
+    /// The admin listener (health, stats, metrics).
+    pub admin: AdminConfig,
+    /// Where and how content is stored on disk.
+    pub storage: StorageConfig,
+    /// How the node talks to origins.
+    pub upstream: UpstreamConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// The origin allowlist: one `[[origin]]` table per allowed origin host.
+    pub origin: Vec<OriginConfig>,
+}
+
+/// `[server]`: the client-facing listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address clients connect to. Windows Delivery Optimization clients expect port 80.
+    pub listen: String,
+    /// Base URL used for requests that name no allowed origin (reverse-proxy mode), for example
+    /// `http://mirror.example.org`. Unset means such requests are refused with 403.
+    pub default_upstream: Option<String>,
+    /// The most ranges one request may ask for after coalescing; more are refused with 416.
+    pub max_ranges: usize,
+    /// How long in-flight requests may take to finish after SIGTERM before the node exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// `[admin]`: the admin listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener. Keep it on loopback or a management network.
+    pub listen: String,
+    /// Bearer token required by every admin request that changes state.
+    pub token: String,
+}
+
+/// `[storage]`: the on-disk cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory holding the cache. Created if missing.
+    pub path: PathBuf,
+    /// Upper bound on bytes stored, for example `"10GiB"`. Least useful content is evicted beyond it.
+    pub max_size: String,
+    /// Size of one stored slice, for example `"1MiB"`. A power of two between 64KiB and 64MiB.
+    pub slice_size: String,
+    /// Flush every slice to stable storage before it is published. Turn off only on disks whose
+    /// loss you can tolerate: a kill -9 is survived either way, a power cut only with fsync.
+    pub fsync: bool,
+}
+
+/// `[upstream]`: how the node fetches from origins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Time allowed to open a TCP (and TLS) connection to an origin.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed between sending a request and receiving the response headers.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Longest silence allowed while reading a response body before the fill is abandoned.
+    #[serde(with = "humantime_serde")]
+    pub idle_read_timeout: Duration,
+    /// How long an idle pooled connection to an origin is kept.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// The most idle pooled connections kept per origin.
+    pub pool_max_idle_per_host: usize,
+    /// When the gap between two missing runs of slices is at most this many cached slices, the
+    /// node fetches both runs with one upstream request and discards the overlap, instead of
+    /// opening a second request.
+    pub merge_gap_slices: u64,
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter, for example `info` or `cache_node=debug,info`. `RUST_LOG` wins when set.
+    pub level: String,
+    /// `text` for humans, `json` for log shippers.
+    pub format: String,
+}
+
+/// `[[origin]]`: one allowed origin.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct OriginConfig {
+    /// An exact host name (`dl.delivery.mp.microsoft.com`) or a wildcard (`*.windowsupdate.com`,
+    /// which matches any subdomain but not the bare suffix).
+    pub host: String,
+    /// Base URL the node really connects to for this origin, for example `http://127.0.0.1:8000`
+    /// or a parent cache. Unset means `http://<requested host>`.
+    pub upstream: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:8080".to_owned(),
+            default_upstream: None,
+            max_ranges: 32,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9090".to_owned(),
+            token: String::new(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: PathBuf::from("cache-data"),
+            max_size: "10GiB".to_owned(),
+            slice_size: "1MiB".to_owned(),
+            fsync: true,
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(30),
+            idle_read_timeout: Duration::from_secs(30),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 32,
+            merge_gap_slices: 2,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_owned(),
+            format: "text".to_owned(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            admin: AdminConfig::default(),
+            storage: StorageConfig::default(),
+            upstream: UpstreamConfig::default(),
+            log: LogConfig::default(),
+            origin: Vec::new(),
+        }
+    }
+}
+
+/// The configuration after validation, with sizes and addresses parsed.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    /// The raw configuration, kept for the parts that need no parsing.
+    pub raw: Config,
+    /// `server.listen`, parsed.
+    pub server_listen: SocketAddr,
+    /// `admin.listen`, parsed.
+    pub admin_listen: SocketAddr,
+    /// `storage.max_size` in bytes.
+    pub max_size_bytes: u64,
+    /// `storage.slice_size` in bytes.
+    pub slice_len: u64,
+}
+
+impl Config {
+    /// Loads a configuration file (if given) and applies `CACHE_NODE__SECTION__KEY` overrides from
+    /// the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, None)
+    }
+
+    /// Like [`Config::load`], but takes the environment from `env` when given (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = path {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let environment = config::Environment::with_prefix("CACHE_NODE")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(env);
+        builder = builder.add_source(environment);
+        let loaded = builder.build()?;
+        Ok(loaded.try_deserialize()?)
+    }
+
+    /// Checks every value and parses sizes and addresses.
+    pub fn validate(self) -> Result<ValidConfig, ConfigError> {
+        let server_listen = parse_listen("server.listen", &self.server.listen)?;
+        let admin_listen = parse_listen("admin.listen", &self.admin.listen)?;
+        if self.admin.token.trim().is_empty() {
+            return Err(invalid(
+                "admin.token",
+                "is empty; set a long random secret, e.g. CACHE_NODE__ADMIN__TOKEN=$(openssl rand -hex 24)",
+            ));
+        }
+        let max_size_bytes = parse_size(&self.storage.max_size)
+            .map_err(|message| invalid("storage.max_size", message))?;
+        let slice_len = parse_size(&self.storage.slice_size)
+            .map_err(|message| invalid("storage.slice_size", message))?;
+        if !slice_len.is_power_of_two() || !(64 << 10..=64 << 20).contains(&slice_len) {
+            return Err(invalid(
+                "storage.slice_size",
+                format!(
+                    "\"{}\" must be a power of two between 64KiB and 64MiB, e.g. \"1MiB\"",
+                    self.storage.slice_size
+                ),
+            ));
+        }
+        if max_size_bytes < slice_len {
+            return Err(invalid(
+                "storage.max_size",
+                format!(
+                    "\"{}\" is smaller than one slice ({}); use e.g. \"10GiB\"",
+                    self.storage.max_size, self.storage.slice_size
+                ),
+            ));
+        }
+        if self.storage.path.as_os_str().is_empty() {
+            return Err(invalid(
+                "storage.path",
+                "is empty; use e.g. \"/var/cache/outpost\"",
+            ));
+        }
+        if self.server.max_ranges == 0 {
+            return Err(invalid("server.max_ranges", "must be at least 1, e.g. 32"));
+        }
+        for (name, value) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            (
+                "upstream.first_byte_timeout",
+                self.upstream.first_byte_timeout,
+            ),
+            (
+                "upstream.idle_read_timeout",
+                self.upstream.idle_read_timeout,
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(name, "must be longer than zero, e.g. \"30s\""));
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid(
+                "log.format",
+                format!(
+                    "\"{}\" is not a format; use \"text\" or \"json\"",
+                    self.log.format
+                ),
+            ));
+        }
+        if let Some(url) = &self.server.default_upstream {
+            check_upstream_url("server.default_upstream", url)?;
+        }
+        for (index, origin) in self.origin.iter().enumerate() {
+            let key = format!("origin[{index}].host");
+            crate::origin::HostPattern::parse(&origin.host)
+                .map_err(|message| invalid(&key, message))?;
+            if let Some(url) = &origin.upstream {
+                check_upstream_url(&format!("origin[{index}].upstream"), url)?;
+            }
+        }
+        Ok(ValidConfig {
+            raw: self,
+            server_listen,
+            admin_listen,
+            max_size_bytes,
+            slice_len,
+        })
+    }
+}
+
+fn parse_listen(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("\"{value}\" is not an address; use e.g. \"0.0.0.0:80\" or \"[::]:80\""),
+        )
+    })
+}
+
+fn check_upstream_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    let uri: http::Uri = value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("\"{value}\" is not a URL; use e.g. \"http://127.0.0.1:8000\""),
+        )
+    })?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http" | "https"), Some(_)) => Ok(()),
+        _ => Err(invalid(
+            key,
+            format!("\"{value}\" must be an absolute http:// or https:// URL, e.g. \"http://127.0.0.1:8000\""),
+        )),
+    }
+}
+
+/// Parses a size such as `"10GiB"`, `"512 MiB"` or `"4096"` (bytes) into bytes.
+///
+/// Only binary units (KiB, MiB, GiB, TiB) and plain bytes are accepted. Decimal units such as
+/// "GB" are refused on purpose: disk tools disagree on what they mean, and an operator sizing a
+/// cache drive should not lose 7% to an ambiguity.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split_at = trimmed
+        .find(|character: char| !character.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split_at);
+    let not_a_size = || format!("\"{text}\" is not a size; use e.g. \"10GiB\"");
+    if digits.is_empty() {
+        return Err(not_a_size());
+    }
+    let number: u64 = digits.parse().map_err(|_| not_a_size())?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return Err(not_a_size()),
+    };
+    number.checked_mul(multiplier).ok_or_else(not_a_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn valid_base() -> Config {
+        let mut config = Config::default();
+        config.admin.token = "secret".to_owned();
+        config
+    }
+
+    #[test]
+    fn sizes_parse_binary_units_and_refuse_decimal_ones() {
+        let table: &[(&str, Option<u64>)] = &[
+            ("0", Some(0)),
+            ("4096", Some(4096)),
+            ("1KiB", Some(1024)),
+            ("1MiB", Some(1 << 20)),
+            ("10GiB", Some(10 << 30)),
+            ("2 TiB", Some(2 << 40)),
+            (" 512MiB ", Some(512 << 20)),
+            ("10 GB", None),
+            ("10GB", None),
+            ("GiB", None),
+            ("", None),
+            ("-1MiB", None),
+            ("1.5GiB", None),
+            ("99999999999TiB", None),
+        ];
+        for (text, expected) in table {
+            assert_eq!(parse_size(text).ok(), *expected, "parse_size({text:?})");
+        }
+        assert_eq!(
+            parse_size("10 GB").unwrap_err(),
+            "\"10 GB\" is not a size; use e.g. \"10GiB\""
+        );
+    }
+
+    #[test]
+    fn defaults_validate_once_a_token_is_set() {
+        let valid = valid_base().validate().unwrap();
+        assert_eq!(valid.slice_len, 1 << 20);
+        assert_eq!(valid.max_size_bytes, 10 << 30);
+        let missing_token = Config::default().validate().unwrap_err();
+        assert!(missing_token.to_string().starts_with("admin.token:"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+            (
+                Box::new(|c| c.storage.max_size = "10 GB".into()),
+                "storage.max_size: \"10 GB\" is not a size",
+            ),
+            (
+                Box::new(|c| c.storage.slice_size = "3MiB".into()),
+                "storage.slice_size:",
+            ),
+            (
+                Box::new(|c| c.storage.slice_size = "1KiB".into()),
+                "storage.slice_size:",
+            ),
+            (
+                Box::new(|c| c.server.listen = "localhost".into()),
+                "server.listen:",
+            ),
+            (
+                Box::new(|c| c.admin.listen = "1.2.3.4".into()),
+                "admin.listen:",
+            ),
+            (Box::new(|c| c.log.format = "xml".into()), "log.format:"),
+            (
+                Box::new(|c| c.server.default_upstream = Some("ftp://x".into())),
+                "server.default_upstream:",
+            ),
+            (
+                Box::new(|c| {
+                    c.origin.push(OriginConfig {
+                        host: "*".into(),
+                        upstream: None,
+                    })
+                }),
+                "origin[0].host:",
+            ),
+            (
+                Box::new(|c| {
+                    c.origin.push(OriginConfig {
+                        host: "a.example".into(),
+                        upstream: Some("not a url".into()),
+                    })
+                }),
+                "origin[0].upstream:",
+            ),
+            (
+                Box::new(|c| c.upstream.idle_read_timeout = Duration::ZERO),
+                "upstream.idle_read_timeout:",
+            ),
+        ];
+        for (mutate, expected_prefix) in cases {
+            let mut config = valid_base();
+            mutate(&mut config);
+            let message = config.validate().unwrap_err().to_string();
+            assert!(
+                message.starts_with(expected_prefix),
+                "{message:?} should start with {expected_prefix:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn file_and_environment_combine_with_environment_winning() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            r#"
+[server]
+listen = "127.0.0.1:1"
+[admin]
+token = "from-file"
+[storage]
+max_size = "1GiB"
+[upstream]
+connect_timeout = "2s"
+[[origin]]
+host = "*.example.com"
+upstream = "http://127.0.0.1:9"
+"#,
+        )
+        .unwrap();
+        let env = HashMap::from([
+            (
+                "CACHE_NODE__SERVER__LISTEN".to_owned(),
+                "127.0.0.1:2".to_owned(),
+            ),
+            ("CACHE_NODE__STORAGE__FSYNC".to_owned(), "false".to_owned()),
+        ]);
+        let config = Config::load_with_env(Some(&path), Some(env)).unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:2");
+        assert_eq!(config.admin.token, "from-file");
+        assert!(!config.storage.fsync);
+        assert_eq!(config.upstream.connect_timeout, Duration::from_secs(2));
+        assert_eq!(config.origin.len(), 1);
+        let valid = config.validate().unwrap();
+        assert_eq!(valid.max_size_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "[storage]\nmax_sise = \"1GiB\"\n").unwrap();
+        let message = Config::load_with_env(Some(&path), Some(HashMap::new()))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("max_sise"), "{message}");
+    }
+
+    #[test]
+    fn shipped_default_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/cache-node.toml");
+        let config = Config::load_with_env(Some(&path), Some(HashMap::new())).unwrap();
+        config.validate().unwrap();
+    }
+}

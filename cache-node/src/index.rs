@@ -1,0 +1,239 @@
+//! The in-memory index of cached objects: a moka cache from [`CacheKey`] to [`ObjectEntry`],
+//! weighted by the bytes each object holds on disk and bounded by `storage.max_size`.
+//!
+//! An [`ObjectEntry`] is one version (generation) of one object: its metadata, which slices are
+//! on disk, and which are being filled right now. When moka evicts an entry, or the node drops a
+//! version because the origin changed it, the entry is marked removed and its directory deleted
+//! by a background task, so eviction really frees the disk.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
+use moka::policy::EvictionPolicy;
+use tokio::sync::mpsc;
+
+use crate::disk::SharedStorage;
+use crate::fill::SliceBuffer;
+use crate::key::CacheKey;
+use crate::store::{Layout, ObjectMeta};
+
+/// moka weights are `u32`, so objects are weighed in units of this many bytes; that still allows
+/// objects of up to 16 TiB.
+const WEIGHT_UNIT_BYTES: u64 = 4096;
+
+/// Which slices of an object are stored and which are being filled.
+#[derive(Debug)]
+pub struct SliceTable {
+    /// `present[i]` is true when slice `i` is complete on disk.
+    pub present: Vec<bool>,
+    /// Slices being filled from the origin right now, with the buffer readers stream from.
+    pub inflight: HashMap<u64, Arc<SliceBuffer>>,
+}
+
+/// One version of one cached object.
+#[derive(Debug)]
+pub struct ObjectEntry {
+    /// The content identity.
+    pub key: CacheKey,
+    /// The stored version's metadata.
+    pub meta: ObjectMeta,
+    table: Mutex<SliceTable>,
+    stored_bytes: AtomicU64,
+    removed: AtomicBool,
+}
+
+impl ObjectEntry {
+    /// Creates an entry for a new version with no slices stored.
+    pub fn new(meta: ObjectMeta) -> ObjectEntry {
+        Self::with_present(meta, &[])
+    }
+
+    /// Creates an entry whose listed slices are already on disk (after a restart).
+    pub fn with_present(meta: ObjectMeta, present_slices: &[u64]) -> ObjectEntry {
+        let mut present = vec![false; meta.slice_count() as usize];
+        let mut stored_bytes = 0;
+        for &index in present_slices {
+            if let Some(flag) = present.get_mut(index as usize) {
+                *flag = true;
+                stored_bytes += meta.slice_length(index);
+            }
+        }
+        ObjectEntry {
+            key: CacheKey::from_text(meta.key.clone()),
+            meta,
+            table: Mutex::new(SliceTable {
+                present,
+                inflight: HashMap::new(),
+            }),
+            stored_bytes: AtomicU64::new(stored_bytes),
+            removed: AtomicBool::new(false),
+        }
+    }
+
+    /// Locks the slice table. Hold it only for bookkeeping, never across I/O.
+    pub fn table(&self) -> MutexGuard<'_, SliceTable> {
+        self.table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Bytes of this object stored on disk.
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes.load(Ordering::Relaxed)
+    }
+
+    /// True once the entry was evicted or replaced; its files are gone or going.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    /// True when every slice is on disk.
+    pub fn is_complete(&self) -> bool {
+        self.table().present.iter().all(|present| *present)
+    }
+
+    fn weight(&self) -> u32 {
+        let units = self.stored_bytes().div_ceil(WEIGHT_UNIT_BYTES) + 1;
+        u32::try_from(units).unwrap_or(u32::MAX)
+    }
+}
+
+/// The index itself.
+pub struct Index {
+    cache: moka::sync::Cache<CacheKey, Arc<ObjectEntry>>,
+    used_bytes: Arc<AtomicU64>,
+    max_bytes: u64,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Index")
+            .field("objects", &self.cache.entry_count())
+            .field("used_bytes", &self.used_bytes())
+            .finish()
+    }
+}
+
+impl Index {
+    /// Creates an empty index bounded by `max_bytes`. Removed entries have their directory
+    /// deleted through `storage` by a background task on the current tokio runtime.
+    pub fn new(max_bytes: u64, layout: Layout, storage: SharedStorage) -> Index {
+        let used_bytes = Arc::new(AtomicU64::new(0));
+        let (removal_sender, mut removal_receiver) = mpsc::unbounded_channel::<Arc<ObjectEntry>>();
+        let deleter_used_bytes = used_bytes.clone();
+        tokio::spawn(async move {
+            while let Some(entry) = removal_receiver.recv().await {
+                let directory = layout.generation_dir(&entry.key, entry.meta.generation);
+                if let Err(error) = storage.remove_dir_all(directory).await {
+                    tracing::warn!(key = entry.key.as_str(), %error, "could not delete evicted object");
+                }
+                deleter_used_bytes.fetch_sub(entry.stored_bytes(), Ordering::Relaxed);
+            }
+        });
+        let cache = moka::sync::Cache::builder()
+            .max_capacity((max_bytes / WEIGHT_UNIT_BYTES).max(1))
+            .eviction_policy(EvictionPolicy::lru())
+            .weigher(|_key: &CacheKey, entry: &Arc<ObjectEntry>| entry.weight())
+            .eviction_listener(move |_key, entry: Arc<ObjectEntry>, cause| {
+                // A `Replaced` notification only ever means "the same entry, re-weighed": new
+                // versions are installed after the old one was removed explicitly.
+                if cause == RemovalCause::Replaced {
+                    return;
+                }
+                {
+                    let _table = entry.table();
+                    entry.removed.store(true, Ordering::Release);
+                }
+                tracing::debug!(
+                    key = entry.key.as_str(),
+                    ?cause,
+                    "object removed from index"
+                );
+                let _ = removal_sender.send(entry);
+            })
+            .build();
+        Index {
+            cache,
+            used_bytes,
+            max_bytes,
+        }
+    }
+
+    /// Looks up the current version of `key`.
+    pub fn get(&self, key: &CacheKey) -> Option<Arc<ObjectEntry>> {
+        self.cache.get(key)
+    }
+
+    /// Installs a new entry (a new object, or one recovered at start-up).
+    pub fn insert(&self, entry: Arc<ObjectEntry>) {
+        self.used_bytes
+            .fetch_add(entry.stored_bytes(), Ordering::Relaxed);
+        self.cache.insert(entry.key.clone(), entry);
+        self.cache.run_pending_tasks();
+    }
+
+    /// Drops `entry` if it is still the current version of its key (its files are deleted).
+    pub fn remove(&self, entry: &Arc<ObjectEntry>) {
+        let _ = self
+            .cache
+            .entry(entry.key.clone())
+            .and_compute_with(|current| match current {
+                Some(current) if Arc::ptr_eq(current.value(), entry) => Op::Remove,
+                _ => Op::Nop,
+            });
+        self.cache.run_pending_tasks();
+    }
+
+    /// Records that slice `index` of `entry` is now complete on disk and re-weighs the entry,
+    /// which may evict others. Returns false when the entry was removed meanwhile (the caller
+    /// deletes the orphan file).
+    pub fn mark_slice_stored(&self, entry: &Arc<ObjectEntry>, index: u64) -> bool {
+        {
+            let mut table = entry.table();
+            if entry.is_removed() {
+                table.inflight.remove(&index);
+                return false;
+            }
+            if let Some(flag) = table.present.get_mut(index as usize) {
+                if !*flag {
+                    *flag = true;
+                    let slice_length = entry.meta.slice_length(index);
+                    entry
+                        .stored_bytes
+                        .fetch_add(slice_length, Ordering::Relaxed);
+                    self.used_bytes.fetch_add(slice_length, Ordering::Relaxed);
+                }
+            }
+            table.inflight.remove(&index);
+        }
+        let _ = self
+            .cache
+            .entry(entry.key.clone())
+            .and_compute_with(|current| match current {
+                Some(current) if Arc::ptr_eq(current.value(), entry) => Op::Put(entry.clone()),
+                _ => Op::Nop,
+            });
+        self.cache.run_pending_tasks();
+        true
+    }
+
+    /// Bytes stored on disk by all indexed objects.
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The configured bound.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// How many objects are indexed.
+    pub fn object_count(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+}

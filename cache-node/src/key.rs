@@ -1,0 +1,130 @@
+//! Content identity: the cache key of a request, and the stable on-disk name derived from it.
+//!
+//! A key is the origin host, the path and the query with `cacheHostOrigin` removed, so the same
+//! content reached in MCC mode, Host-header mode or proxy mode is stored once.
+
+use sha2::{Digest, Sha256};
+
+/// The identity of one piece of cached content.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// `host` + path-and-query, e.g. `dl.example.com/files/a.cab?x=1`.
+    text: String,
+}
+
+impl CacheKey {
+    /// Builds a key from a normalised origin host and the upstream path-and-query (which must
+    /// already have `cacheHostOrigin` removed).
+    pub fn new(host: &str, path_and_query: &str) -> CacheKey {
+        CacheKey {
+            text: format!("{host}{path_and_query}"),
+        }
+    }
+
+    /// Rebuilds a key from its text form (as stored in object metadata).
+    pub fn from_text(text: String) -> CacheKey {
+        CacheKey { text }
+    }
+
+    /// The human-readable form, used in logs and stored in metadata.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// A fixed-length, file-system-safe identifier: the lower-case hex SHA-256 of the key text.
+    pub fn object_id(&self) -> String {
+        hex::encode(Sha256::digest(self.text.as_bytes()))
+    }
+}
+
+/// Removes every `cacheHostOrigin` parameter from a raw query string, keeping the other
+/// parameters byte for byte and in order. Returns the remaining query (possibly empty) and the
+/// decoded origin host, if one was present (the first one wins).
+pub fn split_cache_host_origin(query: &str) -> (String, Option<String>) {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut origin_host: Option<String> = None;
+    for parameter in query.split('&') {
+        let (name, value) = parameter.split_once('=').unwrap_or((parameter, ""));
+        if name.eq_ignore_ascii_case("cacheHostOrigin") {
+            if origin_host.is_none() {
+                origin_host = Some(percent_decode(value));
+            }
+        } else if !parameter.is_empty() {
+            kept.push(parameter);
+        }
+    }
+    (kept.join("&"), origin_host)
+}
+
+/// Decodes `%XX` escapes. `+` is not turned into a space: host names contain neither.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' && index + 2 < bytes.len() {
+            if let Ok(byte) = u8::from_str_radix(&value[index + 1..index + 3], 16) {
+                decoded.push(byte);
+                index += 3;
+                continue;
+            }
+        }
+        decoded.push(bytes[index]);
+        index += 1;
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_host_origin_is_removed_and_the_rest_kept_in_order() {
+        let table: &[(&str, &str, Option<&str>)] = &[
+            ("cacheHostOrigin=dl.example.com", "", Some("dl.example.com")),
+            (
+                "a=1&cacheHostOrigin=dl.example.com&b=2",
+                "a=1&b=2",
+                Some("dl.example.com"),
+            ),
+            (
+                "a=%20x&cachehostorigin=h.example",
+                "a=%20x",
+                Some("h.example"),
+            ),
+            (
+                "cacheHostOrigin=h%2Eexample&cacheHostOrigin=other",
+                "",
+                Some("h.example"),
+            ),
+            ("a=1&&b", "a=1&b", None),
+            ("", "", None),
+            ("x=cacheHostOrigin", "x=cacheHostOrigin", None),
+        ];
+        for (query, expected_rest, expected_host) in table {
+            let (rest, host) = split_cache_host_origin(query);
+            assert_eq!(rest, *expected_rest, "{query}");
+            assert_eq!(host.as_deref(), *expected_host, "{query}");
+        }
+    }
+
+    #[test]
+    fn object_ids_are_stable_hex_and_differ_by_query() {
+        let a = CacheKey::new("h.example", "/f?x=1");
+        let b = CacheKey::new("h.example", "/f?x=2");
+        assert_eq!(a.object_id().len(), 64);
+        assert_eq!(
+            a.object_id(),
+            CacheKey::new("h.example", "/f?x=1").object_id()
+        );
+        assert_ne!(a.object_id(), b.object_id());
+    }
+
+    #[test]
+    fn percent_decoding_tolerates_broken_escapes() {
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%41%42"), "AB");
+    }
+}

@@ -1,0 +1,37 @@
+//! Outpost cache-node: an HTTP caching appliance that serves byte ranges of CDN content from its
+//! own disks, speaks Microsoft Connected Cache's URL contract, and fetches each byte from the
+//! origin once, however many clients ask for it at the same time.
+//!
+//! # Layout
+//!
+//! A request flows through these modules in this order:
+//!
+//! - [`server`]: listeners, hyper connections, graceful shutdown.
+//! - [`serve`]: the client request handler (conditionals, ranges, body streaming).
+//! - [`router`]: which origin a request is for (MCC, Host-header, proxy, reverse-proxy modes).
+//! - [`origin`]: the allowlist and the pooled HTTP/HTTPS client for origins.
+//! - [`key`]: content identity (cache keys).
+//! - [`index`]: the in-memory object index (moka), bounded by bytes on disk.
+//! - [`fill`]: fetching missing slices once and streaming them to every waiting client.
+//! - [`store`]: the on-disk layout and crash recovery.
+//! - [`disk`]: the [`disk::Storage`] trait and its backends.
+//! - [`range`]: Range, Content-Range and conditional-request parsing.
+//!
+//! Around them: [`config`] (the one config struct), [`node`] (shared state), [`stats`]
+//! (counters), [`admin`] (the admin listener) and [`error`] (typed errors).
+
+pub mod admin;
+pub mod config;
+pub mod disk;
+pub mod error;
+pub mod fill;
+pub mod index;
+pub mod key;
+pub mod node;
+pub mod origin;
+pub mod range;
+pub mod router;
+pub mod serve;
+pub mod server;
+pub mod stats;
+pub mod store;

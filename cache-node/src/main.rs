@@ -1,0 +1,74 @@
+//! The `cache-node` binary: parse arguments, load and validate the config, set up logging, bind
+//! the listeners and run the node until SIGTERM or Ctrl-C.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+
+use cache_node::config::Config;
+
+/// Outpost cache-node: an MCC-compatible range-serving HTTP cache.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Arguments {
+    /// The TOML configuration file. Keys can be overridden with CACHE_NODE__<SECTION>__<KEY>.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let arguments = Arguments::parse();
+    let config = Config::load(arguments.config.as_deref())?;
+    let config = config.validate()?;
+    init_logging(&config.raw.log.level, &config.raw.log.format)?;
+    if arguments.check_config {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    if config.raw.origin.is_empty() && config.raw.server.default_upstream.is_none() {
+        tracing::warn!("no [[origin]] is configured: every request will be refused with 403");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        let client_listener = TcpListener::bind(config.server_listen)
+            .await
+            .with_context(|| format!("server.listen: cannot bind {}", config.server_listen))?;
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("admin.listen: cannot bind {}", config.admin_listen))?;
+        cache_node::server::run(config, client_listener, admin_listener, shutdown_signal())
+            .await
+            .context("cannot open the cache store")?;
+        anyhow::Ok(())
+    })
+}
+
+fn init_logging(level: &str, format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .with_context(|| format!("log.level: \"{level}\" is not a filter; use e.g. \"info\""))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler can be installed");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,114 @@
+//! The node: everything a request handler needs, built once at start-up and shared.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::ValidConfig;
+use crate::disk::{self, SharedStorage};
+use crate::error::DiskError;
+use crate::fill::Discoveries;
+use crate::index::{Index, ObjectEntry};
+use crate::origin::{Allowlist, UpstreamClient};
+use crate::stats::Stats;
+use crate::store::Layout;
+
+/// Shared state of one running cache node.
+pub struct Node {
+    /// Which origins may be fetched, and where.
+    pub allowlist: Allowlist,
+    /// The pooled origin client.
+    pub client: UpstreamClient,
+    /// The object index.
+    pub index: Index,
+    /// Pending discoveries of unknown objects.
+    pub discoveries: Discoveries,
+    /// The disk backend.
+    pub storage: SharedStorage,
+    /// On-disk paths.
+    pub layout: Layout,
+    /// Counters.
+    pub stats: Stats,
+    /// `storage.slice_size` in bytes.
+    pub slice_len: u64,
+    /// `storage.fsync`.
+    pub fsync: bool,
+    /// `upstream.idle_read_timeout`.
+    pub idle_read_timeout: Duration,
+    /// `upstream.merge_gap_slices`.
+    pub merge_gap_slices: u64,
+    /// `server.max_ranges`.
+    pub max_ranges: usize,
+    /// `admin.token`.
+    pub admin_token: String,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Node")
+            .field("backend", &self.storage.backend_name())
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+impl Node {
+    /// Opens the store (recovering what a previous run left), builds the index and the origin
+    /// client. Must run inside a tokio runtime.
+    pub fn open(config: &ValidConfig) -> Result<Arc<Node>, DiskError> {
+        let storage = disk::open_backend();
+        let layout = Layout::create(&config.raw.storage.path)?;
+        let index = Index::new(config.max_size_bytes, layout.clone(), storage.clone());
+        let recovered = layout.recover()?;
+        let mut recovered_bytes = 0;
+        let recovered_objects = recovered.len();
+        for object in recovered {
+            // Content stored with another slice size cannot be read with this one.
+            if object.meta.slice_len != config.slice_len {
+                continue;
+            }
+            let entry = Arc::new(ObjectEntry::with_present(
+                object.meta,
+                &object.present_slices,
+            ));
+            recovered_bytes += entry.stored_bytes();
+            index.insert(entry);
+        }
+        tracing::info!(
+            objects = recovered_objects,
+            bytes = recovered_bytes,
+            backend = storage.backend_name(),
+            "cache store opened"
+        );
+        Ok(Arc::new(Node {
+            allowlist: Allowlist::from_config(&config.raw),
+            client: UpstreamClient::new(&config.raw.upstream),
+            index,
+            discoveries: Discoveries::default(),
+            storage,
+            layout,
+            stats: Stats::new(),
+            slice_len: config.slice_len,
+            fsync: config.raw.storage.fsync,
+            idle_read_timeout: config.raw.upstream.idle_read_timeout,
+            merge_gap_slices: config.raw.upstream.merge_gap_slices,
+            max_ranges: config.raw.server.max_ranges,
+            admin_token: config.raw.admin.token.clone(),
+        }))
+    }
+
+    /// Refreshes the gauges and returns the `/stats` document.
+    pub fn stats_snapshot(&self) -> crate::stats::StatsSnapshot {
+        self.refresh_gauges();
+        self.stats.snapshot(self.storage.backend_name())
+    }
+
+    /// Copies index figures into the gauges.
+    pub fn refresh_gauges(&self) {
+        self.stats.set_cache_gauges(
+            self.index.used_bytes(),
+            self.index.max_bytes(),
+            self.index.object_count(),
+        );
+    }
+}

@@ -1,0 +1,353 @@
+//! Origins: which hosts the node may fetch for (the allowlist), where it really connects for each
+//! (the optional `upstream` override), and the pooled HTTP/HTTPS client that does the fetching.
+//!
+//! The allowlist is what keeps the node from being an open proxy: a host that matches no
+//! `[[origin]]` entry is never contacted.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, Uri};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{Config, UpstreamConfig};
+use crate::error::OriginError;
+
+/// One allowlist pattern: an exact host or a `*.suffix` wildcard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Matches this host only.
+    Exact(String),
+    /// Matches any host ending in `.suffix` (stored with its leading dot), but not the bare suffix.
+    Subdomains(String),
+}
+
+impl HostPattern {
+    /// Parses `example.com` or `*.example.com`. Wildcards elsewhere, or a lone `*`, are refused,
+    /// because they would turn the node into an open proxy.
+    pub fn parse(text: &str) -> Result<HostPattern, String> {
+        let lowered = text.trim().trim_end_matches('.').to_ascii_lowercase();
+        let (wildcard, name) = match lowered.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, lowered.as_str()),
+        };
+        let name_is_valid = !name.is_empty()
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_')
+            });
+        if !name_is_valid {
+            return Err(format!(
+                "\"{text}\" is not a host pattern; use an exact name like \"dl.delivery.mp.microsoft.com\" or a wildcard like \"*.download.windowsupdate.com\""
+            ));
+        }
+        Ok(if wildcard {
+            HostPattern::Subdomains(format!(".{name}"))
+        } else {
+            HostPattern::Exact(name.to_owned())
+        })
+    }
+
+    /// True when `host` (already lower-case, without port) matches this pattern.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(name) => host == name,
+            HostPattern::Subdomains(dotted_suffix) => {
+                host.len() > dotted_suffix.len() && host.ends_with(dotted_suffix.as_str())
+            }
+        }
+    }
+}
+
+/// The origin a request was routed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginTarget {
+    /// The origin host as the client named it, normalised (lower case, no trailing dot, port
+    /// kept only when it is not 80). This is part of the cache key.
+    pub host: String,
+    /// Scheme and authority the node connects to, e.g. `http://127.0.0.1:8000`, plus an optional
+    /// path prefix to put in front of the request path.
+    pub upstream_base: String,
+}
+
+/// The allowlist built from `[[origin]]` tables and `[server] default_upstream`.
+#[derive(Debug, Clone)]
+pub struct Allowlist {
+    entries: Vec<(HostPattern, Option<String>)>,
+    default_upstream: Option<OriginTarget>,
+}
+
+impl Allowlist {
+    /// Builds the allowlist from a validated configuration.
+    pub fn from_config(config: &Config) -> Allowlist {
+        let entries = config
+            .origin
+            .iter()
+            .filter_map(|origin| {
+                let pattern = HostPattern::parse(&origin.host).ok()?;
+                let upstream = origin
+                    .upstream
+                    .as_ref()
+                    .map(|url| url.trim_end_matches('/').to_owned());
+                Some((pattern, upstream))
+            })
+            .collect();
+        let default_upstream = config.server.default_upstream.as_ref().and_then(|url| {
+            let uri: Uri = url.parse().ok()?;
+            let host = normalise_host(uri.authority()?.as_str())?;
+            Some(OriginTarget {
+                host,
+                upstream_base: url.trim_end_matches('/').to_owned(),
+            })
+        });
+        Allowlist {
+            entries,
+            default_upstream,
+        }
+    }
+
+    /// Looks up a host named by a client (with or without a port). Returns `None` when the host
+    /// is not allowed.
+    pub fn lookup(&self, raw_host: &str) -> Option<OriginTarget> {
+        let host = normalise_host(raw_host)?;
+        let bare_host = host.split(':').next().unwrap_or(&host);
+        let (_, upstream) = self
+            .entries
+            .iter()
+            .find(|(pattern, _)| pattern.matches(bare_host))?;
+        let upstream_base = upstream.clone().unwrap_or_else(|| format!("http://{host}"));
+        Some(OriginTarget {
+            host,
+            upstream_base,
+        })
+    }
+
+    /// The reverse-proxy target for requests that name no origin, if configured.
+    pub fn default_upstream(&self) -> Option<&OriginTarget> {
+        self.default_upstream.as_ref()
+    }
+}
+
+/// Lower-cases a host, removes a trailing dot and a default `:80` port, and refuses anything that
+/// is not a plausible host name or IP literal (so it can be used safely in a cache key and URL).
+pub fn normalise_host(raw_host: &str) -> Option<String> {
+    let lowered = raw_host.trim().to_ascii_lowercase();
+    let (name, port) = match lowered.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') || name.ends_with(']') => (name, Some(port)),
+        _ => (lowered.as_str(), None),
+    };
+    let name = name.trim_end_matches('.');
+    let name_ok = !name.is_empty()
+        && name.bytes().all(|byte| {
+            byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'[' | b']' | b':')
+        });
+    if !name_ok {
+        return None;
+    }
+    match port {
+        None | Some("80") => Some(name.to_owned()),
+        Some(port) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(format!("{name}:{port}"))
+        }
+        Some(_) => None,
+    }
+}
+
+type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// What the node asks an origin for.
+#[derive(Debug, Clone)]
+pub struct FetchRequest<'a> {
+    /// Where to connect and which host to name.
+    pub target: &'a OriginTarget,
+    /// Path and query to ask for (`cacheHostOrigin` already removed).
+    pub path_and_query: &'a str,
+    /// `GET` or `HEAD`.
+    pub method: Method,
+    /// The `Range` header to send, if any.
+    pub range: Option<String>,
+    /// The `If-Range` header to send, if any (a strong ETag or Last-Modified of the stored copy).
+    pub if_range: Option<String>,
+}
+
+/// A pooled HTTP/1.1 and HTTP/2 client for origins, with rustls and the webpki root store.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpsConnector, Empty<Bytes>>,
+    first_byte_timeout: Duration,
+}
+
+impl UpstreamClient {
+    /// Builds the client from the `[upstream]` settings.
+    pub fn new(settings: &UpstreamConfig) -> UpstreamClient {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .expect("the ring provider supports the default TLS versions")
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+            .build(https);
+        UpstreamClient {
+            client,
+            first_byte_timeout: settings.first_byte_timeout,
+        }
+    }
+
+    /// Sends one request and waits for the response headers (bounded by the first-byte timeout).
+    /// The body is left to the caller, who applies the idle-read timeout while streaming it.
+    pub async fn fetch(
+        &self,
+        request: FetchRequest<'_>,
+    ) -> Result<Response<Incoming>, OriginError> {
+        let url = format!("{}{}", request.target.upstream_base, request.path_and_query);
+        let uri: Uri = url
+            .parse()
+            .map_err(|error| OriginError::Protocol(format!("bad upstream URL {url}: {error}")))?;
+        let mut builder = Request::builder().method(request.method).uri(uri);
+        let headers = builder.headers_mut().expect("a fresh builder has headers");
+        if let Ok(host) = HeaderValue::from_str(&request.target.host) {
+            headers.insert(header::HOST, host);
+        }
+        headers.insert(
+            header::USER_AGENT,
+            HeaderValue::from_static("outpost-cache-node/0.1"),
+        );
+        // The node stores exactly what it is sent; a compressed transfer would change the bytes
+        // and the length under the client's byte ranges.
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        if let Some(range) = request
+            .range
+            .and_then(|value| HeaderValue::from_str(&value).ok())
+        {
+            headers.insert(header::RANGE, range);
+        }
+        if let Some(if_range) = request
+            .if_range
+            .and_then(|value| HeaderValue::from_str(&value).ok())
+        {
+            headers.insert(header::IF_RANGE, if_range);
+        }
+        let http_request = builder
+            .body(Empty::new())
+            .map_err(|error| OriginError::Protocol(error.to_string()))?;
+        match tokio::time::timeout(self.first_byte_timeout, self.client.request(http_request)).await
+        {
+            Err(_) => Err(OriginError::FirstByteTimeout(self.first_byte_timeout)),
+            Ok(Err(error)) => Err(OriginError::Connect(error_chain(&error))),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+}
+
+/// Formats an error with its sources, so a log line says "connection refused" and not only
+/// "client error (Connect)".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OriginConfig;
+
+    #[test]
+    fn host_patterns_match_exact_names_and_subdomains_only() {
+        let table: &[(&str, &str, bool)] = &[
+            (
+                "dl.delivery.mp.microsoft.com",
+                "dl.delivery.mp.microsoft.com",
+                true,
+            ),
+            (
+                "dl.delivery.mp.microsoft.com",
+                "x.dl.delivery.mp.microsoft.com",
+                false,
+            ),
+            ("*.windowsupdate.com", "download.windowsupdate.com", true),
+            ("*.windowsupdate.com", "a.b.windowsupdate.com", true),
+            ("*.windowsupdate.com", "windowsupdate.com", false),
+            ("*.windowsupdate.com", "evilwindowsupdate.com", false),
+            ("*.Example.COM", "a.example.com", true),
+        ];
+        for (pattern, host, expected) in table {
+            let parsed = HostPattern::parse(pattern).unwrap();
+            assert_eq!(parsed.matches(host), *expected, "{pattern} vs {host}");
+        }
+        for bad in ["*", "", "*.", "a.*.com", "exa mple.com", "*.*.com", "a..b"] {
+            assert!(
+                HostPattern::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn hosts_are_normalised_for_keys_and_urls() {
+        let table: &[(&str, Option<&str>)] = &[
+            ("Example.COM", Some("example.com")),
+            ("example.com.", Some("example.com")),
+            ("example.com:80", Some("example.com")),
+            ("example.com:8080", Some("example.com:8080")),
+            ("127.0.0.1:9", Some("127.0.0.1:9")),
+            ("[::1]:8080", Some("[::1]:8080")),
+            ("example.com:x", None),
+            ("exa/mple.com", None),
+            ("", None),
+            ("a b", None),
+        ];
+        for (raw, expected) in table {
+            assert_eq!(normalise_host(raw).as_deref(), *expected, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn allowlist_uses_upstream_override_or_the_host_itself() {
+        let mut config = Config::default();
+        config.origin = vec![
+            OriginConfig {
+                host: "*.example.com".into(),
+                upstream: Some("http://127.0.0.1:9000/".into()),
+            },
+            OriginConfig {
+                host: "plain.org".into(),
+                upstream: None,
+            },
+        ];
+        let allowlist = Allowlist::from_config(&config);
+        let target = allowlist.lookup("A.Example.com").unwrap();
+        assert_eq!(target.host, "a.example.com");
+        assert_eq!(target.upstream_base, "http://127.0.0.1:9000");
+        assert_eq!(
+            allowlist.lookup("plain.org:80").unwrap().upstream_base,
+            "http://plain.org"
+        );
+        assert!(allowlist.lookup("example.com").is_none());
+        assert!(allowlist.lookup("other.org").is_none());
+        assert!(allowlist.default_upstream().is_none());
+    }
+}

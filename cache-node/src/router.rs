@@ -1,0 +1,243 @@
+//! Routing: decides which allowed origin a client request is for, and what to ask that origin.
+//!
+//! Four ways in, tried in this order:
+//! 1. **Proxy mode**: an absolute-form request line (`GET http://host/path`), as apt or curl send
+//!    through `http_proxy`.
+//! 2. **MCC mode**: `/<path>?cacheHostOrigin=<host>`, as Delivery Optimization clients send.
+//! 3. **Host-header mode**: the `Host:` header names an allowed origin (DNS interception).
+//! 4. **Reverse-proxy mode**: `[server] default_upstream`, for requests that name no allowed origin.
+//!
+//! Anything else is refused: the node is never an open proxy.
+
+use http::Uri;
+
+use crate::key::{split_cache_host_origin, CacheKey};
+use crate::origin::{Allowlist, OriginTarget};
+
+/// How the request named its origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteMode {
+    /// Absolute-form request line.
+    Proxy,
+    /// `cacheHostOrigin` query parameter.
+    Mcc,
+    /// `Host:` header.
+    HostHeader,
+    /// `[server] default_upstream`.
+    Reverse,
+}
+
+impl RouteMode {
+    /// A short lower-case name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteMode::Proxy => "proxy",
+            RouteMode::Mcc => "mcc",
+            RouteMode::HostHeader => "host",
+            RouteMode::Reverse => "reverse",
+        }
+    }
+}
+
+/// A routed request.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The origin and where to connect for it.
+    pub target: OriginTarget,
+    /// What to ask upstream: the path and query with `cacheHostOrigin` removed.
+    pub path_and_query: String,
+    /// How the origin was named.
+    pub mode: RouteMode,
+}
+
+impl Route {
+    /// The content identity of this request.
+    pub fn cache_key(&self) -> CacheKey {
+        CacheKey::new(&self.target.host, &self.path_and_query)
+    }
+}
+
+/// Why a request could not be routed. Each maps to a 4xx answer with a short explanation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The named origin is not in the allowlist (403).
+    #[error("origin {0:?} is not allowed by this cache")]
+    NotAllowed(String),
+    /// The request named no origin and no default upstream is configured (403).
+    #[error("request names no origin (use ?cacheHostOrigin=<host>, a Host header of an allowed origin, or a proxy request)")]
+    NoOrigin,
+}
+
+/// Routes a request given its URI and `Host` header.
+pub fn route(
+    allowlist: &Allowlist,
+    uri: &Uri,
+    host_header: Option<&str>,
+) -> Result<Route, RouteError> {
+    let path = match uri.path() {
+        "" => "/",
+        path => path,
+    };
+    let (remaining_query, cache_host_origin) = split_cache_host_origin(uri.query().unwrap_or(""));
+    let path_and_query = if remaining_query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{remaining_query}")
+    };
+    let lookup = |named: &str, mode: RouteMode| match allowlist.lookup(named) {
+        Some(target) => Ok(Route {
+            target,
+            path_and_query: path_and_query.clone(),
+            mode,
+        }),
+        None => Err(RouteError::NotAllowed(named.to_owned())),
+    };
+    if let Some(authority) = uri.authority() {
+        return lookup(authority.as_str(), RouteMode::Proxy);
+    }
+    if let Some(origin_host) = cache_host_origin {
+        return lookup(&origin_host, RouteMode::Mcc);
+    }
+    if let Some(host) = host_header {
+        if let Ok(found) = lookup(host, RouteMode::HostHeader) {
+            return Ok(found);
+        }
+    }
+    match allowlist.default_upstream() {
+        Some(target) => Ok(Route {
+            target: target.clone(),
+            path_and_query,
+            mode: RouteMode::Reverse,
+        }),
+        None => match host_header {
+            Some(host) => Err(RouteError::NotAllowed(host.to_owned())),
+            None => Err(RouteError::NoOrigin),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, OriginConfig};
+
+    fn allowlist(default_upstream: Option<&str>) -> Allowlist {
+        let mut config = Config::default();
+        config.origin = vec![
+            OriginConfig {
+                host: "*.delivery.mp.microsoft.com".into(),
+                upstream: Some("http://127.0.0.1:7000".into()),
+            },
+            OriginConfig {
+                host: "deb.debian.org".into(),
+                upstream: None,
+            },
+        ];
+        config.server.default_upstream = default_upstream.map(str::to_owned);
+        Allowlist::from_config(&config)
+    }
+
+    fn routed(
+        list: &Allowlist,
+        uri: &str,
+        host: Option<&str>,
+    ) -> Result<(RouteMode, String, String, String), RouteError> {
+        route(list, &uri.parse().unwrap(), host).map(|route| {
+            (
+                route.mode,
+                route.target.host.clone(),
+                route.target.upstream_base.clone(),
+                route.path_and_query.clone(),
+            )
+        })
+    }
+
+    #[test]
+    fn each_mode_routes_to_the_right_origin() {
+        let list = allowlist(None);
+        assert_eq!(
+            routed(
+                &list,
+                "/filestreamingservice/files/g/x.png?cacheHostOrigin=dl.delivery.mp.microsoft.com",
+                Some("cache.local")
+            ),
+            Ok((
+                RouteMode::Mcc,
+                "dl.delivery.mp.microsoft.com".into(),
+                "http://127.0.0.1:7000".into(),
+                "/filestreamingservice/files/g/x.png".into()
+            ))
+        );
+        assert_eq!(
+            routed(
+                &list,
+                "/a?p=1&cacheHostOrigin=dl.delivery.mp.microsoft.com&q=2",
+                None
+            )
+            .unwrap()
+            .3,
+            "/a?p=1&q=2"
+        );
+        assert_eq!(
+            routed(&list, "/debian/dists/x", Some("deb.debian.org")),
+            Ok((
+                RouteMode::HostHeader,
+                "deb.debian.org".into(),
+                "http://deb.debian.org".into(),
+                "/debian/dists/x".into()
+            ))
+        );
+        assert_eq!(
+            routed(
+                &list,
+                "http://deb.debian.org/debian/x?y",
+                Some("deb.debian.org")
+            ),
+            Ok((
+                RouteMode::Proxy,
+                "deb.debian.org".into(),
+                "http://deb.debian.org".into(),
+                "/debian/x?y".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn unknown_origins_are_refused_in_every_mode() {
+        let list = allowlist(None);
+        assert_eq!(
+            routed(&list, "/x?cacheHostOrigin=evil.example", None),
+            Err(RouteError::NotAllowed("evil.example".into()))
+        );
+        assert_eq!(
+            routed(&list, "http://evil.example/x", None),
+            Err(RouteError::NotAllowed("evil.example".into()))
+        );
+        assert_eq!(
+            routed(&list, "/x", Some("evil.example")),
+            Err(RouteError::NotAllowed("evil.example".into()))
+        );
+        assert_eq!(routed(&list, "/x", None), Err(RouteError::NoOrigin));
+        // An MCC request naming a disallowed origin is refused even when a default upstream
+        // exists: the client asked for that origin explicitly.
+        let with_default = allowlist(Some("http://mirror.example:8080"));
+        assert_eq!(
+            routed(&with_default, "/x?cacheHostOrigin=evil.example", None),
+            Err(RouteError::NotAllowed("evil.example".into()))
+        );
+    }
+
+    #[test]
+    fn requests_naming_no_allowed_origin_use_the_default_upstream() {
+        let list = allowlist(Some("http://mirror.example:8080/"));
+        assert_eq!(
+            routed(&list, "/pool/a.deb", Some("cache.local")),
+            Ok((
+                RouteMode::Reverse,
+                "mirror.example:8080".into(),
+                "http://mirror.example:8080".into(),
+                "/pool/a.deb".into()
+            ))
+        );
+    }
+}

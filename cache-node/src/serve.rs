@@ -1,0 +1,719 @@
+//! The client-facing request handler: route the request, find or discover the object, apply
+//! conditionals and ranges (RFC 9110 §13–14), start fills for missing slices, and stream the body
+//! from disk and from in-flight fills.
+//!
+//! A response's status and headers are committed only once its first bytes are known to be
+//! coming, so an origin that is down at the start gets a clean 502 rather than a broken 206. Once
+//! committed, a failure ends the body with an error, which hyper turns into a reset connection or
+//! a truncated chunked body: never a clean end.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::error::{OriginError, ServeError};
+use crate::fill::{self, BufferRead, DiscoverError, SliceBuffer, SliceSpan};
+use crate::index::ObjectEntry;
+use crate::node::Node;
+use crate::origin::FetchRequest;
+use crate::range::{self, ByteRange, ByteRangeSpec, MultipartPlan, RangeOutcome};
+use crate::router::{self, Route};
+use crate::stats::ByteSource;
+use crate::store::ObjectMeta;
+
+/// How many body chunks the producer may run ahead of the client.
+const BODY_CHANNEL_DEPTH: usize = 4;
+
+/// How often a request is retried internally when the origin's content changes under it before
+/// any byte was sent.
+const VERSION_CHANGE_RETRIES: usize = 2;
+
+type BodyItem = Result<(Bytes, ByteSource), ServeError>;
+
+/// The body of every client response.
+pub struct ResponseBody {
+    kind: BodyKind,
+}
+
+enum BodyKind {
+    Empty,
+    Full(Option<Bytes>),
+    Produced {
+        receiver: mpsc::Receiver<BodyItem>,
+        node: Arc<Node>,
+    },
+    Upstream {
+        body: Incoming,
+        node: Arc<Node>,
+    },
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("ResponseBody")
+    }
+}
+
+impl ResponseBody {
+    fn empty() -> Self {
+        ResponseBody {
+            kind: BodyKind::Empty,
+        }
+    }
+
+    /// A body with fixed content (error pages, admin answers).
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        ResponseBody {
+            kind: BodyKind::Full(Some(bytes.into())),
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match &mut self.get_mut().kind {
+            BodyKind::Empty => Poll::Ready(None),
+            BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|bytes| Ok(Frame::data(bytes)))),
+            BodyKind::Produced { receiver, node } => match receiver.poll_recv(context) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(Some(Ok((bytes, source)))) => {
+                    node.stats.count_egress(source, bytes.len() as u64);
+                    Poll::Ready(Some(Ok(Frame::data(bytes))))
+                }
+                Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Box::new(error)))),
+            },
+            BodyKind::Upstream { body, node } => match Pin::new(body).poll_frame(context) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        node.stats.origin_bytes.inc_by(data.len() as u64);
+                        node.stats
+                            .count_egress(ByteSource::Other, data.len() as u64);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Box::new(error)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            BodyKind::Empty => true,
+            BodyKind::Full(bytes) => bytes.is_none(),
+            BodyKind::Produced { .. } => false,
+            BodyKind::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            BodyKind::Empty => SizeHint::with_exact(0),
+            BodyKind::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |bytes| bytes.len() as u64))
+            }
+            BodyKind::Produced { .. } => SizeHint::default(),
+            BodyKind::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+/// A short plain-text answer.
+pub fn text_response(status: StatusCode, message: impl Into<String>) -> Response<ResponseBody> {
+    let mut body = message.into();
+    body.push('\n');
+    let mut response = Response::new(ResponseBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Handles one client request. Never fails: every problem becomes an HTTP answer.
+pub async fn handle(
+    node: Arc<Node>,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    node.stats.requests.inc();
+    let request_id = NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed);
+    let method = request.method().clone();
+    if method != Method::GET && method != Method::HEAD {
+        node.stats.refused_requests.inc();
+        let mut response = text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {method} is not supported by this cache; use GET or HEAD"),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return Ok(response);
+    }
+    let host_header = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok());
+    let route = match router::route(&node.allowlist, request.uri(), host_header) {
+        Ok(route) => route,
+        Err(error) => {
+            node.stats.refused_requests.inc();
+            tracing::info!(request_id, uri = %request.uri(), %error, "refused");
+            return Ok(text_response(StatusCode::FORBIDDEN, error.to_string()));
+        }
+    };
+    let span = tracing::info_span!(
+        "request",
+        id = request_id,
+        origin = %route.target.host,
+        mode = route.mode.as_str(),
+        cache = tracing::field::Empty,
+    );
+    let response = serve_routed(&node, &route, &method, request.headers())
+        .instrument(span.clone())
+        .await;
+    span.in_scope(|| {
+        tracing::info!(
+            method = %method,
+            path = %route.path_and_query,
+            status = response.status().as_u16(),
+            length = response
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("-"),
+            "response"
+        )
+    });
+    Ok(response)
+}
+
+/// What part of the object a response carries.
+enum Selection {
+    Full,
+    Single(ByteRange),
+    Multi(Vec<ByteRange>),
+}
+
+/// One piece of a response body.
+enum Segment {
+    Framing(Bytes),
+    Object(ByteRange),
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// The slices a discovery should fetch for this request: what the client asked for when that is
+/// known without the object's length, else the first slice.
+fn discovery_span(method: &Method, specs: Option<&[ByteRangeSpec]>, slice_len: u64) -> SliceSpan {
+    let first_slice_only = SliceSpan {
+        first: 0,
+        last: Some(0),
+    };
+    if method == Method::HEAD {
+        return first_slice_only;
+    }
+    match specs {
+        None => SliceSpan {
+            first: 0,
+            last: None,
+        },
+        Some([ByteRangeSpec::FromTo { first, last }]) => SliceSpan {
+            first: first / slice_len,
+            last: Some(last / slice_len),
+        },
+        Some([ByteRangeSpec::From { first }]) => SliceSpan {
+            first: first / slice_len,
+            last: None,
+        },
+        Some(_) => first_slice_only,
+    }
+}
+
+async fn serve_routed(
+    node: &Arc<Node>,
+    route: &Route,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Response<ResponseBody> {
+    // Only GET defines range handling (RFC 9110 §14.2); a Range on HEAD is ignored.
+    let range_specs = if *method == Method::GET {
+        header_str(headers, header::RANGE).and_then(range::parse_range_header)
+    } else {
+        None
+    };
+    let span = discovery_span(method, range_specs.as_deref(), node.slice_len);
+    for attempt in 0..=VERSION_CHANGE_RETRIES {
+        let entry = match fill::lookup_or_discover(node, route, span).await {
+            Ok(entry) => entry,
+            Err(DiscoverError::NoLength) => return pass_through(node, route, method).await,
+            Err(DiscoverError::Origin(error)) => return origin_failure_response(node, &error),
+        };
+        match respond(node, route, method, headers, range_specs.as_deref(), &entry).await {
+            Err(OriginError::VersionChanged) if attempt < VERSION_CHANGE_RETRIES => continue,
+            Err(error) => return origin_failure_response(node, &error),
+            Ok(response) => return response,
+        }
+    }
+    unreachable!("the last attempt always returns")
+}
+
+fn origin_failure_response(node: &Node, error: &OriginError) -> Response<ResponseBody> {
+    node.stats.refused_requests.inc();
+    let status = match error {
+        OriginError::Status(code) => StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY),
+        OriginError::FirstByteTimeout(_) | OriginError::IdleTimeout(_) => {
+            StatusCode::GATEWAY_TIMEOUT
+        }
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    tracing::warn!(%error, status = status.as_u16(), "origin failure");
+    text_response(status, error.to_string())
+}
+
+fn set_header(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
+/// Headers every answer about a stored object carries (also 304s).
+fn object_headers(headers: &mut HeaderMap, meta: &ObjectMeta) {
+    if let Some(etag) = &meta.etag {
+        set_header(headers, header::ETAG, etag);
+    }
+    if let Some(last_modified) = &meta.last_modified {
+        set_header(headers, header::LAST_MODIFIED, last_modified);
+    }
+    for (name, value) in &meta.extra_headers {
+        if let Ok(name) = header::HeaderName::from_bytes(name.as_bytes()) {
+            set_header(headers, name, value);
+        }
+    }
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+}
+
+/// The answer for a known object. Returns `Err` only before anything was committed.
+async fn respond(
+    node: &Arc<Node>,
+    route: &Route,
+    method: &Method,
+    request_headers: &HeaderMap,
+    range_specs: Option<&[ByteRangeSpec]>,
+    entry: &Arc<ObjectEntry>,
+) -> Result<Response<ResponseBody>, OriginError> {
+    let meta = &entry.meta;
+    let mut response = Response::new(ResponseBody::empty());
+    object_headers(response.headers_mut(), meta);
+
+    // Conditionals first (RFC 9110 §13.2.2): If-None-Match wins over If-Modified-Since.
+    let not_modified = match header_str(request_headers, header::IF_NONE_MATCH) {
+        Some(if_none_match) => range::if_none_match_matches(if_none_match, meta.etag.as_deref()),
+        None => header_str(request_headers, header::IF_MODIFIED_SINCE)
+            .is_some_and(|since| range::not_modified_since(since, meta.last_modified.as_deref())),
+    };
+    if not_modified {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        set_cache_status(response.headers_mut(), "HIT");
+        return Ok(response);
+    }
+
+    let range_applies = range_specs.is_some()
+        && header_str(request_headers, header::IF_RANGE).is_none_or(|if_range| {
+            range::if_range_matches(
+                if_range,
+                meta.etag.as_deref(),
+                meta.last_modified.as_deref(),
+            )
+        });
+    let selection = match range_specs {
+        Some(specs) if range_applies => {
+            match range::resolve_ranges(specs, meta.length, node.max_ranges) {
+                RangeOutcome::Satisfiable(ranges) if ranges.len() == 1 => {
+                    Selection::Single(ranges[0])
+                }
+                RangeOutcome::Satisfiable(ranges) => Selection::Multi(ranges),
+                outcome @ (RangeOutcome::Unsatisfiable | RangeOutcome::TooManyRanges) => {
+                    node.stats.refused_requests.inc();
+                    tracing::info!(?outcome, length = meta.length, "range not satisfiable");
+                    *response.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                    set_header(
+                        response.headers_mut(),
+                        header::CONTENT_RANGE,
+                        &range::format_unsatisfied_content_range(meta.length),
+                    );
+                    *response.body_mut() = ResponseBody::full("range not satisfiable\n");
+                    return Ok(response);
+                }
+            }
+        }
+        _ => Selection::Full,
+    };
+
+    let headers = response.headers_mut();
+    let (status, segments, body_length): (StatusCode, Vec<Segment>, u64) = match selection {
+        Selection::Full => {
+            if let Some(content_type) = &meta.content_type {
+                set_header(headers, header::CONTENT_TYPE, content_type);
+            }
+            let segments = if meta.length == 0 {
+                Vec::new()
+            } else {
+                vec![Segment::Object(ByteRange {
+                    first: 0,
+                    last: meta.length - 1,
+                })]
+            };
+            (StatusCode::OK, segments, meta.length)
+        }
+        Selection::Single(range) => {
+            if let Some(content_type) = &meta.content_type {
+                set_header(headers, header::CONTENT_TYPE, content_type);
+            }
+            set_header(
+                headers,
+                header::CONTENT_RANGE,
+                &range::format_content_range(range, meta.length),
+            );
+            (
+                StatusCode::PARTIAL_CONTENT,
+                vec![Segment::Object(range)],
+                range.len(),
+            )
+        }
+        Selection::Multi(ranges) => {
+            let boundary = format!("outpost-{:016x}", rand::random::<u64>());
+            let plan = MultipartPlan::new(
+                &ranges,
+                meta.length,
+                meta.content_type.as_deref(),
+                &boundary,
+            );
+            set_header(headers, header::CONTENT_TYPE, &plan.content_type());
+            let mut segments = Vec::with_capacity(ranges.len() * 2 + 1);
+            for (part_header, range) in plan.part_headers.iter().zip(&ranges) {
+                segments.push(Segment::Framing(part_header.clone()));
+                segments.push(Segment::Object(*range));
+            }
+            segments.push(Segment::Framing(plan.trailer.clone()));
+            (StatusCode::PARTIAL_CONTENT, segments, plan.body_len)
+        }
+    };
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_length));
+    *response.status_mut() = status;
+
+    let slice_len = meta.slice_len;
+    let needed: Vec<(u64, u64)> = segments
+        .iter()
+        .filter_map(|segment| match segment {
+            Segment::Object(range) => Some((range.first / slice_len, range.last / slice_len)),
+            Segment::Framing(_) => None,
+        })
+        .collect();
+    let cache_status = {
+        let table = entry.table();
+        let (stored, total) = needed
+            .iter()
+            .fold((0, 0), |(stored, total), (first, last)| {
+                let present = (*first..=*last)
+                    .filter(|index| table.present.get(*index as usize).copied().unwrap_or(false))
+                    .count();
+                (stored + present, total + (last - first + 1) as usize)
+            });
+        if stored == total {
+            "HIT"
+        } else if stored == 0 {
+            "MISS"
+        } else {
+            "PARTIAL"
+        }
+    };
+    set_cache_status(response.headers_mut(), cache_status);
+    tracing::Span::current().record("cache", cache_status);
+    if *method == Method::HEAD {
+        return Ok(response);
+    }
+    match cache_status {
+        "HIT" => node.stats.hit_requests.inc(),
+        "MISS" => node.stats.miss_requests.inc(),
+        _ => node.stats.partial_requests.inc(),
+    };
+    for (first, last) in &needed {
+        fill::ensure_filling(node, route, entry, *first, *last);
+    }
+    // Commit to this answer only once the first needed slice is known to be coming.
+    if let Some((first_slice, _)) = needed.first() {
+        let first_buffer = entry.table().inflight.get(first_slice).cloned();
+        if let Some(buffer) = first_buffer {
+            buffer.wait_started().await?;
+        }
+    }
+    let (sender, receiver) = mpsc::channel(BODY_CHANNEL_DEPTH);
+    let producer_node = node.clone();
+    let producer_route = route.clone();
+    let producer_entry = entry.clone();
+    tokio::spawn(
+        async move {
+            produce_body(
+                &producer_node,
+                &producer_route,
+                &producer_entry,
+                segments,
+                &sender,
+            )
+            .await;
+        }
+        .in_current_span(),
+    );
+    *response.body_mut() = ResponseBody {
+        kind: BodyKind::Produced {
+            receiver,
+            node: node.clone(),
+        },
+    };
+    Ok(response)
+}
+
+fn set_cache_status(headers: &mut HeaderMap, status: &'static str) {
+    headers.insert("x-cache", HeaderValue::from_static(status));
+}
+
+/// Where one slice's bytes come from at the moment it is read.
+enum SliceSource {
+    Disk,
+    Fill(Arc<SliceBuffer>),
+    Missing,
+}
+
+fn slice_source(entry: &ObjectEntry, index: u64) -> SliceSource {
+    let table = entry.table();
+    if table.present.get(index as usize).copied().unwrap_or(false) {
+        SliceSource::Disk
+    } else if let Some(buffer) = table.inflight.get(&index) {
+        SliceSource::Fill(buffer.clone())
+    } else {
+        SliceSource::Missing
+    }
+}
+
+/// Streams the segments of a response into the body channel. Returns when done, when the
+/// client went away (the channel closed), or after sending an error.
+async fn produce_body(
+    node: &Arc<Node>,
+    route: &Route,
+    entry: &Arc<ObjectEntry>,
+    segments: Vec<Segment>,
+    sender: &mpsc::Sender<BodyItem>,
+) {
+    for segment in segments {
+        let range = match segment {
+            Segment::Framing(bytes) => {
+                if sender.send(Ok((bytes, ByteSource::Other))).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Segment::Object(range) => range,
+        };
+        let slice_len = entry.meta.slice_len;
+        let last_slice = range.last / slice_len;
+        for index in range.first / slice_len..=last_slice {
+            let slice_start = index * slice_len;
+            let window_start = range.first.max(slice_start) - slice_start;
+            let window_end =
+                (range.last + 1).min(slice_start + entry.meta.slice_length(index)) - slice_start;
+            let sent = send_slice(
+                node,
+                route,
+                entry,
+                index,
+                last_slice,
+                window_start,
+                window_end,
+                sender,
+            )
+            .await;
+            match sent {
+                Ok(()) => {}
+                Err(SendError::ClientGone) => return,
+                Err(SendError::Serve(error)) => {
+                    tracing::warn!(%error, slice = index, "response aborted");
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+enum SendError {
+    ClientGone,
+    Serve(ServeError),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_slice(
+    node: &Arc<Node>,
+    route: &Route,
+    entry: &Arc<ObjectEntry>,
+    index: u64,
+    last_slice: u64,
+    window_start: u64,
+    window_end: u64,
+    sender: &mpsc::Sender<BodyItem>,
+) -> Result<(), SendError> {
+    for attempt in 0..2 {
+        match slice_source(entry, index) {
+            SliceSource::Disk => {
+                let path = node
+                    .layout
+                    .slice_path(&entry.key, entry.meta.generation, index);
+                let buffer = vec![0; (window_end - window_start) as usize];
+                let bytes = match node.storage.read_at(path, window_start, buffer).await {
+                    Ok(bytes) => Bytes::from(bytes),
+                    Err(_) if entry.is_removed() => {
+                        return Err(SendError::Serve(ServeError::Vanished))
+                    }
+                    Err(error) => return Err(SendError::Serve(ServeError::Disk(error))),
+                };
+                return sender
+                    .send(Ok((bytes, ByteSource::Disk)))
+                    .await
+                    .map_err(|_| SendError::ClientGone);
+            }
+            SliceSource::Fill(buffer) => {
+                let mut reader = buffer.reader(window_start, window_end);
+                loop {
+                    match reader.next().await {
+                        BufferRead::Data(bytes) => {
+                            if sender.send(Ok((bytes, ByteSource::Fill))).await.is_err() {
+                                return Err(SendError::ClientGone);
+                            }
+                        }
+                        BufferRead::End => return Ok(()),
+                        BufferRead::Failed(error) => {
+                            return Err(SendError::Serve(ServeError::Origin(error)))
+                        }
+                    }
+                }
+            }
+            SliceSource::Missing if attempt == 0 && !entry.is_removed() => {
+                // An earlier fill of this slice failed or its write was lost: fetch the rest of
+                // the response's slices again.
+                fill::ensure_filling(node, route, entry, index, last_slice);
+            }
+            SliceSource::Missing => break,
+        }
+    }
+    Err(SendError::Serve(ServeError::Vanished))
+}
+
+/// Serves a request the node cannot slice (the origin sent no length) by relaying the origin's
+/// answer without storing it.
+async fn pass_through(node: &Arc<Node>, route: &Route, method: &Method) -> Response<ResponseBody> {
+    node.stats.origin_requests.inc();
+    let fetched = node
+        .client
+        .fetch(FetchRequest {
+            target: &route.target,
+            path_and_query: &route.path_and_query,
+            method: method.clone(),
+            range: None,
+            if_range: None,
+        })
+        .await;
+    match fetched {
+        Err(error) => origin_failure_response(node, &error),
+        Ok(upstream) => {
+            let (parts, body) = upstream.into_parts();
+            let mut response = Response::new(ResponseBody {
+                kind: BodyKind::Upstream {
+                    body,
+                    node: node.clone(),
+                },
+            });
+            *response.status_mut() = parts.status;
+            for name in [
+                header::CONTENT_TYPE,
+                header::ETAG,
+                header::LAST_MODIFIED,
+                header::CACHE_CONTROL,
+            ] {
+                if let Some(value) = parts.headers.get(&name) {
+                    response.headers_mut().insert(name, value.clone());
+                }
+            }
+            set_cache_status(response.headers_mut(), "BYPASS");
+            tracing::Span::current().record("cache", "BYPASS");
+            response
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovery_fetches_what_the_client_asked_for_when_it_can() {
+        let slice = 100;
+        let cases: Vec<(Method, Option<Vec<ByteRangeSpec>>, (u64, Option<u64>))> = vec![
+            (Method::GET, None, (0, None)),
+            (Method::HEAD, None, (0, Some(0))),
+            (
+                Method::GET,
+                Some(vec![ByteRangeSpec::FromTo {
+                    first: 250,
+                    last: 420,
+                }]),
+                (2, Some(4)),
+            ),
+            (
+                Method::GET,
+                Some(vec![ByteRangeSpec::From { first: 99 }]),
+                (0, None),
+            ),
+            (
+                Method::GET,
+                Some(vec![ByteRangeSpec::Suffix { suffix_len: 5 }]),
+                (0, Some(0)),
+            ),
+            (
+                Method::GET,
+                Some(vec![
+                    ByteRangeSpec::FromTo { first: 0, last: 1 },
+                    ByteRangeSpec::FromTo {
+                        first: 500,
+                        last: 501,
+                    },
+                ]),
+                (0, Some(0)),
+            ),
+        ];
+        for (method, specs, (first, last)) in cases {
+            let span = discovery_span(&method, specs.as_deref(), slice);
+            assert_eq!((span.first, span.last), (first, last), "{method} {specs:?}");
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Counters an admin reads: the `/stats` JSON and the Prometheus `/metrics` text are two views of
+//! the same atomics, so they can never disagree.
+//!
+//! Byte accounting: `hit_bytes` are body bytes sent to clients from disk, `miss_bytes` body bytes
+//! sent to clients straight from an origin fill, `egress_bytes` every body byte sent to clients
+//! (hits, misses, pass-through and multipart framing), and `origin_bytes` every body byte
+//! received from origins.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+use serde::Serialize;
+use std::sync::atomic::AtomicU64;
+
+/// Where the bytes of a response body came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteSource {
+    /// Read from a stored slice.
+    Disk,
+    /// Streamed from an origin fill while it was being stored.
+    Fill,
+    /// Neither: pass-through bodies and multipart framing.
+    Other,
+}
+
+/// All counters of one node.
+#[derive(Debug)]
+pub struct Stats {
+    registry: Registry,
+    /// Client requests received on the client listener.
+    pub requests: Counter,
+    /// Requests answered entirely from disk.
+    pub hit_requests: Counter,
+    /// Requests answered entirely from fills.
+    pub miss_requests: Counter,
+    /// Requests answered partly from disk and partly from fills.
+    pub partial_requests: Counter,
+    /// Requests refused (403, 405, 416) or failed.
+    pub refused_requests: Counter,
+    /// Body bytes sent to clients from disk.
+    pub hit_bytes: Counter,
+    /// Body bytes sent to clients straight from fills.
+    pub miss_bytes: Counter,
+    /// Every body byte sent to clients.
+    pub egress_bytes: Counter,
+    /// Body bytes received from origins.
+    pub origin_bytes: Counter,
+    /// Requests sent to origins.
+    pub origin_requests: Counter,
+    /// Origin requests that failed (connect, timeout, truncated body, bad response).
+    pub origin_errors: Counter,
+    /// Origin version changes detected (a new ETag or length under a stored object).
+    pub version_changes: Counter,
+    /// Slice writes that failed (full disk, I/O error); the bytes were still served.
+    pub disk_write_errors: Counter,
+    /// Slices written to disk.
+    pub slices_stored: Counter,
+    cache_used_bytes: Gauge<u64, AtomicU64>,
+    cache_max_bytes: Gauge<u64, AtomicU64>,
+    objects: Gauge<u64, AtomicU64>,
+}
+
+/// The `/stats` document.
+#[derive(Debug, Serialize)]
+pub struct StatsSnapshot {
+    /// Client requests received.
+    pub requests: u64,
+    /// Requests served entirely from disk.
+    pub hit_requests: u64,
+    /// Requests served entirely from fills.
+    pub miss_requests: u64,
+    /// Requests served from both.
+    pub partial_requests: u64,
+    /// Requests refused or failed.
+    pub refused_requests: u64,
+    /// Body bytes sent from disk.
+    pub hit_bytes: u64,
+    /// Body bytes sent from fills.
+    pub miss_bytes: u64,
+    /// Body bytes sent in all.
+    pub egress_bytes: u64,
+    /// Body bytes received from origins.
+    pub origin_bytes: u64,
+    /// `hit_bytes / (hit_bytes + miss_bytes)`, 0 when nothing was served.
+    pub hit_ratio_bytes: f64,
+    /// Requests sent to origins.
+    pub origin_requests: u64,
+    /// Failed origin requests.
+    pub origin_errors: u64,
+    /// Detected origin version changes.
+    pub version_changes: u64,
+    /// Failed slice writes.
+    pub disk_write_errors: u64,
+    /// Slices written.
+    pub slices_stored: u64,
+    /// Bytes stored on disk.
+    pub cache_used_bytes: u64,
+    /// `storage.max_size`.
+    pub cache_max_bytes: u64,
+    /// Objects in the index.
+    pub objects: u64,
+    /// `portable` or `io_uring`.
+    pub disk_backend: String,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Stats {
+    /// Creates the counters and registers them under the `outpost_` prefix.
+    pub fn new() -> Stats {
+        let mut registry = Registry::with_prefix("outpost");
+        let stats_without_registry = Stats {
+            registry: Registry::default(),
+            requests: Counter::default(),
+            hit_requests: Counter::default(),
+            miss_requests: Counter::default(),
+            partial_requests: Counter::default(),
+            refused_requests: Counter::default(),
+            hit_bytes: Counter::default(),
+            miss_bytes: Counter::default(),
+            egress_bytes: Counter::default(),
+            origin_bytes: Counter::default(),
+            origin_requests: Counter::default(),
+            origin_errors: Counter::default(),
+            version_changes: Counter::default(),
+            disk_write_errors: Counter::default(),
+            slices_stored: Counter::default(),
+            cache_used_bytes: Gauge::default(),
+            cache_max_bytes: Gauge::default(),
+            objects: Gauge::default(),
+        };
+        let stats = &stats_without_registry;
+        let counters: [(&str, &str, &Counter, Option<Unit>); 14] = [
+            (
+                "requests",
+                "Client requests received",
+                &stats.requests,
+                None,
+            ),
+            (
+                "hit_requests",
+                "Requests served entirely from disk",
+                &stats.hit_requests,
+                None,
+            ),
+            (
+                "miss_requests",
+                "Requests served entirely from origin fills",
+                &stats.miss_requests,
+                None,
+            ),
+            (
+                "partial_requests",
+                "Requests served partly from disk and partly from fills",
+                &stats.partial_requests,
+                None,
+            ),
+            (
+                "refused_requests",
+                "Requests refused or failed",
+                &stats.refused_requests,
+                None,
+            ),
+            (
+                "hit",
+                "Body bytes sent to clients from disk",
+                &stats.hit_bytes,
+                Some(Unit::Bytes),
+            ),
+            (
+                "miss",
+                "Body bytes sent to clients from origin fills",
+                &stats.miss_bytes,
+                Some(Unit::Bytes),
+            ),
+            (
+                "egress",
+                "Body bytes sent to clients",
+                &stats.egress_bytes,
+                Some(Unit::Bytes),
+            ),
+            (
+                "origin",
+                "Body bytes received from origins",
+                &stats.origin_bytes,
+                Some(Unit::Bytes),
+            ),
+            (
+                "origin_requests",
+                "Requests sent to origins",
+                &stats.origin_requests,
+                None,
+            ),
+            (
+                "origin_errors",
+                "Origin requests that failed",
+                &stats.origin_errors,
+                None,
+            ),
+            (
+                "version_changes",
+                "Origin content changes detected under stored objects",
+                &stats.version_changes,
+                None,
+            ),
+            (
+                "disk_write_errors",
+                "Slice writes that failed",
+                &stats.disk_write_errors,
+                None,
+            ),
+            (
+                "slices_stored",
+                "Slices written to disk",
+                &stats.slices_stored,
+                None,
+            ),
+        ];
+        for (name, help, counter, unit) in counters {
+            match unit {
+                Some(unit) => registry.register_with_unit(name, help, unit, counter.clone()),
+                None => registry.register(name, help, counter.clone()),
+            }
+        }
+        registry.register_with_unit(
+            "cache_used",
+            "Bytes stored on disk",
+            Unit::Bytes,
+            stats.cache_used_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "cache_max",
+            "Configured storage.max_size",
+            Unit::Bytes,
+            stats.cache_max_bytes.clone(),
+        );
+        registry.register("objects", "Objects in the index", stats.objects.clone());
+        Stats {
+            registry,
+            ..stats_without_registry
+        }
+    }
+
+    /// Counts `length` body bytes sent to a client from `source`.
+    pub fn count_egress(&self, source: ByteSource, length: u64) {
+        self.egress_bytes.inc_by(length);
+        match source {
+            ByteSource::Disk => {
+                self.hit_bytes.inc_by(length);
+            }
+            ByteSource::Fill => {
+                self.miss_bytes.inc_by(length);
+            }
+            ByteSource::Other => {}
+        }
+    }
+
+    /// Updates the gauges that are read from the index rather than counted.
+    pub fn set_cache_gauges(&self, used_bytes: u64, max_bytes: u64, objects: u64) {
+        self.cache_used_bytes.set(used_bytes);
+        self.cache_max_bytes.set(max_bytes);
+        self.objects.set(objects);
+    }
+
+    /// The `/stats` document.
+    pub fn snapshot(&self, disk_backend: &str) -> StatsSnapshot {
+        let hit_bytes = self.hit_bytes.get();
+        let miss_bytes = self.miss_bytes.get();
+        let served = hit_bytes + miss_bytes;
+        StatsSnapshot {
+            requests: self.requests.get(),
+            hit_requests: self.hit_requests.get(),
+            miss_requests: self.miss_requests.get(),
+            partial_requests: self.partial_requests.get(),
+            refused_requests: self.refused_requests.get(),
+            hit_bytes,
+            miss_bytes,
+            egress_bytes: self.egress_bytes.get(),
+            origin_bytes: self.origin_bytes.get(),
+            hit_ratio_bytes: if served == 0 {
+                0.0
+            } else {
+                hit_bytes as f64 / served as f64
+            },
+            origin_requests: self.origin_requests.get(),
+            origin_errors: self.origin_errors.get(),
+            version_changes: self.version_changes.get(),
+            disk_write_errors: self.disk_write_errors.get(),
+            slices_stored: self.slices_stored.get(),
+            cache_used_bytes: self.cache_used_bytes.get(),
+            cache_max_bytes: self.cache_max_bytes.get(),
+            objects: self.objects.get(),
+            disk_backend: disk_backend.to_owned(),
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn prometheus_text(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_views_report_the_same_counts() {
+        let stats = Stats::new();
+        stats.count_egress(ByteSource::Disk, 300);
+        stats.count_egress(ByteSource::Fill, 100);
+        stats.count_egress(ByteSource::Other, 7);
+        stats.set_cache_gauges(10, 20, 1);
+        let snapshot = stats.snapshot("portable");
+        assert_eq!(snapshot.hit_bytes, 300);
+        assert_eq!(snapshot.miss_bytes, 100);
+        assert_eq!(snapshot.egress_bytes, 407);
+        assert!((snapshot.hit_ratio_bytes - 0.75).abs() < 1e-9);
+        let text = stats.prometheus_text();
+        assert!(text.contains("outpost_hit_bytes_total 300"), "{text}");
+        assert!(text.contains("outpost_egress_bytes_total 407"), "{text}");
+        assert!(text.contains("outpost_cache_used_bytes 10"), "{text}");
+        assert!(text.contains("# EOF"), "{text}");
+    }
+}
