@@ -36,7 +36,7 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 }
 
 /// The whole configuration of a cache node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The client-facing listener and request handling.
@@ -179,7 +179,7 @@ impl Default for UpstreamConfig {
             idle_read_timeout: Duration::from_secs(30),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 32,
-            merge_gap_slices: 2,
+            merge_gap_slices: 0,
         }
     }
 }
@@ -189,19 +189,6 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".to_owned(),
             format: "text".to_owned(),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            admin: AdminConfig::default(),
-            storage: StorageConfig::default(),
-            upstream: UpstreamConfig::default(),
-            log: LogConfig::default(),
-            origin: Vec::new(),
         }
     }
 }
@@ -434,7 +421,8 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (
                 Box::new(|c| c.storage.max_size = "10 GB".into()),
                 "storage.max_size: \"10 GB\" is not a size",

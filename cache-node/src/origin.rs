@@ -327,17 +327,19 @@ mod tests {
 
     #[test]
     fn allowlist_uses_upstream_override_or_the_host_itself() {
-        let mut config = Config::default();
-        config.origin = vec![
-            OriginConfig {
-                host: "*.example.com".into(),
-                upstream: Some("http://127.0.0.1:9000/".into()),
-            },
-            OriginConfig {
-                host: "plain.org".into(),
-                upstream: None,
-            },
-        ];
+        let config = Config {
+            origin: vec![
+                OriginConfig {
+                    host: "*.example.com".into(),
+                    upstream: Some("http://127.0.0.1:9000/".into()),
+                },
+                OriginConfig {
+                    host: "plain.org".into(),
+                    upstream: None,
+                },
+            ],
+            ..Config::default()
+        };
         let allowlist = Allowlist::from_config(&config);
         let target = allowlist.lookup("A.Example.com").unwrap();
         assert_eq!(target.host, "a.example.com");

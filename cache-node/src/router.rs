@@ -122,17 +122,19 @@ mod tests {
     use crate::config::{Config, OriginConfig};
 
     fn allowlist(default_upstream: Option<&str>) -> Allowlist {
-        let mut config = Config::default();
-        config.origin = vec![
-            OriginConfig {
-                host: "*.delivery.mp.microsoft.com".into(),
-                upstream: Some("http://127.0.0.1:7000".into()),
-            },
-            OriginConfig {
-                host: "deb.debian.org".into(),
-                upstream: None,
-            },
-        ];
+        let mut config = Config {
+            origin: vec![
+                OriginConfig {
+                    host: "*.delivery.mp.microsoft.com".into(),
+                    upstream: Some("http://127.0.0.1:7000".into()),
+                },
+                OriginConfig {
+                    host: "deb.debian.org".into(),
+                    upstream: None,
+                },
+            ],
+            ..Config::default()
+        };
         config.server.default_upstream = default_upstream.map(str::to_owned);
         Allowlist::from_config(&config)
     }

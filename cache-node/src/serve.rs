@@ -220,7 +220,7 @@ enum Segment {
     Object(ByteRange),
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }
 
@@ -678,7 +678,8 @@ mod tests {
     #[test]
     fn discovery_fetches_what_the_client_asked_for_when_it_can() {
         let slice = 100;
-        let cases: Vec<(Method, Option<Vec<ByteRangeSpec>>, (u64, Option<u64>))> = vec![
+        type Case = (Method, Option<Vec<ByteRangeSpec>>, (u64, Option<u64>));
+        let cases: Vec<Case> = vec![
             (Method::GET, None, (0, None)),
             (Method::HEAD, None, (0, Some(0))),
             (

@@ -1,0 +1,145 @@
+//! End-to-end with real clients: curl's `-r` ranges and aria2c's 8-connection segmented download
+//! of a 256 MiB file through MCC-mode URLs, both checked by SHA-256.
+//!
+//! The tools are installed by `.ci/run`. When one is missing locally the test says so and
+//! passes, unless `OUTPOST_REQUIRE_TOOLS=1` (set in CI), where a missing tool is a failure.
+
+mod common;
+
+use common::*;
+use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
+use tokio::process::Command;
+
+fn tool_available(name: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|output| output.status.success())
+        .unwrap_or(false);
+    if !found {
+        assert!(
+            std::env::var("OUTPOST_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "{name} is required (OUTPOST_REQUIRE_TOOLS=1) but not installed"
+        );
+        eprintln!("{name} is not installed; skipping its checks");
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_ranges_through_the_node_match_the_origin() {
+    if !tool_available("curl") {
+        return;
+    }
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    let content = pattern_bytes(3_000_000, 31);
+    origin.put("/curl.bin", content.clone());
+    let url = node.mcc_url("/curl.bin");
+    for (range, first, last) in [
+        ("0-99", 0, 99),
+        ("1000000-2000000", 1_000_000, 2_000_000),
+        ("2999990-", 2_999_990, 2_999_999),
+    ] {
+        let output = Command::new("curl")
+            .args(["-sS", "--fail", "--noproxy", "*", "-r", range, &url])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "curl -r {range}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            sha256_hex(&output.stdout),
+            sha256_hex(&content[first..=last]),
+            "curl -r {range}"
+        );
+    }
+    let whole = Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "--noproxy",
+            "*",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            &url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let headers = String::from_utf8_lossy(&whole.stdout).to_ascii_lowercase();
+    assert!(
+        headers.contains("x-cache: partial") || headers.contains("x-cache: hit"),
+        "{headers}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aria2c_with_eight_connections_downloads_256_mib_through_mcc_urls() {
+    if !tool_available("aria2c") {
+        return;
+    }
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let mut config = test_config(storage.path(), &origin.base_url(), 1024 * 1024, "2GiB");
+    config.upstream.idle_read_timeout = std::time::Duration::from_secs(30);
+    let node = TestNode::start(config).await;
+    let content = pattern_bytes(256 * 1024 * 1024, 41);
+    let expected = sha256_hex(&content);
+    origin.put("/filestreamingservice/files/0b5e/big.cab", content);
+    let download = tempfile::tempdir().unwrap();
+    let url = node.mcc_url("/filestreamingservice/files/0b5e/big.cab");
+    for round in ["cold", "warm"] {
+        let output = Command::new("aria2c")
+            .args([
+                "-x8",
+                "-s8",
+                "-k1M",
+                "--no-conf",
+                "--allow-overwrite=true",
+                "--auto-file-renaming=false",
+            ])
+            .args([
+                "--console-log-level=warn",
+                "--summary-interval=0",
+                "--all-proxy=",
+                "--file-allocation=none",
+            ])
+            .arg("-d")
+            .arg(download.path())
+            .args(["-o", "big.cab", &url])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "aria2c ({round}): {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let downloaded = std::fs::read(download.path().join("big.cab")).unwrap();
+        assert_eq!(sha256_hex(&downloaded), expected, "aria2c {round} download");
+    }
+    assert_eq!(
+        origin.max_fetches_of_any_byte("/filestreamingservice/files/0b5e/big.cab"),
+        1,
+        "8 parallel connections still fetch each byte once"
+    );
+    let stats = node.stats().await;
+    assert_eq!(stats["origin_bytes"].as_u64().unwrap(), 256 * 1024 * 1024);
+    node.stop().await;
+}

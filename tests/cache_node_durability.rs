@@ -1,0 +1,157 @@
+//! End-to-end: the store survives restarts. A cleanly restarted node serves its earlier content as
+//! hits with no origin traffic; a node killed with SIGKILL in the middle of fills restarts and
+//! serves nothing corrupt.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
+
+#[tokio::test]
+async fn a_restarted_node_serves_its_earlier_content_as_hits() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let content = pattern_bytes(1_000_000, 21);
+    let partial = pattern_bytes(1_000_000, 22);
+    origin.put("/kept.bin", content.clone());
+    origin.put("/partial.bin", partial.clone());
+
+    let config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let node = TestNode::start(config.clone()).await;
+    assert_eq!(
+        sha256_hex(get(&node.mcc_url("/kept.bin"), &[]).await.bytes()),
+        sha256_hex(&content)
+    );
+    let first_half = get(
+        &node.mcc_url("/partial.bin"),
+        &[("range", "bytes=0-499999")],
+    )
+    .await;
+    assert_eq!(first_half.bytes(), &partial[..500_000]);
+    let stored_before = node.node.index.used_bytes();
+    node.stop().await;
+
+    let requests_before = origin.request_count();
+    let restarted = TestNode::start(config).await;
+    assert_eq!(
+        restarted.node.index.used_bytes(),
+        stored_before,
+        "the index was rebuilt from disk"
+    );
+    let hit = get(&restarted.mcc_url("/kept.bin"), &[]).await;
+    assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(sha256_hex(hit.bytes()), sha256_hex(&content));
+    let ranged_hit = get(
+        &restarted.mcc_url("/kept.bin"),
+        &[("range", "bytes=123456-654321")],
+    )
+    .await;
+    assert_eq!(ranged_hit.bytes(), &content[123_456..=654_321]);
+    assert_eq!(
+        origin.request_count(),
+        requests_before,
+        "no origin traffic for stored content"
+    );
+
+    // The partially stored object is completed from the origin, fetching only what is missing.
+    let whole = get(&restarted.mcc_url("/partial.bin"), &[]).await;
+    assert_eq!(whole.header("x-cache").as_deref(), Some("PARTIAL"));
+    assert_eq!(sha256_hex(whole.bytes()), sha256_hex(&partial));
+    assert_eq!(origin.max_fetches_of_any_byte("/partial.bin"), 1);
+    let stats = restarted.stats().await;
+    assert!(stats["hit_bytes"].as_u64().unwrap() > 0);
+    restarted.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_fill_restarts_without_serving_anything_corrupt() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cache-node"));
+    let objects: Vec<(String, bytes::Bytes)> = (0..4u64)
+        .map(|index| {
+            (
+                format!("/mid-fill-{index}.bin"),
+                pattern_bytes(6 * 1024 * 1024 + 7, 100 + index),
+            )
+        })
+        .collect();
+    for (path, content) in &objects {
+        // Slow enough that the kill lands while every fill is in flight.
+        origin.put_with(
+            path,
+            content.clone(),
+            Behaviour {
+                chunk_delay: Some(Duration::from_millis(3)),
+                chunk_size: Some(32 * 1024),
+                ..Behaviour::default()
+            },
+        );
+    }
+    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    config.storage.fsync = true;
+
+    let mut node = NodeProcess::spawn(binary, work.path(), config.clone());
+    node.wait_healthy().await;
+    let mut streams = Vec::new();
+    for (path, _) in &objects {
+        let response = client().get(mcc_url(node.addr, path)).send().await.unwrap();
+        streams.push(response.bytes_stream());
+    }
+    // Wait until every fill has delivered at least a few slices, then kill the node.
+    for stream in &mut streams {
+        let mut received = 0;
+        while received < 300_000 {
+            received += stream.next().await.unwrap().unwrap().len();
+        }
+    }
+    let sent_at_kill = origin.bytes_sent();
+    node.kill_9();
+    let total: u64 = objects
+        .iter()
+        .map(|(_, content)| content.len() as u64)
+        .sum();
+    assert!(sent_at_kill < total, "the kill landed mid-fill");
+    for mut stream in streams {
+        let mut failed = false;
+        while let Some(chunk) = stream.next().await {
+            if chunk.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "a client of a killed node sees an aborted body");
+    }
+
+    // No temporary file may be mistaken for a slice after restart.
+    let mut restarted = NodeProcess::spawn(binary, work.path(), config);
+    restarted.wait_healthy().await;
+    let stats = admin_stats(restarted.admin_addr).await;
+    let recovered = stats["cache_used_bytes"].as_u64().unwrap();
+    assert!(
+        recovered > 0,
+        "complete slices written before the kill are kept: {stats}"
+    );
+    assert!(recovered < total);
+    for (path, content) in &objects {
+        for range in [None, Some("bytes=0-299999"), Some("bytes=-1000")] {
+            let headers: Vec<(&str, &str)> = range.iter().map(|range| ("range", *range)).collect();
+            let fetched = get(&mcc_url(restarted.addr, path), &headers).await;
+            let expected = match range {
+                None => &content[..],
+                Some("bytes=0-299999") => &content[..300_000],
+                Some(_) => &content[content.len() - 1000..],
+            };
+            assert_eq!(
+                sha256_hex(fetched.bytes()),
+                sha256_hex(expected),
+                "{path} {range:?}"
+            );
+        }
+    }
+    restarted.kill_9();
+}

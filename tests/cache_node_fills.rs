@@ -1,0 +1,424 @@
+//! End-to-end: how fills behave. Many clients of one cold object cost one origin fetch and all
+//! stream while it arrives; a fill outlives the client that started it; an origin that dies, lies
+//! or changes its content never leads to a wrong byte being served as complete.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
+
+/// Waits (bounded) until `condition` holds; used for background effects such as a fill that
+/// finishes after its client left.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn slow(chunk_delay_ms: u64) -> Behaviour {
+    Behaviour {
+        chunk_delay: Some(Duration::from_millis(chunk_delay_ms)),
+        chunk_size: Some(64 * 1024),
+        ..Behaviour::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_clients_cost_one_origin_fetch_and_all_stream_while_it_fills() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    let content = pattern_bytes(8 * 1024 * 1024 + 13, 11);
+    origin.put_with("/cold.bin", content.clone(), slow(2));
+
+    let mut clients = Vec::new();
+    for client_index in 0..32u64 {
+        let url = node.mcc_url("/cold.bin");
+        let content = content.clone();
+        clients.push(tokio::spawn(async move {
+            // A quarter of the clients ask for ranges, the rest for the whole object.
+            let (range, expected) = if client_index % 4 == 3 {
+                let first = client_index * 200_000;
+                let last = first + 1_000_000;
+                (
+                    Some(format!("bytes={first}-{last}")),
+                    content.slice(first as usize..=last as usize),
+                )
+            } else {
+                (None, content.clone())
+            };
+            let mut builder = client().get(&url);
+            if let Some(range) = &range {
+                builder = builder.header("range", range);
+            }
+            let response = builder.send().await.unwrap();
+            assert!(response.status().is_success());
+            let mut stream = response.bytes_stream();
+            let mut body = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                body.extend_from_slice(&chunk.expect("body streams without error"));
+            }
+            assert_eq!(
+                sha256_hex(&body),
+                sha256_hex(&expected),
+                "client {client_index}"
+            );
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert_eq!(
+        origin.max_fetches_of_any_byte("/cold.bin"),
+        1,
+        "every byte fetched exactly once"
+    );
+    assert_eq!(
+        origin
+            .byte_fetch_counts("/cold.bin")
+            .iter()
+            .filter(|count| **count == 0)
+            .count(),
+        0
+    );
+    assert_eq!(
+        origin.request_count(),
+        1,
+        "one upstream request for all 32 clients"
+    );
+    let stats = node.stats().await;
+    assert_eq!(
+        stats["origin_bytes"].as_u64().unwrap(),
+        content.len() as u64
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gets_bytes_before_the_fill_ends_and_the_fill_outlives_it() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    let content = pattern_bytes(4 * 1024 * 1024, 5);
+    origin.put_with("/slow.bin", content.clone(), slow(5));
+
+    let response = client()
+        .get(node.mcc_url("/slow.bin"))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    assert!(
+        origin.bytes_sent() < content.len() as u64,
+        "the first bytes reached the client while the origin was still sending"
+    );
+    drop(stream);
+
+    eventually("the abandoned fill completes", || {
+        node.node.index.used_bytes() == content.len() as u64
+    })
+    .await;
+    let requests = origin.request_count();
+    let again = get(&node.mcc_url("/slow.bin"), &[]).await;
+    assert_eq!(again.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(sha256_hex(again.bytes()), sha256_hex(&content));
+    assert_eq!(origin.request_count(), requests);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_origin_that_drops_mid_body_aborts_the_response_and_nothing_partial_is_kept() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    let content = pattern_bytes(300_000, 9);
+    origin.put_with(
+        "/drop.bin",
+        content.clone(),
+        Behaviour {
+            drop_after_bytes: Some(100_000),
+            ..Behaviour::default()
+        },
+    );
+    let cut = get(&node.mcc_url("/drop.bin"), &[]).await;
+    assert_eq!(
+        cut.status, 200,
+        "the response had started when the origin died"
+    );
+    assert!(
+        cut.body.is_err(),
+        "the client must see an aborted body, not a clean end: {:?}",
+        cut.body.as_ref().map(|b| b.len())
+    );
+    let ranged = get(&node.mcc_url("/drop.bin"), &[("range", "bytes=150000-")]).await;
+    assert!(
+        ranged.status >= 500 || ranged.body.is_err(),
+        "a ranged read of the lost part fails too"
+    );
+
+    // Only complete slices were stored: the first 64 KiB slice, not the partial second one.
+    assert_eq!(node.node.index.used_bytes(), TEST_SLICE);
+    origin.put("/drop.bin", content.clone());
+    let healed = get(&node.mcc_url("/drop.bin"), &[]).await;
+    assert_eq!(sha256_hex(healed.bytes()), sha256_hex(&content));
+    assert_eq!(healed.header("x-cache").as_deref(), Some("PARTIAL"));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_origin_that_lies_about_the_length_never_gets_a_response_served_as_complete() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    let content = pattern_bytes(200_000, 4);
+    origin.put_with(
+        "/liar.bin",
+        content.clone(),
+        Behaviour {
+            lie_total_len: Some(400_000),
+            ..Behaviour::default()
+        },
+    );
+    for range in [None, Some("bytes=0-99"), Some("bytes=250000-")] {
+        let headers: Vec<(&str, &str)> = range.iter().map(|range| ("range", *range)).collect();
+        let fetched = get(&node.mcc_url("/liar.bin"), &headers).await;
+        let complete_and_successful = fetched.status < 300 && fetched.body.is_ok();
+        if complete_and_successful {
+            // Only bytes the origin really has may be served, and they must be the real ones.
+            let body = fetched.bytes();
+            let first: usize = range.map_or(0, |_| 0);
+            assert_eq!(body, &content[first..first + body.len()], "{range:?}");
+            assert!(body.len() <= content.len());
+            assert!(
+                range == Some("bytes=0-99"),
+                "{range:?} cannot be served completely"
+            );
+        }
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_etag_change_between_fills_never_stitches_two_versions() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    let version_one = pattern_bytes(300_000, 1);
+    let version_two = pattern_bytes(300_000, 2);
+    origin.put("/changing.bin", version_one.clone());
+    let head = get(
+        &node.mcc_url("/changing.bin"),
+        &[("range", "bytes=0-65535")],
+    )
+    .await;
+    assert_eq!(head.bytes(), &version_one[..65536]);
+    let etag_one = head.header("etag").unwrap();
+
+    origin.put("/changing.bin", version_two.clone());
+    let tail = get(
+        &node.mcc_url("/changing.bin"),
+        &[("range", "bytes=200000-299999")],
+    )
+    .await;
+    assert_eq!(tail.status, 206);
+    assert_eq!(
+        tail.bytes(),
+        &version_two[200_000..],
+        "the new version's bytes, not a mix"
+    );
+    let etag_two = tail.header("etag").unwrap();
+    assert_ne!(etag_one, etag_two);
+
+    let full = get(&node.mcc_url("/changing.bin"), &[]).await;
+    assert_eq!(sha256_hex(full.bytes()), sha256_hex(&version_two));
+    assert_eq!(full.header("etag").unwrap(), etag_two);
+    assert!(node.stats().await["version_changes"].as_u64().unwrap() >= 1);
+
+    // A change of length is a change of version too.
+    let version_three = pattern_bytes(500_000, 3);
+    origin.put("/changing.bin", version_three.clone());
+    node.node
+        .index
+        .remove(&node.node.index.get(&cache_key("/changing.bin")).unwrap());
+    let _ = get(&node.mcc_url("/changing.bin"), &[("range", "bytes=0-10")]).await;
+    let version_four = pattern_bytes(400_000, 4);
+    origin.put("/changing.bin", version_four.clone());
+    // Slice 0 of version three is stored, so the answer starts from disk before the fill of the
+    // rest discovers the change: that response must be cut short, never completed with a mix.
+    let mixed = get(&node.mcc_url("/changing.bin"), &[]).await;
+    assert!(
+        mixed.body.is_err(),
+        "a response that began with the old version is aborted"
+    );
+    let retried = get(&node.mcc_url("/changing.bin"), &[]).await;
+    assert_eq!(retried.header("content-length").unwrap(), "400000");
+    assert_eq!(sha256_hex(retried.bytes()), sha256_hex(&version_four));
+    node.stop().await;
+}
+
+fn cache_key(path: &str) -> cache_node::key::CacheKey {
+    cache_node::key::CacheKey::new(ORIGIN_HOST, path)
+}
+
+#[tokio::test]
+async fn an_origin_that_ignores_range_is_stored_whole_and_one_without_length_is_passed_through() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    let content = pattern_bytes(500_000, 8);
+    origin.put_with(
+        "/norange.bin",
+        content.clone(),
+        Behaviour {
+            ignore_range: true,
+            ..Behaviour::default()
+        },
+    );
+    let part = get(
+        &node.mcc_url("/norange.bin"),
+        &[("range", "bytes=300000-300099")],
+    )
+    .await;
+    assert_eq!(part.status, 206);
+    assert_eq!(part.bytes(), &content[300_000..300_100]);
+    eventually("the whole body is stored", || {
+        node.node.index.used_bytes() == content.len() as u64
+    })
+    .await;
+    let full = get(&node.mcc_url("/norange.bin"), &[]).await;
+    assert_eq!(full.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(sha256_hex(full.bytes()), sha256_hex(&content));
+    assert_eq!(origin.request_count(), 1);
+
+    origin.put_with(
+        "/chunked.bin",
+        content.clone(),
+        Behaviour {
+            ignore_range: true,
+            chunked: true,
+            ..Behaviour::default()
+        },
+    );
+    let passed = get(&node.mcc_url("/chunked.bin"), &[]).await;
+    assert_eq!(passed.status, 200);
+    assert_eq!(passed.header("x-cache").as_deref(), Some("BYPASS"));
+    assert_eq!(sha256_hex(passed.bytes()), sha256_hex(&content));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn eviction_keeps_the_store_under_max_size_and_deletes_the_files() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    // Room for about four 1 MiB objects.
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "4MiB",
+    ))
+    .await;
+    for index in 0..12u64 {
+        let path = format!("/evict-{index}.bin");
+        let content = pattern_bytes(1024 * 1024, index);
+        origin.put(&path, content.clone());
+        let fetched = get(&node.mcc_url(&path), &[]).await;
+        assert_eq!(sha256_hex(fetched.bytes()), sha256_hex(&content));
+        eventually("the object is stored", || {
+            node.node
+                .index
+                .get(&cache_key(&path))
+                .is_some_and(|entry| entry.is_complete())
+                || node.node.index.get(&cache_key(&path)).is_none()
+        })
+        .await;
+    }
+    let limit = 4 * 1024 * 1024;
+    eventually("evicted files are deleted", || {
+        disk_usage(storage.path()) <= limit + 64 * 1024
+    })
+    .await;
+    let stats = node.stats().await;
+    assert!(
+        stats["cache_used_bytes"].as_u64().unwrap() <= limit,
+        "{stats}"
+    );
+    assert!(stats["objects"].as_u64().unwrap() <= 4, "{stats}");
+    assert_eq!(stats["cache_max_bytes"].as_u64().unwrap(), limit);
+    // The most recent object survived and is a hit; the oldest is gone and refetched.
+    let recent = get(&node.mcc_url("/evict-11.bin"), &[]).await;
+    assert_eq!(recent.header("x-cache").as_deref(), Some("HIT"));
+    let oldest = get(&node.mcc_url("/evict-0.bin"), &[]).await;
+    assert_eq!(oldest.header("x-cache").as_deref(), Some("MISS"));
+    assert_eq!(
+        sha256_hex(oldest.bytes()),
+        sha256_hex(&pattern_bytes(1024 * 1024, 0))
+    );
+    node.stop().await;
+}
+
+/// Bytes in regular files under `root` (slice files and metadata).
+fn disk_usage(root: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(directory) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&directory) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let metadata = entry.metadata().unwrap();
+            if metadata.is_dir() {
+                pending.push(entry.path());
+            } else if entry.file_name() != "meta.json" {
+                total += metadata.len();
+            }
+        }
+    }
+    total
+}

@@ -1,0 +1,346 @@
+//! End-to-end: the RFC 9110 range and conditional matrix through a real node, on cold, warm and
+//! partially warm objects of awkward sizes, with every body checked byte for byte against the
+//! origin's content.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
+
+/// One range request and what a correct answer looks like.
+struct RangeCase {
+    range: &'static str,
+    /// Expected (first, last) inclusive, or None for a 416.
+    expected: Option<(u64, u64)>,
+}
+
+fn cases_for(length: u64) -> Vec<RangeCase> {
+    let mut cases = vec![
+        RangeCase {
+            range: "bytes=0-0",
+            expected: (length > 0).then_some((0, 0)),
+        },
+        RangeCase {
+            range: "bytes=-1",
+            expected: (length > 0).then(|| (length - 1, length - 1)),
+        },
+        RangeCase {
+            range: "bytes=-500",
+            expected: (length > 0).then(|| (length.saturating_sub(500), length - 1)),
+        },
+        RangeCase {
+            range: "bytes=0-",
+            expected: (length > 0).then(|| (0, length - 1)),
+        },
+        RangeCase {
+            range: "bytes=0-999999999999",
+            expected: (length > 0).then(|| (0, length - 1)),
+        },
+        RangeCase {
+            range: "bytes=999999999999-",
+            expected: None,
+        },
+    ];
+    if length > 100 {
+        cases.push(RangeCase {
+            range: "bytes=100-",
+            expected: Some((100, length - 1)),
+        });
+        cases.push(RangeCase {
+            range: "bytes=50-99",
+            expected: Some((50, 99)),
+        });
+    }
+    if length > TEST_SLICE + 10 {
+        // Straddles a slice boundary.
+        cases.push(RangeCase {
+            range: "bytes=65530-65545",
+            expected: Some((65530, 65545)),
+        });
+    }
+    cases
+}
+
+async fn check_range_matrix(node: &TestNode, path: &str, content: &Bytes) {
+    let length = content.len() as u64;
+    for case in cases_for(length) {
+        let fetched = get(&node.mcc_url(path), &[("range", case.range)]).await;
+        match case.expected {
+            Some((first, last)) => {
+                assert_eq!(fetched.status, 206, "{path} {}", case.range);
+                assert_eq!(
+                    fetched.header("content-range").unwrap(),
+                    format!("bytes {first}-{last}/{length}"),
+                    "{path} {}",
+                    case.range
+                );
+                let expected = &content[first as usize..=last as usize];
+                assert_eq!(
+                    sha256_hex(fetched.bytes()),
+                    sha256_hex(expected),
+                    "{path} {}",
+                    case.range
+                );
+            }
+            None => {
+                assert_eq!(fetched.status, 416, "{path} {}", case.range);
+                assert_eq!(
+                    fetched.header("content-range").unwrap(),
+                    format!("bytes */{length}")
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_range_form_returns_the_origin_bytes_for_awkward_sizes_cold_and_warm() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    let sizes = [
+        0,
+        1,
+        TEST_SLICE - 1,
+        TEST_SLICE,
+        TEST_SLICE + 1,
+        64 * 1024 * 1024 + 13,
+    ];
+    for (seed, size) in sizes.iter().enumerate() {
+        let path = format!("/files/size-{size}.bin");
+        let content = pattern_bytes(*size as usize, seed as u64);
+        origin.put(&path, content.clone());
+        // Cold: a range first, so the object starts partially warm.
+        check_range_matrix(&node, &path, &content).await;
+        // A full GET completes the object.
+        let full = get(&node.mcc_url(&path), &[]).await;
+        assert_eq!(full.status, 200);
+        assert_eq!(full.header("content-length").unwrap(), size.to_string());
+        assert_eq!(sha256_hex(full.bytes()), sha256_hex(&content), "{path}");
+        // Warm: everything again, now from disk, without the origin.
+        let requests_before = origin.request_count();
+        check_range_matrix(&node, &path, &content).await;
+        let again = get(&node.mcc_url(&path), &[]).await;
+        assert_eq!(sha256_hex(again.bytes()), sha256_hex(&content));
+        assert_eq!(again.header("x-cache").as_deref(), Some("HIT"), "{path}");
+        assert_eq!(
+            origin.request_count(),
+            requests_before,
+            "{path}: warm reads must not touch the origin"
+        );
+        assert!(
+            origin.max_fetches_of_any_byte(&path) <= 1,
+            "{path}: a byte was fetched twice"
+        );
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn multiple_ranges_come_back_as_multipart_byteranges() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    let content = pattern_bytes(300_000, 7);
+    origin.put("/multi.bin", content.clone());
+    let fetched = get(
+        &node.mcc_url("/multi.bin"),
+        &[("range", "bytes=0-9, 200000-200009, -5")],
+    )
+    .await;
+    assert_eq!(fetched.status, 206);
+    let content_type = fetched.header("content-type").unwrap();
+    let boundary = content_type
+        .split("boundary=")
+        .nth(1)
+        .expect("multipart content type has a boundary")
+        .trim_matches('"')
+        .to_owned();
+    let body = fetched.bytes();
+    assert_eq!(
+        fetched.header("content-length").unwrap(),
+        body.len().to_string()
+    );
+    let text = String::from_utf8_lossy(body);
+    let parts: Vec<&str> = text.split(&format!("--{boundary}")).collect();
+    // Preamble (empty), three parts, and the closing "--".
+    assert_eq!(parts.len(), 5, "{text}");
+    for (part, (first, last)) in
+        parts[1..4]
+            .iter()
+            .zip([(0usize, 9usize), (200_000, 200_009), (299_995, 299_999)])
+    {
+        assert!(
+            part.contains(&format!("Content-Range: bytes {first}-{last}/300000")),
+            "{part}"
+        );
+        let payload_start = body
+            .windows(4)
+            .enumerate()
+            .filter(|(_, window)| *window == b"\r\n\r\n")
+            .map(|(index, _)| index + 4)
+            .find(|index| body[*index..].starts_with(&content[first..=last]));
+        assert!(
+            payload_start.is_some(),
+            "part {first}-{last} carries the right bytes"
+        );
+    }
+    // Too many ranges are refused rather than served as a huge multipart body.
+    let many: Vec<String> = (0..40)
+        .map(|index| format!("{}-{}", index * 10, index * 10 + 1))
+        .collect();
+    let refused = get(
+        &node.mcc_url("/multi.bin"),
+        &[("range", &format!("bytes={}", many.join(",")))],
+    )
+    .await;
+    assert_eq!(refused.status, 416);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_ranges_are_ignored_and_conditionals_are_honoured() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    let content = pattern_bytes(100_000, 3);
+    origin.put("/cond.bin", content.clone());
+    let url = node.mcc_url("/cond.bin");
+
+    for malformed in ["bytes=5-1", "items=0-1", "bytes=abc", "bytes="] {
+        let fetched = get(&url, &[("range", malformed)]).await;
+        assert_eq!(fetched.status, 200, "{malformed}");
+        assert_eq!(sha256_hex(fetched.bytes()), sha256_hex(&content));
+    }
+    let full = get(&url, &[]).await;
+    let etag = full.header("etag").expect("origin ETag is served");
+    let last_modified = full
+        .header("last-modified")
+        .expect("origin Last-Modified is served");
+    assert_eq!(full.header("accept-ranges").as_deref(), Some("bytes"));
+
+    let not_modified = get(&url, &[("if-none-match", &etag)]).await;
+    assert_eq!(not_modified.status, 304);
+    assert!(not_modified.bytes().is_empty());
+    let weak = format!("W/{etag}");
+    assert_eq!(
+        get(&url, &[("if-none-match", &weak)]).await.status,
+        304,
+        "If-None-Match compares weakly"
+    );
+    assert_eq!(
+        get(&url, &[("if-none-match", "\"other\"")]).await.status,
+        200
+    );
+    assert_eq!(
+        get(&url, &[("if-modified-since", &last_modified)])
+            .await
+            .status,
+        304
+    );
+    assert_eq!(
+        get(
+            &url,
+            &[("if-modified-since", "Thu, 01 Jan 1970 00:00:00 GMT")]
+        )
+        .await
+        .status,
+        200
+    );
+
+    let honoured = get(&url, &[("range", "bytes=10-19"), ("if-range", &etag)]).await;
+    assert_eq!(honoured.status, 206);
+    assert_eq!(honoured.bytes(), &content[10..20]);
+    let stale = get(&url, &[("range", "bytes=10-19"), ("if-range", "\"old\"")]).await;
+    assert_eq!(
+        stale.status, 200,
+        "a failed If-Range serves the whole representation"
+    );
+    assert_eq!(stale.bytes().len(), content.len());
+    let dated = get(
+        &url,
+        &[("range", "bytes=10-19"), ("if-range", &last_modified)],
+    )
+    .await;
+    assert_eq!(dated.status, 206);
+
+    let head = request(reqwest::Method::HEAD, &url, &[]).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length").unwrap(), "100000");
+    assert_eq!(head.header("accept-ranges").as_deref(), Some("bytes"));
+    assert!(head.bytes().is_empty());
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn origins_outside_the_allowlist_and_other_methods_are_refused() {
+    let origin = MockOrigin::start().await;
+    origin.put("/a.bin", pattern_bytes(10, 1));
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+
+    let mcc = get(
+        &format!("http://{}/a.bin?cacheHostOrigin=evil.example", node.addr),
+        &[],
+    )
+    .await;
+    assert_eq!(mcc.status, 403);
+    assert!(String::from_utf8_lossy(mcc.bytes()).contains("evil.example"));
+    let bare = get(&format!("http://{}/a.bin", node.addr), &[]).await;
+    assert_eq!(
+        bare.status, 403,
+        "a request naming no allowed origin is refused"
+    );
+    let post = request(reqwest::Method::POST, &node.mcc_url("/a.bin"), &[]).await;
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow").as_deref(), Some("GET, HEAD"));
+    assert_eq!(origin.request_count(), 0, "refusals never reach the origin");
+
+    // Host-header mode reaches the same content.
+    let by_host = client()
+        .get(format!("http://{}/a.bin", node.addr))
+        .header("host", ORIGIN_HOST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_host.status(), 200);
+    assert_eq!(by_host.bytes().await.unwrap(), pattern_bytes(10, 1));
+    let upstream = &origin.requests()[0];
+    assert_eq!(upstream.host.as_deref(), Some(ORIGIN_HOST));
+    assert!(
+        upstream.query.as_deref().unwrap_or("").is_empty(),
+        "cacheHostOrigin is never sent upstream"
+    );
+
+    // An origin 404 is passed on, not cached as content.
+    let missing = get(&node.mcc_url("/missing.bin"), &[]).await;
+    assert_eq!(missing.status, 404);
+    let stats = node.stats().await;
+    assert!(stats["requests"].as_u64().unwrap() >= 5);
+    node.stop().await;
+}

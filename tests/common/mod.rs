@@ -1,0 +1,272 @@
+//! Shared helpers for the cache-node end-to-end scenarios: start a real node (in this process or
+//! as a child process) on `127.0.0.1:0` in front of a mock origin, and fetch through it.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_node::config::{Config, OriginConfig, ValidConfig};
+use cache_node::node::Node;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// The origin host name the tests use in MCC URLs; the node maps it to the mock origin.
+pub const ORIGIN_HOST: &str = "dl.delivery.mp.microsoft.com";
+
+/// The slice size most scenarios use: the smallest allowed, so small objects span many slices.
+pub const TEST_SLICE: u64 = 64 * 1024;
+
+/// A configuration for a node in `storage_dir` that sends `ORIGIN_HOST` (and its subdomains) to
+/// `origin_base`.
+pub fn test_config(
+    storage_dir: &Path,
+    origin_base: &str,
+    slice_len: u64,
+    max_size: &str,
+) -> Config {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".into();
+    config.admin.listen = "127.0.0.1:0".into();
+    config.admin.token = "test-token".into();
+    config.storage.path = storage_dir.to_path_buf();
+    config.storage.max_size = max_size.into();
+    config.storage.slice_size = format!("{}KiB", slice_len / 1024);
+    config.storage.fsync = false;
+    config.upstream.idle_read_timeout = Duration::from_secs(5);
+    config.upstream.first_byte_timeout = Duration::from_secs(5);
+    config.server.shutdown_grace = Duration::from_secs(2);
+    config.origin = vec![
+        OriginConfig {
+            host: ORIGIN_HOST.into(),
+            upstream: Some(origin_base.into()),
+        },
+        OriginConfig {
+            host: format!("*.{ORIGIN_HOST}"),
+            upstream: Some(origin_base.into()),
+        },
+    ];
+    config
+}
+
+/// A node running inside the test process.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub node: Arc<Node>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestNode {
+    /// Starts a node with `config` (listen addresses are ignored: both bind 127.0.0.1:0).
+    pub async fn start(config: Config) -> TestNode {
+        let valid: ValidConfig = config.validate().expect("test config is valid");
+        let client_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = client_listener.local_addr().unwrap();
+        let admin_addr = admin_listener.local_addr().unwrap();
+        let node = Node::open(&valid).expect("store opens");
+        let (shutdown_sender, shutdown_receiver) = oneshot::channel::<()>();
+        let task = tokio::spawn(cache_node::server::run_node(
+            node.clone(),
+            client_listener,
+            admin_listener,
+            async move {
+                let _ = shutdown_receiver.await;
+            },
+            valid.raw.server.shutdown_grace,
+        ));
+        TestNode {
+            addr,
+            admin_addr,
+            node,
+            shutdown: Some(shutdown_sender),
+            task: Some(task),
+        }
+    }
+
+    /// The MCC-form URL of `path` on this node.
+    pub fn mcc_url(&self, path: &str) -> String {
+        mcc_url(self.addr, path)
+    }
+
+    /// Stops the node and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(sender) = self.shutdown.take() {
+            let _ = sender.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+
+    /// The `/stats` document.
+    pub async fn stats(&self) -> serde_json::Value {
+        admin_stats(self.admin_addr).await
+    }
+}
+
+/// The MCC-form URL of `path` on a node at `addr`.
+pub fn mcc_url(addr: SocketAddr, path: &str) -> String {
+    let separator = if path.contains('?') { '&' } else { '?' };
+    format!("http://{addr}{path}{separator}cacheHostOrigin={ORIGIN_HOST}")
+}
+
+/// Fetches `/stats` from an admin listener.
+pub async fn admin_stats(admin_addr: SocketAddr) -> serde_json::Value {
+    let text = reqwest::get(format!("http://{admin_addr}/stats"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A plain HTTP client with no connection reuse surprises.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// What a GET returned.
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    /// The body, or the error that cut it short.
+    pub body: Result<bytes::Bytes, String>,
+}
+
+impl Fetched {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.body.as_ref().expect("body arrived complete")
+    }
+}
+
+/// GETs `url` with extra headers, collecting the whole body.
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Fetched {
+    request(reqwest::Method::GET, url, headers).await
+}
+
+/// Sends `method` to `url` with extra headers, collecting the whole body.
+pub async fn request(method: reqwest::Method, url: &str, headers: &[(&str, &str)]) -> Fetched {
+    let mut builder = client().request(method, url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = builder.send().await.expect("request reaches the node");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.bytes().await.map_err(|error| format!("{error:?}"));
+    Fetched {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A node running as a child process (for kill -9 scenarios).
+pub struct NodeProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+/// Picks a free loopback port. The tiny window between closing and reuse is acceptable for a
+/// child process that must be told its port on the command line.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl NodeProcess {
+    /// Starts the real `cache-node` binary with `config` written to a file in `work_dir`.
+    pub fn spawn(binary: &Path, work_dir: &Path, mut config: Config) -> NodeProcess {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        config.server.listen = addr.to_string();
+        config.admin.listen = admin_addr.to_string();
+        let config_path: PathBuf = work_dir.join("node.toml");
+        std::fs::write(&config_path, config_to_toml(&config)).unwrap();
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cache-node binary starts");
+        NodeProcess {
+            child,
+            addr,
+            admin_addr,
+        }
+    }
+
+    /// Waits until the admin listener answers `/health`.
+    pub async fn wait_healthy(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(response) = reqwest::get(format!("http://{}/health", self.admin_addr)).await {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "cache-node exited during start-up"
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node never became healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill_9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// Serialises a config to TOML by hand (the config crate has no writer), covering the keys the
+/// tests set.
+pub fn config_to_toml(config: &Config) -> String {
+    let mut text = format!(
+        "[server]\nlisten = \"{}\"\nshutdown_grace = \"2s\"\n\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[storage]\npath = \"{}\"\nmax_size = \"{}\"\nslice_size = \"{}\"\nfsync = {}\n\n[upstream]\nidle_read_timeout = \"5s\"\nfirst_byte_timeout = \"5s\"\n",
+        config.server.listen,
+        config.admin.listen,
+        config.admin.token,
+        config.storage.path.display(),
+        config.storage.max_size,
+        config.storage.slice_size,
+        config.storage.fsync,
+    );
+    for origin in &config.origin {
+        text.push_str(&format!("\n[[origin]]\nhost = \"{}\"\n", origin.host));
+        if let Some(upstream) = &origin.upstream {
+            text.push_str(&format!("upstream = \"{upstream}\"\n"));
+        }
+    }
+    text
+}
