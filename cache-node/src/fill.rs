@@ -45,9 +45,10 @@ const REPLAYED_HEADERS: [header::HeaderName; 4] = [
     header::CONTENT_LANGUAGE,
 ];
 
-/// How many finished slices of one fill may wait for their disk write before the fill stops
-/// reading from the origin. This bounds memory when the disk is slower than the network.
-const PENDING_WRITES_PER_FILL: usize = 8;
+/// How many bytes of finished slices of one fill may wait for their disk write before the fill
+/// stops reading from the origin. This bounds memory when the disk is slower than the network,
+/// while letting short bursts of a fast origin run ahead of the disk.
+const PENDING_WRITE_BYTES_PER_FILL: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug)]
 enum BufferState {
@@ -650,7 +651,9 @@ async fn stream_into_slices(
         return;
     };
     let stop_at = (last_owned * slice_len + slice_len).min(entry.meta.length);
-    let write_slots = Arc::new(Semaphore::new(PENDING_WRITES_PER_FILL));
+    let write_slots = Arc::new(Semaphore::new(
+        (PENDING_WRITE_BYTES_PER_FILL / slice_len).max(2) as usize,
+    ));
     let mut offset = body_start;
     let idle_timeout = node.idle_read_timeout;
     let failure = loop {

@@ -30,6 +30,11 @@ fn main() -> anyhow::Result<()> {
         println!("configuration is valid");
         return Ok(());
     }
+    if config.raw.admin.token == "change-me" {
+        tracing::warn!(
+            "admin.token is still the shipped \"change-me\"; set CACHE_NODE__ADMIN__TOKEN"
+        );
+    }
     if config.raw.origin.is_empty() && config.raw.server.default_upstream.is_none() {
         tracing::warn!("no [[origin]] is configured: every request will be refused with 403");
     }
