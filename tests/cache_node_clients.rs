@@ -65,6 +65,42 @@ async fn curl_ranges_through_the_node_match_the_origin() {
             "curl -r {range}"
         );
     }
+    // HTTP-proxy mode: curl sends an absolute-form request line, as apt and yum do.
+    let proxied = Command::new("curl")
+        .args(["-sS", "--fail", "-x", &format!("http://{}", node.addr)])
+        .arg(format!("http://{ORIGIN_HOST}/curl.bin"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        proxied.status.success(),
+        "curl -x: {}",
+        String::from_utf8_lossy(&proxied.stderr)
+    );
+    assert_eq!(
+        sha256_hex(&proxied.stdout),
+        sha256_hex(&content),
+        "curl through the node as a proxy"
+    );
+    let refused = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-x",
+            &format!("http://{}", node.addr),
+        ])
+        .arg("http://not-allowed.example/curl.bin")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stdout),
+        "403",
+        "the node is not an open proxy"
+    );
     let whole = Command::new("curl")
         .args([
             "-sS",

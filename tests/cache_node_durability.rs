@@ -31,6 +31,7 @@ async fn a_restarted_node_serves_its_earlier_content_as_hits() {
     )
     .await;
     assert_eq!(first_half.bytes(), &partial[..500_000]);
+    node.settle().await;
     let stored_before = node.node.index.used_bytes();
     node.stop().await;
 

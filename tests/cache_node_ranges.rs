@@ -125,6 +125,7 @@ async fn every_range_form_returns_the_origin_bytes_for_awkward_sizes_cold_and_wa
         assert_eq!(full.header("content-length").unwrap(), size.to_string());
         assert_eq!(sha256_hex(full.bytes()), sha256_hex(&content), "{path}");
         // Warm: everything again, now from disk, without the origin.
+        node.settle().await;
         let requests_before = origin.request_count();
         check_range_matrix(&node, &path, &content).await;
         let again = get(&node.mcc_url(&path), &[]).await;
@@ -342,5 +343,33 @@ async fn origins_outside_the_allowlist_and_other_methods_are_refused() {
     assert_eq!(missing.status, 404);
     let stats = node.stats().await;
     assert!(stats["requests"].as_u64().unwrap() >= 5);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn reverse_proxy_mode_serves_requests_that_name_no_origin_from_the_default_upstream() {
+    let origin = MockOrigin::start().await;
+    let content = pattern_bytes(150_000, 12);
+    origin.put("/pool/main/a.deb", content.clone());
+    let storage = tempfile::tempdir().unwrap();
+    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    config.server.default_upstream = Some(origin.base_url());
+    let node = TestNode::start(config).await;
+    let url = format!("http://{}/pool/main/a.deb", node.addr);
+    let cold = get(&url, &[("range", "bytes=1000-1999")]).await;
+    assert_eq!(cold.status, 206);
+    assert_eq!(cold.bytes(), &content[1000..2000]);
+    let full = get(&url, &[]).await;
+    assert_eq!(sha256_hex(full.bytes()), sha256_hex(&content));
+    node.settle().await;
+    let warm = get(&url, &[]).await;
+    assert_eq!(warm.header("x-cache").as_deref(), Some("HIT"));
+    // An explicitly named origin that is not allowed is still refused, default upstream or not.
+    let named = get(
+        &format!("http://{}/x?cacheHostOrigin=evil.example", node.addr),
+        &[],
+    )
+    .await;
+    assert_eq!(named.status, 403);
     node.stop().await;
 }

@@ -28,10 +28,9 @@ use hyper::body::Incoming;
 use tokio::sync::{watch, Semaphore};
 
 use crate::error::OriginError;
-use crate::index::ObjectEntry;
+use crate::index::{ObjectEntry, SliceTable};
 use crate::key::CacheKey;
 use crate::node::Node;
-use crate::origin::FetchRequest;
 use crate::range::{parse_content_range, ContentRange};
 use crate::router::Route;
 use crate::store::{unix_now, ObjectMeta};
@@ -339,16 +338,8 @@ async fn fetch_range(
         Some(last) => format!("bytes={first}-{last}"),
         None => format!("bytes={first}-"),
     };
-    node.stats.origin_requests.inc();
     let response = node
-        .client
-        .fetch(FetchRequest {
-            target: &route.target,
-            path_and_query: &route.path_and_query,
-            method: Method::GET,
-            range: Some(range),
-            if_range,
-        })
+        .fetch_origin(route, Method::GET, Some(range), if_range)
         .await
         .map_err(DiscoverError::Origin)?;
     let (parts, body) = response.into_parts();
@@ -618,6 +609,18 @@ fn spawn_fill(
     });
 }
 
+/// Removes `buffer`'s claim on slice `index`, if the table still holds that very buffer (a newer
+/// fill may have claimed the slice since).
+fn release_claim(table: &mut SliceTable, index: u64, buffer: &Arc<SliceBuffer>) {
+    if table
+        .inflight
+        .get(&index)
+        .is_some_and(|current| Arc::ptr_eq(current, buffer))
+    {
+        table.inflight.remove(&index);
+    }
+}
+
 /// Fails every given slice that is still filling and releases its claim, so a later request
 /// fetches it again.
 fn fail_slices(
@@ -628,13 +631,7 @@ fn fail_slices(
     let mut table = entry.table();
     for (index, buffer) in slices {
         buffer.fail(error.clone());
-        if table
-            .inflight
-            .get(&index)
-            .is_some_and(|current| Arc::ptr_eq(current, &buffer))
-        {
-            table.inflight.remove(&index);
-        }
+        release_claim(&mut table, index, &buffer);
     }
 }
 
@@ -745,14 +742,7 @@ async fn persist_slice(
             } else {
                 tracing::warn!(key = entry.key.as_str(), %error, "slice could not be stored");
             }
-            let mut table = entry.table();
-            if table
-                .inflight
-                .get(&index)
-                .is_some_and(|current| Arc::ptr_eq(current, buffer))
-            {
-                table.inflight.remove(&index);
-            }
+            release_claim(&mut entry.table(), index, buffer);
         }
     }
 }

@@ -231,6 +231,16 @@ impl Index {
         self.max_bytes
     }
 
+    /// How many slices are being filled right now, across all objects. Entries are collected
+    /// before their tables are locked, so no table lock is taken inside a moka call.
+    pub fn inflight_slice_count(&self) -> usize {
+        let entries: Vec<Arc<ObjectEntry>> = self.cache.iter().map(|(_, entry)| entry).collect();
+        entries
+            .iter()
+            .map(|entry| entry.table().inflight.len())
+            .sum()
+    }
+
     /// How many objects are indexed.
     pub fn object_count(&self) -> u64 {
         self.cache.run_pending_tasks();

@@ -3,12 +3,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Method, Response};
+use hyper::body::Incoming;
+
 use crate::config::ValidConfig;
 use crate::disk::{self, SharedStorage};
-use crate::error::DiskError;
+use crate::error::{DiskError, OriginError};
 use crate::fill::Discoveries;
 use crate::index::{Index, ObjectEntry};
-use crate::origin::{Allowlist, UpstreamClient};
+use crate::origin::{Allowlist, FetchRequest, UpstreamClient};
+use crate::router::Route;
 use crate::stats::Stats;
 use crate::store::Layout;
 
@@ -95,6 +99,26 @@ impl Node {
             max_ranges: config.raw.server.max_ranges,
             admin_token: config.raw.admin.token.clone(),
         }))
+    }
+
+    /// Sends one request for the route's content upstream (counted in `origin_requests`).
+    pub async fn fetch_origin(
+        &self,
+        route: &Route,
+        method: Method,
+        range: Option<String>,
+        if_range: Option<String>,
+    ) -> Result<Response<Incoming>, OriginError> {
+        self.stats.origin_requests.inc();
+        self.client
+            .fetch(FetchRequest {
+                target: &route.target,
+                path_and_query: &route.path_and_query,
+                method,
+                range,
+                if_range,
+            })
+            .await
     }
 
     /// Refreshes the gauges and returns the `/stats` document.

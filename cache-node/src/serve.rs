@@ -24,7 +24,6 @@ use crate::error::{OriginError, ServeError};
 use crate::fill::{self, BufferRead, DiscoverError, SliceBuffer, SliceSpan};
 use crate::index::ObjectEntry;
 use crate::node::Node;
-use crate::origin::FetchRequest;
 use crate::range::{self, ByteRange, ByteRangeSpec, MultipartPlan, RangeOutcome};
 use crate::router::{self, Route};
 use crate::stats::ByteSource;
@@ -632,17 +631,7 @@ async fn send_slice(
 /// Serves a request the node cannot slice (the origin sent no length) by relaying the origin's
 /// answer without storing it.
 async fn pass_through(node: &Arc<Node>, route: &Route, method: &Method) -> Response<ResponseBody> {
-    node.stats.origin_requests.inc();
-    let fetched = node
-        .client
-        .fetch(FetchRequest {
-            target: &route.target,
-            path_and_query: &route.path_and_query,
-            method: method.clone(),
-            range: None,
-            if_range: None,
-        })
-        .await;
+    let fetched = node.fetch_origin(route, method.clone(), None, None).await;
     match fetched {
         Err(error) => origin_failure_response(node, &error),
         Ok(upstream) => {

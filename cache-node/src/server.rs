@@ -87,13 +87,27 @@ pub async fn run_node(
     tracing::info!("shutting down: no new connections, waiting for open ones");
     drop(client_listener);
     drop(admin_listener);
-    if tokio::time::timeout(shutdown_grace, graceful.shutdown())
+    let deadline = tokio::time::Instant::now() + shutdown_grace;
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!(
             ?shutdown_grace,
             "connections still open after the grace period; closing them"
+        );
+    }
+    // Fills keep running without clients; give them the rest of the grace period so the slices
+    // they are writing land on disk rather than being fetched again after the restart.
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    while node.index.inflight_slice_count() > 0 && tokio::time::Instant::now() < deadline {
+        ticker.tick().await;
+    }
+    let unfinished = node.index.inflight_slice_count();
+    if unfinished > 0 {
+        tracing::warn!(
+            unfinished,
+            "exiting with fills in flight; their slices will be fetched again"
         );
     }
 }

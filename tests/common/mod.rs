@@ -104,6 +104,19 @@ impl TestNode {
         }
     }
 
+    /// Waits (bounded) until no fill is in flight, so every slice fetched so far is on disk and
+    /// the next read of it is a hit.
+    pub async fn settle(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while self.node.index.inflight_slice_count() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fills never settled"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// The `/stats` document.
     pub async fn stats(&self) -> serde_json::Value {
         admin_stats(self.admin_addr).await
