@@ -448,3 +448,49 @@ fn disk_usage(root: &std::path::Path) -> u64 {
     }
     total
 }
+
+#[tokio::test]
+async fn origin_timeouts_give_a_clean_gateway_error_or_an_aborted_body() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    config.upstream.first_byte_timeout = Duration::from_millis(300);
+    config.upstream.idle_read_timeout = Duration::from_millis(300);
+    let node = TestNode::start(config).await;
+
+    // No response headers within the first-byte timeout: nothing was sent yet, so a clean 504.
+    origin.put_with(
+        "/silent.bin",
+        pattern_bytes(1000, 1),
+        Behaviour {
+            header_delay: Some(Duration::from_secs(3)),
+            ..Behaviour::default()
+        },
+    );
+    let silent = get(&node.mcc_url("/silent.bin"), &[]).await;
+    assert_eq!(silent.status, 504);
+
+    // The body stalls longer than the idle timeout after the first chunk: the response had
+    // started, so it is aborted; and the stalled slice is not stored.
+    let content = pattern_bytes(300_000, 2);
+    origin.put_with(
+        "/stall.bin",
+        content.clone(),
+        Behaviour {
+            chunk_size: Some(100_000),
+            chunk_delay: Some(Duration::from_secs(3)),
+            ..Behaviour::default()
+        },
+    );
+    let stalled = get(&node.mcc_url("/stall.bin"), &[]).await;
+    assert_eq!(stalled.status, 200);
+    assert!(stalled.body.is_err(), "a stalled fill aborts its client");
+    node.settle().await;
+    assert_eq!(
+        node.node.index.used_bytes(),
+        TEST_SLICE,
+        "only the complete first slice is kept"
+    );
+    assert!(node.stats().await["origin_errors"].as_u64().unwrap() >= 2);
+    node.stop().await;
+}

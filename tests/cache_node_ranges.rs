@@ -373,3 +373,77 @@ async fn reverse_proxy_mode_serves_requests_that_name_no_origin_from_the_default
     assert_eq!(named.status, 403);
     node.stop().await;
 }
+
+#[tokio::test]
+async fn the_admin_listener_reports_and_purges_with_the_token() {
+    let origin = MockOrigin::start().await;
+    let content = pattern_bytes(200_000, 13);
+    origin.put("/admin.bin", content.clone());
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    let admin = format!("http://{}", node.admin_addr);
+    assert_eq!(get(&format!("{admin}/health"), &[]).await.bytes(), b"ok\n");
+
+    get(&node.mcc_url("/admin.bin"), &[]).await;
+    node.settle().await;
+    get(&node.mcc_url("/admin.bin"), &[("range", "bytes=0-99")]).await;
+    let stats = node.stats().await;
+    for field in [
+        "hit_bytes",
+        "miss_bytes",
+        "egress_bytes",
+        "origin_bytes",
+        "hit_ratio_bytes",
+        "requests",
+        "cache_used_bytes",
+        "cache_max_bytes",
+        "objects",
+        "disk_backend",
+    ] {
+        assert!(stats.get(field).is_some(), "/stats has {field}: {stats}");
+    }
+    assert_eq!(stats["miss_bytes"].as_u64().unwrap(), 200_000);
+    assert_eq!(stats["hit_bytes"].as_u64().unwrap(), 100);
+    assert_eq!(stats["origin_bytes"].as_u64().unwrap(), 200_000);
+    assert_eq!(stats["cache_used_bytes"].as_u64().unwrap(), 200_000);
+    assert_eq!(stats["objects"].as_u64().unwrap(), 1);
+    assert_eq!(stats["disk_backend"], "portable");
+
+    let metrics = get(&format!("{admin}/metrics"), &[]).await;
+    let text = String::from_utf8_lossy(metrics.bytes()).into_owned();
+    assert!(text.contains("outpost_hit_bytes_total 100"), "{text}");
+    assert!(text.contains("outpost_origin_bytes_total 200000"), "{text}");
+    assert!(text.contains("outpost_cache_used_bytes 200000"), "{text}");
+
+    let purge_url = format!("{admin}/objects?origin={ORIGIN_HOST}&path=%2Fadmin.bin");
+    let refused = request(reqwest::Method::DELETE, &purge_url, &[]).await;
+    assert_eq!(refused.status, 401, "state changes need the token");
+    let wrong = request(
+        reqwest::Method::DELETE,
+        &purge_url,
+        &[("authorization", "Bearer nope")],
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    let purged = request(
+        reqwest::Method::DELETE,
+        &purge_url,
+        &[("authorization", "Bearer test-token")],
+    )
+    .await;
+    assert_eq!(purged.status, 200);
+    let again = get(&node.mcc_url("/admin.bin"), &[]).await;
+    assert_eq!(
+        again.header("x-cache").as_deref(),
+        Some("MISS"),
+        "a purged object is fetched again"
+    );
+    assert_eq!(sha256_hex(again.bytes()), sha256_hex(&content));
+    node.stop().await;
+}
