@@ -156,3 +156,40 @@ async fn a_node_killed_mid_fill_restarts_without_serving_anything_corrupt() {
     }
     restarted.kill_9();
 }
+
+#[tokio::test]
+async fn when_io_uring_is_unavailable_the_node_falls_back_and_says_so() {
+    let origin = MockOrigin::start().await;
+    let content = pattern_bytes(300_000, 51);
+    origin.put("/fallback.bin", content.clone());
+    let storage = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cache-node"));
+    let simulate = [(cache_node::disk::uring::SIMULATE_FAILURE_ENV, "1")];
+
+    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    config.storage.io_backend = "auto".into();
+    let mut node = NodeProcess::spawn_with_env(binary, work.path(), config.clone(), &simulate);
+    node.wait_healthy().await;
+    let stats = admin_stats(node.admin_addr).await;
+    assert_eq!(
+        stats["disk_backend"], "portable",
+        "auto falls back when the probe fails"
+    );
+    let fetched = get(&mcc_url(node.addr, "/fallback.bin"), &[]).await;
+    assert_eq!(sha256_hex(fetched.bytes()), sha256_hex(&content));
+    node.kill_9();
+
+    // Asking for io_uring explicitly when it is unavailable stops the node with a clear message.
+    config.storage.io_backend = "io_uring".into();
+    std::fs::write(work.path().join("strict.toml"), config_to_toml(&config)).unwrap();
+    let strict = std::process::Command::new(binary)
+        .arg("--config")
+        .arg(work.path().join("strict.toml"))
+        .env(cache_node::disk::uring::SIMULATE_FAILURE_ENV, "1")
+        .output()
+        .unwrap();
+    assert!(!strict.status.success());
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert!(stderr.contains("io_uring is unavailable"), "{stderr}");
+}

@@ -413,13 +413,19 @@ async fn the_admin_listener_reports_and_purges_with_the_token() {
     assert_eq!(stats["origin_bytes"].as_u64().unwrap(), 200_000);
     assert_eq!(stats["cache_used_bytes"].as_u64().unwrap(), 200_000);
     assert_eq!(stats["objects"].as_u64().unwrap(), 1);
-    assert_eq!(stats["disk_backend"], "portable");
+    let reported = stats["disk_backend"].as_str().unwrap().to_owned();
+    assert_eq!(reported, expected_disk_backend(&reported));
 
     let metrics = get(&format!("{admin}/metrics"), &[]).await;
     let text = String::from_utf8_lossy(metrics.bytes()).into_owned();
     assert!(text.contains("outpost_hit_bytes_total 100"), "{text}");
     assert!(text.contains("outpost_origin_bytes_total 200000"), "{text}");
     assert!(text.contains("outpost_cache_used_bytes 200000"), "{text}");
+    let backend_line = format!(
+        "outpost_disk_backend_info{{backend=\"{}\"}} 1",
+        expected_disk_backend(&reported)
+    );
+    assert!(text.contains(&backend_line), "{text}");
 
     let purge_url = format!("{admin}/objects?origin={ORIGIN_HOST}&path=%2Fadmin.bin");
     let refused = request(reqwest::Method::DELETE, &purge_url, &[]).await;

@@ -92,6 +92,9 @@ pub struct StorageConfig {
     /// Flush every slice to stable storage before it is published. Turn off only on disks whose
     /// loss you can tolerate: a kill -9 is survived either way, a power cut only with fsync.
     pub fsync: bool,
+    /// Disk I/O backend: `auto` (io_uring when the start-up probe succeeds, else portable),
+    /// `io_uring` (refuse to start without it) or `portable` (blocking calls on a thread pool).
+    pub io_backend: String,
 }
 
 /// `[upstream]`: how the node fetches from origins.
@@ -167,6 +170,7 @@ impl Default for StorageConfig {
             max_size: "10GiB".to_owned(),
             slice_size: "1MiB".to_owned(),
             fsync: true,
+            io_backend: "auto".to_owned(),
         }
     }
 }
@@ -206,6 +210,8 @@ pub struct ValidConfig {
     pub max_size_bytes: u64,
     /// `storage.slice_size` in bytes.
     pub slice_len: u64,
+    /// `storage.io_backend`, parsed.
+    pub io_backend: crate::disk::BackendChoice,
 }
 
 impl Config {
@@ -272,6 +278,19 @@ impl Config {
                 "is empty; use e.g. \"/var/cache/outpost\"",
             ));
         }
+        let io_backend = match self.storage.io_backend.as_str() {
+            "auto" => crate::disk::BackendChoice::Auto,
+            "io_uring" => crate::disk::BackendChoice::IoUring,
+            "portable" => crate::disk::BackendChoice::Portable,
+            other => {
+                return Err(invalid(
+                    "storage.io_backend",
+                    format!(
+                        "\"{other}\" is not a backend; use \"auto\", \"io_uring\" or \"portable\""
+                    ),
+                ))
+            }
+        };
         if self.server.max_ranges == 0 {
             return Err(invalid("server.max_ranges", "must be at least 1, e.g. 32"));
         }
@@ -316,6 +335,7 @@ impl Config {
             admin_listen,
             max_size_bytes,
             slice_len,
+            io_backend,
         })
     }
 }
@@ -444,6 +464,10 @@ mod tests {
                 "admin.listen:",
             ),
             (Box::new(|c| c.log.format = "xml".into()), "log.format:"),
+            (
+                Box::new(|c| c.storage.io_backend = "aio".into()),
+                "storage.io_backend:",
+            ),
             (
                 Box::new(|c| c.server.default_upstream = Some("ftp://x".into())),
                 "server.default_upstream:",

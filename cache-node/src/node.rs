@@ -60,8 +60,11 @@ impl Node {
     /// Opens the store (recovering what a previous run left), builds the index and the origin
     /// client. Must run inside a tokio runtime.
     pub fn open(config: &ValidConfig) -> Result<Arc<Node>, DiskError> {
-        let storage = disk::open_backend();
         let layout = Layout::create(&config.raw.storage.path)?;
+        let (storage, backend_reason) =
+            disk::open_backend(config.io_backend, &config.raw.storage.path)?;
+        tracing::info!("disk backend: {backend_reason}");
+        let backend_name = storage.backend_name();
         let index = Index::new(config.max_size_bytes, layout.clone(), storage.clone());
         let recovered = layout.recover()?;
         let mut recovered_bytes = 0;
@@ -91,7 +94,7 @@ impl Node {
             discoveries: Discoveries::default(),
             storage,
             layout,
-            stats: Stats::new(),
+            stats: Stats::new(backend_name),
             slice_len: config.slice_len,
             fsync: config.raw.storage.fsync,
             idle_read_timeout: config.raw.upstream.idle_read_timeout,

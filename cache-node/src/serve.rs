@@ -588,8 +588,12 @@ async fn send_slice(
                 let path = node
                     .layout
                     .slice_path(&entry.key, entry.meta.generation, index);
-                let buffer = vec![0; (window_end - window_start) as usize];
-                let bytes = match node.storage.read_at(path, window_start, buffer).await {
+                let length = (window_end - window_start) as usize;
+                let bytes = match node
+                    .storage
+                    .read_at(path, window_start, length, Vec::new())
+                    .await
+                {
                     Ok(bytes) => Bytes::from(bytes),
                     Err(_) if entry.is_removed() => {
                         return Err(SendError::Serve(ServeError::Vanished))

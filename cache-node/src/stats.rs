@@ -104,15 +104,10 @@ pub struct StatsSnapshot {
     pub disk_backend: String,
 }
 
-impl Default for Stats {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Stats {
-    /// Creates the counters and registers them under the `outpost_` prefix.
-    pub fn new() -> Stats {
+    /// Creates the counters and registers them under the `outpost_` prefix, with an info metric
+    /// naming the disk backend.
+    pub fn new(disk_backend: &str) -> Stats {
         let mut registry = Registry::with_prefix("outpost");
         let stats_without_registry = Stats {
             registry: Registry::default(),
@@ -240,6 +235,14 @@ impl Stats {
             stats.cache_max_bytes.clone(),
         );
         registry.register("objects", "Objects in the index", stats.objects.clone());
+        registry.register(
+            "disk_backend",
+            "The disk I/O backend in use",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "backend".to_owned(),
+                disk_backend.to_owned(),
+            )]),
+        );
         Stats {
             registry,
             ..stats_without_registry
@@ -313,7 +316,7 @@ mod tests {
 
     #[test]
     fn both_views_report_the_same_counts() {
-        let stats = Stats::new();
+        let stats = Stats::new("portable");
         stats.count_egress(ByteSource::Disk, 300);
         stats.count_egress(ByteSource::Fill, 100);
         stats.count_egress(ByteSource::Other, 7);
@@ -327,6 +330,10 @@ mod tests {
         assert!(text.contains("outpost_hit_bytes_total 300"), "{text}");
         assert!(text.contains("outpost_egress_bytes_total 407"), "{text}");
         assert!(text.contains("outpost_cache_used_bytes 10"), "{text}");
+        assert!(
+            text.contains("outpost_disk_backend_info{backend=\"portable\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("# EOF"), "{text}");
     }
 }

@@ -36,6 +36,8 @@ pub fn test_config(
     config.storage.max_size = max_size.into();
     config.storage.slice_size = format!("{}KiB", slice_len / 1024);
     config.storage.fsync = false;
+    // CI runs the whole suite once per backend: OUTPOST_TEST_IO_BACKEND=portable for the second.
+    config.storage.io_backend = test_io_backend();
     config.upstream.idle_read_timeout = Duration::from_secs(5);
     config.upstream.first_byte_timeout = Duration::from_secs(5);
     config.server.shutdown_grace = Duration::from_secs(2);
@@ -50,6 +52,26 @@ pub fn test_config(
         },
     ];
     config
+}
+
+/// The `storage.io_backend` the scenarios run with (`auto` unless the environment says).
+pub fn test_io_backend() -> String {
+    std::env::var("OUTPOST_TEST_IO_BACKEND").unwrap_or_else(|_| "auto".to_owned())
+}
+
+/// The `disk_backend` a node started with [`test_config`] should report: `portable` when asked
+/// for, `io_uring` where the machine must have it (`OUTPOST_REQUIRE_IO_URING=1`, as in CI), and
+/// otherwise whatever the probe found on this machine.
+pub fn expected_disk_backend(reported: &str) -> &'static str {
+    if test_io_backend() == "portable" {
+        "portable"
+    } else if std::env::var("OUTPOST_REQUIRE_IO_URING").as_deref() == Ok("1")
+        || reported == "io_uring"
+    {
+        "io_uring"
+    } else {
+        "portable"
+    }
 }
 
 /// A node running inside the test process.
@@ -212,7 +234,17 @@ pub fn free_port() -> u16 {
 
 impl NodeProcess {
     /// Starts the real `cache-node` binary with `config` written to a file in `work_dir`.
-    pub fn spawn(binary: &Path, work_dir: &Path, mut config: Config) -> NodeProcess {
+    pub fn spawn(binary: &Path, work_dir: &Path, config: Config) -> NodeProcess {
+        Self::spawn_with_env(binary, work_dir, config, &[])
+    }
+
+    /// Like [`NodeProcess::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        binary: &Path,
+        work_dir: &Path,
+        mut config: Config,
+        env: &[(&str, &str)],
+    ) -> NodeProcess {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         config.server.listen = addr.to_string();
@@ -223,6 +255,7 @@ impl NodeProcess {
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -266,7 +299,7 @@ impl NodeProcess {
 /// tests set.
 pub fn config_to_toml(config: &Config) -> String {
     let mut text = format!(
-        "[server]\nlisten = \"{}\"\nshutdown_grace = \"2s\"\n\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[storage]\npath = \"{}\"\nmax_size = \"{}\"\nslice_size = \"{}\"\nfsync = {}\n\n[upstream]\nidle_read_timeout = \"5s\"\nfirst_byte_timeout = \"5s\"\n",
+        "[server]\nlisten = \"{}\"\nshutdown_grace = \"2s\"\n\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[storage]\npath = \"{}\"\nmax_size = \"{}\"\nslice_size = \"{}\"\nfsync = {}\nio_backend = \"{}\"\n\n[upstream]\nidle_read_timeout = \"5s\"\nfirst_byte_timeout = \"5s\"\n",
         config.server.listen,
         config.admin.listen,
         config.admin.token,
@@ -274,6 +307,7 @@ pub fn config_to_toml(config: &Config) -> String {
         config.storage.max_size,
         config.storage.slice_size,
         config.storage.fsync,
+        config.storage.io_backend,
     );
     for origin in &config.origin {
         text.push_str(&format!("\n[[origin]]\nhost = \"{}\"\n", origin.host));

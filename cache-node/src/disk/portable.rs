@@ -41,8 +41,16 @@ impl Storage for PortableStorage {
         "portable"
     }
 
-    fn read_at(&self, path: PathBuf, offset: u64, mut buffer: Vec<u8>) -> DiskFuture<Vec<u8>> {
+    fn read_at(
+        &self,
+        path: PathBuf,
+        offset: u64,
+        length: usize,
+        mut buffer: Vec<u8>,
+    ) -> DiskFuture<Vec<u8>> {
         blocking(move || {
+            buffer.clear();
+            buffer.resize(length, 0);
             let file = File::open(&path).map_err(|error| DiskError::io("open", &path, error))?;
             file.read_exact_at(&mut buffer, offset).map_err(|error| {
                 if error.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -59,10 +67,6 @@ impl Storage for PortableStorage {
         blocking(move || write_atomic_blocking(&path, &chunks, sync))
     }
 
-    fn read_file(&self, path: PathBuf) -> DiskFuture<Vec<u8>> {
-        blocking(move || fs::read(&path).map_err(|error| DiskError::io("read", &path, error)))
-    }
-
     fn remove_dir_all(&self, path: PathBuf) -> DiskFuture<()> {
         blocking(move || match fs::remove_dir_all(&path) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
@@ -77,17 +81,23 @@ impl Storage for PortableStorage {
 /// prefix are leftovers of an interrupted write and are deleted at start-up.
 pub const TEMP_PREFIX: &str = ".tmp-";
 
-fn write_atomic_blocking(path: &Path, chunks: &[Bytes], sync: bool) -> Result<(), DiskError> {
+/// The temporary path a file is written under before the rename.
+pub fn temp_path_for(path: &Path) -> PathBuf {
     let directory = path.parent().unwrap_or_else(|| Path::new("."));
-    fs::create_dir_all(directory).map_err(|error| DiskError::io("mkdir", directory, error))?;
     let file_name = path
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let temp_path = directory.join(format!(
+    directory.join(format!(
         "{TEMP_PREFIX}{file_name}-{:016x}",
         rand::random::<u64>()
-    ));
+    ))
+}
+
+fn write_atomic_blocking(path: &Path, chunks: &[Bytes], sync: bool) -> Result<(), DiskError> {
+    let directory = path.parent().unwrap_or_else(|| Path::new("."));
+    fs::create_dir_all(directory).map_err(|error| DiskError::io("mkdir", directory, error))?;
+    let temp_path = temp_path_for(path);
     let result = (|| {
         let mut file =
             File::create(&temp_path).map_err(|error| DiskError::io("create", &temp_path, error))?;
@@ -107,46 +117,4 @@ fn write_atomic_blocking(path: &Path, chunks: &[Bytes], sync: bool) -> Result<()
         let _ = fs::remove_file(&temp_path);
     }
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn writes_are_atomic_and_reads_are_positional() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = PortableStorage::new();
-        let path = dir.path().join("a/b/slice");
-        storage
-            .write_file_atomic(
-                path.clone(),
-                vec![Bytes::from_static(b"hello "), Bytes::from_static(b"world")],
-                true,
-            )
-            .await
-            .unwrap();
-        let middle = storage.read_at(path.clone(), 3, vec![0; 5]).await.unwrap();
-        assert_eq!(middle, b"lo wo");
-        let names: Vec<_> = fs::read_dir(dir.path().join("a/b"))
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec!["slice"], "no temporary file is left behind");
-        let too_long = storage.read_at(path.clone(), 8, vec![0; 10]).await;
-        assert!(matches!(too_long, Err(DiskError::ShortRead { .. })));
-        let missing = storage
-            .read_at(dir.path().join("nope"), 0, vec![0; 1])
-            .await;
-        assert!(matches!(
-            missing,
-            Err(DiskError::Io {
-                operation: "open",
-                ..
-            })
-        ));
-        storage.remove_dir_all(dir.path().join("a")).await.unwrap();
-        storage.remove_dir_all(dir.path().join("a")).await.unwrap();
-        assert!(!dir.path().join("a").exists());
-    }
 }
