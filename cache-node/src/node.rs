@@ -30,6 +30,8 @@ pub struct Node {
     pub storage: SharedStorage,
     /// On-disk paths.
     pub layout: Layout,
+    /// Reusable buffers for reads of stored slices.
+    pub read_buffers: crate::disk::pool::BufferPool,
     /// Counters.
     pub stats: Stats,
     /// `storage.slice_size` in bytes.
@@ -94,6 +96,7 @@ impl Node {
             discoveries: Discoveries::default(),
             storage,
             layout,
+            read_buffers: crate::disk::pool::BufferPool::new(),
             stats: Stats::new(backend_name),
             slice_len: config.slice_len,
             fsync: config.raw.storage.fsync,

@@ -589,12 +589,13 @@ async fn send_slice(
                     .layout
                     .slice_path(&entry.key, entry.meta.generation, index);
                 let length = (window_end - window_start) as usize;
+                let buffer = node.read_buffers.take();
                 let bytes = match node
                     .storage
-                    .read_at(path, window_start, length, Vec::new())
+                    .read_at(path, window_start, length, buffer)
                     .await
                 {
-                    Ok(bytes) => Bytes::from(bytes),
+                    Ok(buffer) => node.read_buffers.into_bytes(buffer),
                     Err(_) if entry.is_removed() => {
                         return Err(SendError::Serve(ServeError::Vanished))
                     }

@@ -12,6 +12,7 @@
 //!   everywhere, and is the fallback when io_uring is unavailable (old kernels, Docker's default
 //!   seccomp profile).
 
+pub mod pool;
 pub mod portable;
 pub mod uring;
 
