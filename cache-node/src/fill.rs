@@ -275,6 +275,7 @@ pub async fn lookup_or_discover(
                 pending.insert(key.clone(), receiver.clone());
                 let node = node.clone();
                 let route = route.clone();
+                let key = key.clone();
                 tokio::spawn(async move {
                     let outcome = discover(&node, &route, &key, span).await;
                     // The entry is in the index before the pending marker goes, so a new request
@@ -291,13 +292,31 @@ pub async fn lookup_or_discover(
             }
         }
     };
-    let outcome = match receiver.wait_for(Option::is_some).await {
-        Ok(outcome) => outcome.clone().expect("waited for Some"),
-        Err(_) => Err(DiscoverError::Origin(OriginError::Body(
-            "discovery was abandoned".into(),
-        ))),
-    };
-    outcome
+    let waited = receiver
+        .wait_for(Option::is_some)
+        .await
+        .map(|outcome| outcome.clone().expect("waited for Some"));
+    match waited {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            // The discovery task died without answering (a panic). Drop its marker so the next
+            // request starts a fresh discovery instead of waiting on a dead channel.
+            let mut pending = node
+                .discoveries
+                .pending
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if pending
+                .get(&key)
+                .is_some_and(|current| current.same_channel(&receiver))
+            {
+                pending.remove(&key);
+            }
+            Err(DiscoverError::Origin(OriginError::Body(
+                "discovery was abandoned".into(),
+            )))
+        }
+    }
 }
 
 /// A validated origin response carrying object bytes.

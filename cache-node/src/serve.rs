@@ -287,7 +287,12 @@ fn origin_failure_response(node: &Node, error: &OriginError) -> Response<Respons
         }
         _ => StatusCode::BAD_GATEWAY,
     };
-    tracing::warn!(%error, status = status.as_u16(), "origin failure");
+    tracing::warn!(
+        %error,
+        status = status.as_u16(),
+        retryable = error.is_retryable(),
+        "origin failure"
+    );
     text_response(status, error.to_string())
 }
 
@@ -557,7 +562,7 @@ async fn produce_body(
                 Ok(()) => {}
                 Err(SendError::ClientGone) => return,
                 Err(SendError::Serve(error)) => {
-                    tracing::warn!(%error, slice = index, "response aborted");
+                    tracing::warn!(%error, source = ?error.source_kind(), slice = index, "response aborted");
                     let _ = sender.send(Err(error)).await;
                     return;
                 }
