@@ -32,15 +32,7 @@ async fn curl_ranges_through_the_node_match_the_origin() {
     if !tool_available("curl") {
         return;
     }
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let (origin, _storage, node) = origin_and_node().await;
     let content = pattern_bytes(3_000_000, 31);
     origin.put("/curl.bin", content.clone());
     let url = node.mcc_url("/curl.bin");

@@ -71,15 +71,7 @@ async fn concurrent_clients(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_concurrent_clients_cost_one_origin_fetch_and_all_stream_while_it_fills() {
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let (origin, _storage, node) = origin_and_node().await;
     let content = pattern_bytes(8 * 1024 * 1024 + 13, 11);
     origin.put_with("/cold.bin", content.clone(), slow(2));
     concurrent_clients(node.mcc_url("/cold.bin"), content.clone(), vec![None; 32]).await;
@@ -131,15 +123,7 @@ async fn content_with_mixed_clients(node: &TestNode, origin: &MockOrigin) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gets_bytes_before_the_fill_ends_and_the_fill_outlives_it() {
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let (origin, _storage, node) = origin_and_node().await;
     let content = pattern_bytes(4 * 1024 * 1024, 5);
     origin.put_with("/slow.bin", content.clone(), slow(5));
 
@@ -171,15 +155,7 @@ async fn a_client_gets_bytes_before_the_fill_ends_and_the_fill_outlives_it() {
 
 #[tokio::test]
 async fn an_origin_that_drops_mid_body_aborts_the_response_and_nothing_partial_is_kept() {
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let (origin, _storage, node) = origin_and_node().await;
     let content = pattern_bytes(300_000, 9);
     origin.put_with(
         "/drop.bin",
@@ -221,15 +197,7 @@ async fn an_origin_that_drops_mid_body_aborts_the_response_and_nothing_partial_i
 
 #[tokio::test]
 async fn an_origin_that_lies_about_the_length_never_gets_a_response_served_as_complete() {
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let (origin, _storage, node) = origin_and_node().await;
     let content = pattern_bytes(200_000, 4);
     origin.put_with(
         "/liar.bin",
@@ -260,15 +228,7 @@ async fn an_origin_that_lies_about_the_length_never_gets_a_response_served_as_co
 
 #[tokio::test]
 async fn an_etag_change_between_fills_never_stitches_two_versions() {
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let (origin, _storage, node) = origin_and_node().await;
     let version_one = pattern_bytes(300_000, 1);
     let version_two = pattern_bytes(300_000, 2);
     origin.put("/changing.bin", version_one.clone());
@@ -328,15 +288,7 @@ fn cache_key(path: &str) -> cache_node::key::CacheKey {
 
 #[tokio::test]
 async fn an_origin_that_ignores_range_is_stored_whole_and_one_without_length_is_passed_through() {
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let (origin, _storage, node) = origin_and_node().await;
     let content = pattern_bytes(500_000, 8);
     origin.put_with(
         "/norange.bin",

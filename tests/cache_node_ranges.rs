@@ -96,15 +96,7 @@ async fn check_range_matrix(node: &TestNode, path: &str, content: &Bytes) {
 
 #[tokio::test]
 async fn every_range_form_returns_the_origin_bytes_for_awkward_sizes_cold_and_warm() {
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let (origin, _storage, node) = origin_and_node().await;
     let sizes = [
         0,
         1,
@@ -146,15 +138,7 @@ async fn every_range_form_returns_the_origin_bytes_for_awkward_sizes_cold_and_wa
 
 #[tokio::test]
 async fn multiple_ranges_come_back_as_multipart_byteranges() {
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let (origin, _storage, node) = origin_and_node().await;
     let content = pattern_bytes(300_000, 7);
     origin.put("/multi.bin", content.clone());
     let fetched = get(
@@ -214,15 +198,7 @@ async fn multiple_ranges_come_back_as_multipart_byteranges() {
 
 #[tokio::test]
 async fn malformed_ranges_are_ignored_and_conditionals_are_honoured() {
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let (origin, _storage, node) = origin_and_node().await;
     let content = pattern_bytes(100_000, 3);
     origin.put("/cond.bin", content.clone());
     let url = node.mcc_url("/cond.bin");

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use cache_node::config::{Config, OriginConfig, ValidConfig};
 use cache_node::node::Node;
+use outpost_testkit::MockOrigin;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -72,6 +73,21 @@ pub fn expected_disk_backend(reported: &str) -> &'static str {
     } else {
         "portable"
     }
+}
+
+/// The usual scene: a mock origin and a node in front of it with the test slice size and room
+/// for 1 GiB. The storage directory lives as long as the returned guard.
+pub async fn origin_and_node() -> (MockOrigin, tempfile::TempDir, TestNode) {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(test_config(
+        storage.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    (origin, storage, node)
 }
 
 /// A node running inside the test process.
