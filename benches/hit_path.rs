@@ -1,0 +1,334 @@
+//! Benchmark: the hit path under concurrent load, cache-node against nginx configured as lancache
+//! configures it, both warmed, both measured with the same wrk settings in one run.
+//!
+//! - (a) random 1 MiB-aligned 1 MiB ranges of a 1 GiB object, 32 connections, in GB/s;
+//! - (b) whole-object hits of a 4 KiB object, 64 connections, in requests/s;
+//! - (c) (a) again with `storage.io_backend = "portable"`.
+//!
+//! Run with `cargo bench -p cache-node --bench hit_path` (needs `apt-get install wrk nginx`).
+//! `OUTPOST_BENCH_SECONDS` sets each wrk run's duration (default 10; 1 under `cargo test`).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{mcc_url, test_config, NodeProcess};
+use outpost_testkit::{pattern_bytes, MockOrigin};
+
+const BIG_PATH: &str = "/filestreamingservice/files/bench/big.bin";
+const SMALL_PATH: &str = "/filestreamingservice/files/bench/small.bin";
+
+fn tool(name: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|status| status.success())
+        .unwrap_or(false)
+}
+
+/// A wrk Lua script asking for random 1 MiB-aligned 1 MiB ranges of an object of `mib` MiB.
+fn random_range_script(directory: &Path, mib: u64) -> std::path::PathBuf {
+    let path = directory.join("random_range.lua");
+    std::fs::write(
+        &path,
+        format!(
+            r#"math.randomseed(42)
+request = function()
+  local slice = math.random(0, {last})
+  local first = slice * 1048576
+  wrk.headers["Range"] = "bytes=" .. first .. "-" .. (first + 1048575)
+  return wrk.format("GET")
+end
+"#,
+            last = mib - 1
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// What one wrk run reported.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    requests_per_second: f64,
+    bytes_per_second: f64,
+    errors: u64,
+}
+
+fn parse_size_per_second(text: &str) -> f64 {
+    let trimmed = text.trim();
+    let (number, unit) = trimmed.split_at(
+        trimmed
+            .find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(trimmed.len()),
+    );
+    let value: f64 = number.parse().unwrap_or(0.0);
+    value
+        * match unit {
+            "KB" => 1024.0,
+            "MB" => 1024.0 * 1024.0,
+            "GB" => 1024.0 * 1024.0 * 1024.0,
+            _ => 1.0,
+        }
+}
+
+fn run_wrk(url: &str, connections: u32, seconds: u64, script: Option<&Path>) -> Load {
+    let mut command = Command::new("wrk");
+    command
+        .arg("-t2")
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{seconds}s"))
+        .arg("--latency");
+    if let Some(script) = script {
+        command.arg("-s").arg(script);
+    }
+    let output = command.arg(url).output().expect("wrk runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut load = Load {
+        requests_per_second: 0.0,
+        bytes_per_second: 0.0,
+        errors: 0,
+    };
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("Requests/sec:") {
+            load.requests_per_second = rest.trim().parse().unwrap_or(0.0);
+        } else if let Some(rest) = line.strip_prefix("Transfer/sec:") {
+            load.bytes_per_second = parse_size_per_second(rest);
+        } else if line.starts_with("Non-2xx or 3xx responses:")
+            || line.starts_with("Socket errors:")
+        {
+            load.errors += line
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|number| number.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    assert!(
+        load.requests_per_second > 0.0,
+        "wrk produced no result for {url}:\n{text}"
+    );
+    load
+}
+
+fn start_nginx(prefix: &Path, port: u16, origin_port: u16) -> Child {
+    for directory in ["cache", "tmp", "logs"] {
+        std::fs::create_dir_all(prefix.join(directory)).unwrap();
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    let config = format!(
+        r#"{user}
+worker_processes auto;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    aio threads;
+    client_body_temp_path {prefix}/tmp/client;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    proxy_temp_path {prefix}/tmp/proxy;
+    proxy_cache_path {prefix}/cache levels=2:2 keys_zone=generic:100m inactive=200d max_size=20g use_temp_path=off;
+    upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        keepalive_requests 1000000;
+        location / {{
+            slice 1m;
+            proxy_cache generic;
+            proxy_cache_key $uri$slice_range;
+            proxy_set_header Range $slice_range;
+            proxy_set_header Host $host;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache_valid 200 206 3650d;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 1h;
+            proxy_ignore_headers Expires Cache-Control;
+            proxy_pass http://origin;
+        }}
+    }}
+}}
+"#,
+        user = if root { "user root;" } else { "" },
+        prefix = prefix.display()
+    );
+    let config_path = prefix.join("nginx.conf");
+    std::fs::write(&config_path, config).unwrap();
+    let mut child = Command::new("nginx")
+        .arg("-p")
+        .arg(prefix)
+        .arg("-c")
+        .arg(&config_path)
+        .spawn()
+        .expect("nginx starts");
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("nginx did not start");
+}
+
+/// Downloads the big and the small object whole once, so both caches hold every slice before
+/// the measurement (nginx's slice module stores a whole-object GET slice by slice too).
+fn warm(big_url: &str, small_url: &str) {
+    let status = Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "--noproxy",
+            "*",
+            "-o",
+            "/dev/null",
+            big_url,
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "--noproxy",
+            "*",
+            "-o",
+            "/dev/null",
+            small_url,
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn main() {
+    let under_cargo_test = !std::env::args().any(|argument| argument == "--bench");
+    for name in ["wrk", "nginx", "curl"] {
+        if !tool(name) {
+            eprintln!("{name} is not installed (apt-get install wrk nginx curl); skipping the hit-path benchmark");
+            return;
+        }
+    }
+    let seconds: u64 = std::env::var("OUTPOST_BENCH_SECONDS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(if under_cargo_test { 1 } else { 10 });
+    let big_mib: u64 = if under_cargo_test { 16 } else { 1024 };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let origin = runtime.block_on(MockOrigin::start());
+    origin.put(BIG_PATH, pattern_bytes((big_mib * 1024 * 1024) as usize, 7));
+    origin.put(SMALL_PATH, pattern_bytes(4096, 8));
+    let work = tempfile::tempdir().unwrap();
+    let script = random_range_script(work.path(), big_mib);
+    let binary = Path::new(env!("CARGO_BIN_EXE_cache-node"));
+
+    let mut node_results = Vec::new();
+    for backend in ["auto", "portable"] {
+        let storage = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let node_work = tempfile::tempdir().unwrap();
+        let mut config = test_config(storage.path(), &origin.base_url(), 1024 * 1024, "20GiB");
+        config.storage.io_backend = backend.into();
+        let mut node = NodeProcess::spawn(binary, node_work.path(), config);
+        runtime.block_on(node.wait_healthy());
+        let reported = runtime.block_on(common::admin_stats(node.admin_addr))["disk_backend"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        warm(
+            &mcc_url(node.addr, BIG_PATH),
+            &mcc_url(node.addr, SMALL_PATH),
+        );
+        let ranges = run_wrk(&mcc_url(node.addr, BIG_PATH), 32, seconds, Some(&script));
+        let small = run_wrk(&mcc_url(node.addr, SMALL_PATH), 64, seconds, None);
+        let stats = runtime.block_on(common::admin_stats(node.admin_addr));
+        node.kill_9();
+        node_results.push((
+            reported,
+            ranges,
+            small,
+            stats["origin_bytes"].as_u64().unwrap(),
+        ));
+    }
+
+    let prefix = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let port = common::free_port();
+    let mut nginx = start_nginx(prefix.path(), port, origin.addr().port());
+    let nginx_big = format!("http://127.0.0.1:{port}{BIG_PATH}");
+    let nginx_small = format!("http://127.0.0.1:{port}{SMALL_PATH}");
+    warm(&nginx_big, &nginx_small);
+    let nginx_ranges = run_wrk(&nginx_big, 32, seconds, Some(&script));
+    let nginx_small_load = run_wrk(&nginx_small, 64, seconds, None);
+    let _ = Command::new("kill").arg(nginx.id().to_string()).status();
+    let _ = nginx.wait();
+
+    let gb = |load: &Load| load.bytes_per_second / 1e9;
+    println!(
+        "\nhit path, {} cores, wrk -t2, {seconds} s per run, object {big_mib} MiB",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "{:<46} {:>12} {:>12} {:>8} {:>10}",
+        "run", "value", "nginx", "ratio", "errors"
+    );
+    let (backend, ranges, small, origin_bytes) = &node_results[0];
+    println!(
+        "{:<46} {:>9.2} GB/s {:>7.2} GB/s {:>8.2} {:>10}",
+        format!("(a) random 1 MiB ranges, 32 conns [{backend}]"),
+        gb(ranges),
+        gb(&nginx_ranges),
+        gb(ranges) / gb(&nginx_ranges),
+        ranges.errors
+    );
+    println!(
+        "{:<46} {:>8.0} req/s {:>6.0} req/s {:>8.2} {:>10}",
+        format!("(b) 4 KiB hits, 64 conns [{backend}]"),
+        small.requests_per_second,
+        nginx_small_load.requests_per_second,
+        small.requests_per_second / nginx_small_load.requests_per_second,
+        small.errors
+    );
+    let (portable_backend, portable_ranges, portable_small, _) = &node_results[1];
+    println!(
+        "{:<46} {:>9.2} GB/s {:>7.2} GB/s {:>8.2} {:>10}",
+        format!("(c) random 1 MiB ranges, 32 conns [{portable_backend}]"),
+        gb(portable_ranges),
+        gb(&nginx_ranges),
+        gb(portable_ranges) / gb(&nginx_ranges),
+        portable_ranges.errors
+    );
+    println!(
+        "{:<46} {:>8.0} req/s {:>6.0} req/s {:>8.2} {:>10}",
+        format!("    4 KiB hits, 64 conns [{portable_backend}]"),
+        portable_small.requests_per_second,
+        nginx_small_load.requests_per_second,
+        portable_small.requests_per_second / nginx_small_load.requests_per_second,
+        portable_small.errors
+    );
+    assert_eq!(
+        *origin_bytes,
+        big_mib * 1024 * 1024 + 4096,
+        "the measured runs were all hits: the origin sent each byte once, during warm-up"
+    );
+    drop(origin);
+}
