@@ -5,7 +5,8 @@
 //! - (b) whole-object hits of a 4 KiB object, 64 connections, in requests/s;
 //! - (c) (a) again with `storage.io_backend = "portable"`.
 //!
-//! Run with `cargo bench -p cache-node --bench hit_path` (needs `apt-get install wrk nginx`).
+//! Run with `cargo bench -p cache-node --bench hit_path`. As root it installs wrk, nginx and curl
+//! from Debian's packages when they are missing; otherwise it says what to install.
 //! `OUTPOST_BENCH_SECONDS` sets each wrk run's duration (default 10; 1 under `cargo test`).
 
 #[path = "../tests/common/mod.rs"]
@@ -218,6 +219,23 @@ fn warm(big_url: &str, small_url: &str) {
 
 fn main() {
     let under_cargo_test = !std::env::args().any(|argument| argument == "--bench");
+    let missing: Vec<&str> = ["wrk", "nginx", "curl"]
+        .into_iter()
+        .filter(|name| !tool(name))
+        .collect();
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if !missing.is_empty() && is_root && !under_cargo_test {
+        // Install what is missing from Debian's packages, as the benchmark promises.
+        eprintln!("installing {missing:?} with apt-get...");
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .status();
+    }
     for name in ["wrk", "nginx", "curl"] {
         if !tool(name) {
             eprintln!("{name} is not installed (apt-get install wrk nginx curl); skipping the hit-path benchmark");
