@@ -446,3 +446,110 @@ async fn origin_timeouts_give_a_clean_gateway_error_or_an_aborted_body() {
     assert!(node.stats().await["origin_errors"].as_u64().unwrap() >= 2);
     node.stop().await;
 }
+
+/// A storage backend whose disk is "full": every write after the first `allowed_writes` fails
+/// with ENOSPC, as a real full disk would.
+struct FullDisk {
+    inner: cache_node::disk::SharedStorage,
+    allowed_writes: std::sync::atomic::AtomicUsize,
+}
+
+impl cache_node::disk::Storage for FullDisk {
+    fn backend_name(&self) -> &'static str {
+        "full-disk"
+    }
+    fn read_at(
+        &self,
+        path: std::path::PathBuf,
+        offset: u64,
+        length: usize,
+        buffer: Vec<u8>,
+    ) -> cache_node::disk::DiskFuture<Vec<u8>> {
+        self.inner.read_at(path, offset, length, buffer)
+    }
+    fn write_file_atomic(
+        &self,
+        path: std::path::PathBuf,
+        chunks: Vec<bytes::Bytes>,
+        sync: bool,
+    ) -> cache_node::disk::DiskFuture<()> {
+        use std::sync::atomic::Ordering;
+        let allowed = self
+            .allowed_writes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok();
+        if allowed {
+            return self.inner.write_file_atomic(path, chunks, sync);
+        }
+        Box::pin(async move {
+            Err(cache_node::error::DiskError::io(
+                "write",
+                path,
+                std::io::Error::from_raw_os_error(28),
+            ))
+        })
+    }
+    fn remove_dir_all(&self, path: std::path::PathBuf) -> cache_node::disk::DiskFuture<()> {
+        self.inner.remove_dir_all(path)
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_still_serves_every_byte_correctly_and_stores_nothing_broken() {
+    let origin = MockOrigin::start().await;
+    let storage_dir = tempfile::tempdir().unwrap();
+    let valid = test_config(storage_dir.path(), &origin.base_url(), TEST_SLICE, "1GiB")
+        .validate()
+        .unwrap();
+    let layout = cache_node::store::Layout::create(storage_dir.path()).unwrap();
+    // The metadata and two slices fit; then the disk is full.
+    let full_disk = std::sync::Arc::new(FullDisk {
+        inner: std::sync::Arc::new(cache_node::disk::portable::PortableStorage::new()),
+        allowed_writes: std::sync::atomic::AtomicUsize::new(3),
+    });
+    let node = cache_node::node::Node::open_with_storage(&valid, layout, full_disk).unwrap();
+    let node = TestNode::start_node(node, &valid).await;
+    let content = pattern_bytes(500_000, 61);
+    origin.put("/full.bin", content.clone());
+
+    let first = get(&node.mcc_url("/full.bin"), &[]).await;
+    assert_eq!(
+        sha256_hex(first.bytes()),
+        sha256_hex(&content),
+        "clients are served from the origin stream"
+    );
+    node.settle().await;
+    let stats = node.stats().await;
+    assert!(stats["disk_write_errors"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(
+        stats["cache_used_bytes"].as_u64().unwrap(),
+        2 * TEST_SLICE,
+        "only the slices that were written count"
+    );
+
+    // The next request serves the stored slices and fetches the rest again, correctly.
+    let second = get(&node.mcc_url("/full.bin"), &[]).await;
+    assert_eq!(second.header("x-cache").as_deref(), Some("PARTIAL"));
+    assert_eq!(sha256_hex(second.bytes()), sha256_hex(&content));
+    let ranged = get(
+        &node.mcc_url("/full.bin"),
+        &[("range", "bytes=60000-200000")],
+    )
+    .await;
+    assert_eq!(ranged.bytes(), &content[60_000..=200_000]);
+    node.stop().await;
+
+    // After a restart on a working disk, nothing broken was left behind.
+    let restarted = TestNode::start(test_config(
+        storage_dir.path(),
+        &origin.base_url(),
+        TEST_SLICE,
+        "1GiB",
+    ))
+    .await;
+    let healed = get(&restarted.mcc_url("/full.bin"), &[]).await;
+    assert_eq!(sha256_hex(healed.bytes()), sha256_hex(&content));
+    restarted.stop().await;
+}

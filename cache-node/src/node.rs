@@ -66,6 +66,16 @@ impl Node {
         let (storage, backend_reason) =
             disk::open_backend(config.io_backend, &config.raw.storage.path)?;
         tracing::info!("disk backend: {backend_reason}");
+        Self::open_with_storage(config, layout, storage)
+    }
+
+    /// Like [`Node::open`], with a storage backend chosen by the caller (fault-injection tests
+    /// wrap a real backend).
+    pub fn open_with_storage(
+        config: &ValidConfig,
+        layout: Layout,
+        storage: SharedStorage,
+    ) -> Result<Arc<Node>, DiskError> {
         let backend_name = storage.backend_name();
         let index = Index::new(config.max_size_bytes, layout.clone(), storage.clone());
         let recovered = layout.recover()?;

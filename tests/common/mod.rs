@@ -103,11 +103,16 @@ impl TestNode {
     /// Starts a node with `config` (listen addresses are ignored: both bind 127.0.0.1:0).
     pub async fn start(config: Config) -> TestNode {
         let valid: ValidConfig = config.validate().expect("test config is valid");
+        let node = Node::open(&valid).expect("store opens");
+        Self::start_node(node, &valid).await
+    }
+
+    /// Starts an already opened node (for example one with a fault-injecting storage backend).
+    pub async fn start_node(node: Arc<Node>, valid: &ValidConfig) -> TestNode {
         let client_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = client_listener.local_addr().unwrap();
         let admin_addr = admin_listener.local_addr().unwrap();
-        let node = Node::open(&valid).expect("store opens");
         let (shutdown_sender, shutdown_receiver) = oneshot::channel::<()>();
         let task = tokio::spawn(cache_node::server::run_node(
             node.clone(),
