@@ -8,9 +8,11 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "lancache_nginx.rs"]
+mod lancache_nginx;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{mcc_url, test_config, NodeProcess};
@@ -69,89 +71,6 @@ impl Row {
     fn throughput_mib(&self) -> f64 {
         self.bytes as f64 / self.seconds / (1024.0 * 1024.0)
     }
-}
-
-fn nginx_available() -> bool {
-    Command::new("sh")
-        .args(["-c", "command -v nginx"])
-        .stdout(Stdio::null())
-        .status()
-        .map(|status| status.success())
-        .unwrap_or(false)
-}
-
-/// Starts nginx with a lancache-style configuration in `prefix`, proxying to `origin_port`.
-fn start_lancache_nginx(prefix: &Path, listen_port: u16, origin_port: u16) -> Child {
-    for directory in ["cache", "tmp", "logs"] {
-        std::fs::create_dir_all(prefix.join(directory)).unwrap();
-    }
-    let user_line = if Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false)
-    {
-        "user root;"
-    } else {
-        ""
-    };
-    let config = format!(
-        r#"{user_line}
-worker_processes auto;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/logs/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/tmp/client;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    proxy_temp_path {prefix}/tmp/proxy;
-    proxy_cache_path {prefix}/cache levels=2:2 keys_zone=generic:100m inactive=200d max_size=20g use_temp_path=off;
-    upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 16; }}
-    server {{
-        listen 127.0.0.1:{listen_port};
-        location / {{
-            slice 1m;
-            proxy_cache generic;
-            proxy_cache_key $uri$slice_range;
-            proxy_set_header Range $slice_range;
-            proxy_set_header Host $host;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_cache_valid 200 206 3650d;
-            proxy_cache_lock on;
-            proxy_cache_lock_timeout 1h;
-            proxy_ignore_headers Expires Cache-Control;
-            proxy_pass http://origin;
-        }}
-    }}
-}}
-"#,
-        prefix = prefix.display()
-    );
-    let config_path = prefix.join("nginx.conf");
-    std::fs::write(&config_path, config).unwrap();
-    Command::new("nginx")
-        .arg("-p")
-        .arg(prefix)
-        .arg("-c")
-        .arg(&config_path)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("nginx starts")
-}
-
-fn wait_for_port(port: u16) {
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("nothing listens on port {port}");
 }
 
 fn main() {
@@ -247,11 +166,12 @@ fn main() {
         node.kill_9();
     }
 
-    if nginx_available() && std::env::var("OUTPOST_BENCH_NGINX").as_deref() != Ok("0") {
+    if lancache_nginx::tool_available("nginx")
+        && std::env::var("OUTPOST_BENCH_NGINX").as_deref() != Ok("0")
+    {
         let prefix = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let port = common::free_port();
-        let mut nginx = start_lancache_nginx(prefix.path(), port, origin_port);
-        wait_for_port(port);
+        let nginx = lancache_nginx::LancacheNginx::start(prefix.path(), port, origin_port);
         let url = format!("http://127.0.0.1:{port}{OBJECT_PATH}");
         let (seconds, bytes) = curl_download(&url);
         rows.push(Row {
@@ -265,9 +185,7 @@ fn main() {
             seconds,
             bytes,
         });
-        // SIGTERM lets the nginx master stop its workers; SIGKILL would orphan them.
-        let _ = Command::new("kill").arg(nginx.id().to_string()).status();
-        let _ = nginx.wait();
+        drop(nginx);
     } else {
         eprintln!("nginx is not installed; the lancache comparison is skipped");
     }

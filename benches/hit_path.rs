@@ -11,25 +11,17 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "lancache_nginx.rs"]
+mod lancache_nginx;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use common::{mcc_url, test_config, NodeProcess};
 use outpost_testkit::{pattern_bytes, MockOrigin};
 
 const BIG_PATH: &str = "/filestreamingservice/files/bench/big.bin";
 const SMALL_PATH: &str = "/filestreamingservice/files/bench/small.bin";
-
-fn tool(name: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .stdout(Stdio::null())
-        .status()
-        .map(|status| status.success())
-        .unwrap_or(false)
-}
 
 /// A wrk Lua script asking for random 1 MiB-aligned 1 MiB ranges of an object of `mib` MiB.
 fn random_range_script(directory: &Path, mib: u64) -> std::path::PathBuf {
@@ -116,76 +108,6 @@ fn run_wrk(url: &str, connections: u32, seconds: u64, script: Option<&Path>) -> 
     load
 }
 
-fn start_nginx(prefix: &Path, port: u16, origin_port: u16) -> Child {
-    for directory in ["cache", "tmp", "logs"] {
-        std::fs::create_dir_all(prefix.join(directory)).unwrap();
-    }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    let config = format!(
-        r#"{user}
-worker_processes auto;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/logs/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    sendfile on;
-    aio threads;
-    client_body_temp_path {prefix}/tmp/client;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    proxy_temp_path {prefix}/tmp/proxy;
-    proxy_cache_path {prefix}/cache levels=2:2 keys_zone=generic:100m inactive=200d max_size=20g use_temp_path=off;
-    upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 16; }}
-    server {{
-        listen 127.0.0.1:{port} reuseport;
-        keepalive_requests 1000000;
-        location / {{
-            slice 1m;
-            proxy_cache generic;
-            proxy_cache_key $uri$slice_range;
-            proxy_set_header Range $slice_range;
-            proxy_set_header Host $host;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_cache_valid 200 206 3650d;
-            proxy_cache_lock on;
-            proxy_cache_lock_timeout 1h;
-            proxy_ignore_headers Expires Cache-Control;
-            proxy_pass http://origin;
-        }}
-    }}
-}}
-"#,
-        user = if root { "user root;" } else { "" },
-        prefix = prefix.display()
-    );
-    let config_path = prefix.join("nginx.conf");
-    std::fs::write(&config_path, config).unwrap();
-    let mut child = Command::new("nginx")
-        .arg("-p")
-        .arg(prefix)
-        .arg("-c")
-        .arg(&config_path)
-        .spawn()
-        .expect("nginx starts");
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return child;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("nginx did not start");
-}
-
 /// Downloads the big and the small object whole once, so both caches hold every slice before
 /// the measurement (nginx's slice module stores a whole-object GET slice by slice too).
 fn warm(big_url: &str, small_url: &str) {
@@ -221,14 +143,9 @@ fn main() {
     let under_cargo_test = !std::env::args().any(|argument| argument == "--bench");
     let missing: Vec<&str> = ["wrk", "nginx", "curl"]
         .into_iter()
-        .filter(|name| !tool(name))
+        .filter(|name| !lancache_nginx::tool_available(name))
         .collect();
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !missing.is_empty() && is_root && !under_cargo_test {
+    if !missing.is_empty() && lancache_nginx::is_root() && !under_cargo_test {
         // Install what is missing from Debian's packages, as the benchmark promises.
         eprintln!("installing {missing:?} with apt-get...");
         let _ = Command::new("apt-get")
@@ -237,7 +154,7 @@ fn main() {
             .status();
     }
     for name in ["wrk", "nginx", "curl"] {
-        if !tool(name) {
+        if !lancache_nginx::tool_available(name) {
             eprintln!("{name} is not installed (apt-get install wrk nginx curl); skipping the hit-path benchmark");
             return;
         }
@@ -289,14 +206,13 @@ fn main() {
 
     let prefix = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let port = common::free_port();
-    let mut nginx = start_nginx(prefix.path(), port, origin.addr().port());
+    let nginx = lancache_nginx::LancacheNginx::start(prefix.path(), port, origin.addr().port());
     let nginx_big = format!("http://127.0.0.1:{port}{BIG_PATH}");
     let nginx_small = format!("http://127.0.0.1:{port}{SMALL_PATH}");
     warm(&nginx_big, &nginx_small);
     let nginx_ranges = run_wrk(&nginx_big, 32, seconds, Some(&script));
     let nginx_small_load = run_wrk(&nginx_small, 64, seconds, None);
-    let _ = Command::new("kill").arg(nginx.id().to_string()).status();
-    let _ = nginx.wait();
+    drop(nginx);
 
     let gb = |load: &Load| load.bytes_per_second / 1e9;
     println!(
@@ -306,45 +222,38 @@ fn main() {
             .unwrap_or(0)
     );
     println!(
-        "{:<46} {:>12} {:>12} {:>8} {:>10}",
-        "run", "value", "nginx", "ratio", "errors"
+        "{:<46} {:>14} {:>14} {:>8} {:>8}",
+        "run", "cache-node", "nginx", "ratio", "errors"
     );
-    let (backend, ranges, small, origin_bytes) = &node_results[0];
-    println!(
-        "{:<46} {:>9.2} GB/s {:>7.2} GB/s {:>8.2} {:>10}",
-        format!("(a) random 1 MiB ranges, 32 conns [{backend}]"),
-        gb(ranges),
-        gb(&nginx_ranges),
-        gb(ranges) / gb(&nginx_ranges),
-        ranges.errors
-    );
-    println!(
-        "{:<46} {:>8.0} req/s {:>6.0} req/s {:>8.2} {:>10}",
-        format!("(b) 4 KiB hits, 64 conns [{backend}]"),
-        small.requests_per_second,
-        nginx_small_load.requests_per_second,
-        small.requests_per_second / nginx_small_load.requests_per_second,
-        small.errors
-    );
-    let (portable_backend, portable_ranges, portable_small, _) = &node_results[1];
-    println!(
-        "{:<46} {:>9.2} GB/s {:>7.2} GB/s {:>8.2} {:>10}",
-        format!("(c) random 1 MiB ranges, 32 conns [{portable_backend}]"),
-        gb(portable_ranges),
-        gb(&nginx_ranges),
-        gb(portable_ranges) / gb(&nginx_ranges),
-        portable_ranges.errors
-    );
-    println!(
-        "{:<46} {:>8.0} req/s {:>6.0} req/s {:>8.2} {:>10}",
-        format!("    4 KiB hits, 64 conns [{portable_backend}]"),
-        portable_small.requests_per_second,
-        nginx_small_load.requests_per_second,
-        portable_small.requests_per_second / nginx_small_load.requests_per_second,
-        portable_small.errors
-    );
+    for (label, (backend, ranges, small, _)) in ["(a)", "(c)"].iter().zip(&node_results) {
+        let rows = [
+            (
+                format!("{label} random 1 MiB ranges, 32 conns [{backend}]"),
+                gb(ranges),
+                gb(&nginx_ranges),
+                "GB/s",
+                ranges.errors,
+            ),
+            (
+                format!("    4 KiB hits, 64 conns [{backend}]"),
+                small.requests_per_second,
+                nginx_small_load.requests_per_second,
+                "req/s",
+                small.errors,
+            ),
+        ];
+        for (name, ours, theirs, unit, errors) in rows {
+            println!(
+                "{name:<46} {:>14} {:>14} {:>8.2} {errors:>8}",
+                format!("{ours:.2} {unit}"),
+                format!("{theirs:.2} {unit}"),
+                ours / theirs
+            );
+        }
+    }
+    let origin_bytes = node_results[0].3;
     assert_eq!(
-        *origin_bytes,
+        origin_bytes,
         big_mib * 1024 * 1024 + 4096,
         "the measured runs were all hits: the origin sent each byte once, during warm-up"
     );

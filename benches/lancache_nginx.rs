@@ -1,0 +1,109 @@
+//! nginx configured the way lancache configures it (`slice 1m`, a cache key with
+//! `$slice_range`, `proxy_cache_lock`, `sendfile`, `aio threads`), the alternative every
+//! benchmark in `benches/` measures cache-node against. Shared by the benchmark programs.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// True when `name` is on the PATH.
+pub fn tool_available(name: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|status| status.success())
+        .unwrap_or(false)
+}
+
+/// True when this process runs as root.
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|output| output.stdout == b"0\n")
+        .unwrap_or(false)
+}
+
+/// A running nginx; stopped with SIGTERM on drop so its master stops the workers.
+pub struct LancacheNginx {
+    child: Child,
+}
+
+impl LancacheNginx {
+    /// Starts nginx with its files under `prefix`, listening on `127.0.0.1:port` and proxying
+    /// to the origin on `127.0.0.1:origin_port`. Returns once the port accepts connections.
+    pub fn start(prefix: &Path, port: u16, origin_port: u16) -> LancacheNginx {
+        for directory in ["cache", "tmp", "logs"] {
+            std::fs::create_dir_all(prefix.join(directory)).unwrap();
+        }
+        let config = format!(
+            r#"{user}
+worker_processes auto;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    aio threads;
+    client_body_temp_path {prefix}/tmp/client;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    proxy_temp_path {prefix}/tmp/proxy;
+    proxy_cache_path {prefix}/cache levels=2:2 keys_zone=generic:100m inactive=200d max_size=20g use_temp_path=off;
+    upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        keepalive_requests 1000000;
+        location / {{
+            slice 1m;
+            proxy_cache generic;
+            proxy_cache_key $uri$slice_range;
+            proxy_set_header Range $slice_range;
+            proxy_set_header Host $host;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache_valid 200 206 3650d;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 1h;
+            proxy_ignore_headers Expires Cache-Control;
+            proxy_pass http://origin;
+        }}
+    }}
+}}
+"#,
+            user = if is_root() { "user root;" } else { "" },
+            prefix = prefix.display()
+        );
+        let config_path = prefix.join("nginx.conf");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(prefix)
+            .arg("-c")
+            .arg(&config_path)
+            .spawn()
+            .expect("nginx starts");
+        let nginx = LancacheNginx { child };
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return nginx;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("nginx did not start listening on port {port}");
+    }
+}
+
+impl Drop for LancacheNginx {
+    fn drop(&mut self) {
+        // SIGTERM lets the nginx master stop its workers; SIGKILL would orphan them.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
