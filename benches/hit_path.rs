@@ -8,6 +8,7 @@
 //! Run with `cargo bench -p cache-node --bench hit_path`. As root it installs wrk, nginx and curl
 //! from Debian's packages when they are missing; otherwise it says what to install.
 //! `OUTPOST_BENCH_SECONDS` sets each wrk run's duration (default 10; 1 under `cargo test`).
+//! `OUTPOST_BENCH_PROFILE=<dir>` records a `perf` profile of the node during each (a) run.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -139,6 +140,22 @@ fn warm(big_url: &str, small_url: &str) {
     assert!(status.success());
 }
 
+/// With `OUTPOST_BENCH_PROFILE=<dir>`, records a `perf` profile of the node during run (a) into
+/// `<dir>/node-<backend>.data` (read it with `perf report -i`).
+fn start_profiler(pid: u32, backend: &str, seconds: u64) -> Option<std::process::Child> {
+    let directory = std::env::var("OUTPOST_BENCH_PROFILE").ok()?;
+    let output = Path::new(&directory).join(format!("node-{backend}.data"));
+    Command::new("perf")
+        .args(["record", "-F", "499", "-g", "-p", &pid.to_string(), "-o"])
+        .arg(&output)
+        .args(["--", "sleep", &seconds.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|error| eprintln!("perf is not available ({error}); no profile"))
+        .ok()
+}
+
 fn main() {
     let under_cargo_test = !std::env::args().any(|argument| argument == "--bench");
     let missing: Vec<&str> = ["wrk", "nginx", "curl"]
@@ -192,7 +209,11 @@ fn main() {
             &mcc_url(node.addr, BIG_PATH),
             &mcc_url(node.addr, SMALL_PATH),
         );
+        let profiler = start_profiler(node.child.id(), backend, seconds);
         let ranges = run_wrk(&mcc_url(node.addr, BIG_PATH), 32, seconds, Some(&script));
+        if let Some(mut profiler) = profiler {
+            let _ = profiler.wait();
+        }
         let small = run_wrk(&mcc_url(node.addr, SMALL_PATH), 64, seconds, None);
         let stats = runtime.block_on(common::admin_stats(node.admin_addr));
         node.kill_9();
@@ -214,6 +235,31 @@ fn main() {
     let nginx_small_load = run_wrk(&nginx_small, 64, seconds, None);
     drop(nginx);
 
+    // The ceiling: plain nginx sending the same files straight from disk, no cache logic at all.
+    let root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let big_file = root.path().join(BIG_PATH.trim_start_matches('/'));
+    std::fs::create_dir_all(big_file.parent().unwrap()).unwrap();
+    std::fs::write(
+        &big_file,
+        pattern_bytes((big_mib * 1024 * 1024) as usize, 7),
+    )
+    .unwrap();
+    std::fs::write(
+        root.path().join(SMALL_PATH.trim_start_matches('/')),
+        pattern_bytes(4096, 8),
+    )
+    .unwrap();
+    let static_prefix = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let static_port = common::free_port();
+    let plain =
+        lancache_nginx::LancacheNginx::start_static(static_prefix.path(), static_port, root.path());
+    let plain_big = format!("http://127.0.0.1:{static_port}{BIG_PATH}");
+    let plain_small = format!("http://127.0.0.1:{static_port}{SMALL_PATH}");
+    warm(&plain_big, &plain_small);
+    let plain_ranges = run_wrk(&plain_big, 32, seconds, Some(&script));
+    let plain_small_load = run_wrk(&plain_small, 64, seconds, None);
+    drop(plain);
+
     let gb = |load: &Load| load.bytes_per_second / 1e9;
     println!(
         "\nhit path, {} cores, wrk -t2, {seconds} s per run, object {big_mib} MiB",
@@ -222,8 +268,8 @@ fn main() {
             .unwrap_or(0)
     );
     println!(
-        "{:<46} {:>14} {:>14} {:>8} {:>8}",
-        "run", "cache-node", "nginx", "ratio", "errors"
+        "{:<46} {:>14} {:>14} {:>8} {:>14} {:>9} {:>7}",
+        "run", "cache-node", "nginx-lancache", "ratio", "plain nginx", "/ceiling", "errors"
     );
     for (label, (backend, ranges, small, _)) in ["(a)", "(c)"].iter().zip(&node_results) {
         let rows = [
@@ -231,6 +277,7 @@ fn main() {
                 format!("{label} random 1 MiB ranges, 32 conns [{backend}]"),
                 gb(ranges),
                 gb(&nginx_ranges),
+                gb(&plain_ranges),
                 "GB/s",
                 ranges.errors,
             ),
@@ -238,16 +285,19 @@ fn main() {
                 format!("    4 KiB hits, 64 conns [{backend}]"),
                 small.requests_per_second,
                 nginx_small_load.requests_per_second,
+                plain_small_load.requests_per_second,
                 "req/s",
                 small.errors,
             ),
         ];
-        for (name, ours, theirs, unit, errors) in rows {
+        for (name, ours, theirs, ceiling, unit, errors) in rows {
             println!(
-                "{name:<46} {:>14} {:>14} {:>8.2} {errors:>8}",
+                "{name:<46} {:>14} {:>14} {:>8.2} {:>14} {:>9.2} {errors:>7}",
                 format!("{ours:.2} {unit}"),
                 format!("{theirs:.2} {unit}"),
-                ours / theirs
+                ours / theirs,
+                format!("{ceiling:.2} {unit}"),
+                ours / ceiling
             );
         }
     }

@@ -34,6 +34,50 @@ impl LancacheNginx {
     /// Starts nginx with its files under `prefix`, listening on `127.0.0.1:port` and proxying
     /// to the origin on `127.0.0.1:origin_port`. Returns once the port accepts connections.
     pub fn start(prefix: &Path, port: u16, origin_port: u16) -> LancacheNginx {
+        let server = format!(
+            r#"    upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        keepalive_requests 1000000;
+        location / {{
+            slice 1m;
+            proxy_cache generic;
+            proxy_cache_key $uri$slice_range;
+            proxy_set_header Range $slice_range;
+            proxy_set_header Host $host;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache_valid 200 206 3650d;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 1h;
+            proxy_ignore_headers Expires Cache-Control;
+            proxy_pass http://origin;
+        }}
+    }}
+"#
+        );
+        Self::start_with(prefix, port, server)
+    }
+
+    /// Starts plain nginx serving the files under `root` straight from disk on
+    /// `127.0.0.1:port`, with the same `sendfile` and `aio threads` settings: the practical
+    /// ceiling any cache on this machine can reach.
+    #[allow(dead_code)] // the cold-fill benchmark has no use for it
+    pub fn start_static(prefix: &Path, port: u16, root: &Path) -> LancacheNginx {
+        let server = format!(
+            r#"    server {{
+        listen 127.0.0.1:{port} reuseport;
+        keepalive_requests 1000000;
+        location / {{ root {root}; }}
+    }}
+"#,
+            root = root.display()
+        );
+        Self::start_with(prefix, port, server)
+    }
+
+    /// Starts nginx with the shared `http` settings and `server` (which listens on `port`).
+    fn start_with(prefix: &Path, port: u16, server: String) -> LancacheNginx {
         for directory in ["cache", "tmp", "logs"] {
             std::fs::create_dir_all(prefix.join(directory)).unwrap();
         }
@@ -54,26 +98,7 @@ http {{
     scgi_temp_path {prefix}/tmp/scgi;
     proxy_temp_path {prefix}/tmp/proxy;
     proxy_cache_path {prefix}/cache levels=2:2 keys_zone=generic:100m inactive=200d max_size=20g use_temp_path=off;
-    upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 16; }}
-    server {{
-        listen 127.0.0.1:{port} reuseport;
-        keepalive_requests 1000000;
-        location / {{
-            slice 1m;
-            proxy_cache generic;
-            proxy_cache_key $uri$slice_range;
-            proxy_set_header Range $slice_range;
-            proxy_set_header Host $host;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_cache_valid 200 206 3650d;
-            proxy_cache_lock on;
-            proxy_cache_lock_timeout 1h;
-            proxy_ignore_headers Expires Cache-Control;
-            proxy_pass http://origin;
-        }}
-    }}
-}}
+{server}}}
 "#,
             user = if is_root() { "user root;" } else { "" },
             prefix = prefix.display()

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The most worker threads `server.workers` accepts.
+const MAX_WORKERS: usize = 1024;
+
 /// Why a configuration could not be used. Each variant names the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -67,6 +70,9 @@ pub struct ServerConfig {
     /// How long in-flight requests may take to finish after SIGTERM before the node exits.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Worker threads serving clients, each with its own runtime and `SO_REUSEPORT` listener.
+    /// 0 means one per CPU core.
+    pub workers: usize,
 }
 
 /// `[admin]`: the admin listener.
@@ -150,6 +156,7 @@ impl Default for ServerConfig {
             default_upstream: None,
             max_ranges: 32,
             shutdown_grace: Duration::from_secs(10),
+            workers: 0,
         }
     }
 }
@@ -212,6 +219,8 @@ pub struct ValidConfig {
     pub slice_len: u64,
     /// `storage.io_backend`, parsed.
     pub io_backend: crate::disk::BackendChoice,
+    /// `server.workers`, with 0 resolved to the number of cores.
+    pub workers: usize,
 }
 
 impl Config {
@@ -294,6 +303,16 @@ impl Config {
         if self.server.max_ranges == 0 {
             return Err(invalid("server.max_ranges", "must be at least 1, e.g. 32"));
         }
+        let workers = match self.server.workers {
+            0 => std::thread::available_parallelism().map_or(1, |cores| cores.get()),
+            workers if workers > MAX_WORKERS => {
+                return Err(invalid(
+                    "server.workers",
+                    format!("{workers} is more than {MAX_WORKERS}; use 0 for one per core"),
+                ))
+            }
+            workers => workers,
+        };
         for (name, value) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             (
@@ -336,6 +355,7 @@ impl Config {
             max_size_bytes,
             slice_len,
             io_backend,
+            workers,
         })
     }
 }

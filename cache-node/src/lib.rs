@@ -31,6 +31,7 @@ pub mod node;
 pub mod origin;
 pub mod range;
 pub mod router;
+pub mod sendfile;
 pub mod serve;
 pub mod server;
 pub mod stats;

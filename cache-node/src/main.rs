@@ -38,18 +38,21 @@ fn main() -> anyhow::Result<()> {
     if config.raw.origin.is_empty() && config.raw.server.default_upstream.is_none() {
         tracing::warn!("no [[origin]] is configured: every request will be refused with 403");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The client listeners are bound before the workers start, one per worker on the same port.
+    let client_listeners =
+        cache_node::server::bind_client_listeners(config.server_listen, config.workers)
+            .with_context(|| format!("server.listen: cannot bind {}", config.server_listen))?;
+    // This runtime runs start-up (store recovery), the admin listener and signal handling; the
+    // client-facing workers run their own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async move {
-        let client_listener = TcpListener::bind(config.server_listen)
-            .await
-            .with_context(|| format!("server.listen: cannot bind {}", config.server_listen))?;
         let admin_listener = TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| format!("admin.listen: cannot bind {}", config.admin_listen))?;
-        cache_node::server::run(config, client_listener, admin_listener, shutdown_signal())
+        cache_node::server::run(config, client_listeners, admin_listener, shutdown_signal())
             .await
             .context("cannot open the cache store")?;
         anyhow::Ok(())

@@ -26,6 +26,7 @@ use crate::index::ObjectEntry;
 use crate::node::Node;
 use crate::range::{self, ByteRange, ByteRangeSpec, MultipartPlan, RangeOutcome};
 use crate::router::{self, Route};
+use crate::sendfile::{self, SpanQueue};
 use crate::stats::ByteSource;
 use crate::store::ObjectMeta;
 
@@ -36,7 +37,22 @@ const BODY_CHANNEL_DEPTH: usize = 4;
 /// any byte was sent.
 const VERSION_CHANGE_RETRIES: usize = 2;
 
-type BodyItem = Result<(Bytes, ByteSource), ServeError>;
+/// Stored windows at least this long go out with `sendfile` on connections that can; shorter
+/// ones are read and copied, which costs less than the extra syscalls for small objects.
+const ZERO_COPY_MIN: usize = 32 << 10;
+
+/// A piece of body on its way from the producer task to hyper.
+enum Chunk {
+    Bytes(Bytes),
+    /// A window of a stored slice, sent with `sendfile` (see [`crate::sendfile`]).
+    File {
+        file: Arc<std::fs::File>,
+        offset: u64,
+        length: usize,
+    },
+}
+
+type BodyItem = Result<(Chunk, ByteSource), ServeError>;
 
 /// The body of every client response.
 pub struct ResponseBody {
@@ -49,6 +65,8 @@ enum BodyKind {
     Produced {
         receiver: mpsc::Receiver<BodyItem>,
         node: Arc<Node>,
+        /// The connection's zero-copy queue, when the producer may send [`Chunk::File`].
+        spans: Option<SpanQueue>,
     },
     Upstream {
         body: Incoming,
@@ -88,10 +106,30 @@ impl Body for ResponseBody {
         match &mut self.get_mut().kind {
             BodyKind::Empty => Poll::Ready(None),
             BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|bytes| Ok(Frame::data(bytes)))),
-            BodyKind::Produced { receiver, node } => match receiver.poll_recv(context) {
+            BodyKind::Produced {
+                receiver,
+                node,
+                spans,
+            } => match receiver.poll_recv(context) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(None) => Poll::Ready(None),
-                Poll::Ready(Some(Ok((bytes, source)))) => {
+                Poll::Ready(Some(Ok((chunk, source)))) => {
+                    let bytes = match (chunk, spans) {
+                        (Chunk::Bytes(bytes), _) => bytes,
+                        (
+                            Chunk::File {
+                                file,
+                                offset,
+                                length,
+                            },
+                            Some(spans),
+                        ) => spans.frame(file, offset, length),
+                        (Chunk::File { .. }, None) => {
+                            return Poll::Ready(Some(Err(
+                                "a file chunk on a connection without zero-copy".into(),
+                            )))
+                        }
+                    };
                     node.stats.count_egress(source, bytes.len() as u64);
                     Poll::Ready(Some(Ok(Frame::data(bytes))))
                 }
@@ -150,10 +188,16 @@ pub fn text_response(status: StatusCode, message: impl Into<String>) -> Response
 static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Handles one client request. Never fails: every problem becomes an HTTP answer.
+///
+/// `spans` is the connection's zero-copy queue when its socket is a
+/// [`sendfile::ZeroCopyStream`]; stored bytes then leave with `sendfile` on HTTP/1 requests.
 pub async fn handle(
     node: Arc<Node>,
     request: Request<Incoming>,
+    spans: Option<SpanQueue>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    // HTTP/2 copies body frames into its own buffers, so placeholders must never reach it.
+    let spans = spans.filter(|_| request.version() <= http::Version::HTTP_11);
     node.stats.requests.inc();
     let request_id = NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed);
     let method = request.method().clone();
@@ -187,7 +231,7 @@ pub async fn handle(
         mode = route.mode.as_str(),
         cache = tracing::field::Empty,
     );
-    let response = serve_routed(&node, &route, &method, request.headers())
+    let response = serve_routed(&node, &route, &method, request.headers(), spans)
         .instrument(span.clone())
         .await;
     span.in_scope(|| {
@@ -255,6 +299,7 @@ async fn serve_routed(
     route: &Route,
     method: &Method,
     headers: &HeaderMap,
+    spans: Option<SpanQueue>,
 ) -> Response<ResponseBody> {
     // Only GET defines range handling (RFC 9110 §14.2); a Range on HEAD is ignored.
     let range_specs = if *method == Method::GET {
@@ -269,7 +314,17 @@ async fn serve_routed(
             Err(DiscoverError::NoLength) => return pass_through(node, route, method).await,
             Err(DiscoverError::Origin(error)) => return origin_failure_response(node, &error),
         };
-        match respond(node, route, method, headers, range_specs.as_deref(), &entry).await {
+        let answer = respond(
+            node,
+            route,
+            method,
+            headers,
+            range_specs.as_deref(),
+            &entry,
+            spans.clone(),
+        )
+        .await;
+        match answer {
             Err(OriginError::VersionChanged) if attempt < VERSION_CHANGE_RETRIES => continue,
             Err(error) => return origin_failure_response(node, &error),
             Ok(response) => return response,
@@ -326,6 +381,7 @@ async fn respond(
     request_headers: &HeaderMap,
     range_specs: Option<&[ByteRangeSpec]>,
     entry: &Arc<ObjectEntry>,
+    spans: Option<SpanQueue>,
 ) -> Result<Response<ResponseBody>, OriginError> {
     let meta = &entry.meta;
     let mut response = Response::new(ResponseBody::empty());
@@ -477,6 +533,7 @@ async fn respond(
     let producer_node = node.clone();
     let producer_route = route.clone();
     let producer_entry = entry.clone();
+    let zero_copy = spans.is_some();
     tokio::spawn(
         async move {
             produce_body(
@@ -484,6 +541,7 @@ async fn respond(
                 &producer_route,
                 &producer_entry,
                 segments,
+                zero_copy,
                 &sender,
             )
             .await;
@@ -494,6 +552,7 @@ async fn respond(
         kind: BodyKind::Produced {
             receiver,
             node: node.clone(),
+            spans,
         },
     };
     Ok(response)
@@ -528,12 +587,17 @@ async fn produce_body(
     route: &Route,
     entry: &Arc<ObjectEntry>,
     segments: Vec<Segment>,
+    zero_copy: bool,
     sender: &mpsc::Sender<BodyItem>,
 ) {
     for segment in segments {
         let range = match segment {
             Segment::Framing(bytes) => {
-                if sender.send(Ok((bytes, ByteSource::Other))).await.is_err() {
+                if sender
+                    .send(Ok((Chunk::Bytes(bytes), ByteSource::Other)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 continue;
@@ -555,6 +619,7 @@ async fn produce_body(
                 last_slice,
                 window_start,
                 window_end,
+                zero_copy,
                 sender,
             )
             .await;
@@ -585,6 +650,7 @@ async fn send_slice(
     last_slice: u64,
     window_start: u64,
     window_end: u64,
+    zero_copy: bool,
     sender: &mpsc::Sender<BodyItem>,
 ) -> Result<(), SendError> {
     for attempt in 0..2 {
@@ -594,6 +660,9 @@ async fn send_slice(
                     .layout
                     .slice_path(&entry.key, entry.meta.generation, index);
                 let length = (window_end - window_start) as usize;
+                if zero_copy && length >= ZERO_COPY_MIN {
+                    return send_file_window(node, entry, path, window_start, length, sender).await;
+                }
                 let buffer = node.read_buffers.take();
                 let bytes = match node
                     .storage
@@ -607,7 +676,7 @@ async fn send_slice(
                     Err(error) => return Err(SendError::Serve(ServeError::Disk(error))),
                 };
                 return sender
-                    .send(Ok((bytes, ByteSource::Disk)))
+                    .send(Ok((Chunk::Bytes(bytes), ByteSource::Disk)))
                     .await
                     .map_err(|_| SendError::ClientGone);
             }
@@ -616,7 +685,11 @@ async fn send_slice(
                 loop {
                     match reader.next().await {
                         BufferRead::Data(bytes) => {
-                            if sender.send(Ok((bytes, ByteSource::Fill))).await.is_err() {
+                            if sender
+                                .send(Ok((Chunk::Bytes(bytes), ByteSource::Fill)))
+                                .await
+                                .is_err()
+                            {
                                 return Err(SendError::ClientGone);
                             }
                         }
@@ -636,6 +709,38 @@ async fn send_slice(
         }
     }
     Err(SendError::Serve(ServeError::Vanished))
+}
+
+/// Sends a window of a stored slice as file chunks of at most [`sendfile::FRAME_MAX`] bytes.
+async fn send_file_window(
+    node: &Arc<Node>,
+    entry: &Arc<ObjectEntry>,
+    path: std::path::PathBuf,
+    window_start: u64,
+    length: usize,
+    sender: &mpsc::Sender<BodyItem>,
+) -> Result<(), SendError> {
+    let file = match node.storage.open_for_send(path).await {
+        Ok(file) => Arc::new(file),
+        Err(_) if entry.is_removed() => return Err(SendError::Serve(ServeError::Vanished)),
+        Err(error) => return Err(SendError::Serve(ServeError::Disk(error))),
+    };
+    let mut offset = window_start;
+    let end = window_start + length as u64;
+    while offset < end {
+        let frame = ((end - offset) as usize).min(sendfile::FRAME_MAX);
+        let chunk = Chunk::File {
+            file: file.clone(),
+            offset,
+            length: frame,
+        };
+        sender
+            .send(Ok((chunk, ByteSource::Disk)))
+            .await
+            .map_err(|_| SendError::ClientGone)?;
+        offset += frame as u64;
+    }
+    Ok(())
 }
 
 /// Serves a request the node cannot slice (the origin sent no length) by relaying the origin's

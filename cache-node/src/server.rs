@@ -1,10 +1,25 @@
-//! Listeners and the connection loop: accept on the client and admin listeners, serve each
-//! connection with hyper (HTTP/1.1 and HTTP/2), and shut down gracefully when told to.
+//! Listeners and connection loops, thread-per-core.
+//!
+//! The node serves clients on `server.workers` worker threads (one per core by default). Each
+//! worker owns a single-threaded runtime and its own `SO_REUSEPORT` listener on the client
+//! address, so the kernel spreads new connections across workers and a connection lives on one
+//! thread from accept to close. With the io_uring backend a worker's runtime is a tokio-uring
+//! runtime whose ring also runs the disk jobs its requests submit
+//! ([`crate::disk::uring::attach_worker_ring`]); with the portable backend it is a plain tokio
+//! current-thread runtime. The request path is the same either way.
+//!
+//! Everything else is shared through the [`Node`]: the index, the fill coordinator, the origin
+//! client and the counters. A fill runs on the worker whose request started it and feeds clients on
+//! any worker.
+//!
+//! Client sockets are [`ZeroCopyStream`]s, so stored slices go out with `sendfile` (see
+//! [`crate::sendfile`]). The admin listener runs on the caller's runtime.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind `127.0.0.1:0` and
 //! run many nodes in one process.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,25 +27,64 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::ValidConfig;
 use crate::error::DiskError;
 use crate::node::Node;
+use crate::sendfile::{SpanQueue, ZeroCopyStream};
 use crate::{admin, serve};
+
+/// Pending connections each listener queues before the kernel refuses more.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Pause after a failed `accept` (for example, out of file descriptors) before trying again.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
+
+/// Binds `workers` listeners on `address` sharing the port with `SO_REUSEPORT`: one per worker.
+/// Port 0 picks a free port for the first and binds the rest to the same one.
+pub fn bind_client_listeners(
+    address: SocketAddr,
+    workers: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let first = reuse_port_listener(address)?;
+    let bound = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..workers.max(1) {
+        listeners.push(reuse_port_listener(bound)?);
+    }
+    Ok(listeners)
+}
+
+fn reuse_port_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
 
 /// Runs a node until `shutdown` completes, then waits up to `server.shutdown_grace` for open
 /// connections to finish.
 pub async fn run(
     config: ValidConfig,
-    client_listener: TcpListener,
+    client_listeners: Vec<std::net::TcpListener>,
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DiskError> {
     let node = Node::open(&config)?;
     run_node(
         node,
-        client_listener,
+        client_listeners,
         admin_listener,
         shutdown,
         config.raw.server.shutdown_grace,
@@ -39,69 +93,69 @@ pub async fn run(
     Ok(())
 }
 
-/// Runs an already opened node (tests use this to inspect the node while it runs).
+/// Runs an already opened node (tests use this to inspect the node while it runs): one worker
+/// thread per client listener, and the admin listener on the calling runtime.
 pub async fn run_node(
     node: Arc<Node>,
-    client_listener: TcpListener,
+    client_listeners: Vec<std::net::TcpListener>,
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     shutdown_grace: Duration,
 ) {
     tracing::info!(
-        listen = %client_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        listen = %client_listeners.first().and_then(|listener| listener.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        workers = client_listeners.len(),
         disk_backend = node.storage.backend_name(),
         "cache-node serving"
     );
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = client_listener.accept() => {
-                let Ok((stream, _peer)) = accepted else { continue };
-                let _ = stream.set_nodelay(true);
-                let node = node.clone();
-                let service = service_fn(move |request| serve::handle(node.clone(), request));
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(error = %error, "client connection ended with an error");
-                    }
-                });
-            }
-            accepted = admin_listener.accept() => {
-                let Ok((stream, _peer)) = accepted else { continue };
-                let node = node.clone();
-                let service = service_fn(move |request| admin::handle(node.clone(), request));
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-            }
-            () = &mut shutdown => break,
+    let stop = CancellationToken::new();
+    let mut workers_done = Vec::new();
+    for (index, listener) in client_listeners.into_iter().enumerate() {
+        let (done, finished) = oneshot::channel::<()>();
+        let worker = Worker {
+            node: node.clone(),
+            listener,
+            stop: stop.clone(),
+            shutdown_grace,
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("outpost-worker-{index}"))
+            .spawn(move || {
+                worker.run();
+                let _ = done.send(());
+            });
+        match spawned {
+            Ok(_) => workers_done.push(finished),
+            Err(error) => tracing::error!(%error, index, "cannot start a worker thread"),
         }
     }
-    tracing::info!("shutting down: no new connections, waiting for open ones");
-    drop(client_listener);
-    drop(admin_listener);
-    let deadline = tokio::time::Instant::now() + shutdown_grace;
-    if tokio::time::timeout_at(deadline, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?shutdown_grace,
-            "connections still open after the grace period; closing them"
-        );
+
+    let admin_graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let admin_node = node.clone();
+    let accept_admin = accept_until(&admin_listener, &stop, |stream| {
+        let node = admin_node.clone();
+        let service = service_fn(move |request| admin::handle(node.clone(), request));
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = admin_graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    });
+    tokio::pin!(shutdown);
+    tokio::select! {
+        () = accept_admin => {}
+        () = &mut shutdown => {}
     }
-    // Fills keep running without clients; give them the rest of the grace period so the slices
-    // they are writing land on disk rather than being fetched again after the restart.
-    let mut ticker = tokio::time::interval(Duration::from_millis(20));
-    while node.index.inflight_slice_count() > 0 && tokio::time::Instant::now() < deadline {
-        ticker.tick().await;
+    tracing::info!("shutting down: no new connections, waiting for open ones");
+    stop.cancel();
+    drop(admin_listener);
+    let _ = tokio::time::timeout(shutdown_grace, admin_graceful.shutdown()).await;
+    for finished in workers_done {
+        let _ = finished.await;
     }
     let unfinished = node.index.inflight_slice_count();
     if unfinished > 0 {
@@ -109,5 +163,113 @@ pub async fn run_node(
             unfinished,
             "exiting with fills in flight; their slices will be fetched again"
         );
+    }
+}
+
+/// Accepts connections until `stop` is cancelled, handing each to `on_accept`.
+async fn accept_until(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    mut on_accept: impl FnMut(TcpStream),
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => on_accept(stream),
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed; retrying shortly");
+                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                }
+            },
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// One serving thread: its runtime, its listener, and a share of the node.
+struct Worker {
+    node: Arc<Node>,
+    listener: std::net::TcpListener,
+    stop: CancellationToken,
+    shutdown_grace: Duration,
+}
+
+impl Worker {
+    /// Runs the worker's runtime until it has shut down.
+    fn run(self) {
+        let name = std::thread::current().name().unwrap_or("worker").to_owned();
+        if self.node.storage.backend_name() == "io_uring" {
+            match tokio_uring::Runtime::new(&tokio_uring::builder()) {
+                Ok(runtime) => {
+                    runtime.block_on(async move {
+                        crate::disk::uring::attach_worker_ring();
+                        self.serve().await;
+                    });
+                    return;
+                }
+                Err(error) => tracing::warn!(
+                    %error,
+                    worker = name,
+                    "cannot create this worker's io_uring; its disk jobs go to the shared ring"
+                ),
+            }
+        }
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(self.serve()),
+            Err(error) => tracing::error!(%error, worker = name, "cannot start a worker runtime"),
+        }
+    }
+
+    async fn serve(self) {
+        let listener = match TcpListener::from_std(self.listener) {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::error!(%error, "cannot register a client listener");
+                return;
+            }
+        };
+        let graceful = GracefulShutdown::new();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // Queue body frames instead of flattening them, so placeholders reach the socket intact.
+        builder.http1().writev(true);
+        let node = &self.node;
+        accept_until(&listener, &self.stop, |stream| {
+            let _ = stream.set_nodelay(true);
+            let spans = SpanQueue::default();
+            let io = TokioIo::new(ZeroCopyStream::new(stream, spans.clone()));
+            let node = node.clone();
+            let service = service_fn(move |request| {
+                serve::handle(node.clone(), request, Some(spans.clone()))
+            });
+            let connection = builder.serve_connection(io, service).into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(error = %error, "client connection ended with an error");
+                }
+            });
+        })
+        .await;
+        drop(listener);
+        let deadline = tokio::time::Instant::now() + self.shutdown_grace;
+        if tokio::time::timeout_at(deadline, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                shutdown_grace = ?self.shutdown_grace,
+                "connections still open after the grace period; closing them"
+            );
+        }
+        // Fills keep running without clients, on whichever worker started them; keep this runtime
+        // turning for the rest of the grace period so the slices they are writing land on disk
+        // rather than being fetched again after the restart.
+        let mut ticker = tokio::time::interval(Duration::from_millis(20));
+        while self.node.index.inflight_slice_count() > 0 && tokio::time::Instant::now() < deadline {
+            ticker.tick().await;
+        }
     }
 }

@@ -42,6 +42,9 @@ pub fn test_config(
     config.upstream.idle_read_timeout = Duration::from_secs(5);
     config.upstream.first_byte_timeout = Duration::from_secs(5);
     config.server.shutdown_grace = Duration::from_secs(2);
+    // Two workers, so every scenario crosses threads: a fill started on one worker feeds clients
+    // on the other.
+    config.server.workers = 2;
     config.origin = vec![
         OriginConfig {
             host: ORIGIN_HOST.into(),
@@ -109,14 +112,18 @@ impl TestNode {
 
     /// Starts an already opened node (for example one with a fault-injecting storage backend).
     pub async fn start_node(node: Arc<Node>, valid: &ValidConfig) -> TestNode {
-        let client_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client_listeners = cache_node::server::bind_client_listeners(
+            "127.0.0.1:0".parse().unwrap(),
+            valid.workers,
+        )
+        .unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = client_listener.local_addr().unwrap();
+        let addr = client_listeners[0].local_addr().unwrap();
         let admin_addr = admin_listener.local_addr().unwrap();
         let (shutdown_sender, shutdown_receiver) = oneshot::channel::<()>();
         let task = tokio::spawn(cache_node::server::run_node(
             node.clone(),
-            client_listener,
+            client_listeners,
             admin_listener,
             async move {
                 let _ = shutdown_receiver.await;

@@ -3,8 +3,8 @@
 //!
 //! The trait is shaped for completion-based I/O (io_uring): every call takes owned buffers and
 //! paths and returns a boxed `Send` future, so a backend may move the work to another thread or
-//! ring and hand the buffers back when the kernel is done. Nothing above this module touches a
-//! file handle.
+//! ring and hand the buffers back when the kernel is done. Above this module, the only file handles
+//! are the read-only ones [`Storage::open_for_send`] gives the zero-copy hit path.
 //!
 //! Backends:
 //! - [`uring::UringStorage`]: io_uring through tokio-uring, on a dedicated ring thread.
@@ -52,6 +52,15 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Removes a directory and everything in it. A missing directory is not an error.
     fn remove_dir_all(&self, path: PathBuf) -> DiskFuture<()>;
+
+    /// Opens a stored file for the zero-copy hit path, which hands the descriptor to
+    /// `sendfile(2)` rather than reading through this trait. Opening a file whose directory
+    /// entries are cached takes microseconds, so the default opens it in place.
+    fn open_for_send(&self, path: PathBuf) -> DiskFuture<std::fs::File> {
+        let opened =
+            std::fs::File::open(&path).map_err(|error| DiskError::io("open", &path, error));
+        Box::pin(std::future::ready(opened))
+    }
 }
 
 /// A shared handle to whichever backend the node runs on.

@@ -1,8 +1,11 @@
 //! The io_uring storage backend: every read, write, fsync and rename is submitted to an io_uring
 //! through tokio-uring, on one dedicated ring thread that runs many operations concurrently.
 //!
-//! Callers on the node's multi-threaded runtime hand a job (with its owned buffers) to the ring
-//! thread over a channel and await a oneshot answer, so the trait's futures stay `Send`. Reads go
+//! Callers hand a job (with its owned buffers) to a ring over a channel and await a oneshot
+//! answer, so the trait's futures stay `Send`. On a serving worker that runs its own tokio-uring
+//! runtime (thread-per-core, see [`crate::server`]), [`attach_worker_ring`] makes that worker's
+//! ring take the jobs its own requests submit, so the hit path never crosses threads; every other
+//! thread uses the shared ring thread. Reads go
 //! into the caller's buffer without zero-filling it first: the kernel writes the bytes straight
 //! into the spare capacity.
 //!
@@ -28,6 +31,28 @@ pub const SIMULATE_FAILURE_ENV: &str = "OUTPOST_SIMULATE_IO_URING_FAILURE";
 const RING_ENTRIES: u32 = 256;
 
 type Reply<T> = oneshot::Sender<Result<T, DiskError>>;
+
+thread_local! {
+    /// The job queue of the ring owned by this thread, when it is a serving worker.
+    static WORKER_RING: std::cell::RefCell<Option<mpsc::UnboundedSender<Job>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes the calling thread's tokio-uring runtime run the storage jobs submitted on this thread.
+/// Must be called inside `tokio_uring::Runtime::block_on`; the jobs go back to the shared ring
+/// thread once this runtime is gone.
+pub fn attach_worker_ring() {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    WORKER_RING.with(|ring| *ring.borrow_mut() = Some(sender));
+    tokio_uring::spawn(run_jobs(receiver));
+}
+
+/// Runs every job as its own task on the current ring until the senders are gone.
+async fn run_jobs(mut jobs: mpsc::UnboundedReceiver<Job>) {
+    while let Some(job) = jobs.recv().await {
+        tokio_uring::spawn(run_job(job));
+    }
+}
 
 enum Job {
     Read {
@@ -79,7 +104,12 @@ impl UringStorage {
 
     fn submit<T: Send + 'static>(&self, make_job: impl FnOnce(Reply<T>) -> Job) -> DiskFuture<T> {
         let (reply, answer) = oneshot::channel();
-        let sent = self.jobs.send(make_job(reply));
+        let job = make_job(reply);
+        let job = WORKER_RING.with(|ring| match ring.borrow().as_ref() {
+            Some(local) => local.send(job).err().map(|returned| returned.0),
+            None => Some(job),
+        });
+        let sent = job.map_or(Ok(()), |job| self.jobs.send(job).map_err(drop));
         Box::pin(async move {
             if sent.is_err() {
                 return Err(DiskError::Cancelled);
@@ -127,7 +157,7 @@ impl Storage for UringStorage {
 /// The ring thread: creates the tokio-uring runtime, probes it, reports the outcome, then runs
 /// every job as its own task until the storage is dropped.
 fn ring_thread(
-    mut jobs: mpsc::UnboundedReceiver<Job>,
+    jobs: mpsc::UnboundedReceiver<Job>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
     probe_dir: PathBuf,
 ) {
@@ -142,11 +172,8 @@ fn ring_thread(
         let probed = probe(&probe_dir).await;
         let failed = probed.is_err();
         let _ = ready.send(probed);
-        if failed {
-            return;
-        }
-        while let Some(job) = jobs.recv().await {
-            tokio_uring::spawn(run_job(job));
+        if !failed {
+            run_jobs(jobs).await;
         }
     });
 }
