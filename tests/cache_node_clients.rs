@@ -1,5 +1,6 @@
-//! End-to-end with real clients: curl's `-r` ranges and aria2c's 8-connection segmented download
-//! of a 256 MiB file through MCC-mode URLs, both checked by SHA-256.
+//! End-to-end with real clients: curl's `-r` ranges, warm hits over HTTP/1.1 (the zero-copy
+//! `sendfile` path) and HTTP/2 (the copying path), and aria2c's 8-connection segmented download of
+//! a 256 MiB file through MCC-mode URLs, all checked by SHA-256.
 //!
 //! The tools are installed by `.ci/run`. When one is missing locally the test says so and
 //! passes, unless `OUTPOST_REQUIRE_TOOLS=1` (set in CI), where a missing tool is a failure.
@@ -113,6 +114,66 @@ async fn curl_ranges_through_the_node_match_the_origin() {
         headers.contains("x-cache: partial") || headers.contains("x-cache: hit"),
         "{headers}"
     );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_hits_are_byte_exact_over_http1_sendfile_and_http2() {
+    if !tool_available("curl") {
+        return;
+    }
+    let (origin, _storage, node) = origin_and_node().await;
+    // Slices are 64 KiB in the test config: windows of all sizes, at and around the zero-copy
+    // threshold, unaligned starts and ends, and spans crossing many slices.
+    let content = pattern_bytes(5_000_003, 77);
+    origin.put("/zc.bin", content.clone());
+    let url = node.mcc_url("/zc.bin");
+    let cases: [(u64, u64); 6] = [
+        (0, 5_000_002),
+        (1, 32 * 1024),
+        (65_535, 65_536 + 32 * 1024),
+        (100_000, 1_234_567),
+        (4_999_000, 5_000_002),
+        (3, 30),
+    ];
+    let curl_range = |protocol: &'static str, first: u64, last: u64| {
+        let url = url.clone();
+        async move {
+            let output = Command::new("curl")
+                .args(["-sS", "--fail", "--noproxy", "*", protocol])
+                .args(["-r", &format!("{first}-{last}"), &url])
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "curl {protocol} -r {first}-{last}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            output.stdout
+        }
+    };
+    // Warm the whole object, then every window is a hit.
+    curl_range("--http1.1", 0, 5_000_002).await;
+    node.settle().await;
+    let before = node.stats().await["zero_copy_bytes"].as_u64().unwrap();
+    let mut large_windows = 0;
+    for (first, last) in cases {
+        let expected = sha256_hex(&content[first as usize..=last as usize]);
+        let http1 = curl_range("--http1.1", first, last).await;
+        assert_eq!(sha256_hex(&http1), expected, "HTTP/1.1 -r {first}-{last}");
+        let http2 = curl_range("--http2-prior-knowledge", first, last).await;
+        assert_eq!(sha256_hex(&http2), expected, "HTTP/2 -r {first}-{last}");
+        if last - first >= 32 * 1024 {
+            large_windows += 1;
+        }
+    }
+    let zero_copy = node.stats().await["zero_copy_bytes"].as_u64().unwrap() - before;
+    assert!(
+        large_windows > 0 && zero_copy > 5_000_000,
+        "the HTTP/1.1 hits went out with sendfile ({zero_copy} bytes)"
+    );
+    assert_eq!(origin.max_fetches_of_any_byte("/zc.bin"), 1);
     node.stop().await;
 }
 

@@ -68,7 +68,29 @@ pub enum RouteError {
     NoOrigin,
 }
 
-/// Routes a request given its URI and `Host` header.
+/// Routes a request of any HTTP version. An HTTP/2 request always carries its `:authority`
+/// pseudo-header in the URI, where it plays the `Host` header's part (RFC 9113 §8.3.1): it is not
+/// a proxy request (HTTP/2 proxies use CONNECT).
+pub fn route_request(
+    allowlist: &Allowlist,
+    version: http::Version,
+    uri: &Uri,
+    host_header: Option<&str>,
+) -> Result<Route, RouteError> {
+    if version >= http::Version::HTTP_2 {
+        if let Some(authority) = uri.authority() {
+            let mut parts = uri.clone().into_parts();
+            parts.scheme = None;
+            parts.authority = None;
+            if let Ok(origin_form) = Uri::from_parts(parts) {
+                return route(allowlist, &origin_form, Some(authority.as_str()));
+            }
+        }
+    }
+    route(allowlist, uri, host_header)
+}
+
+/// Routes an HTTP/1 request given its URI and `Host` header.
 pub fn route(
     allowlist: &Allowlist,
     uri: &Uri,
@@ -152,6 +174,25 @@ mod tests {
                 route.path_and_query.clone(),
             )
         })
+    }
+
+    #[test]
+    fn http2_authority_is_the_host_not_a_proxy_target() {
+        let list = allowlist(None);
+        let uri: Uri = "http://cache.local:8080/a/b?cacheHostOrigin=dl.delivery.mp.microsoft.com"
+            .parse()
+            .unwrap();
+        let mcc = route_request(&list, http::Version::HTTP_2, &uri, None).unwrap();
+        assert_eq!(mcc.mode, RouteMode::Mcc);
+        assert_eq!(mcc.target.host, "dl.delivery.mp.microsoft.com");
+        assert_eq!(mcc.path_and_query, "/a/b");
+        let uri: Uri = "http://deb.debian.org/debian/x".parse().unwrap();
+        let by_host = route_request(&list, http::Version::HTTP_2, &uri, None).unwrap();
+        assert_eq!(by_host.mode, RouteMode::HostHeader);
+        assert_eq!(by_host.path_and_query, "/debian/x");
+        // The same absolute URI over HTTP/1.1 is a proxy request.
+        let proxied = route_request(&list, http::Version::HTTP_11, &uri, None).unwrap();
+        assert_eq!(proxied.mode, RouteMode::Proxy);
     }
 
     #[test]

@@ -123,7 +123,10 @@ impl Body for ResponseBody {
                                 length,
                             },
                             Some(spans),
-                        ) => spans.frame(file, offset, length),
+                        ) => {
+                            node.stats.zero_copy_bytes.inc_by(length as u64);
+                            spans.frame(file, offset, length)
+                        }
                         (Chunk::File { .. }, None) => {
                             return Poll::Ready(Some(Err(
                                 "a file chunk on a connection without zero-copy".into(),
@@ -216,7 +219,12 @@ pub async fn handle(
         .headers()
         .get(header::HOST)
         .and_then(|value| value.to_str().ok());
-    let route = match router::route(&node.allowlist, request.uri(), host_header) {
+    let route = match router::route_request(
+        &node.allowlist,
+        request.version(),
+        request.uri(),
+        host_header,
+    ) {
         Ok(route) => route,
         Err(error) => {
             node.stats.refused_requests.inc();

@@ -40,6 +40,8 @@ pub struct Stats {
     pub refused_requests: Counter,
     /// Body bytes sent to clients from disk.
     pub hit_bytes: Counter,
+    /// The part of `hit_bytes` sent with `sendfile`, never copied through user space.
+    pub zero_copy_bytes: Counter,
     /// Body bytes sent to clients straight from fills.
     pub miss_bytes: Counter,
     /// Every body byte sent to clients.
@@ -76,6 +78,8 @@ pub struct StatsSnapshot {
     pub refused_requests: u64,
     /// Body bytes sent from disk.
     pub hit_bytes: u64,
+    /// The part of `hit_bytes` sent with `sendfile`.
+    pub zero_copy_bytes: u64,
     /// Body bytes sent from fills.
     pub miss_bytes: u64,
     /// Body bytes sent in all.
@@ -117,6 +121,7 @@ impl Stats {
             partial_requests: Counter::default(),
             refused_requests: Counter::default(),
             hit_bytes: Counter::default(),
+            zero_copy_bytes: Counter::default(),
             miss_bytes: Counter::default(),
             egress_bytes: Counter::default(),
             origin_bytes: Counter::default(),
@@ -130,7 +135,7 @@ impl Stats {
             objects: Gauge::default(),
         };
         let stats = &stats_without_registry;
-        let counters: [(&str, &str, &Counter, Option<Unit>); 14] = [
+        let counters: [(&str, &str, &Counter, Option<Unit>); 15] = [
             (
                 "requests",
                 "Client requests received",
@@ -165,6 +170,12 @@ impl Stats {
                 "hit",
                 "Body bytes sent to clients from disk",
                 &stats.hit_bytes,
+                Some(Unit::Bytes),
+            ),
+            (
+                "zero_copy",
+                "Body bytes sent from disk with sendfile (part of the hit bytes)",
+                &stats.zero_copy_bytes,
                 Some(Unit::Bytes),
             ),
             (
@@ -282,6 +293,7 @@ impl Stats {
             partial_requests: self.partial_requests.get(),
             refused_requests: self.refused_requests.get(),
             hit_bytes,
+            zero_copy_bytes: self.zero_copy_bytes.get(),
             miss_bytes,
             egress_bytes: self.egress_bytes.get(),
             origin_bytes: self.origin_bytes.get(),
