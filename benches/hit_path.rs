@@ -8,7 +8,8 @@
 //! Run with `cargo bench -p cache-node --bench hit_path`. As root it installs wrk, nginx and curl
 //! from Debian's packages when they are missing; otherwise it says what to install.
 //! `OUTPOST_BENCH_SECONDS` sets each wrk run's duration (default 10; 1 under `cargo test`).
-//! `OUTPOST_BENCH_PROFILE=<dir>` records a `perf` profile of the node during each (a) run.
+//! `OUTPOST_BENCH_PROFILE=<dir>` records `perf` profiles of the node during each run
+//! (`node-<backend>.data` for the ranges, `node-<backend>-small.data` for the small hits).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -140,11 +141,20 @@ fn warm(big_url: &str, small_url: &str) {
     assert!(status.success());
 }
 
-/// With `OUTPOST_BENCH_PROFILE=<dir>`, records a `perf` profile of the node during run (a) into
-/// `<dir>/node-<backend>.data` (read it with `perf report -i`).
-fn start_profiler(pid: u32, backend: &str, seconds: u64) -> Option<std::process::Child> {
+/// Runs `measure`; with `OUTPOST_BENCH_PROFILE=<dir>`, records a `perf` profile of process `pid`
+/// meanwhile into `<dir>/node-<name>.data` (read it with `perf report -i`).
+fn profiled<T>(pid: u32, name: &str, seconds: u64, measure: impl FnOnce() -> T) -> T {
+    let profiler = start_profiler(pid, name, seconds);
+    let result = measure();
+    if let Some(mut profiler) = profiler {
+        let _ = profiler.wait();
+    }
+    result
+}
+
+fn start_profiler(pid: u32, name: &str, seconds: u64) -> Option<std::process::Child> {
     let directory = std::env::var("OUTPOST_BENCH_PROFILE").ok()?;
-    let output = Path::new(&directory).join(format!("node-{backend}.data"));
+    let output = Path::new(&directory).join(format!("node-{name}.data"));
     Command::new("perf")
         .args(["record", "-F", "499", "-g", "-p", &pid.to_string(), "-o"])
         .arg(&output)
@@ -209,12 +219,13 @@ fn main() {
             &mcc_url(node.addr, BIG_PATH),
             &mcc_url(node.addr, SMALL_PATH),
         );
-        let profiler = start_profiler(node.child.id(), backend, seconds);
-        let ranges = run_wrk(&mcc_url(node.addr, BIG_PATH), 32, seconds, Some(&script));
-        if let Some(mut profiler) = profiler {
-            let _ = profiler.wait();
-        }
-        let small = run_wrk(&mcc_url(node.addr, SMALL_PATH), 64, seconds, None);
+        let pid = node.child.id();
+        let ranges = profiled(pid, backend, seconds, || {
+            run_wrk(&mcc_url(node.addr, BIG_PATH), 32, seconds, Some(&script))
+        });
+        let small = profiled(pid, &format!("{backend}-small"), seconds, || {
+            run_wrk(&mcc_url(node.addr, SMALL_PATH), 64, seconds, None)
+        });
         let stats = runtime.block_on(common::admin_stats(node.admin_addr));
         node.kill_9();
         node_results.push((
