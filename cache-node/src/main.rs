@@ -19,6 +19,10 @@ struct Arguments {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Ask the running node's admin `/health` (at the configured `admin.listen`) and exit 0 when
+    /// it answers 200. For container health checks: the image has no shell and no curl.
+    #[arg(long)]
+    health_check: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,6 +33,9 @@ fn main() -> anyhow::Result<()> {
     if arguments.check_config {
         println!("configuration is valid");
         return Ok(());
+    }
+    if arguments.health_check {
+        return health_check(config.admin_listen);
     }
     if config.raw.admin.token == "change-me" {
         tracing::warn!(
@@ -57,6 +64,43 @@ fn main() -> anyhow::Result<()> {
             .context("cannot open the cache store")?;
         anyhow::Ok(())
     })
+}
+
+/// Timeout of the whole `--health-check` request.
+const HEALTH_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn health_check(admin_listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    // A wildcard listen address is reached on loopback.
+    let mut address = admin_listen;
+    if address.ip().is_unspecified() {
+        address.set_ip(match address {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let status = runtime.block_on(async {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Empty<bytes::Bytes>>();
+        let uri: http::Uri = format!("http://{address}/health").parse()?;
+        let response = tokio::time::timeout(HEALTH_CHECK_TIMEOUT, client.get(uri))
+            .await
+            .with_context(|| format!("no answer from http://{address}/health within 3 s"))??;
+        let status = response.status();
+        let _ = response.into_body().collect().await;
+        anyhow::Ok(status)
+    })?;
+    anyhow::ensure!(
+        status.is_success(),
+        "http://{address}/health answered {status}"
+    );
+    println!("healthy");
+    Ok(())
 }
 
 fn init_logging(level: &str, format: &str) -> anyhow::Result<()> {
