@@ -66,7 +66,9 @@ fn every_config_field_is_documented_with_its_environment_variable() {
     let mut problems = Vec::new();
     for (section, keys) in &code {
         let Some(rows) = documented.get(section) else {
-            problems.push(format!("section [{section}] has no table in docs/configuration.md"));
+            problems.push(format!(
+                "section [{section}] has no table in docs/configuration.md"
+            ));
             continue;
         };
         for key in keys {

@@ -669,7 +669,21 @@ async fn send_slice(
                     .slice_path(&entry.key, entry.meta.generation, index);
                 let length = (window_end - window_start) as usize;
                 if zero_copy && length >= ZERO_COPY_MIN {
-                    return send_file_window(node, entry, path, window_start, length, sender).await;
+                    match node
+                        .storage
+                        .open_for_send(path.clone(), window_start, length)
+                        .await
+                    {
+                        Ok(Some(file)) => {
+                            return send_file_window(file, window_start, length, sender).await
+                        }
+                        // Not in the page cache: read it below without blocking the worker.
+                        Ok(None) => {}
+                        Err(_) if entry.is_removed() => {
+                            return Err(SendError::Serve(ServeError::Vanished))
+                        }
+                        Err(error) => return Err(SendError::Serve(ServeError::Disk(error))),
+                    }
                 }
                 let buffer = node.read_buffers.take();
                 let bytes = match node
@@ -719,20 +733,15 @@ async fn send_slice(
     Err(SendError::Serve(ServeError::Vanished))
 }
 
-/// Sends a window of a stored slice as file chunks of at most [`sendfile::FRAME_MAX`] bytes.
+/// Sends a window of an opened slice file as file chunks of at most [`sendfile::FRAME_MAX`]
+/// bytes.
 async fn send_file_window(
-    node: &Arc<Node>,
-    entry: &Arc<ObjectEntry>,
-    path: std::path::PathBuf,
+    file: std::fs::File,
     window_start: u64,
     length: usize,
     sender: &mpsc::Sender<BodyItem>,
 ) -> Result<(), SendError> {
-    let file = match node.storage.open_for_send(path).await {
-        Ok(file) => Arc::new(file),
-        Err(_) if entry.is_removed() => return Err(SendError::Serve(ServeError::Vanished)),
-        Err(error) => return Err(SendError::Serve(ServeError::Disk(error))),
-    };
+    let file = Arc::new(file);
     let mut offset = window_start;
     let end = window_start + length as u64;
     while offset < end {

@@ -54,13 +54,43 @@ pub trait Storage: Send + Sync + 'static {
     fn remove_dir_all(&self, path: PathBuf) -> DiskFuture<()>;
 
     /// Opens a stored file for the zero-copy hit path, which hands the descriptor to
-    /// `sendfile(2)` rather than reading through this trait. Opening a file whose directory
-    /// entries are cached takes microseconds, so the default opens it in place.
-    fn open_for_send(&self, path: PathBuf) -> DiskFuture<std::fs::File> {
-        let opened =
-            std::fs::File::open(&path).map_err(|error| DiskError::io("open", &path, error));
+    /// `sendfile(2)` rather than reading through this trait, when the window
+    /// `offset..offset + length` is in the page cache. `Ok(None)` means it is not (or the kernel
+    /// cannot tell): `sendfile` would then block the worker thread on the disk, so the caller
+    /// reads the window through [`Storage::read_at`] instead, which waits without blocking.
+    ///
+    /// The check reads one byte at each end of the window with `preadv2(RWF_NOWAIT)`, which fails
+    /// rather than wait for the disk. Slices are written and read whole, so their pages come and
+    /// go together; the ends stand for the window. Opening a file whose directory entries are
+    /// cached takes microseconds, so the default does all this in place.
+    fn open_for_send(
+        &self,
+        path: PathBuf,
+        offset: u64,
+        length: usize,
+    ) -> DiskFuture<Option<std::fs::File>> {
+        let opened = std::fs::File::open(&path)
+            .map_err(|error| DiskError::io("open", &path, error))
+            .map(|file| {
+                let last = offset + length.saturating_sub(1) as u64;
+                (is_cached(&file, offset) && is_cached(&file, last)).then_some(file)
+            });
         Box::pin(std::future::ready(opened))
     }
+}
+
+/// True when the byte at `offset` of `file` is in the page cache.
+fn is_cached(file: &std::fs::File, offset: u64) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        rustix::io::preadv2(
+            file,
+            &mut [std::io::IoSliceMut::new(&mut byte)],
+            offset,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        ),
+        Ok(1)
+    )
 }
 
 /// A shared handle to whichever backend the node runs on.
@@ -135,6 +165,16 @@ mod tests {
             .map(|entry| entry.unwrap().file_name())
             .collect();
         assert_eq!(names, vec!["slice"], "no temporary file is left behind");
+        let hot = storage.open_for_send(path.clone(), 0, 11).await.unwrap();
+        assert!(hot.is_some(), "a file just written and read is in the page cache");
+        // Drop the (clean, synced) pages: the zero-copy path must then decline the window rather
+        // than let sendfile block on the disk, and a read brings the pages back.
+        let file = std::fs::File::open(&path).unwrap();
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let cold = storage.open_for_send(path.clone(), 0, 11).await.unwrap();
+        assert!(cold.is_none(), "an evicted window is not sent with sendfile");
+        storage.read_at(path.clone(), 0, 11, Vec::new()).await.unwrap();
+        assert!(storage.open_for_send(path.clone(), 0, 11).await.unwrap().is_some());
         let too_long = storage.read_at(path.clone(), 8, 10, Vec::new()).await;
         assert!(
             matches!(too_long, Err(DiskError::ShortRead { .. })),
