@@ -37,8 +37,10 @@ fn documented_sections(markdown: &str) -> BTreeMap<String, BTreeMap<String, Stri
 
 /// Every (section, key) of the config structs, from their serialised defaults.
 fn code_sections() -> BTreeMap<String, Vec<String>> {
-    let mut config = Config::default();
-    config.origin = vec![OriginConfig::default()];
+    let config = Config {
+        origin: vec![OriginConfig::default()],
+        ..Config::default()
+    };
     let value = serde_json::to_value(&config).unwrap();
     let mut sections = BTreeMap::new();
     for (section, fields) in value.as_object().unwrap() {
