@@ -56,8 +56,11 @@ impl CacheHost {
     pub fn mcc_url(&self, origin_url: &Uri) -> String {
         let origin_host = origin_authority(origin_url);
         let path = origin_url.path();
-        let encoded_origin: String =
-            form_urlencoded::byte_serialize(origin_host.as_bytes()).collect();
+        // Escaped like any query value, except that the port's colon stays as it is: a colon is
+        // legal in a query, and DO clients send `host:port` unescaped.
+        let encoded_origin = form_urlencoded::byte_serialize(origin_host.as_bytes())
+            .collect::<String>()
+            .replace("%3A", ":");
         match origin_url.query() {
             Some(query) if !query.is_empty() => format!(
                 "http://{}{path}?{query}&cacheHostOrigin={encoded_origin}",
@@ -234,7 +237,7 @@ mod tests {
             ),
             (
                 "http://example.org:8000/a/b?p=1&q=2",
-                "http://10.1.1.1:8080/a/b?p=1&q=2&cacheHostOrigin=example.org%3A8000",
+                "http://10.1.1.1:8080/a/b?p=1&q=2&cacheHostOrigin=example.org:8000",
             ),
             (
                 "https://example.org/a",

@@ -41,6 +41,9 @@ use crate::progress::{self, Event, Progress, SourceProgress, Status};
 use crate::scheduler::{AttemptId, Claim, Completion, Scheduler};
 use crate::source::{Source, SourceId, SourceKind, SourceSlot, SourceTable};
 
+/// A cache host that sends this many pieces failing their hash is banned for the origin.
+const BAD_PIECES_BEFORE_BAN: u64 = 3;
+
 /// How often progress events are sent and checkpoints considered.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -623,11 +626,12 @@ impl<'a> Engine<'a> {
                         let layout = self.layout.as_mut().expect("fetches need the layout");
                         if matches!(failure.error, FetchError::PieceHash(_)) {
                             layout.scheduler.release(index, attempt, kind, Bytes::new());
-                            layout.scheduler.drop_prefix(index);
-                        } else {
-                            let received = Scheduler::assemble(prefix, failure.received);
-                            layout.scheduler.release(index, attempt, kind, received);
+                            layout.scheduler.reject_copy(index, source);
+                            self.bad_piece(source, index);
+                            return Ok(());
                         }
+                        let received = Scheduler::assemble(prefix, failure.received);
+                        layout.scheduler.release(index, attempt, kind, received);
                         self.source_failed(source, failure.error)
                     }
                 }
@@ -668,7 +672,10 @@ impl<'a> Engine<'a> {
                     layout
                         .scheduler
                         .release(0, claim.attempt, kind, Bytes::new());
-                    return self.source_failed(source, FetchError::PieceHash(0));
+                    layout.scheduler.reject_copy(0, source);
+                    self.bad_piece(source, 0);
+                    self.start_rate_probe();
+                    return Ok(());
                 }
             }
             self.piece_fetched(0, claim.attempt, kind, piece);
@@ -810,7 +817,48 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// A piece failed its hash check. The piece goes to another source; the sender is not
+    /// backed off (its transport works), but it counts as a cache failure for the fallback
+    /// rules, and a cache host that sends [`BAD_PIECES_BEFORE_BAN`] bad pieces is banned for
+    /// this origin, as DO bans a peer that sends several.
+    fn bad_piece(&mut self, source: SourceId, index: u64) {
+        let now = Instant::now();
+        let slot = self.sources.get_mut(source);
+        slot.stats.failures += 1;
+        slot.stats.bad_pieces += 1;
+        let label = slot.source.label();
+        let mut banned_for = None;
+        if let Some(host) = slot.source.cache_host().cloned() {
+            self.policy.record_cache_failure(now);
+            if slot.stats.bad_pieces >= BAD_PIECES_BEFORE_BAN {
+                let ban = self.downloader.config.raw.cache.ban_duration;
+                self.downloader
+                    .bans
+                    .ban_for_origin(&host, &self.origin_key, now, ban);
+                banned_for = Some(ban);
+            }
+        }
+        let error = FetchError::PieceHash(index);
+        tracing::warn!(source = %label, %error, ?banned_for, "bad piece discarded");
+        self.emit(Event::SourceFailed {
+            label,
+            error: error.to_string(),
+            banned_for,
+        });
+    }
+
     fn no_source_left(&self) -> DownloadError {
+        if let Some(layout) = &self.layout {
+            let all: Vec<SourceId> = (0..self.sources.slots.len()).collect();
+            if let Some(index) = layout.scheduler.piece_refused_by_all(&all) {
+                return DownloadError::GaveUp {
+                    failures: self.failures_without_progress,
+                    source_label: "every source".into(),
+                    last: FetchError::PieceHash(index),
+                    origin_of_failure: ErrorSource::Origin,
+                };
+            }
+        }
         DownloadError::GaveUp {
             failures: self.failures_without_progress,
             source_label: "every source".into(),
@@ -956,6 +1004,7 @@ impl<'a> Engine<'a> {
 
     /// Renames the verified file into place and builds the status.
     async fn complete(mut self) -> Result<Status, DownloadError> {
+        let progress = self.progress();
         let layout = self
             .layout
             .take()
@@ -977,7 +1026,6 @@ impl<'a> Engine<'a> {
             )
         })?;
         let _ = std::fs::remove_file(&self.paths.state);
-        let progress = self.progress();
         self.emit(Event::Progress(progress.clone()));
         let bytes_of = |kind: SourceKind| -> u64 {
             progress

@@ -16,6 +16,7 @@
 //!   origin is marked missing again.
 
 use std::ops::Range;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
@@ -28,6 +29,10 @@ const SLOW_SOURCE_FACTOR: f64 = 4.0;
 
 /// A piece is overdue when it has run this many times longer than its holder's rate predicts.
 const OVERDUE_FACTOR: f64 = 2.0;
+
+/// The least time a piece must have run before another connection of the same source duplicates
+/// it.
+const SAME_SOURCE_RESCUE_AFTER: Duration = Duration::from_secs(1);
 
 /// The state of one piece.
 #[derive(Debug, Clone)]
@@ -105,6 +110,9 @@ pub struct Scheduler {
     file_len: u64,
     piece_len: u64,
     pieces: Vec<PieceState>,
+    /// Per piece, the sources that sent a copy failing its hash check; they are not asked for
+    /// it again.
+    bad_sources: Vec<Vec<SourceId>>,
     next_attempt: AttemptId,
 }
 
@@ -113,7 +121,7 @@ impl Scheduler {
     /// disk (from a resume), others start missing.
     pub fn new(file_len: u64, piece_len: u64, done: &[bool]) -> Scheduler {
         let piece_count = file_len.div_ceil(piece_len) as usize;
-        let pieces = (0..piece_count)
+        let pieces: Vec<PieceState> = (0..piece_count)
             .map(|index| {
                 if done.get(index).copied().unwrap_or(false) {
                     PieceState::Done {
@@ -134,6 +142,7 @@ impl Scheduler {
         Scheduler {
             file_len,
             piece_len,
+            bad_sources: vec![Vec::new(); pieces.len()],
             pieces,
             next_attempt: 0,
         }
@@ -202,7 +211,10 @@ impl Scheduler {
         let missing = self
             .pieces
             .iter()
-            .position(|piece| matches!(piece, PieceState::Missing { .. }));
+            .zip(&self.bad_sources)
+            .position(|(piece, bad)| {
+                matches!(piece, PieceState::Missing { .. }) && !bad.contains(&source)
+            });
         match missing {
             Some(index) => {
                 if self.leave_for_a_faster_source(source, sources) {
@@ -252,7 +264,9 @@ impl Scheduler {
             .iter()
             .enumerate()
             .filter_map(|(index, piece)| match piece {
-                PieceState::InFlight { holders, .. } if holders.len() == 1 => {
+                PieceState::InFlight { holders, .. }
+                    if holders.len() == 1 && !self.bad_sources[index].contains(&source) =>
+                {
                     Some((index, holders[0]))
                 }
                 _ => None,
@@ -272,7 +286,10 @@ impl Scheduler {
                     _ => false,
                 };
                 if holder.source == source {
+                    // Another connection to the same source only rescues a connection that is
+                    // stuck, not one that is merely a little behind.
                     overdue
+                        && now.saturating_duration_since(holder.started) >= SAME_SOURCE_RESCUE_AFTER
                 } else {
                     overdue || at_least_as_fast
                 }
@@ -397,6 +414,28 @@ impl Scheduler {
         }
     }
 
+    /// Records that `source` sent a copy of piece `index` that failed its hash check: its prefix
+    /// is dropped (any of its bytes may be the bad ones) and `source` is not asked for it again.
+    pub fn reject_copy(&mut self, index: u64, source: SourceId) {
+        self.drop_prefix(index);
+        let bad = &mut self.bad_sources[index as usize];
+        if !bad.contains(&source) {
+            bad.push(source);
+        }
+    }
+
+    /// A missing piece that no source in `sources` may be asked for any more, if there is one.
+    pub fn piece_refused_by_all(&self, sources: &[SourceId]) -> Option<u64> {
+        self.pieces
+            .iter()
+            .zip(&self.bad_sources)
+            .position(|(piece, bad)| {
+                matches!(piece, PieceState::Missing { .. })
+                    && sources.iter().all(|source| bad.contains(source))
+            })
+            .map(|index| index as u64)
+    }
+
     /// Records that piece `index` is on disk.
     pub fn written(&mut self, index: u64) {
         let piece = &mut self.pieces[index as usize];
@@ -445,7 +484,6 @@ impl Scheduler {
 mod tests {
     use super::*;
     use crate::source::{Source, SourceSlot};
-    use std::time::Duration;
 
     const MIB: u64 = 1 << 20;
 
@@ -571,6 +609,36 @@ mod tests {
         let mut bigger = Scheduler::new(10 * MIB, MIB, &[]);
         bigger.next_for(1, &sources, Instant::now()).unwrap();
         assert!(bigger.next_for(0, &sources, Instant::now()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_that_sent_a_bad_copy_is_not_asked_for_that_piece_again() {
+        let mut scheduler = Scheduler::new(2 * MIB, MIB, &[]);
+        let sources = table(&[None, None]);
+        let claim = scheduler.next_for(0, &sources, Instant::now()).unwrap();
+        scheduler.release(
+            claim.index,
+            claim.attempt,
+            SourceKind::CacheHost,
+            Bytes::from_static(b"xy"),
+        );
+        scheduler.reject_copy(claim.index, 0);
+        assert_eq!(
+            scheduler
+                .next_for(0, &sources, Instant::now())
+                .unwrap()
+                .index,
+            1
+        );
+        assert!(scheduler.next_for(0, &sources, Instant::now()).is_none());
+        assert_eq!(scheduler.piece_refused_by_all(&[0]), Some(0));
+        assert_eq!(scheduler.piece_refused_by_all(&[0, 1]), None);
+        let retry = scheduler.next_for(1, &sources, Instant::now()).unwrap();
+        assert_eq!(
+            (retry.index, retry.range),
+            (0, 0..MIB),
+            "the suspect prefix was dropped"
+        );
     }
 
     #[tokio::test(start_paused = true)]

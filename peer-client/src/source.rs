@@ -88,8 +88,10 @@ pub struct SourceStats {
     pub bytes: u64,
     /// Pieces it completed that were kept.
     pub pieces: u64,
-    /// Failed requests.
+    /// Failed requests (bad pieces included).
     pub failures: u64,
+    /// Pieces that failed their hash check.
+    pub bad_pieces: u64,
     /// Requests sent (DO reports connection counts per kind).
     pub requests: u64,
     /// Smoothed bytes per second of one connection, from completed pieces.
