@@ -33,7 +33,13 @@ impl KillableNode {
     /// Starts a node whose `[[origin]]` list allows `127.0.0.1` (any port, fetched directly) and
     /// `tests/common`'s origin host (mapped to `origin_base`).
     pub fn start(origin_base: &str) -> KillableNode {
-        let storage = tempfile::tempdir().unwrap();
+        Self::start_in(origin_base, &std::env::temp_dir())
+    }
+
+    /// Like [`KillableNode::start`], with the cache stored under `parent` (benchmarks put it on
+    /// the same disk as the files they download).
+    pub fn start_in(origin_base: &str, parent: &Path) -> KillableNode {
+        let storage = tempfile::tempdir_in(parent).unwrap();
         let mut config = test_config(storage.path(), origin_base, NODE_SLICE, "4GiB");
         // The portable backend: a killed node must leave no io_uring thread behind.
         config.storage.io_backend = "portable".into();
