@@ -246,3 +246,48 @@ async fn the_bandwidth_cap_holds_within_fifteen_percent_across_connections() {
         sha256_hex(&content)
     );
 }
+
+#[tokio::test]
+async fn a_cancelled_download_keeps_its_pieces_and_the_next_run_resumes() {
+    let origin = MockOrigin::start().await;
+    let content = pattern_bytes(8 * MIB, 13);
+    origin.put("/files/cancel.bin", content.clone());
+    let node = KillableNode::start(&origin.base_url());
+    let url = format!("{}/files/cancel.bin", origin.base_url());
+    let directory = tempfile::tempdir().unwrap();
+    let output = directory.path().join("cancel.bin");
+    let mut capped = peer_config(&[node.addr]);
+    capped.max_download_bandwidth = "4MiB".into();
+    let mut request = DownloadRequest::new(url.clone(), &output);
+    let cancel = request.cancel.clone();
+    let (sender, mut events) = tokio::sync::mpsc::unbounded_channel();
+    request.events = Some(sender);
+    let client = downloader(capped);
+    let running = tokio::spawn(async move { client.download(request).await });
+    // Cancel (what Ctrl-C does in the binary) once two pieces are on disk.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), events.recv()).await {
+            Ok(Some(Event::Progress(progress))) if progress.done_bytes >= 2 * MIB as u64 => break,
+            Ok(Some(_)) => {}
+            other => panic!("no progress: {other:?}"),
+        }
+    }
+    cancel.cancel();
+    let error = running.await.unwrap().expect_err("cancelled");
+    assert!(
+        matches!(error, peer_client::DownloadError::Cancelled),
+        "{error}"
+    );
+    assert!(error.retry_later_may_help());
+    assert!(!output.exists());
+    assert!(done_pieces(&output) >= 2);
+
+    let resumed = run_download(
+        &downloader(peer_config(&[node.addr])),
+        DownloadRequest::new(url, &output),
+    )
+    .await;
+    let status = resumed.status();
+    assert!(status.bytes_resumed >= 2 * MIB as u64, "{status:?}");
+    assert_eq!(file_sha256(&output), sha256_hex(&content));
+}

@@ -141,6 +141,17 @@ enum TaskOutcome {
         index: u64,
         result: std::io::Result<()>,
     },
+    /// A checkpoint of the resume state.
+    Checkpointed { result: Result<(), DownloadError> },
+}
+
+/// What a request task takes along.
+struct RequestContext {
+    url: Uri,
+    kind: SourceKind,
+    http: HttpClients,
+    meter: crate::bandwidth::BandwidthMeter,
+    received: Arc<Vec<AtomicU64>>,
 }
 
 /// A running piece request.
@@ -177,6 +188,7 @@ struct Engine<'a> {
     fallback_announced: bool,
     repairing: bool,
     checkpoint_due: bool,
+    checkpoint_running: bool,
     last_checkpoint: Instant,
     rate_probe: Option<RateProbe>,
     started: Instant,
@@ -256,6 +268,7 @@ impl<'a> Engine<'a> {
             fallback_announced: false,
             repairing: false,
             checkpoint_due: false,
+            checkpoint_running: false,
             last_checkpoint: now,
             rate_probe: None,
             started: now,
@@ -295,6 +308,7 @@ impl<'a> Engine<'a> {
         let cancel = self.request.cancel.clone();
         loop {
             if self.pending_writes == 0
+                && !self.checkpoint_running
                 && self
                     .layout
                     .as_ref()
@@ -322,9 +336,13 @@ impl<'a> Engine<'a> {
                 _ = ticker.tick() => self.tick().await?,
                 () = cancel.cancelled() => {
                     self.abort_all();
-                    while self.pending_writes > 0 {
+                    while self.pending_writes > 0 || self.checkpoint_running {
                         match self.tasks.join_next().await {
                             Some(Ok(TaskOutcome::Written { index, result })) => self.written(index, result)?,
+                            Some(Ok(TaskOutcome::Checkpointed { result })) => {
+                                self.checkpoint_running = false;
+                                result?;
+                            }
                             Some(_) => {}
                             None => break,
                         }
@@ -501,15 +519,28 @@ impl<'a> Engine<'a> {
         Ok(wake)
     }
 
-    fn spawn_probe(&mut self, source: SourceId, now: Instant) {
+    /// Counts a request to `source` and gathers what its task needs.
+    fn start_request(&mut self, source: SourceId) -> RequestContext {
         let slot = self.sources.get_mut(source);
         slot.in_flight += 1;
         slot.stats.requests += 1;
-        let url = slot.source.url().clone();
-        let kind = slot.source.kind();
-        let http = self.downloader.http.clone();
-        let mut meter = self.downloader.bandwidth.meter();
-        let received = Arc::clone(&self.received);
+        RequestContext {
+            url: slot.source.url().clone(),
+            kind: slot.source.kind(),
+            http: self.downloader.http.clone(),
+            meter: self.downloader.bandwidth.meter(),
+            received: Arc::clone(&self.received),
+        }
+    }
+
+    fn spawn_probe(&mut self, source: SourceId, now: Instant) {
+        let RequestContext {
+            url,
+            kind,
+            http,
+            mut meter,
+            received,
+        } = self.start_request(source);
         let piece_len = self.piece_len;
         self.probe_running = true;
         self.tasks.spawn(async move {
@@ -532,15 +563,14 @@ impl<'a> Engine<'a> {
     }
 
     fn spawn_fetch(&mut self, source: SourceId, claim: Claim, now: Instant) {
+        let RequestContext {
+            url,
+            kind,
+            http,
+            mut meter,
+            received,
+        } = self.start_request(source);
         let layout = self.layout.as_ref().expect("fetches need the layout");
-        let slot = self.sources.get_mut(source);
-        slot.in_flight += 1;
-        slot.stats.requests += 1;
-        let url = slot.source.url().clone();
-        let kind = slot.source.kind();
-        let http = self.downloader.http.clone();
-        let mut meter = self.downloader.bandwidth.meter();
-        let received = Arc::clone(&self.received);
         let file_len = layout.scheduler.file_len();
         let validator = layout.validator.clone();
         let piece_hashes = self.request.piece_hashes.clone();
@@ -551,7 +581,7 @@ impl<'a> Engine<'a> {
             prefix,
             duplicate,
         } = claim;
-        tracing::trace!(index, duplicate, source = %slot.source.label(), "fetching piece");
+        tracing::trace!(index, duplicate, %url, "fetching piece");
         let abort = self.tasks.spawn(async move {
             let request = RangeRequest {
                 url: &url,
@@ -637,6 +667,10 @@ impl<'a> Engine<'a> {
                 }
             }
             TaskOutcome::Written { index, result } => self.written(index, result),
+            TaskOutcome::Checkpointed { result } => {
+                self.checkpoint_running = false;
+                result
+            }
         }
     }
 
@@ -886,19 +920,36 @@ impl<'a> Engine<'a> {
         }
         self.emit(Event::Progress(self.progress()));
         if self.checkpoint_due
+            && !self.checkpoint_running
             && now.duration_since(self.last_checkpoint)
                 >= self.downloader.config.raw.storage.checkpoint_interval
         {
-            self.checkpoint().await?;
+            // The flush can take as long as the disk needs to write a second of downloading;
+            // it runs beside the engine, which keeps fetching meanwhile.
+            if let Some(job) = self.checkpoint_job() {
+                self.checkpoint_running = true;
+                self.tasks
+                    .spawn(async move { TaskOutcome::Checkpointed { result: job.await } });
+            }
         }
         Ok(())
     }
 
-    /// Writes the resume state: the pieces written so far (flushed first with `storage.fsync`).
+    /// Writes the resume state now.
     async fn checkpoint(&mut self) -> Result<(), DownloadError> {
-        let Some(layout) = &self.layout else {
-            return Ok(());
-        };
+        match self.checkpoint_job() {
+            Some(job) => job.await,
+            None => Ok(()),
+        }
+    }
+
+    /// The work of one checkpoint: the pieces written so far, flushed first with
+    /// `storage.fsync`, then the state file replaced. The bitmap is taken before the flush, so it
+    /// never names a piece the flush did not cover.
+    fn checkpoint_job(
+        &mut self,
+    ) -> Option<impl std::future::Future<Output = Result<(), DownloadError>> + Send + 'static> {
+        let layout = self.layout.as_ref()?;
         let state = ResumeState {
             version: STATE_VERSION,
             url: self.request.url.clone(),
@@ -907,17 +958,27 @@ impl<'a> Engine<'a> {
             validator: layout.validator.clone(),
             done_pieces: encode_bitmap(&layout.scheduler.done_map()),
         };
-        if self.downloader.config.raw.storage.fsync {
-            layout.file.sync_data().await.map_err(|error| {
-                DownloadError::disk(format!("flushing {}", self.paths.partial.display()), error)
-            })?;
-        }
-        self.paths.save_state(&state).map_err(|error| {
-            DownloadError::disk(format!("writing {}", self.paths.state.display()), error)
-        })?;
+        let fsync = self.downloader.config.raw.storage.fsync;
+        let file = layout.file.clone();
+        let paths = self.paths.clone();
         self.checkpoint_due = false;
         self.last_checkpoint = Instant::now();
-        Ok(())
+        Some(async move {
+            if fsync {
+                file.sync_data().await.map_err(|error| {
+                    DownloadError::disk(format!("flushing {}", paths.partial.display()), error)
+                })?;
+            }
+            tokio::task::spawn_blocking(move || {
+                paths.save_state(&state).map_err(|error| {
+                    DownloadError::disk(format!("writing {}", paths.state.display()), error)
+                })
+            })
+            .await
+            .map_err(|error| {
+                DownloadError::disk("writing the resume state", std::io::Error::other(error))
+            })?
+        })
     }
 
     fn progress(&self) -> Progress {
