@@ -154,6 +154,28 @@ struct RequestContext {
     received: Arc<Vec<AtomicU64>>,
 }
 
+impl RequestContext {
+    /// Sends the range request.
+    async fn fetch(
+        mut self,
+        source: SourceId,
+        range: std::ops::Range<u64>,
+        file_len: Option<u64>,
+        validator: Option<&Validator>,
+    ) -> Result<RangeResponse, RangeFailure> {
+        let request = RangeRequest {
+            url: &self.url,
+            kind: self.kind,
+            range,
+            file_len,
+            validator,
+        };
+        self.http
+            .fetch_range(request, &mut self.meter, &self.received[source])
+            .await
+    }
+}
+
 /// A running piece request.
 struct RunningAttempt {
     abort: AbortHandle,
@@ -534,26 +556,11 @@ impl<'a> Engine<'a> {
     }
 
     fn spawn_probe(&mut self, source: SourceId, now: Instant) {
-        let RequestContext {
-            url,
-            kind,
-            http,
-            mut meter,
-            received,
-        } = self.start_request(source);
+        let context = self.start_request(source);
         let piece_len = self.piece_len;
         self.probe_running = true;
         self.tasks.spawn(async move {
-            let request = RangeRequest {
-                url: &url,
-                kind,
-                range: 0..piece_len,
-                file_len: None,
-                validator: None,
-            };
-            let result = http
-                .fetch_range(request, &mut meter, &received[source])
-                .await;
+            let result = context.fetch(source, 0..piece_len, None, None).await;
             TaskOutcome::Probed {
                 source,
                 started: now,
@@ -563,13 +570,7 @@ impl<'a> Engine<'a> {
     }
 
     fn spawn_fetch(&mut self, source: SourceId, claim: Claim, now: Instant) {
-        let RequestContext {
-            url,
-            kind,
-            http,
-            mut meter,
-            received,
-        } = self.start_request(source);
+        let context = self.start_request(source);
         let layout = self.layout.as_ref().expect("fetches need the layout");
         let file_len = layout.scheduler.file_len();
         let validator = layout.validator.clone();
@@ -581,17 +582,10 @@ impl<'a> Engine<'a> {
             prefix,
             duplicate,
         } = claim;
-        tracing::trace!(index, duplicate, %url, "fetching piece");
+        tracing::trace!(index, duplicate, url = %context.url, "fetching piece");
         let abort = self.tasks.spawn(async move {
-            let request = RangeRequest {
-                url: &url,
-                kind,
-                range,
-                file_len: Some(file_len),
-                validator: Some(&validator),
-            };
-            let result = http
-                .fetch_range(request, &mut meter, &received[source])
+            let result = context
+                .fetch(source, range, Some(file_len), Some(&validator))
                 .await
                 .and_then(|response| {
                     let piece = Scheduler::assemble(prefix.clone(), response.data);
