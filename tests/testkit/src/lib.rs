@@ -8,7 +8,8 @@
 //!   serves objects with single-range support, `If-Range`, strong ETags and a fixed `Last-Modified`,
 //!   records every request it sees, counts how many times each byte of each object has been sent,
 //!   and can misbehave on demand ([`Behaviour`]): ignore ranges, delay headers, throttle the body,
-//!   abort mid-body, lie about the length, use chunked framing, or answer with an error status.
+//!   abort mid-body, lie about the length, use chunked framing, answer with an error status,
+//!   or corrupt bytes while keeping the ETag.
 //! - This file: content helpers shared by tests, [`pattern_bytes`] (fast deterministic
 //!   pseudo-random content) and [`sha256_hex`] (digests for comparing large bodies).
 

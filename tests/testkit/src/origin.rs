@@ -81,6 +81,9 @@ pub struct Behaviour {
     pub chunked: bool,
     /// Respond with this status and a short body instead of serving the object (e.g. 404, 500).
     pub status_override: Option<u16>,
+    /// Send these bytes of the object (offsets in the object) inverted, with every header,
+    /// the ETag included, unchanged: an origin or disk that silently corrupts content.
+    pub corrupt_range: Option<Range<u64>>,
 }
 
 /// One request as the origin received it.
@@ -933,10 +936,39 @@ fn build_object_response(
             offset_in_object,
             ..body_sender
         };
-        *response.body_mut() =
-            MockResponseBody::new(body_content, declared_body_length, behaviour, body_sender);
+        *response.body_mut() = MockResponseBody::new(
+            corrupt_body(
+                body_content,
+                offset_in_object,
+                behaviour.corrupt_range.as_ref(),
+            ),
+            declared_body_length,
+            behaviour,
+            body_sender,
+        );
     }
     response
+}
+
+/// Inverts the bytes of `body` (which starts at `offset_in_object`) that fall in `corrupt_range`.
+/// Copies only when there is something to corrupt, so well-behaved bodies stay zero-copy.
+fn corrupt_body(body: Bytes, offset_in_object: u64, corrupt_range: Option<&Range<u64>>) -> Bytes {
+    let Some(corrupt_range) = corrupt_range else {
+        return body;
+    };
+    let body_end = offset_in_object + body.len() as u64;
+    let start = corrupt_range.start.max(offset_in_object);
+    let end = corrupt_range.end.min(body_end);
+    if start >= end {
+        return body;
+    }
+    let mut corrupted = body.to_vec();
+    for byte in
+        &mut corrupted[(start - offset_in_object) as usize..(end - offset_in_object) as usize]
+    {
+        *byte = !*byte;
+    }
+    Bytes::from(corrupted)
 }
 
 fn header_value_from_string(text: String) -> HeaderValue {
@@ -1202,6 +1234,17 @@ mod tests {
             counter.record_sent_range(start, start + chunk as u64);
         }
         assert_eq!(counter.segments(), vec![(0..(1 << 30), 1)]);
+    }
+
+    #[test]
+    fn corruption_inverts_only_the_overlap_with_the_body() {
+        let body = Bytes::from_static(&[0, 1, 2, 3]);
+        assert_eq!(corrupt_body(body.clone(), 100, Some(&(0..50))), body);
+        assert_eq!(corrupt_body(body.clone(), 100, None), body);
+        assert_eq!(
+            corrupt_body(body, 100, Some(&(102..200))).as_ref(),
+            [0, 1, !2, !3]
+        );
     }
 
     #[test]

@@ -1,0 +1,123 @@
+//! Integrity: the whole-file SHA-256 (`--sha256`) and the per-piece hash interface.
+//!
+//! [`PieceHashes`] is what the engine asks of trusted piece metadata: the piece length the hashes
+//! were computed over and the expected digest of each piece. When a download has one, every piece
+//! is checked before it is written, and a bad piece is refetched from another source. Cache-node
+//! will serve piece manifests and peers will need them (issue 5); [`PieceManifest`] is the plain
+//! in-memory form any of those can be loaded into.
+
+use std::io::Read;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+/// A SHA-256 digest.
+pub type Sha256Digest = [u8; 32];
+
+/// Parses 64 hexadecimal digits (either case) into a digest.
+pub fn parse_sha256_hex(text: &str) -> Result<Sha256Digest, String> {
+    let mut digest = [0_u8; 32];
+    hex::decode_to_slice(text.trim(), &mut digest)
+        .map_err(|_| format!("\"{text}\" is not a SHA-256 digest (64 hexadecimal digits)"))?;
+    Ok(digest)
+}
+
+/// Trusted per-piece hashes of one content item.
+pub trait PieceHashes: Send + Sync + std::fmt::Debug {
+    /// The length of every piece but the last, which the download then uses as its piece size.
+    fn piece_len(&self) -> u64;
+    /// The expected digest of piece `index`, or `None` when the metadata does not cover it.
+    fn piece_hash(&self, index: u64) -> Option<Sha256Digest>;
+}
+
+/// Piece hashes held in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PieceManifest {
+    piece_len: u64,
+    hashes: Vec<Sha256Digest>,
+}
+
+impl PieceManifest {
+    /// A manifest of `hashes` for pieces of `piece_len` bytes.
+    pub fn new(piece_len: u64, hashes: Vec<Sha256Digest>) -> PieceManifest {
+        PieceManifest { piece_len, hashes }
+    }
+
+    /// Hashes `content` piece by piece (what a publisher or cache node does).
+    pub fn of_content(content: &[u8], piece_len: u64) -> PieceManifest {
+        let hashes = content
+            .chunks(piece_len as usize)
+            .map(|piece| Sha256::digest(piece).into())
+            .collect();
+        PieceManifest { piece_len, hashes }
+    }
+}
+
+impl PieceHashes for PieceManifest {
+    fn piece_len(&self) -> u64 {
+        self.piece_len
+    }
+
+    fn piece_hash(&self, index: u64) -> Option<Sha256Digest> {
+        self.hashes.get(index as usize).copied()
+    }
+}
+
+/// True when `data` is piece `index` according to `hashes`, or when they do not cover it.
+pub fn piece_matches(hashes: &dyn PieceHashes, index: u64, data: &[u8]) -> bool {
+    match hashes.piece_hash(index) {
+        Some(expected) => Sha256::digest(data).as_slice() == expected,
+        None => true,
+    }
+}
+
+/// The SHA-256 of a file (blocking; run it on the blocking pool).
+pub fn hash_file(path: &Path) -> std::io::Result<Sha256Digest> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0_u8; 1 << 20];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(hasher.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_parse_from_hex() {
+        let text = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(hex::encode(parse_sha256_hex(text).unwrap()), text);
+        assert!(parse_sha256_hex(&text.to_uppercase()).is_ok());
+        assert!(parse_sha256_hex(&text[1..]).is_err());
+        assert!(parse_sha256_hex("zz").is_err());
+    }
+
+    #[test]
+    fn a_manifest_checks_each_piece_and_ignores_pieces_it_does_not_cover() {
+        let content: Vec<u8> = (0..2500_u32).map(|value| value as u8).collect();
+        let manifest = PieceManifest::of_content(&content, 1000);
+        assert_eq!(manifest.piece_len(), 1000);
+        assert!(piece_matches(&manifest, 0, &content[..1000]));
+        assert!(piece_matches(&manifest, 2, &content[2000..]));
+        assert!(!piece_matches(&manifest, 1, &content[..1000]));
+        assert!(piece_matches(&manifest, 3, b"not covered"));
+    }
+
+    #[test]
+    fn files_hash_like_their_content() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("f");
+        std::fs::write(&path, b"abc").unwrap();
+        assert_eq!(
+            hex::encode(hash_file(&path).unwrap()),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

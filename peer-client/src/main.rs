@@ -1,0 +1,220 @@
+//! The `peer-client` binary: parse arguments, load and validate the config, run one download
+//! with [`peer_client::Downloader`], show its progress and print its status.
+//!
+//! `peer-client daemon` (serving peers on port 7680 and a local status API) arrives with issue 5
+//! as a second subcommand.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::mpsc;
+
+use peer_client::integrity::parse_sha256_hex;
+use peer_client::{Config, DownloadRequest, Downloader, Event};
+
+/// Outpost peer-client: downloads through the branch office's cache node, falling back to the
+/// origin, in the manner of Windows Delivery Optimization.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Arguments {
+    /// The TOML configuration file. Keys can be overridden with PEER_CLIENT__<KEY> and
+    /// PEER_CLIENT__<SECTION>__<KEY>.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Download a URL to a file.
+    Get(GetArguments),
+}
+
+#[derive(Debug, clap::Args)]
+struct GetArguments {
+    /// The URL to download (http:// or https://).
+    url: String,
+    /// Where to write the file. The partial file and resume state live beside it until the
+    /// download is complete and verified.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// A cache host (host or host:port); repeat the flag or give a comma list. Overrides the
+    /// configured `cache_hosts`.
+    #[arg(long = "cache-host", value_delimiter = ',')]
+    cache_hosts: Vec<String>,
+    /// The expected SHA-256 of the file (64 hex digits).
+    #[arg(long)]
+    sha256: Option<String>,
+    /// Delivery Optimization download mode: 0, 1, 2, 3, 99 or 100.
+    #[arg(long)]
+    download_mode: Option<u8>,
+    /// Seconds to keep trying cache hosts before using the origin (-1: never).
+    #[arg(long, allow_hyphen_values = true)]
+    delay_cache_fallback_secs: Option<i64>,
+    /// Bandwidth cap: "0", a rate such as "10MiB" (per second), or a percentage such as "50%".
+    #[arg(long)]
+    max_download_bandwidth: Option<String>,
+    /// Print the final status as JSON with Delivery Optimization's field names.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let arguments = Arguments::parse();
+    match run(arguments) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("peer-client: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(arguments: Arguments) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(arguments.config.as_deref())?;
+    let Command::Get(get) = arguments.command;
+    if !get.cache_hosts.is_empty() {
+        config.cache_hosts = get.cache_hosts.clone();
+    }
+    if let Some(mode) = get.download_mode {
+        config.download_mode = mode;
+    }
+    if let Some(delay) = get.delay_cache_fallback_secs {
+        config.delay_cache_fallback_secs = delay;
+    }
+    if let Some(cap) = &get.max_download_bandwidth {
+        config.max_download_bandwidth = cap.clone();
+    }
+    let config = config.validate()?;
+    init_logging(&config.raw.log.level)?;
+    let sha256 = get
+        .sha256
+        .as_deref()
+        .map(parse_sha256_hex)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context("--sha256")?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        let downloader = Downloader::new(config);
+        let (events, event_receiver) = mpsc::unbounded_channel();
+        let mut request = DownloadRequest::new(get.url.clone(), get.output.clone());
+        request.sha256 = sha256;
+        request.events = Some(events);
+        let cancel = request.cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        });
+        let show_bar = !get.quiet && std::io::stderr().is_terminal();
+        let display = tokio::spawn(show_progress(event_receiver, show_bar));
+        let result = downloader.download(request).await;
+        let _ = display.await;
+        match result {
+            Ok(status) => {
+                if get.json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else if !get.quiet {
+                    eprintln!(
+                        "{}: {} in {} ({} from cache, {} from the origin)",
+                        get.output.display(),
+                        HumanBytes(status.file_size),
+                        status.download_duration,
+                        HumanBytes(status.bytes_from_cache_server),
+                        HumanBytes(status.bytes_from_http),
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(error) => {
+                if get.json {
+                    let failure = serde_json::json!({
+                        "Status": "Error",
+                        "Error": error.to_string(),
+                        "ErrorSource": error.error_source(),
+                        "RetryLaterMayHelp": error.retry_later_may_help(),
+                    });
+                    println!("{}", serde_json::to_string_pretty(&failure)?);
+                }
+                Err(anyhow::Error::new(error))
+            }
+        }
+    })
+}
+
+/// Draws the progress bar (on a terminal) until the download's event channel closes.
+async fn show_progress(mut events: mpsc::UnboundedReceiver<Event>, show_bar: bool) {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if !show_bar {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "[{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}\n{msg}",
+        )
+        .expect("the template is valid"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Started {
+                file_len,
+                resumed_bytes,
+            } => {
+                bar.set_length(file_len);
+                bar.set_position(resumed_bytes);
+                bar.reset_eta();
+            }
+            Event::Progress(progress) => {
+                bar.set_position(progress.done_bytes);
+                let per_source: Vec<String> = progress
+                    .sources
+                    .iter()
+                    .filter(|source| source.bytes > 0 || source.connections > 0)
+                    .map(|source| {
+                        format!(
+                            "{}: {} ({} conn)",
+                            source.label,
+                            HumanBytes(source.bytes),
+                            source.connections
+                        )
+                    })
+                    .collect();
+                bar.set_message(per_source.join(" · "));
+            }
+            // Failed requests are logged (at warn) by the library.
+            Event::SourceFailed { .. } => {}
+            Event::FallbackToOrigin => bar.println("falling back to the origin"),
+            Event::Verifying => bar.set_message("verifying SHA-256"),
+            Event::Repairing { pieces } => bar.println(format!(
+                "SHA-256 mismatch: refetching {pieces} pieces from the origin"
+            )),
+        }
+    }
+    bar.finish_and_clear();
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .with_context(|| format!("log.level: \"{level}\" is not a filter; use e.g. \"warn\""))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! peer-client end-to-end: what ends up on disk. Resume after the client is killed with
+//! SIGKILL (the real binary, with `--json`), repair of a file that fails `--sha256` because the
+//! cache served corrupt bytes, piece-hash checks, and the bandwidth cap.
+
+#[path = "common/mod.rs"]
+mod common;
+#[path = "peer_common/mod.rs"]
+mod peer_common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
+use peer_client::integrity::{parse_sha256_hex, PieceManifest};
+use peer_client::partial::{decode_bitmap, PartialPaths, ResumeState};
+use peer_client::{DownloadRequest, Event};
+
+use peer_common::{downloader, file_sha256, peer_config, run_download, KillableNode};
+
+const MIB: usize = 1024 * 1024;
+
+/// Pieces recorded as done in the resume state beside `output`, if it exists yet.
+fn done_pieces(output: &Path) -> usize {
+    let paths = PartialPaths::beside(output);
+    let Ok(text) = std::fs::read_to_string(&paths.state) else {
+        return 0;
+    };
+    let state: ResumeState = serde_json::from_str(&text).unwrap();
+    let count = state.file_len.div_ceil(state.piece_len) as usize;
+    decode_bitmap(&state.done_pieces, count)
+        .unwrap()
+        .iter()
+        .filter(|done| **done)
+        .count()
+}
+
+fn peer_client_command(node: &KillableNode, url: &str, output: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_peer-client"));
+    command
+        .args(["get", url, "-o"])
+        .arg(output)
+        .args(["--cache-host", &node.addr.to_string()])
+        .env("PEER_CLIENT__STORAGE__FSYNC", "false")
+        .env("PEER_CLIENT__STORAGE__CHECKPOINT_INTERVAL", "100ms")
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null());
+    command
+}
+
+#[tokio::test]
+async fn a_download_killed_with_sigkill_resumes_where_it_stopped() {
+    let origin = MockOrigin::start().await;
+    let content = pattern_bytes(16 * MIB, 10);
+    origin.put("/files/resume.bin", content.clone());
+    let node = KillableNode::start(&origin.base_url());
+    let url = format!("{}/files/resume.bin", origin.base_url());
+    let directory = tempfile::tempdir().unwrap();
+    let output = directory.path().join("resume.bin");
+
+    // A capped first run, killed once a quarter of the pieces are recorded.
+    let mut first_run = peer_client_command(&node, &url, &output)
+        .args(["--max-download-bandwidth", "4MiB", "--quiet"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done_pieces(&output) < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the first run never checkpointed"
+        );
+        assert!(
+            first_run.try_wait().unwrap().is_none(),
+            "the first run ended early"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first_run.kill().unwrap();
+    first_run.wait().unwrap();
+    assert!(
+        !output.exists(),
+        "a partial download never has the final name"
+    );
+    let recorded = done_pieces(&output);
+    assert!(recorded < 16, "the first run finished before the kill");
+
+    // The rerun keeps what was recorded and fetches only the rest.
+    let second_run = tokio::task::spawn_blocking({
+        let mut command = peer_client_command(&node, &url, &output);
+        command.args(["--json", "--sha256", &sha256_hex(&content)]);
+        move || command.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        second_run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second_run.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&second_run.stdout).unwrap();
+    for key in [
+        "FileSize",
+        "TotalBytesDownloaded",
+        "BytesFromCacheServer",
+        "BytesFromPeers",
+        "BytesFromHttp",
+        "PercentPeerCaching",
+        "DownloadDuration",
+        "Status",
+        "CacheHost",
+        "DownloadMode",
+    ] {
+        assert!(status.get(key).is_some(), "{key} missing from {status}");
+    }
+    assert_eq!(status["Status"], "Complete");
+    assert_eq!(status["FileSize"], content.len() as u64);
+    assert_eq!(status["CacheHost"], node.addr.to_string());
+    let resumed = status["BytesResumed"].as_u64().unwrap();
+    let downloaded = status["TotalBytesDownloaded"].as_u64().unwrap();
+    assert!(resumed >= (recorded * MIB) as u64, "{status}");
+    assert!(
+        downloaded <= content.len() as u64 - resumed + 2 * MIB as u64,
+        "recorded pieces were fetched again: {status}"
+    );
+    assert_eq!(file_sha256(&output), sha256_hex(&content));
+    let paths = PartialPaths::beside(&output);
+    assert!(!paths.partial.exists() && !paths.state.exists());
+}
+
+/// A node whose copy of `/files/corrupt.bin` has 100 inverted bytes in its fourth MiB, in front
+/// of an origin that serves the object correctly (under the same ETag) by now.
+async fn node_with_a_corrupt_copy() -> (MockOrigin, KillableNode, Bytes, String) {
+    let origin = MockOrigin::start().await;
+    let content = pattern_bytes(8 * MIB, 11);
+    let corrupt_range = 3 * MIB as u64 + 100..3 * MIB as u64 + 200;
+    origin.put_with(
+        "/files/corrupt.bin",
+        content.clone(),
+        Behaviour {
+            corrupt_range: Some(corrupt_range),
+            ..Behaviour::default()
+        },
+    );
+    let node = KillableNode::start(&origin.base_url());
+    let url = format!("{}/files/corrupt.bin", origin.base_url());
+    let directory = tempfile::tempdir().unwrap();
+    let warm = run_download(
+        &downloader(peer_config(&[node.addr])),
+        DownloadRequest::new(url.clone(), directory.path().join("warm.bin")),
+    )
+    .await;
+    assert_eq!(warm.status().bytes_from_http, 0);
+    assert_ne!(
+        file_sha256(&directory.path().join("warm.bin")),
+        sha256_hex(&content)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.stats().await["cache_used_bytes"].as_u64().unwrap() < content.len() as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the node never stored the object"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    origin.set_behaviour("/files/corrupt.bin", Behaviour::default());
+    (origin, node, content, url)
+}
+
+#[tokio::test]
+async fn a_sha256_mismatch_is_repaired_from_the_origin() {
+    let (_origin, node, content, url) = node_with_a_corrupt_copy().await;
+    let directory = tempfile::tempdir().unwrap();
+    let output = directory.path().join("repaired.bin");
+    let mut request = DownloadRequest::new(url, &output);
+    request.sha256 = Some(parse_sha256_hex(&sha256_hex(&content)).unwrap());
+
+    let finished = run_download(&downloader(peer_config(&[node.addr])), request).await;
+    let status = finished.status();
+    // Every piece came from the cache, so every piece is fetched again from the origin.
+    assert!(
+        finished.events.contains(&Event::Repairing { pieces: 8 }),
+        "{:?}",
+        finished.events
+    );
+    assert_eq!(status.bytes_from_http, content.len() as u64);
+    assert!(status.bytes_from_cache_server >= content.len() as u64);
+    assert_eq!(file_sha256(&output), sha256_hex(&content));
+}
+
+#[tokio::test]
+async fn with_piece_hashes_only_the_bad_piece_is_fetched_elsewhere() {
+    let (_origin, node, content, url) = node_with_a_corrupt_copy().await;
+    let directory = tempfile::tempdir().unwrap();
+    let output = directory.path().join("pieces.bin");
+    let mut request = DownloadRequest::new(url, &output);
+    request.piece_hashes = Some(Arc::new(PieceManifest::of_content(&content, MIB as u64)));
+
+    let finished = run_download(&downloader(peer_config(&[node.addr])), request).await;
+    let status = finished.status();
+    assert!(
+        finished.events.iter().any(|event| matches!(
+            event,
+            Event::SourceFailed { error, .. } if error == "piece 3 does not match its hash"
+        )),
+        "{:?}",
+        finished.events
+    );
+    assert!(!finished
+        .events
+        .iter()
+        .any(|event| matches!(event, Event::Repairing { .. })));
+    assert!(status.bytes_from_http >= MIB as u64, "{status:?}");
+    assert_eq!(file_sha256(&output), sha256_hex(&content));
+}
+
+#[tokio::test]
+async fn the_bandwidth_cap_holds_within_fifteen_percent_across_connections() {
+    let origin = MockOrigin::start().await;
+    let content = pattern_bytes(8 * MIB, 12);
+    origin.put("/files/capped.bin", content.clone());
+    let mut config = peer_config(&[]);
+    config.max_download_bandwidth = "4MiB".into();
+    config.origin.connections = 4;
+    let directory = tempfile::tempdir().unwrap();
+    let finished = run_download(
+        &downloader(config),
+        DownloadRequest::new(
+            format!("{}/files/capped.bin", origin.base_url()),
+            directory.path().join("capped.bin"),
+        ),
+    )
+    .await;
+    let status = finished.status();
+    let rate = status.total_bytes_downloaded as f64 / status.download_duration_secs;
+    let cap = 4.0 * MIB as f64;
+    assert!(
+        (rate - cap).abs() / cap <= 0.15,
+        "measured {:.2} MiB/s against a 4 MiB/s cap",
+        rate / MIB as f64
+    );
+    assert_eq!(
+        file_sha256(&directory.path().join("capped.bin")),
+        sha256_hex(&content)
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_download_keeps_its_pieces_and_the_next_run_resumes() {
+    let origin = MockOrigin::start().await;
+    let content = pattern_bytes(8 * MIB, 13);
+    origin.put("/files/cancel.bin", content.clone());
+    let node = KillableNode::start(&origin.base_url());
+    let url = format!("{}/files/cancel.bin", origin.base_url());
+    let directory = tempfile::tempdir().unwrap();
+    let output = directory.path().join("cancel.bin");
+    let mut capped = peer_config(&[node.addr]);
+    capped.max_download_bandwidth = "4MiB".into();
+    let mut request = DownloadRequest::new(url.clone(), &output);
+    let cancel = request.cancel.clone();
+    let (sender, mut events) = tokio::sync::mpsc::unbounded_channel();
+    request.events = Some(sender);
+    let client = downloader(capped);
+    let running = tokio::spawn(async move { client.download(request).await });
+    // Cancel (what Ctrl-C does in the binary) once two pieces are on disk.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), events.recv()).await {
+            Ok(Some(Event::Progress(progress))) if progress.done_bytes >= 2 * MIB as u64 => break,
+            Ok(Some(_)) => {}
+            other => panic!("no progress: {other:?}"),
+        }
+    }
+    cancel.cancel();
+    let error = running.await.unwrap().expect_err("cancelled");
+    assert!(
+        matches!(error, peer_client::DownloadError::Cancelled),
+        "{error}"
+    );
+    assert!(error.retry_later_may_help());
+    assert!(!output.exists());
+    assert!(done_pieces(&output) >= 2);
+
+    let resumed = run_download(
+        &downloader(peer_config(&[node.addr])),
+        DownloadRequest::new(url, &output),
+    )
+    .await;
+    let status = resumed.status();
+    assert!(status.bytes_resumed >= 2 * MIB as u64, "{status:?}");
+    assert_eq!(file_sha256(&output), sha256_hex(&content));
+}

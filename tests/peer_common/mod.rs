@@ -1,0 +1,187 @@
+//! Shared helpers for the peer-client end-to-end scenarios: a real cache node that can be killed
+//! (it runs on a tokio runtime of its own, and killing it drops that runtime with every listener
+//! and connection, as a dying process would), peer-client configurations for tests, and a way to
+//! run a download while collecting its events.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use cache_node::config::OriginConfig;
+use cache_node::node::Node;
+use peer_client::{Config, DownloadError, DownloadRequest, Downloader, Event, Status};
+use tokio::sync::mpsc;
+
+use crate::common::{admin_stats, test_config};
+
+/// The slice size of the nodes in these scenarios: the node's default.
+pub const NODE_SLICE: u64 = 1024 * 1024;
+
+/// A cache node on its own runtime thread, allowed to fetch from any origin on 127.0.0.1 (the
+/// mock origins the tests start) and from the test origin host of `tests/common`.
+pub struct KillableNode {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _storage: tempfile::TempDir,
+}
+
+impl KillableNode {
+    /// Starts a node whose `[[origin]]` list allows `127.0.0.1` (any port, fetched directly) and
+    /// `tests/common`'s origin host (mapped to `origin_base`).
+    pub fn start(origin_base: &str) -> KillableNode {
+        Self::start_in(origin_base, &std::env::temp_dir())
+    }
+
+    /// Like [`KillableNode::start`], with the cache stored under `parent` (benchmarks put it on
+    /// the same disk as the files they download).
+    pub fn start_in(origin_base: &str, parent: &Path) -> KillableNode {
+        let storage = tempfile::tempdir_in(parent).unwrap();
+        let mut config = test_config(storage.path(), origin_base, NODE_SLICE, "4GiB");
+        // The portable backend: a killed node must leave no io_uring thread behind.
+        config.storage.io_backend = "portable".into();
+        config.origin.push(OriginConfig {
+            host: "127.0.0.1".into(),
+            upstream: None,
+        });
+        let valid = config.validate().expect("test node config is valid");
+        let (addresses_sender, addresses_receiver) = std::sync::mpsc::channel();
+        let (stop_sender, stop_receiver) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let node = Node::open(&valid).expect("store opens");
+                let client_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addresses_sender
+                    .send((
+                        client_listener.local_addr().unwrap(),
+                        admin_listener.local_addr().unwrap(),
+                    ))
+                    .unwrap();
+                tokio::spawn(cache_node::server::run_node(
+                    node,
+                    client_listener,
+                    admin_listener,
+                    std::future::pending(),
+                    Duration::from_secs(1),
+                ));
+                let _ = stop_receiver.await;
+            });
+            // Drops every task (accept loops, connections, fills) without waiting: the sockets
+            // close as they would when the process dies.
+            runtime.shutdown_background();
+        });
+        let (addr, admin_addr) = addresses_receiver
+            .recv_timeout(Duration::from_secs(20))
+            .expect("node starts");
+        KillableNode {
+            addr,
+            admin_addr,
+            stop: Some(stop_sender),
+            thread: Some(thread),
+            _storage: storage,
+        }
+    }
+
+    /// Kills the node: every listener and connection closes at once.
+    pub fn kill(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+
+    /// The node's `/stats` document.
+    pub async fn stats(&self) -> serde_json::Value {
+        admin_stats(self.admin_addr).await
+    }
+
+    /// Client requests the node has answered so far.
+    pub async fn requests(&self) -> u64 {
+        self.stats().await["requests"].as_u64().unwrap()
+    }
+}
+
+impl Drop for KillableNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A peer-client configuration with `cache_hosts`, no fsync (tests need not survive power cuts)
+/// and otherwise the shipped defaults.
+pub fn peer_config(cache_hosts: &[SocketAddr]) -> Config {
+    let mut config = Config {
+        cache_hosts: cache_hosts.iter().map(ToString::to_string).collect(),
+        ..Config::default()
+    };
+    config.storage.fsync = false;
+    config
+}
+
+/// A downloader for `config`.
+pub fn downloader(config: Config) -> Downloader {
+    Downloader::new(config.validate().expect("test peer config is valid"))
+}
+
+/// What a download returned and the events it sent.
+pub struct Finished {
+    pub result: Result<Status, DownloadError>,
+    pub events: Vec<Event>,
+    pub elapsed: Duration,
+}
+
+impl Finished {
+    /// The status of a download that must have succeeded.
+    pub fn status(&self) -> &Status {
+        match &self.result {
+            Ok(status) => status,
+            Err(error) => panic!("download failed: {error}"),
+        }
+    }
+}
+
+/// Runs `request` on `downloader`, collecting events, bounded to a minute.
+pub async fn run_download(downloader: &Downloader, mut request: DownloadRequest) -> Finished {
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    request.events = Some(sender);
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(60), downloader.download(request))
+        .await
+        .expect("the download ends within a minute");
+    let elapsed = started.elapsed();
+    let mut events = Vec::new();
+    while let Ok(event) = receiver.try_recv() {
+        events.push(event);
+    }
+    Finished {
+        result,
+        events,
+        elapsed,
+    }
+}
+
+/// Downloads `url` into `directory/name`.
+pub async fn download_to(
+    downloader: &Downloader,
+    url: &str,
+    directory: &Path,
+    name: &str,
+) -> Finished {
+    run_download(downloader, DownloadRequest::new(url, directory.join(name))).await
+}
+
+/// The SHA-256 of a file, in hex.
+pub fn file_sha256(path: &Path) -> String {
+    outpost_testkit::sha256_hex(&std::fs::read(path).unwrap())
+}
