@@ -1,21 +1,30 @@
-//! The configuration reference cannot drift from the code: every field of cache-node's config
+//! The configuration reference cannot drift from the code: every field of both programs' config
 //! structs must appear in `docs/configuration.md` under its own section's heading, with its
-//! environment variable (except in `[[origin]]`, which the environment cannot set), and every key
-//! the reference documents must exist in the code. The fields are read from the serialised
-//! default config, so a new field is checked without editing this test.
+//! environment variable (except in cache-node's `[[origin]]`, which the environment cannot set),
+//! and every key the reference documents must exist in the code. The fields are read from the
+//! serialised default configs, so a new field is checked without editing this test.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use cache_node::config::{Config, OriginConfig};
+/// The top-level keys' section name (peer-client has keys outside any table).
+const TOP_LEVEL: &str = "";
 
-/// The reference's tables, by section heading (`server`, `[origin]`, ...): key → table row.
-fn documented_sections(markdown: &str) -> BTreeMap<String, BTreeMap<String, String>> {
-    let mut sections = BTreeMap::new();
+/// A program's tables, by section (`server`, `[origin]` for an array of tables, `""` for the top
+/// level): key → table row.
+type Documented = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Reads one program's part of the reference.
+fn documented_sections(markdown: &str) -> Documented {
+    let mut sections = Documented::new();
     let mut current: Option<String> = None;
     for line in markdown.lines() {
         if let Some(heading) = line.strip_prefix("## `[") {
             // "## `[server]`: ..." → "server"; "## `[[origin]]`: ..." → "[origin]".
             current = heading.split("]`").next().map(str::to_owned);
+            continue;
+        }
+        if line.starts_with("## Top-level keys") {
+            current = Some(TOP_LEVEL.to_owned());
             continue;
         }
         if line.starts_with("## ") {
@@ -28,75 +37,129 @@ fn documented_sections(markdown: &str) -> BTreeMap<String, BTreeMap<String, Stri
         if let Some(key) = row.split('`').next() {
             sections
                 .entry(section.clone())
-                .or_insert_with(BTreeMap::new)
+                .or_default()
                 .insert(key.to_owned(), line.to_owned());
         }
     }
     sections
 }
 
-/// Every (section, key) of the config structs, from their serialised defaults.
-fn code_sections() -> BTreeMap<String, Vec<String>> {
-    let config = Config {
-        origin: vec![OriginConfig::default()],
-        ..Config::default()
-    };
-    let value = serde_json::to_value(&config).unwrap();
-    let mut sections = BTreeMap::new();
-    for (section, fields) in value.as_object().unwrap() {
-        let (name, fields) = match fields {
-            serde_json::Value::Array(tables) => (format!("[{section}]"), &tables[0]),
-            table => (section.clone(), table),
+/// Every (section, key) of a serialised config: tables are sections, arrays of tables are
+/// `[name]` sections, everything else is a top-level key.
+fn code_sections(config: serde_json::Value) -> BTreeMap<String, BTreeSet<String>> {
+    let mut sections: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (name, value) in config.as_object().unwrap() {
+        let (section, fields) = match value {
+            serde_json::Value::Object(fields) => (name.clone(), fields),
+            serde_json::Value::Array(items)
+                if items.first().is_some_and(|item| item.is_object()) =>
+            {
+                (format!("[{name}]"), items[0].as_object().unwrap())
+            }
+            _ => {
+                sections
+                    .entry(TOP_LEVEL.to_owned())
+                    .or_default()
+                    .insert(name.clone());
+                continue;
+            }
         };
-        let keys = fields.as_object().unwrap().keys().cloned().collect();
-        sections.insert(name, keys);
+        sections
+            .entry(section)
+            .or_default()
+            .extend(fields.keys().cloned());
     }
     sections
 }
 
+/// Compares one program's documented keys with its code; returns the problems.
+fn compare(
+    program: &str,
+    env_prefix: &str,
+    documented: &Documented,
+    config: serde_json::Value,
+) -> Vec<String> {
+    let code = code_sections(config);
+    let mut problems = Vec::new();
+    for (section, keys) in &code {
+        let shown = if section.is_empty() {
+            "top level"
+        } else {
+            section
+        };
+        let Some(rows) = documented.get(section) else {
+            problems.push(format!(
+                "{program}: section {shown} has no table in docs/configuration.md"
+            ));
+            continue;
+        };
+        for key in keys {
+            let Some(row) = rows.get(key) else {
+                problems.push(format!("{program}: {shown}.{key} is not documented"));
+                continue;
+            };
+            if section.starts_with('[') {
+                continue; // arrays of tables cannot be set from the environment
+            }
+            let variable = if section.is_empty() {
+                format!("{env_prefix}__{}", key.to_uppercase())
+            } else {
+                format!(
+                    "{env_prefix}__{}__{}",
+                    section.to_uppercase(),
+                    key.to_uppercase()
+                )
+            };
+            if !row.contains(&variable) {
+                problems.push(format!(
+                    "{program}: {shown}.{key}: the row does not name {variable}"
+                ));
+            }
+        }
+    }
+    for (section, rows) in documented {
+        for key in rows.keys() {
+            if !code.get(section).is_some_and(|keys| keys.contains(key)) {
+                problems.push(format!(
+                    "{program}: docs/configuration.md documents {section}.{key}, which the code does not have"
+                ));
+            }
+        }
+    }
+    if code.len() < 4 {
+        problems.push(format!(
+            "{program}: the walk found too few sections: {code:?}"
+        ));
+    }
+    problems
+}
+
 #[test]
-fn every_config_field_is_documented_with_its_environment_variable() {
+fn every_config_field_of_both_programs_is_documented_with_its_environment_variable() {
     let markdown = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../docs/configuration.md"
     ))
     .unwrap();
-    // cache-node's part of the reference: everything before peer-client's part, if any.
-    let cache_node_part = markdown.split("\n# peer-client").next().unwrap();
-    let documented = documented_sections(cache_node_part);
-    let code = code_sections();
-    let mut problems = Vec::new();
-    for (section, keys) in &code {
-        let Some(rows) = documented.get(section) else {
-            problems.push(format!(
-                "section [{section}] has no table in docs/configuration.md"
-            ));
-            continue;
-        };
-        for key in keys {
-            match rows.get(key) {
-                None => problems.push(format!("{section}.{key} is not documented")),
-                Some(row) if !section.starts_with('[') => {
-                    let variable = format!(
-                        "CACHE_NODE__{}__{}",
-                        section.to_uppercase(),
-                        key.to_uppercase()
-                    );
-                    if !row.contains(&variable) {
-                        problems.push(format!("{section}.{key}: the row does not name {variable}"));
-                    }
-                }
-                Some(_) => {}
-            }
-        }
-        for key in rows.keys() {
-            if !keys.contains(key) {
-                problems.push(format!(
-                    "docs/configuration.md documents {section}.{key}, which the code does not have"
-                ));
-            }
-        }
-    }
+    let (cache_node_part, peer_client_part) = markdown
+        .split_once("\n# peer-client")
+        .expect("docs/configuration.md has a `# peer-client` part after cache-node's");
+
+    let cache_node_config = cache_node::config::Config {
+        origin: vec![cache_node::config::OriginConfig::default()],
+        ..cache_node::config::Config::default()
+    };
+    let mut problems = compare(
+        "cache-node",
+        "CACHE_NODE",
+        &documented_sections(cache_node_part),
+        serde_json::to_value(&cache_node_config).unwrap(),
+    );
+    problems.extend(compare(
+        "peer-client",
+        "PEER_CLIENT",
+        &documented_sections(peer_client_part),
+        serde_json::to_value(peer_client::config::Config::default()).unwrap(),
+    ));
     assert!(problems.is_empty(), "{}", problems.join("\n"));
-    assert!(code.len() >= 6, "the walk found the sections: {code:?}");
 }

@@ -62,9 +62,16 @@ fn percent_decode(value: &str) -> String {
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut index = 0;
     while index < bytes.len() {
-        if bytes[index] == b'%' && index + 2 < bytes.len() {
-            if let Ok(byte) = u8::from_str_radix(&value[index + 1..index + 3], 16) {
-                decoded.push(byte);
+        // Hex digits are read as bytes, never by slicing the string, so a `%` followed by a
+        // multi-byte character is kept literally instead of splitting the character.
+        let hex = |offset: usize| {
+            bytes
+                .get(index + offset)
+                .and_then(|byte| (*byte as char).to_digit(16))
+        };
+        if bytes[index] == b'%' {
+            if let (Some(high), Some(low)) = (hex(1), hex(2)) {
+                decoded.push((high * 16 + low) as u8);
                 index += 3;
                 continue;
             }
@@ -78,6 +85,17 @@ fn percent_decode(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_decoding_handles_escapes_at_the_end_and_never_splits_characters() {
+        assert_eq!(percent_decode("a%3A"), "a:");
+        assert_eq!(percent_decode("%41%42"), "AB");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%aé"), "%aé");
+        assert_eq!(percent_decode("%é"), "%é");
+    }
 
     #[test]
     fn cache_host_origin_is_removed_and_the_rest_kept_in_order() {

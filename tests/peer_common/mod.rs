@@ -58,22 +58,30 @@ impl KillableNode {
                 .unwrap();
             runtime.block_on(async move {
                 let node = Node::open(&valid).expect("store opens");
-                let client_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let client_listeners = cache_node::server::bind_client_listeners(
+                    "127.0.0.1:0".parse().unwrap(),
+                    valid.workers,
+                )
+                .unwrap();
                 let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addresses_sender
                     .send((
-                        client_listener.local_addr().unwrap(),
+                        client_listeners[0].local_addr().unwrap(),
                         admin_listener.local_addr().unwrap(),
                     ))
                     .unwrap();
-                tokio::spawn(cache_node::server::run_node(
+                // No grace: at the stop signal the workers drop their runtimes with every
+                // connection and fill in them, as a dying process would.
+                cache_node::server::run_node(
                     node,
-                    client_listener,
+                    client_listeners,
                     admin_listener,
-                    std::future::pending(),
-                    Duration::from_secs(1),
-                ));
-                let _ = stop_receiver.await;
+                    async move {
+                        let _ = stop_receiver.await;
+                    },
+                    Duration::ZERO,
+                )
+                .await;
             });
             // Drops every task (accept loops, connections, fills) without waiting: the sockets
             // close as they would when the process dies.

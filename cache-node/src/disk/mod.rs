@@ -166,15 +166,28 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["slice"], "no temporary file is left behind");
         let hot = storage.open_for_send(path.clone(), 0, 11).await.unwrap();
-        assert!(hot.is_some(), "a file just written and read is in the page cache");
+        assert!(
+            hot.is_some(),
+            "a file just written and read is in the page cache"
+        );
         // Drop the (clean, synced) pages: the zero-copy path must then decline the window rather
         // than let sendfile block on the disk, and a read brings the pages back.
         let file = std::fs::File::open(&path).unwrap();
         rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
         let cold = storage.open_for_send(path.clone(), 0, 11).await.unwrap();
-        assert!(cold.is_none(), "an evicted window is not sent with sendfile");
-        storage.read_at(path.clone(), 0, 11, Vec::new()).await.unwrap();
-        assert!(storage.open_for_send(path.clone(), 0, 11).await.unwrap().is_some());
+        assert!(
+            cold.is_none(),
+            "an evicted window is not sent with sendfile"
+        );
+        storage
+            .read_at(path.clone(), 0, 11, Vec::new())
+            .await
+            .unwrap();
+        assert!(storage
+            .open_for_send(path.clone(), 0, 11)
+            .await
+            .unwrap()
+            .is_some());
         let too_long = storage.read_at(path.clone(), 8, 10, Vec::new()).await;
         assert!(
             matches!(too_long, Err(DiskError::ShortRead { .. })),
