@@ -31,7 +31,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
         message: message.into(),
@@ -54,6 +54,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The origin allowlist: one `[[origin]]` table per allowed origin host.
     pub origin: Vec<OriginConfig>,
+    /// Piece manifests and the peer tracker for peer-clients.
+    pub peering: crate::peering::PeeringConfig,
 }
 
 /// `[server]`: the client-facing listener.
@@ -221,6 +223,8 @@ pub struct ValidConfig {
     pub io_backend: crate::disk::BackendChoice,
     /// `server.workers`, with 0 resolved to the number of cores.
     pub workers: usize,
+    /// `[peering]`, parsed.
+    pub peering: crate::peering::PeeringSettings,
 }
 
 impl Config {
@@ -348,7 +352,9 @@ impl Config {
                 check_upstream_url(&format!("origin[{index}].upstream"), url)?;
             }
         }
+        let peering = self.peering.validate()?;
         Ok(ValidConfig {
+            peering,
             raw: self,
             server_listen,
             admin_listen,
