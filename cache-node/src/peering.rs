@@ -22,13 +22,13 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{invalid, parse_size, ConfigError};
+use crate::config::{invalid, parse_block_size, ConfigError};
 use crate::fill::{self, DiscoverError, SliceSpan};
 use crate::node::Node;
 use crate::pieces::{self, CollectError};
 use crate::router;
 use crate::serve::ResponseBody;
-use crate::tracker::{self, Announcement, ContentId, Scope, Tracker, TrackerLimits};
+use crate::tracker::{self, Announcement, ContentId, Scope, Tracker};
 
 /// The largest announcement body accepted. [`tracker::MAX_PIECE_RANGES`] ranges and a group id
 /// fit in a few KiB.
@@ -106,17 +106,7 @@ pub struct PeeringSettings {
 impl PeeringConfig {
     /// Checks every value of the section; errors name the key.
     pub fn validate(&self) -> Result<PeeringSettings, ConfigError> {
-        let piece_len = parse_size(&self.piece_size)
-            .map_err(|message| invalid("peering.piece_size", message))?;
-        if !piece_len.is_power_of_two() || !(64 << 10..=64 << 20).contains(&piece_len) {
-            return Err(invalid(
-                "peering.piece_size",
-                format!(
-                    "\"{}\" must be a power of two between 64KiB and 64MiB, e.g. \"1MiB\"",
-                    self.piece_size
-                ),
-            ));
-        }
+        let piece_len = parse_block_size("peering.piece_size", &self.piece_size)?;
         if self.announce_ttl < Duration::from_secs(1) {
             return Err(invalid(
                 "peering.announce_ttl",
@@ -184,14 +174,7 @@ impl Peering {
         if !raw.enabled {
             return None;
         }
-        let tracker = Arc::new(Tracker::new(TrackerLimits {
-            announce_ttl: raw.announce_ttl,
-            lan_prefix_v4: raw.lan_prefix_v4,
-            lan_prefix_v6: raw.lan_prefix_v6,
-            max_contents: raw.max_contents,
-            max_peers_per_content: raw.max_peers_per_content,
-            max_contents_per_address: raw.max_contents_per_address,
-        }));
+        let tracker = Arc::new(Tracker::new(raw.clone()));
         let weak = Arc::downgrade(&tracker);
         let period = raw.announce_ttl;
         tokio::spawn(async move {

@@ -30,6 +30,8 @@ use rand::seq::SliceRandom;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::peering::PeeringConfig;
+
 /// The most piece ranges one announcement may list. A peer whose holdings are more fragmented
 /// reports a subset: under-reporting only costs it uploads, and over-reporting is caught by the
 /// downloader's hash check.
@@ -61,23 +63,6 @@ impl ContentId {
 
 /// An inclusive range of piece indexes, `[first, last]` on the wire.
 pub type PieceRange = (u32, u32);
-
-/// The tracker's bounds and scoping settings (from `[peering]`).
-#[derive(Debug, Clone)]
-pub struct TrackerLimits {
-    /// How long an announcement lives unless renewed.
-    pub announce_ttl: Duration,
-    /// LAN mode: IPv4 prefix length that counts as the same subnet.
-    pub lan_prefix_v4: u8,
-    /// LAN mode: IPv6 prefix length that counts as the same subnet.
-    pub lan_prefix_v6: u8,
-    /// The most content ids tracked.
-    pub max_contents: usize,
-    /// The most peers tracked per content id.
-    pub max_peers_per_content: usize,
-    /// The most content ids one source address may announce.
-    pub max_contents_per_address: usize,
-}
 
 /// What a peer announces for one content id.
 #[derive(Debug, Clone)]
@@ -222,7 +207,7 @@ impl TrackerInner {
 /// The tracker: shared by every worker through the [`crate::node::Node`].
 #[derive(Debug)]
 pub struct Tracker {
-    limits: TrackerLimits,
+    limits: PeeringConfig,
     inner: Mutex<TrackerInner>,
 }
 
@@ -269,15 +254,15 @@ pub fn same_subnet(a: IpAddr, b: IpAddr, prefix_v4: u8, prefix_v6: u8) -> bool {
 
 impl Tracker {
     /// An empty tracker.
-    pub fn new(limits: TrackerLimits) -> Tracker {
+    pub fn new(limits: PeeringConfig) -> Tracker {
         Tracker {
             limits,
             inner: Mutex::new(TrackerInner::default()),
         }
     }
 
-    /// The limits it runs with.
-    pub fn limits(&self) -> &TrackerLimits {
+    /// The `[peering]` section it runs with: the TTL, the LAN prefixes and the bounds.
+    pub fn limits(&self) -> &PeeringConfig {
         &self.limits
     }
 
@@ -424,14 +409,13 @@ impl Tracker {
 mod tests {
     use super::*;
 
-    fn limits() -> TrackerLimits {
-        TrackerLimits {
+    fn limits() -> PeeringConfig {
+        PeeringConfig {
             announce_ttl: Duration::from_secs(60),
-            lan_prefix_v4: 24,
-            lan_prefix_v6: 64,
             max_contents: 4,
             max_peers_per_content: 3,
             max_contents_per_address: 2,
+            ..PeeringConfig::default()
         }
     }
 
