@@ -417,7 +417,8 @@ async fn announcements_expire_unless_renewed_and_bounds_refuse_with_retry_after(
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let mut config = peering_config(storage.path(), &origin);
-    config.peering.announce_ttl = Duration::from_secs(1);
+    // Long enough that a loaded machine still queries before expiry, short enough to wait for.
+    config.peering.announce_ttl = Duration::from_secs(3);
     config.peering.max_peers_per_content = 2;
     let node = TestNode::start(config).await;
     let content_id = "cd".repeat(32);
@@ -432,7 +433,7 @@ async fn announcements_expire_unless_renewed_and_bounds_refuse_with_retry_after(
         .await
         .unwrap();
     assert_eq!(refused.status().as_u16(), 503);
-    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(refused.headers()["retry-after"], "3");
 
     let query = format!("content_id={content_id}&mode=3");
     assert_eq!(peers_from(&node, "127.0.0.9", &query).await.len(), 2);
