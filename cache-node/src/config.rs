@@ -31,7 +31,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
         message: message.into(),
@@ -54,6 +54,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The origin allowlist: one `[[origin]]` table per allowed origin host.
     pub origin: Vec<OriginConfig>,
+    /// Piece manifests and the peer tracker for peer-clients.
+    pub peering: crate::peering::PeeringConfig,
 }
 
 /// `[server]`: the client-facing listener.
@@ -221,6 +223,8 @@ pub struct ValidConfig {
     pub io_backend: crate::disk::BackendChoice,
     /// `server.workers`, with 0 resolved to the number of cores.
     pub workers: usize,
+    /// `[peering]`, parsed.
+    pub peering: crate::peering::PeeringSettings,
 }
 
 impl Config {
@@ -261,17 +265,7 @@ impl Config {
         }
         let max_size_bytes = parse_size(&self.storage.max_size)
             .map_err(|message| invalid("storage.max_size", message))?;
-        let slice_len = parse_size(&self.storage.slice_size)
-            .map_err(|message| invalid("storage.slice_size", message))?;
-        if !slice_len.is_power_of_two() || !(64 << 10..=64 << 20).contains(&slice_len) {
-            return Err(invalid(
-                "storage.slice_size",
-                format!(
-                    "\"{}\" must be a power of two between 64KiB and 64MiB, e.g. \"1MiB\"",
-                    self.storage.slice_size
-                ),
-            ));
-        }
+        let slice_len = parse_block_size("storage.slice_size", &self.storage.slice_size)?;
         if max_size_bytes < slice_len {
             return Err(invalid(
                 "storage.max_size",
@@ -348,7 +342,9 @@ impl Config {
                 check_upstream_url(&format!("origin[{index}].upstream"), url)?;
             }
         }
+        let peering = self.peering.validate()?;
         Ok(ValidConfig {
+            peering,
             raw: self,
             server_listen,
             admin_listen,
@@ -383,6 +379,18 @@ fn check_upstream_url(key: &str, value: &str) -> Result<(), ConfigError> {
             format!("\"{value}\" must be an absolute http:// or https:// URL, e.g. \"http://127.0.0.1:8000\""),
         )),
     }
+}
+
+/// Parses a size that must be a power of two between 64KiB and 64MiB (slices and pieces).
+pub(crate) fn parse_block_size(key: &str, text: &str) -> Result<u64, ConfigError> {
+    let bytes = parse_size(text).map_err(|message| invalid(key, message))?;
+    if !bytes.is_power_of_two() || !(64 << 10..=64 << 20).contains(&bytes) {
+        return Err(invalid(
+            key,
+            format!("\"{text}\" must be a power of two between 64KiB and 64MiB, e.g. \"1MiB\""),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Parses a size such as `"10GiB"`, `"512 MiB"` or `"4096"` (bytes) into bytes.

@@ -736,6 +736,11 @@ async fn persist_slice(
         entry.table().inflight.remove(&index);
         return;
     }
+    // Hashes first: a slice marked stored then always has its piece hashes, and a slice the disk
+    // refuses still gets them (its bytes passed validation all the same).
+    if let Some(peering) = &node.peering {
+        crate::pieces::record_slice(node, entry, peering.piece_len, index, buffer.chunks()).await;
+    }
     let path = node
         .layout
         .slice_path(&entry.key, entry.meta.generation, index);

@@ -40,6 +40,8 @@ pub struct ObjectEntry {
     pub key: CacheKey,
     /// The stored version's metadata.
     pub meta: ObjectMeta,
+    /// The version's piece hashes (see [`crate::pieces`]).
+    pub pieces: crate::pieces::PieceState,
     table: Mutex<SliceTable>,
     stored_bytes: AtomicU64,
     removed: AtomicBool,
@@ -64,6 +66,7 @@ impl ObjectEntry {
         ObjectEntry {
             key: CacheKey::from_text(meta.key.clone()),
             meta,
+            pieces: crate::pieces::PieceState::default(),
             table: Mutex::new(SliceTable {
                 present,
                 inflight: HashMap::new(),

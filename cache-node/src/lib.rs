@@ -17,6 +17,10 @@
 //! - [`disk`]: the [`disk::Storage`] trait and its backends.
 //! - [`range`]: Range, Content-Range and conditional-request parsing.
 //!
+//! Peering, for peer-clients: [`peering`] (the `/_outpost/v1/` API on the client listener),
+//! [`pieces`] (piece hashes computed during fills, and manifests) and [`tracker`] (which peers
+//! hold which pieces).
+//!
 //! Around them: [`config`] (the one config struct), [`node`] (shared state), [`stats`]
 //! (counters), [`admin`] (the admin listener) and [`error`] (typed errors).
 
@@ -29,6 +33,8 @@ pub mod index;
 pub mod key;
 pub mod node;
 pub mod origin;
+pub mod peering;
+pub mod pieces;
 pub mod range;
 pub mod router;
 pub mod sendfile;
@@ -36,3 +42,4 @@ pub mod serve;
 pub mod server;
 pub mod stats;
 pub mod store;
+pub mod tracker;

@@ -46,6 +46,8 @@ pub struct Node {
     pub max_ranges: usize,
     /// `admin.token`.
     pub admin_token: String,
+    /// Piece manifests and the tracker; `None` when `peering.enabled` is off.
+    pub peering: Option<crate::peering::Peering>,
 }
 
 impl std::fmt::Debug for Node {
@@ -90,6 +92,9 @@ impl Node {
                 object.meta,
                 &object.present_slices,
             ));
+            if let Some(piece_len) = object.pieces_file {
+                entry.pieces.mark_on_disk(piece_len);
+            }
             recovered_bytes += entry.stored_bytes();
             index.insert(entry);
         }
@@ -114,6 +119,7 @@ impl Node {
             merge_gap_slices: config.raw.upstream.merge_gap_slices,
             max_ranges: config.raw.server.max_ranges,
             admin_token: config.raw.admin.token.clone(),
+            peering: crate::peering::Peering::start(&config.peering),
         }))
     }
 

@@ -8,11 +8,20 @@
 //! 4. **Reverse-proxy mode**: `[server] default_upstream`, for requests that name no allowed origin.
 //!
 //! Anything else is refused: the node is never an open proxy.
+//!
+//! The node's own API (piece manifests and the peer tracker, see [`crate::peering`]) lives under
+//! [`API_PREFIX`] and is recognised only in requests that name no origin in any of the first three
+//! ways; the prefix is refused in reverse-proxy mode, so an API path and a content path can
+//! never be the same request.
 
 use http::Uri;
 
 use crate::key::{split_cache_host_origin, CacheKey};
 use crate::origin::{Allowlist, OriginTarget};
+
+/// The path prefix reserved for the node's own API. It never reaches an origin in reverse-proxy
+/// mode; under an origin named by proxy, MCC or Host-header mode it is ordinary content.
+pub const API_PREFIX: &str = "/_outpost/";
 
 /// How the request named its origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,28 +75,61 @@ pub enum RouteError {
     /// The request named no origin and no default upstream is configured (403).
     #[error("request names no origin (use ?cacheHostOrigin=<host>, a Host header of an allowed origin, or a proxy request)")]
     NoOrigin,
+    /// The path is under [`API_PREFIX`], which reverse-proxy mode never forwards (404).
+    #[error("paths under {API_PREFIX} are reserved for the cache node's API")]
+    Reserved,
 }
 
-/// Routes a request of any HTTP version. An HTTP/2 request always carries its `:authority`
-/// pseudo-header in the URI, where it plays the `Host` header's part (RFC 9113 §8.3.1): it is not
-/// a proxy request (HTTP/2 proxies use CONNECT).
-pub fn route_request(
-    allowlist: &Allowlist,
+/// The origin-form URI and host of a request of any HTTP version: on HTTP/2 the `:authority`
+/// pseudo-header plays the `Host` header's part (RFC 9113 §8.3.1); it is not a proxy request
+/// (HTTP/2 proxies use CONNECT).
+fn origin_form<'a>(
     version: http::Version,
-    uri: &Uri,
-    host_header: Option<&str>,
-) -> Result<Route, RouteError> {
+    uri: &'a Uri,
+    host_header: Option<&'a str>,
+) -> (std::borrow::Cow<'a, Uri>, Option<&'a str>) {
     if version >= http::Version::HTTP_2 {
         if let Some(authority) = uri.authority() {
             let mut parts = uri.clone().into_parts();
             parts.scheme = None;
             parts.authority = None;
             if let Ok(origin_form) = Uri::from_parts(parts) {
-                return route(allowlist, &origin_form, Some(authority.as_str()));
+                return (
+                    std::borrow::Cow::Owned(origin_form),
+                    Some(authority.as_str()),
+                );
             }
         }
     }
-    route(allowlist, uri, host_header)
+    (std::borrow::Cow::Borrowed(uri), host_header)
+}
+
+/// True when a request is for the node's own API: its path is under [`API_PREFIX`] and it names no
+/// origin (origin-form request line, no `cacheHostOrigin`, no `Host` of an allowed origin).
+pub fn is_api_request(
+    allowlist: &Allowlist,
+    version: http::Version,
+    uri: &Uri,
+    host_header: Option<&str>,
+) -> bool {
+    let (uri, host) = origin_form(version, uri, host_header);
+    uri.path().starts_with(API_PREFIX)
+        && uri.authority().is_none()
+        && split_cache_host_origin(uri.query().unwrap_or(""))
+            .1
+            .is_none()
+        && host.is_none_or(|host| allowlist.lookup(host).is_none())
+}
+
+/// Routes a request of any HTTP version (see [`origin_form`] for HTTP/2).
+pub fn route_request(
+    allowlist: &Allowlist,
+    version: http::Version,
+    uri: &Uri,
+    host_header: Option<&str>,
+) -> Result<Route, RouteError> {
+    let (uri, host) = origin_form(version, uri, host_header);
+    route(allowlist, &uri, host)
 }
 
 /// Routes an HTTP/1 request given its URI and `Host` header.
@@ -126,6 +168,7 @@ pub fn route(
         }
     }
     match allowlist.default_upstream() {
+        Some(_) if path.starts_with(API_PREFIX) => Err(RouteError::Reserved),
         Some(target) => Ok(Route {
             target: target.clone(),
             path_and_query,
@@ -267,6 +310,49 @@ mod tests {
         assert_eq!(
             routed(&with_default, "/x?cacheHostOrigin=evil.example", None),
             Err(RouteError::NotAllowed("evil.example".into()))
+        );
+    }
+
+    #[test]
+    fn api_paths_are_api_only_when_no_origin_is_named() {
+        let list = allowlist(Some("http://mirror.example:8080"));
+        let is_api = |uri: &str, host: Option<&str>| {
+            is_api_request(&list, http::Version::HTTP_11, &uri.parse().unwrap(), host)
+        };
+        assert!(is_api(
+            "/_outpost/v1/peers?content_id=ab",
+            Some("cache.local")
+        ));
+        assert!(is_api("/_outpost/v1/manifest", None));
+        // Content under the prefix stays content whenever an origin is named.
+        assert!(!is_api("/_outpost/v1/peers", Some("deb.debian.org")));
+        assert!(!is_api("/_outpost/v1/peers", Some("DEB.debian.org:80")));
+        assert!(!is_api(
+            "/_outpost/v1/peers?cacheHostOrigin=dl.delivery.mp.microsoft.com",
+            Some("cache.local")
+        ));
+        assert!(!is_api(
+            "/_outpost/v1/peers?cacheHostOrigin=evil.example",
+            Some("cache.local")
+        ));
+        assert!(!is_api("http://deb.debian.org/_outpost/v1/peers", None));
+        assert!(!is_api("/_outpostx/v1/peers", None));
+        assert!(!is_api("/x/_outpost/v1/peers", None));
+        // HTTP/2: the :authority is the host.
+        let h2 =
+            |uri: &str| is_api_request(&list, http::Version::HTTP_2, &uri.parse().unwrap(), None);
+        assert!(h2("http://cache.local/_outpost/v1/peers"));
+        assert!(!h2("http://deb.debian.org/_outpost/v1/peers"));
+        // Reverse-proxy mode never forwards the prefix.
+        assert_eq!(
+            routed(&list, "/_outpost/v1/peers", Some("cache.local")),
+            Err(RouteError::Reserved)
+        );
+        assert_eq!(
+            routed(&list, "/_outpost/v1/peers", Some("deb.debian.org"))
+                .unwrap()
+                .0,
+            RouteMode::HostHeader
         );
     }
 

@@ -201,6 +201,18 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     // HTTP/2 copies body frames into its own buffers, so placeholders must never reach it.
     let spans = spans.filter(|_| request.version() <= http::Version::HTTP_11);
+    let host_header = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok());
+    if router::is_api_request(
+        &node.allowlist,
+        request.version(),
+        request.uri(),
+        host_header,
+    ) {
+        return Ok(crate::peering::handle(node, request).await);
+    }
     node.stats.requests.inc();
     let request_id = NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed);
     let method = request.method().clone();
@@ -215,10 +227,6 @@ pub async fn handle(
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return Ok(response);
     }
-    let host_header = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|value| value.to_str().ok());
     let route = match router::route_request(
         &node.allowlist,
         request.version(),
@@ -341,15 +349,20 @@ async fn serve_routed(
     unreachable!("the last attempt always returns")
 }
 
-fn origin_failure_response(node: &Node, error: &OriginError) -> Response<ResponseBody> {
-    node.stats.refused_requests.inc();
-    let status = match error {
+/// The status that reports an origin failure to a client.
+pub(crate) fn origin_failure_status(error: &OriginError) -> StatusCode {
+    match error {
         OriginError::Status(code) => StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY),
         OriginError::FirstByteTimeout(_) | OriginError::IdleTimeout(_) => {
             StatusCode::GATEWAY_TIMEOUT
         }
         _ => StatusCode::BAD_GATEWAY,
-    };
+    }
+}
+
+fn origin_failure_response(node: &Node, error: &OriginError) -> Response<ResponseBody> {
+    node.stats.refused_requests.inc();
+    let status = origin_failure_status(error);
     tracing::warn!(
         %error,
         status = status.as_u16(),

@@ -238,10 +238,14 @@ impl Worker {
         let node = &self.node;
         accept_until(&listener, &self.stop, |stream| {
             let _ = stream.set_nodelay(true);
+            let client_addr = stream.peer_addr().ok().map(crate::peering::ClientAddr);
             let spans = SpanQueue::default();
             let io = TokioIo::new(ZeroCopyStream::new(stream, spans.clone()));
             let node = node.clone();
-            let service = service_fn(move |request| {
+            let service = service_fn(move |mut request: hyper::Request<_>| {
+                if let Some(client_addr) = client_addr {
+                    request.extensions_mut().insert(client_addr);
+                }
                 serve::handle(node.clone(), request, Some(spans.clone()))
             });
             let connection = builder.serve_connection(io, service).into_owned();

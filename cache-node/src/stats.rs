@@ -58,6 +58,12 @@ pub struct Stats {
     pub disk_write_errors: Counter,
     /// Slices written to disk.
     pub slices_stored: Counter,
+    /// Peer announcements accepted by the tracker.
+    pub peer_announcements: Counter,
+    /// Peer queries answered by the tracker.
+    pub peer_queries: Counter,
+    /// Piece manifests served.
+    pub manifests_served: Counter,
     cache_used_bytes: Gauge<u64, AtomicU64>,
     cache_max_bytes: Gauge<u64, AtomicU64>,
     objects: Gauge<u64, AtomicU64>,
@@ -98,6 +104,12 @@ pub struct StatsSnapshot {
     pub disk_write_errors: u64,
     /// Slices written.
     pub slices_stored: u64,
+    /// Peer announcements accepted.
+    pub peer_announcements: u64,
+    /// Peer queries answered.
+    pub peer_queries: u64,
+    /// Piece manifests served.
+    pub manifests_served: u64,
     /// Bytes stored on disk.
     pub cache_used_bytes: u64,
     /// `storage.max_size`.
@@ -130,12 +142,15 @@ impl Stats {
             version_changes: Counter::default(),
             disk_write_errors: Counter::default(),
             slices_stored: Counter::default(),
+            peer_announcements: Counter::default(),
+            peer_queries: Counter::default(),
+            manifests_served: Counter::default(),
             cache_used_bytes: Gauge::default(),
             cache_max_bytes: Gauge::default(),
             objects: Gauge::default(),
         };
         let stats = &stats_without_registry;
-        let counters: [(&str, &str, &Counter, Option<Unit>); 15] = [
+        let counters: [(&str, &str, &Counter, Option<Unit>); 18] = [
             (
                 "requests",
                 "Client requests received",
@@ -226,6 +241,24 @@ impl Stats {
                 &stats.slices_stored,
                 None,
             ),
+            (
+                "peer_announcements",
+                "Peer announcements accepted by the tracker",
+                &stats.peer_announcements,
+                None,
+            ),
+            (
+                "peer_queries",
+                "Peer queries answered by the tracker",
+                &stats.peer_queries,
+                None,
+            ),
+            (
+                "manifests_served",
+                "Piece manifests served",
+                &stats.manifests_served,
+                None,
+            ),
         ];
         for (name, help, counter, unit) in counters {
             match unit {
@@ -307,6 +340,9 @@ impl Stats {
             version_changes: self.version_changes.get(),
             disk_write_errors: self.disk_write_errors.get(),
             slices_stored: self.slices_stored.get(),
+            peer_announcements: self.peer_announcements.get(),
+            peer_queries: self.peer_queries.get(),
+            manifests_served: self.manifests_served.get(),
             cache_used_bytes: self.cache_used_bytes.get(),
             cache_max_bytes: self.cache_max_bytes.get(),
             objects: self.objects.get(),

@@ -3,6 +3,7 @@
 //! ```text
 //! <storage.path>/objects/<id[0..2]>/<id>/<generation>/meta.json
 //! <storage.path>/objects/<id[0..2]>/<id>/<generation>/<slice index>
+//! <storage.path>/objects/<id[0..2]>/<id>/<generation>/pieces.sha256
 //! ```
 //!
 //! `<id>` is the SHA-256 of the cache key. `<generation>` is a random number picked each time the
@@ -94,7 +95,13 @@ pub struct RecoveredObject {
     pub meta: ObjectMeta,
     /// Indexes of the slices whose files are present with the right length.
     pub present_slices: Vec<u64>,
+    /// The piece length of its `pieces.sha256`, when one is present with a plausible length
+    /// (its content is checked when it is read).
+    pub pieces_file: Option<u64>,
 }
+
+/// The name of the piece hash file in a generation directory (see [`crate::pieces`]).
+const PIECES_FILE: &str = "pieces.sha256";
 
 impl Layout {
     /// Creates the directories under `root` if needed.
@@ -119,6 +126,11 @@ impl Layout {
     /// The metadata file of one generation.
     pub fn meta_path(&self, key: &CacheKey, generation: u64) -> PathBuf {
         self.generation_dir(key, generation).join("meta.json")
+    }
+
+    /// The piece hash file of one generation.
+    pub fn pieces_path(&self, key: &CacheKey, generation: u64) -> PathBuf {
+        self.generation_dir(key, generation).join(PIECES_FILE)
     }
 
     /// The file of one slice.
@@ -189,12 +201,20 @@ fn recover_object(object_dir: &Path) -> Result<Option<RecoveredObject>, DiskErro
         return Ok(None);
     };
     let mut present_slices = Vec::new();
+    let mut pieces_file = None;
     for path in read_dir_paths(&generation_dir)? {
         let name = path
             .file_name()
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_default();
         if name == "meta.json" {
+            continue;
+        }
+        if name == PIECES_FILE {
+            pieces_file = read_pieces_header(&path, &meta);
+            if pieces_file.is_none() {
+                let _ = fs::remove_file(&path);
+            }
             continue;
         }
         let index = name
@@ -219,7 +239,21 @@ fn recover_object(object_dir: &Path) -> Result<Option<RecoveredObject>, DiskErro
     Ok(Some(RecoveredObject {
         meta,
         present_slices,
+        pieces_file,
     }))
+}
+
+/// The piece length a `pieces.sha256` file declares, if its length fits the object.
+fn read_pieces_header(path: &Path, meta: &ObjectMeta) -> Option<u64> {
+    use std::io::Read;
+    let mut header = [0u8; 8];
+    let mut file = fs::File::open(path).ok()?;
+    file.read_exact(&mut header).ok()?;
+    let piece_len = u64::from_le_bytes(header);
+    let plausible = piece_len.is_power_of_two()
+        && meta.slice_len % piece_len == 0
+        && file.metadata().ok()?.len() == crate::pieces::file_len(meta.length, piece_len) as u64;
+    plausible.then_some(piece_len)
 }
 
 fn remove_dir_quietly(path: &Path) {
@@ -267,6 +301,10 @@ mod tests {
         fs::write(layout.slice_path(&key, 2, 2), b"ij").unwrap(); // last slice, right length
         fs::write(layout.slice_path(&key, 2, 7), b"zzzz").unwrap(); // out of range
         fs::write(layout.generation_dir(&key, 2).join(".tmp-1-00ff"), b"ef").unwrap();
+        let hashes = crate::pieces::encode_file(4, &[[7; 32]; 3]);
+        fs::write(layout.pieces_path(&key, 2), hashes).unwrap();
+        // A piece file whose length does not fit its object is deleted.
+        fs::write(layout.pieces_path(&key, 1), [0u8; 9]).unwrap();
         // A generation directory with no metadata (a crash before meta.json landed).
         let orphan = layout.generation_dir(&key, 3);
         fs::create_dir_all(&orphan).unwrap();
@@ -276,6 +314,7 @@ mod tests {
         assert_eq!(recovered.len(), 1);
         assert_eq!(recovered[0].meta, new);
         assert_eq!(recovered[0].present_slices, vec![0, 2]);
+        assert_eq!(recovered[0].pieces_file, Some(4));
         assert!(!layout.generation_dir(&key, 1).exists());
         assert!(!orphan.exists());
         let mut left: Vec<String> = fs::read_dir(layout.generation_dir(&key, 2))
@@ -283,7 +322,7 @@ mod tests {
             .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, vec!["0", "2", "meta.json"]);
+        assert_eq!(left, vec!["0", "2", "meta.json", "pieces.sha256"]);
     }
 
     #[test]
