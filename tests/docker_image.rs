@@ -156,6 +156,8 @@ async fn the_image_serves_survives_restart_and_stops_cleanly() {
     config.server.listen = format!("127.0.0.1:{port}");
     config.admin.listen = format!("127.0.0.1:{admin_port}");
     config.storage.fsync = true;
+    // The container chooses its backend itself, whatever backend the rest of the suite runs on.
+    config.storage.io_backend = "auto".into();
     config.server.shutdown_grace = Duration::from_secs(5);
     let config_path = work.path().join("cache-node.toml");
     std::fs::write(&config_path, config_to_toml(&config)).unwrap();
