@@ -553,3 +553,81 @@ async fn a_full_disk_still_serves_every_byte_correctly_and_stores_nothing_broken
     assert_eq!(sha256_hex(healed.bytes()), sha256_hex(&content));
     restarted.stop().await;
 }
+
+#[tokio::test]
+async fn stored_versions_are_revalidated_after_revalidate_after_and_served_stale_when_the_origin_fails(
+) {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    // Every request is checked (a volatile mirror's index files need that).
+    config.upstream.revalidate_after = Duration::ZERO;
+    let node = TestNode::start(config).await;
+    let url = node.mcc_url("/dists/stable/InRelease");
+    let version_one = pattern_bytes(200_000, 11);
+    origin.put("/dists/stable/InRelease", version_one.clone());
+    let first = get(&url, &[]).await;
+    assert_eq!(sha256_hex(first.bytes()), sha256_hex(&version_one));
+    node.settle().await;
+
+    // Unchanged: a one-byte check, then a hit from disk.
+    let requests = origin.request_count();
+    let again = get(&url, &[]).await;
+    assert_eq!(again.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(sha256_hex(again.bytes()), sha256_hex(&version_one));
+    assert_eq!(
+        origin.request_count(),
+        requests + 1,
+        "one revalidation request"
+    );
+
+    // Changed at the origin (same length, new ETag): the new version, never the stored one.
+    let version_two = pattern_bytes(200_000, 12);
+    origin.put("/dists/stable/InRelease", version_two.clone());
+    let changed = get(&url, &[]).await;
+    assert_eq!(sha256_hex(changed.bytes()), sha256_hex(&version_two));
+    node.settle().await;
+
+    // The origin fails: the stored version is served (stale-if-error), not an error.
+    origin.set_behaviour(
+        "/dists/stable/InRelease",
+        Behaviour {
+            status_override: Some(503),
+            ..Behaviour::default()
+        },
+    );
+    let stale = get(&url, &[]).await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(sha256_hex(stale.bytes()), sha256_hex(&version_two));
+
+    // Gone at the origin: its answer, not the stored copy.
+    origin.remove("/dists/stable/InRelease");
+    let gone = get(&url, &[]).await;
+    assert_eq!(gone.status, 404);
+    let stats = node.stats().await;
+    assert!(stats["revalidations"].as_u64().unwrap() >= 4, "{stats}");
+    assert!(stats["version_changes"].as_u64().unwrap() >= 2, "{stats}");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn within_revalidate_after_a_stored_version_is_served_without_asking_the_origin() {
+    let (origin, _storage, node) = origin_and_node().await;
+    let version_one = pattern_bytes(100_000, 21);
+    origin.put("/pool/a.deb", version_one.clone());
+    let _ = get(&node.mcc_url("/pool/a.deb"), &[]).await;
+    node.settle().await;
+    origin.put("/pool/a.deb", pattern_bytes(100_000, 22));
+    let requests = origin.request_count();
+    let hit = get(&node.mcc_url("/pool/a.deb"), &[]).await;
+    assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(sha256_hex(hit.bytes()), sha256_hex(&version_one));
+    assert_eq!(
+        origin.request_count(),
+        requests,
+        "the default hour has not passed"
+    );
+    assert_eq!(node.stats().await["revalidations"].as_u64(), Some(0));
+    node.stop().await;
+}

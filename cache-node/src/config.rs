@@ -127,6 +127,11 @@ pub struct UpstreamConfig {
     /// node fetches both runs with one upstream request and discards the overlap, instead of
     /// opening a second request.
     pub merge_gap_slices: u64,
+    /// How long a stored version is served without asking the origin whether it changed. Older
+    /// versions are checked with a one-byte conditional request before they are served; an
+    /// unreachable origin leaves the stored version served. `0s` checks on every request.
+    #[serde(with = "humantime_serde")]
+    pub revalidate_after: Duration,
 }
 
 /// `[log]`: logging.
@@ -193,6 +198,7 @@ impl Default for UpstreamConfig {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 32,
             merge_gap_slices: 0,
+            revalidate_after: Duration::from_secs(3600),
         }
     }
 }

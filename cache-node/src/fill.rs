@@ -558,6 +558,76 @@ pub fn ensure_filling(
     }
 }
 
+/// What checking a stored version against the origin found.
+#[derive(Debug)]
+pub enum Revalidation {
+    /// The version is current (or was checked recently enough): serve it.
+    Fresh,
+    /// The origin has another version, or no longer has the content; the stored version was
+    /// dropped from the index, so a new lookup discovers what the origin has now.
+    Changed,
+    /// The origin could not be asked; the stored version is served as it is.
+    Unreachable(OriginError),
+}
+
+/// Checks a stored version with the origin when it was last confirmed more than
+/// `upstream.revalidate_after` ago: a one-byte range request with `If-Range` set to the version's
+/// validator. Concurrent requests for the same version wait for one check.
+pub async fn revalidate_if_stale(
+    node: &Node,
+    route: &Route,
+    entry: &Arc<ObjectEntry>,
+) -> Revalidation {
+    if !entry.needs_revalidation(node.revalidate_after) {
+        return Revalidation::Fresh;
+    }
+    let _checking = entry.revalidation.lock().await;
+    if entry.is_removed() {
+        return Revalidation::Changed;
+    }
+    if !entry.needs_revalidation(node.revalidate_after) {
+        return Revalidation::Fresh;
+    }
+    node.stats.revalidations.inc();
+    let validator = if_range_validator(&entry.meta);
+    let answer = fetch_range(node, route, 0, Some(0), validator).await;
+    let same_version = match answer {
+        Ok(mut origin) => {
+            if let Some(body) = origin.body.take() {
+                // A byte (or, from an origin ignoring Range, the whole object): drain it within
+                // the idle timeout so the pooled connection can be reused, or drop it.
+                let _ = tokio::time::timeout(node.idle_read_timeout, body.collect()).await;
+            }
+            entry.meta.same_version(
+                origin.length,
+                header_text(&origin.headers, header::ETAG).as_deref(),
+                header_text(&origin.headers, header::LAST_MODIFIED).as_deref(),
+            )
+        }
+        // Gone (404, 410...) or no longer sliceable: what the origin has now is not this.
+        Err(DiscoverError::Origin(OriginError::Status(400..=499)) | DiscoverError::NoLength) => {
+            false
+        }
+        Err(DiscoverError::Origin(error)) => {
+            node.stats.origin_errors.inc();
+            tracing::warn!(key = entry.key.as_str(), %error, "cannot revalidate; serving the stored version");
+            return Revalidation::Unreachable(error);
+        }
+    };
+    if same_version {
+        entry.mark_validated();
+        Revalidation::Fresh
+    } else {
+        node.stats.version_changes.inc();
+        tracing::info!(
+            key = entry.key.as_str(),
+            "origin content changed; dropping the stored version"
+        );
+        node.index.remove(entry);
+        Revalidation::Changed
+    }
+}
+
 /// The strongest validator of a stored version, for `If-Range` on later fills: a strong ETag,
 /// or else Last-Modified.
 fn if_range_validator(meta: &ObjectMeta) -> Option<String> {

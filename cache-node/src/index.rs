@@ -45,12 +45,46 @@ pub struct ObjectEntry {
     table: Mutex<SliceTable>,
     stored_bytes: AtomicU64,
     removed: AtomicBool,
+    /// When the origin last confirmed this version; `None` when unknown, which means it is
+    /// checked before it is next served.
+    validated: Mutex<Option<std::time::Instant>>,
+    /// Held while this version is being revalidated, so concurrent requests wait for one check.
+    pub revalidation: tokio::sync::Mutex<()>,
 }
 
 impl ObjectEntry {
-    /// Creates an entry for a new version with no slices stored.
+    /// Creates an entry for a new version, just confirmed by the origin, with no slices stored.
     pub fn new(meta: ObjectMeta) -> ObjectEntry {
-        Self::with_present(meta, &[])
+        let entry = Self::with_present(meta, &[]);
+        entry.mark_validated();
+        entry
+    }
+
+    /// Records that the origin confirmed this version now.
+    pub fn mark_validated(&self) {
+        self.mark_validated_ago(std::time::Duration::ZERO);
+    }
+
+    /// Records that the origin confirmed this version `age` ago (for versions recovered from
+    /// disk: the time their metadata was written).
+    pub fn mark_validated_ago(&self, age: std::time::Duration) {
+        *self
+            .validated
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            std::time::Instant::now().checked_sub(age);
+    }
+
+    /// True when the origin has not confirmed this version within `max_age`.
+    pub fn needs_revalidation(&self, max_age: std::time::Duration) -> bool {
+        match *self
+            .validated
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        {
+            Some(validated) => validated.elapsed() >= max_age,
+            None => true,
+        }
     }
 
     /// Creates an entry whose listed slices are already on disk (after a restart).
@@ -73,6 +107,8 @@ impl ObjectEntry {
             }),
             stored_bytes: AtomicU64::new(stored_bytes),
             removed: AtomicBool::new(false),
+            validated: Mutex::new(None),
+            revalidation: tokio::sync::Mutex::new(()),
         }
     }
 

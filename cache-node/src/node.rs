@@ -42,6 +42,8 @@ pub struct Node {
     pub idle_read_timeout: Duration,
     /// `upstream.merge_gap_slices`.
     pub merge_gap_slices: u64,
+    /// `upstream.revalidate_after`.
+    pub revalidate_after: Duration,
     /// `server.max_ranges`.
     pub max_ranges: usize,
     /// `admin.token`.
@@ -88,10 +90,12 @@ impl Node {
             if object.meta.slice_len != config.slice_len {
                 continue;
             }
+            let age = crate::store::unix_now().saturating_sub(object.meta.stored_at_unix);
             let entry = Arc::new(ObjectEntry::with_present(
                 object.meta,
                 &object.present_slices,
             ));
+            entry.mark_validated_ago(Duration::from_secs(age));
             if let Some(piece_len) = object.pieces_file {
                 entry.pieces.mark_on_disk(piece_len);
             }
@@ -117,6 +121,7 @@ impl Node {
             fsync: config.raw.storage.fsync,
             idle_read_timeout: config.raw.upstream.idle_read_timeout,
             merge_gap_slices: config.raw.upstream.merge_gap_slices,
+            revalidate_after: config.raw.upstream.revalidate_after,
             max_ranges: config.raw.server.max_ranges,
             admin_token: config.raw.admin.token.clone(),
             peering: crate::peering::Peering::start(&config.peering),

@@ -330,6 +330,11 @@ async fn serve_routed(
             Err(DiscoverError::NoLength) => return pass_through(node, route, method).await,
             Err(DiscoverError::Origin(error)) => return origin_failure_response(node, &error),
         };
+        match fill::revalidate_if_stale(node, route, &entry).await {
+            fill::Revalidation::Changed if attempt < VERSION_CHANGE_RETRIES => continue,
+            // Served as stored: current, or the origin cannot be asked (stale-if-error).
+            _ => {}
+        }
         let answer = respond(
             node,
             route,

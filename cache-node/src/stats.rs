@@ -54,6 +54,8 @@ pub struct Stats {
     pub origin_errors: Counter,
     /// Origin version changes detected (a new ETag or length under a stored object).
     pub version_changes: Counter,
+    /// Checks of stored versions against the origin (`upstream.revalidate_after`).
+    pub revalidations: Counter,
     /// Slice writes that failed (full disk, I/O error); the bytes were still served.
     pub disk_write_errors: Counter,
     /// Slices written to disk.
@@ -100,6 +102,8 @@ pub struct StatsSnapshot {
     pub origin_errors: u64,
     /// Detected origin version changes.
     pub version_changes: u64,
+    /// Checks of stored versions against the origin.
+    pub revalidations: u64,
     /// Failed slice writes.
     pub disk_write_errors: u64,
     /// Slices written.
@@ -140,6 +144,7 @@ impl Stats {
             origin_requests: Counter::default(),
             origin_errors: Counter::default(),
             version_changes: Counter::default(),
+            revalidations: Counter::default(),
             disk_write_errors: Counter::default(),
             slices_stored: Counter::default(),
             peer_announcements: Counter::default(),
@@ -150,7 +155,7 @@ impl Stats {
             objects: Gauge::default(),
         };
         let stats = &stats_without_registry;
-        let counters: [(&str, &str, &Counter, Option<Unit>); 18] = [
+        let counters: [(&str, &str, &Counter, Option<Unit>); 19] = [
             (
                 "requests",
                 "Client requests received",
@@ -227,6 +232,12 @@ impl Stats {
                 "version_changes",
                 "Origin content changes detected under stored objects",
                 &stats.version_changes,
+                None,
+            ),
+            (
+                "revalidations",
+                "Checks of stored versions against the origin",
+                &stats.revalidations,
                 None,
             ),
             (
@@ -338,6 +349,7 @@ impl Stats {
             origin_requests: self.origin_requests.get(),
             origin_errors: self.origin_errors.get(),
             version_changes: self.version_changes.get(),
+            revalidations: self.revalidations.get(),
             disk_write_errors: self.disk_write_errors.get(),
             slices_stored: self.slices_stored.get(),
             peer_announcements: self.peer_announcements.get(),
