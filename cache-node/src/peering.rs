@@ -367,6 +367,12 @@ async fn manifest(node: &Arc<Node>, peering: &Peering, query: &str) -> Response<
                 return json_error(status, &error.to_string());
             }
         };
+        // A manifest describes the version the origin has now, as a GET would serve it.
+        if let fill::Revalidation::Changed = fill::revalidate_if_stale(node, &route, &entry).await {
+            if tokio::time::Instant::now() < deadline {
+                continue;
+            }
+        }
         let mut changed = entry.pieces.subscribe();
         let slice_count = entry.meta.slice_count();
         if slice_count > 0 && !entry.is_removed() {
