@@ -203,6 +203,8 @@ async fn show_progress(mut events: mpsc::UnboundedReceiver<Event>, show_bar: boo
             Event::Repairing { pieces } => bar.println(format!(
                 "SHA-256 mismatch: refetching {pieces} pieces from the origin"
             )),
+            Event::PeerBanned { label } => bar.println(format!("{label} sent bad pieces: banned")),
+            Event::PeersFound { .. } | Event::PieceWritten { .. } => {}
         }
     }
     bar.finish_and_clear();

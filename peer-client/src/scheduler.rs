@@ -212,8 +212,11 @@ impl Scheduler {
             .pieces
             .iter()
             .zip(&self.bad_sources)
-            .position(|(piece, bad)| {
-                matches!(piece, PieceState::Missing { .. }) && !bad.contains(&source)
+            .enumerate()
+            .position(|(index, (piece, bad))| {
+                matches!(piece, PieceState::Missing { .. })
+                    && !bad.contains(&source)
+                    && sources.get(source).holds(index as u64)
             });
         match missing {
             Some(index) => {
@@ -265,7 +268,9 @@ impl Scheduler {
             .enumerate()
             .filter_map(|(index, piece)| match piece {
                 PieceState::InFlight { holders, .. }
-                    if holders.len() == 1 && !self.bad_sources[index].contains(&source) =>
+                    if holders.len() == 1
+                        && !self.bad_sources[index].contains(&source)
+                        && sources.get(source).holds(index as u64) =>
                 {
                     Some((index, holders[0]))
                 }
@@ -653,5 +658,21 @@ mod tests {
             Scheduler::assemble(Bytes::from_static(b"ab"), Bytes::from_static(b"cd")),
             "abcd"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_is_only_asked_for_pieces_it_holds() {
+        let mut sources = table(&[None, None]);
+        sources.get_mut(0).holdings = Some(vec![false, true, false, true]);
+        let mut scheduler = Scheduler::new(400, 100, &[]);
+        let now = Instant::now();
+        let first = scheduler.next_for(0, &sources, now).unwrap();
+        assert_eq!(first.index, 1);
+        let second = scheduler.next_for(0, &sources, now).unwrap();
+        assert_eq!(second.index, 3);
+        assert!(scheduler
+            .next_for(0, &sources, now)
+            .is_none_or(|claim| claim.duplicate));
+        assert_eq!(scheduler.next_for(1, &sources, now).unwrap().index, 0);
     }
 }
