@@ -39,6 +39,16 @@ impl KillableNode {
     /// Like [`KillableNode::start`], with the cache stored under `parent` (benchmarks put it on
     /// the same disk as the files they download).
     pub fn start_in(origin_base: &str, parent: &Path) -> KillableNode {
+        Self::start_with(origin_base, parent, |_| {})
+    }
+
+    /// Like [`KillableNode::start_in`], with `tweak` applied to the node's config (peering
+    /// settings, for example).
+    pub fn start_with(
+        origin_base: &str,
+        parent: &Path,
+        tweak: impl FnOnce(&mut cache_node::config::Config),
+    ) -> KillableNode {
         let storage = tempfile::tempdir_in(parent).unwrap();
         let mut config = test_config(storage.path(), origin_base, NODE_SLICE, "4GiB");
         // The portable backend: a killed node must leave no io_uring thread behind.
@@ -47,6 +57,7 @@ impl KillableNode {
             host: "127.0.0.1".into(),
             upstream: None,
         });
+        tweak(&mut config);
         let valid = config.validate().expect("test node config is valid");
         let (addresses_sender, addresses_receiver) = std::sync::mpsc::channel();
         let (stop_sender, stop_receiver) = tokio::sync::oneshot::channel::<()>();
