@@ -16,13 +16,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
-use peer_client::daemon::{Daemon, DaemonDownload};
 use peer_client::tracker::{ContentId, NodeApi, PeerEntry};
 use peer_client::{Config, Event};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use peer_common::{peer_config, KillableNode};
+use peer_common::{KillableNode, TestDaemon};
 
 const MIB: usize = 1024 * 1024;
 /// Pieces of 256 KiB (the node's `min(peering.piece_size, slice_size)`), so an 8 MiB file has
@@ -44,85 +43,6 @@ fn start_node(origin: &MockOrigin) -> KillableNode {
             }
         }
     })
-}
-
-/// A daemon on `ip`, with its own cache directory, running until dropped.
-struct TestDaemon {
-    daemon: Daemon,
-    peer_addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    cache_dir: tempfile::TempDir,
-}
-
-/// A daemon config: mode 1 through `node`, files from 1 MiB peered, no fsync.
-fn daemon_config(node: SocketAddr, cache_dir: &Path) -> Config {
-    let mut config = peer_config(&[node]);
-    config.download_mode = 1;
-    config.daemon.min_file_size_to_cache = "1MiB".into();
-    config.daemon.cache_dir = cache_dir.to_path_buf();
-    config.daemon.status_listen = "127.0.0.1:0".into();
-    config
-}
-
-impl TestDaemon {
-    async fn start(ip: &str, node: SocketAddr, tweak: impl FnOnce(&mut Config)) -> TestDaemon {
-        let cache_dir = tempfile::tempdir().unwrap();
-        Self::start_in(ip, node, cache_dir, tweak).await
-    }
-
-    async fn start_in(
-        ip: &str,
-        node: SocketAddr,
-        cache_dir: tempfile::TempDir,
-        tweak: impl FnOnce(&mut Config),
-    ) -> TestDaemon {
-        let mut config = daemon_config(node, cache_dir.path());
-        tweak(&mut config);
-        let peers = tokio::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))
-            .await
-            .unwrap();
-        let status = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let peer_addr = peers.local_addr().unwrap();
-        let daemon = Daemon::new(config.validate().unwrap(), peer_addr).unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(daemon.clone().run(peers, status, async move {
-            let _ = stopped.await;
-        }));
-        TestDaemon {
-            daemon,
-            peer_addr,
-            stop: Some(stop),
-            task: Some(task),
-            cache_dir,
-        }
-    }
-
-    /// Stops the daemon and hands back its cache directory (for a restart).
-    async fn stop(mut self) -> tempfile::TempDir {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap();
-        let directory = tempfile::tempdir().unwrap();
-        std::mem::replace(&mut self.cache_dir, directory)
-    }
-
-    async fn download(&self, url: &str) -> DaemonDownload {
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            self.daemon.download(url, None, None),
-        )
-        .await
-        .expect("the download ends within a minute")
-        .expect("the download succeeds")
-    }
-}
-
-impl Drop for TestDaemon {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
-    }
 }
 
 /// The tracker's answer for `content` as a mode-3 client on 127.0.0.250 sees it.

@@ -276,7 +276,7 @@ impl Default for PeeringConfig {
     fn default() -> Self {
         PeeringConfig {
             manifest_timeout: Duration::from_secs(10),
-            peer_refresh_interval: Duration::from_secs(60),
+            peer_refresh_interval: Duration::from_secs(10),
             max_peers: 16,
             connections_per_peer: 2,
             connect_timeout: Duration::from_secs(2),

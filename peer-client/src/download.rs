@@ -526,8 +526,10 @@ impl<'a> Engine<'a> {
             file_len: manifest.size,
             resumed_bytes: 0,
         });
+        let mut scheduler = Scheduler::new(manifest.size, manifest.piece_size, &[]);
+        scheduler.start_at(random_u64());
         self.layout = Some(Layout {
-            scheduler: Scheduler::new(manifest.size, manifest.piece_size, &[]),
+            scheduler,
             file,
             validator: manifest.validator(),
         });
@@ -1448,6 +1450,14 @@ impl<'a> Engine<'a> {
                 .collect(),
         })
     }
+}
+
+/// A random number (no dependency needed: the standard library's hasher keys are random).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    hasher.finish()
 }
 
 /// The next peer list from the refresh task, or never without peering.
