@@ -597,3 +597,56 @@ async fn a_client_that_cannot_reach_the_node_downloads_without_peers() {
     assert_eq!(file_digest(&done.path), sha256_hex(&content));
     assert!(client.daemon.shared().store.entries().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_hands_its_download_to_the_daemon_which_then_serves_it() {
+    let (origin, url, content) = origin_with_content(60).await;
+    let node = start_node(&origin);
+    let daemon = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
+    let directory = tempfile::tempdir().unwrap();
+    let output = directory.path().join("handed.bin");
+    let peer_client = |arguments: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_peer-client"));
+        command
+            .args(arguments)
+            .env(
+                "PEER_CLIENT__DAEMON__STATUS_LISTEN",
+                daemon.status_addr.to_string(),
+            )
+            .env("RUST_LOG", "error")
+            .stdin(std::process::Stdio::null());
+        command
+    };
+    let get = peer_client(&["get", &url, "-o", output.to_str().unwrap(), "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(status["Status"], "Complete");
+    assert_eq!(status["BytesFromCacheServer"], CONTENT_LEN as u64);
+    assert_eq!(file_digest(&output), sha256_hex(&content));
+
+    // The daemon has it in its cache, announced and servable.
+    let entries = daemon.daemon.shared().store.entries();
+    assert_eq!(entries.len(), 1);
+    let content_id = entries[0].0;
+    until_complete_peers(node.addr, content_id, 1).await;
+    let (code, body) = get_piece_range(daemon.peer_addr, content_id, 0..PIECE).await;
+    assert_eq!(code, 206);
+    assert_eq!(body, content[..PIECE]);
+
+    // `status` and `perf-snap` ask the same daemon.
+    let listed = peer_client(&["status"]).output().await.unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["Status"], "Complete");
+    assert_eq!(listed[0]["Url"], url);
+    let snap = peer_client(&["perf-snap"]).output().await.unwrap();
+    let snap: serde_json::Value = serde_json::from_slice(&snap.stdout).unwrap();
+    assert_eq!(snap["FilesDownloaded"], 1);
+    assert_eq!(snap["CacheSizeBytes"], CONTENT_LEN as u64);
+}

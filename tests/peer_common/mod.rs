@@ -218,6 +218,7 @@ pub fn scratch_dir() -> PathBuf {
 pub struct TestDaemon {
     pub daemon: Daemon,
     pub peer_addr: SocketAddr,
+    pub status_addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     pub cache_dir: tempfile::TempDir,
@@ -252,6 +253,7 @@ impl TestDaemon {
             .unwrap();
         let status = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer_addr = peers.local_addr().unwrap();
+        let status_addr = status.local_addr().unwrap();
         let daemon = Daemon::new(config.validate().unwrap(), peer_addr).unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(daemon.clone().run(peers, status, async move {
@@ -260,6 +262,7 @@ impl TestDaemon {
         TestDaemon {
             daemon,
             peer_addr,
+            status_addr,
             stop: Some(stop),
             task: Some(task),
             cache_dir,
