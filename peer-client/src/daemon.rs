@@ -38,7 +38,7 @@ use crate::integrity::Sha256Digest;
 use crate::peer_server::{self, text_response, ChannelBody};
 use crate::progress::{Event, Status};
 use crate::source::SourceKind;
-use crate::store::ContentStore;
+use crate::store::{Begin, ContentStore};
 use crate::tracker::{Announcement, ContentId};
 use crate::uploads::UploadLimits;
 
@@ -256,7 +256,7 @@ impl Daemon {
     /// The announcer and the cache policy, until `shutdown` resolves.
     pub async fn background(&self, shutdown: impl Future<Output = ()>) {
         let shared = &self.shared;
-        let mut schedules: HashMap<ContentId, AnnounceSchedule> = HashMap::new();
+        let mut schedules: HashMap<ContentId, (AnnounceSchedule, String)> = HashMap::new();
         let mut last_eviction = Instant::now();
         self.enforce_cache_policy();
         tokio::pin!(shutdown);
@@ -288,7 +288,7 @@ impl Daemon {
     }
 
     /// Sends the announcements that are due. Content that left the cache is withdrawn.
-    async fn announce_due(&self, schedules: &mut HashMap<ContentId, AnnounceSchedule>) {
+    async fn announce_due(&self, schedules: &mut HashMap<ContentId, (AnnounceSchedule, String)>) {
         let shared = &self.shared;
         let entries = shared.store.entries();
         let now = Instant::now();
@@ -298,10 +298,29 @@ impl Daemon {
             .copied()
             .collect();
         for id in gone {
-            schedules.remove(&id);
+            // Evicted or abandoned: withdrawn (an announcement holding nothing), so downloaders
+            // are not sent here until the TTL would have run out.
+            let Some((_, url)) = schedules.remove(&id) else {
+                continue;
+            };
+            if let Some(api) = shared.downloader.node_api(&url) {
+                let withdrawal = Announcement {
+                    content_id: id,
+                    port: shared.peer_port,
+                    group_id: None,
+                    pieces: Vec::new(),
+                    complete: false,
+                    active_uploads: 0,
+                };
+                if let Err(error) = api.announce(&withdrawal).await {
+                    tracing::debug!(%error, content = %id, "withdrawal failed");
+                }
+            }
         }
         for (id, entry) in entries {
-            let schedule = schedules.entry(id).or_default();
+            let (schedule, _) = schedules
+                .entry(id)
+                .or_insert_with(|| (AnnounceSchedule::default(), entry.url.clone()));
             if entry.held.iter().all(|held| !held) || !schedule.due(now, entry.generation) {
                 continue;
             }
@@ -356,20 +375,31 @@ impl Daemon {
             });
             records.len() - 1
         };
-        let output = match &manifest {
-            Some(manifest) => {
-                let id = manifest.content_id;
-                let fresh = shared
+        let begin = match &manifest {
+            Some(manifest) => Some(
+                shared
                     .store
                     .begin(url, Arc::clone(manifest))
-                    .map_err(|error| DownloadError::disk("creating a cache entry", error))?;
-                if !fresh {
-                    return Ok(self.cached(record_index, manifest.size, id));
-                }
+                    .map_err(|error| DownloadError::disk("creating a cache entry", error))?,
+            ),
+            None => None,
+        };
+        // The content is cached only by the download that created its entry; a second download
+        // of content already being downloaded runs beside it into a transient file.
+        let cached_id = manifest
+            .as_ref()
+            .filter(|_| begin == Some(Begin::Fresh))
+            .map(|manifest| manifest.content_id);
+        let output = match (&manifest, begin) {
+            (Some(manifest), Some(Begin::Complete)) => {
+                return Ok(self.cached(record_index, manifest.size, manifest.content_id));
+            }
+            (Some(manifest), Some(Begin::Fresh)) => {
+                let id = manifest.content_id;
                 shared.busy.lock().expect("never poisoned").push(id);
                 shared.store.data_path(id)
             }
-            None => {
+            _ => {
                 let number = shared.next_file_ref.fetch_add(1, Ordering::Relaxed);
                 shared
                     .config
@@ -387,7 +417,7 @@ impl Daemon {
         request.events = Some(sender);
         let forwarder = {
             let daemon = self.clone();
-            let id = manifest.as_ref().map(|manifest| manifest.content_id);
+            let id = cached_id;
             tokio::spawn(async move {
                 while let Some(event) = receiver.recv().await {
                     daemon.observe(record_index, id, &event);
@@ -399,7 +429,7 @@ impl Daemon {
         };
         let result = shared.downloader.download(request).await;
         let _ = forwarder.await;
-        let id = manifest.as_ref().map(|manifest| manifest.content_id);
+        let id = cached_id;
         if let Some(id) = id {
             shared
                 .busy

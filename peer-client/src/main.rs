@@ -74,6 +74,8 @@ struct GetArguments {
     #[arg(short, long)]
     quiet: bool,
     /// Download in this process even when a daemon is running (nothing is cached for peers).
+    /// `--cache-host`, `--download-mode`, `--delay-cache-fallback-secs` and
+    /// `--max-download-bandwidth` imply it: the daemon downloads with its own configuration.
     #[arg(long)]
     no_daemon: bool,
 }
@@ -225,7 +227,13 @@ fn run_get(mut config: Config, get: GetArguments) -> anyhow::Result<ExitCode> {
         .context("--sha256")?;
 
     runtime()?.block_on(async move {
-        if !get.no_daemon {
+        // The daemon downloads with its own configuration, so flags that change how to
+        // download mean this process does it.
+        let overridden = !get.cache_hosts.is_empty()
+            || get.download_mode.is_some()
+            || get.delay_cache_fallback_secs.is_some()
+            || get.max_download_bandwidth.is_some();
+        if !get.no_daemon && !overridden {
             if let Some(status) = hand_off(config.daemon.status_listen, &get).await? {
                 if get.json {
                     println!("{}", serde_json::to_string_pretty(&status)?);

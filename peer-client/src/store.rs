@@ -66,6 +66,17 @@ impl Entry {
     }
 }
 
+/// What [`ContentStore::begin`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Begin {
+    /// A fresh entry: download into it.
+    Fresh,
+    /// The complete content is here already.
+    Complete,
+    /// Another download of it is running.
+    InProgress,
+}
+
 /// The content cache.
 #[derive(Debug, Clone)]
 pub struct ContentStore {
@@ -135,14 +146,17 @@ impl ContentStore {
             .collect()
     }
 
-    /// Starts storing `manifest`'s content: a fresh, empty entry (an incomplete earlier one, or
-    /// another version, is dropped). Returns false when the complete content is already here.
-    pub fn begin(&self, url: &str, manifest: Arc<Manifest>) -> std::io::Result<bool> {
+    /// Starts storing `manifest`'s content in a fresh, empty entry (a complete entry of
+    /// another version is dropped), unless it is complete here already or being downloaded.
+    pub fn begin(&self, url: &str, manifest: Arc<Manifest>) -> std::io::Result<Begin> {
         let id = manifest.content_id;
         if let Some(entry) = self.lock().get_mut(&id) {
-            if entry.complete && *entry.manifest == *manifest {
+            if !entry.complete {
+                return Ok(Begin::InProgress);
+            }
+            if *entry.manifest == *manifest {
                 entry.last_used = SystemTime::now();
-                return Ok(false);
+                return Ok(Begin::Complete);
             }
         }
         let dir = self.dir(id);
@@ -158,7 +172,7 @@ impl ContentStore {
         };
         write_meta(&dir, &entry)?;
         self.lock().insert(id, entry);
-        Ok(true)
+        Ok(Begin::Fresh)
     }
 
     /// Piece `index` of `id` is on disk.
@@ -327,11 +341,18 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let store = ContentStore::open(directory.path()).unwrap();
         let done = manifest(1, 250);
-        assert!(store.begin("http://o/a", Arc::clone(&done)).unwrap());
+        assert_eq!(
+            store.begin("http://o/a", Arc::clone(&done)).unwrap(),
+            Begin::Fresh
+        );
         std::fs::write(store.data_path(done.content_id), vec![0; 250]).unwrap();
         store.completed(done.content_id);
         let partial = manifest(2, 300);
         store.begin("http://o/b", Arc::clone(&partial)).unwrap();
+        assert_eq!(
+            store.begin("http://o/b", Arc::clone(&partial)).unwrap(),
+            Begin::InProgress
+        );
         store.piece_written(partial.content_id, 1);
         assert!(store
             .get(partial.content_id)
@@ -348,7 +369,7 @@ mod tests {
         assert!(reopened.get(done.content_id).unwrap().complete);
         assert!(reopened.get(partial.content_id).is_none());
         assert!(!directory.path().join("content/not-an-id").exists());
-        assert!(!reopened.begin("http://o/a", done).unwrap());
+        assert_eq!(reopened.begin("http://o/a", done).unwrap(), Begin::Complete);
     }
 
     #[test]
