@@ -313,7 +313,7 @@ async fn rendezvous_hashing_spreads_items_over_three_nodes_and_fails_over_in_has
 }
 
 #[tokio::test]
-async fn simple_and_bypass_modes_use_only_the_origin_and_peer_modes_behave_as_mode_0() {
+async fn simple_and_bypass_modes_use_only_the_origin_and_peer_modes_use_the_cache_too() {
     let origin = MockOrigin::start().await;
     let content = pattern_bytes(MIB + 7, 6);
     origin.put("/files/modes.bin", content.clone());
@@ -330,6 +330,10 @@ async fn simple_and_bypass_modes_use_only_the_origin_and_peer_modes_behave_as_mo
     ] {
         let mut config = peer_config(&[node.addr]);
         config.download_mode = mode;
+        config.group_id = "branch".into();
+        // This node allows 127.0.0.1, its own address, as an origin, so its peering API answers
+        // nothing useful here (protocol.md): peer modes must not wait long for a manifest.
+        config.peering.manifest_timeout = Duration::from_millis(300);
         let finished = run_download(
             &downloader(config),
             DownloadRequest::new(url.clone(), directory.path().join(format!("{mode}.bin"))),

@@ -50,9 +50,18 @@ pub struct Config {
     /// A file holding the value of DHCP option 235 (a comma list of cache hosts), written by the
     /// DHCP client hook the admin sets up. Used when no cache host is configured otherwise.
     pub cache_host_source_file: Option<PathBuf>,
-    /// Delivery Optimization download mode: 0 (HTTP + cache), 1, 2, 3 (peering; behave as 0 until
-    /// peers are implemented), 99 (simple: origin only) or 100 (bypass: origin only).
+    /// Delivery Optimization download mode: 0 (HTTP + cache), 1 (LAN peers: same subnet as the
+    /// cache node sees it), 2 (peers of the same `group_id`), 3 (any peer the node knows), 99
+    /// (simple: origin only) or 100 (bypass: origin only). Peering needs a cache node (it serves
+    /// the piece manifest and the tracker).
     pub download_mode: u8,
+    /// The group peers share in download mode 2, like DO's `DOGroupId` (1 to 128 bytes).
+    pub group_id: String,
+    /// Seconds the origin waits, from the start of a download that peers (modes 1-3), before
+    /// it is used, so that peers and the cache get a head start, like DO's
+    /// `DODelayForegroundDownloadFromHttp`. `0`: no head start. It does not apply to downloads
+    /// without a piece manifest.
+    pub delay_http_fallback_secs: u64,
     /// Seconds to keep trying cache hosts after the first cache failure before the origin is
     /// used. `0` falls back at once; `-1` never uses the origin while cache hosts are configured.
     pub delay_cache_fallback_secs: i64,
@@ -70,6 +79,10 @@ pub struct Config {
     pub transfer: TransferConfig,
     /// The partial file and its resume state.
     pub storage: StorageConfig,
+    /// Peers as a source: manifests, the tracker and peer connections.
+    pub peering: PeeringConfig,
+    /// `peer-client daemon`: the content cache served to peers, upload limits, status API.
+    pub daemon: DaemonConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -137,6 +150,57 @@ pub struct StorageConfig {
     pub checkpoint_interval: Duration,
 }
 
+/// `[peering]`: peers as a source (download modes 1, 2 and 3).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeeringConfig {
+    /// How long to wait for the cache node's piece manifest before the download starts without
+    /// peers (simple mode for this download).
+    #[serde(with = "humantime_serde")]
+    pub manifest_timeout: Duration,
+    /// How often the peer list is asked for again during a download.
+    #[serde(with = "humantime_serde")]
+    pub peer_refresh_interval: Duration,
+    /// The most peers one download uses.
+    pub max_peers: usize,
+    /// The most parallel connections to one peer.
+    pub connections_per_peer: usize,
+    /// Time allowed to connect to a peer.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+/// `[daemon]`: `peer-client daemon`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Where peers connect (DO uses TCP 7680). Its IP, when not unspecified, is also the source
+    /// address of the daemon's requests to the cache node, so the tracker sees the address
+    /// peers must use.
+    pub listen: String,
+    /// The local status API (`peer-client status`, `perf-snap`, and `get` handing its work
+    /// over). Loopback addresses only.
+    pub status_listen: String,
+    /// The content cache directory (the systemd unit's `StateDirectory`).
+    pub cache_dir: PathBuf,
+    /// The most the content cache holds: a size (`"20GiB"`) or a percentage of the disk it is on
+    /// (`"20%"`, DO's `DOMaxCacheSize` default).
+    pub max_cache_size: String,
+    /// Content not used for this long is deleted (DO's `DOMaxCacheAge`, 3 days).
+    #[serde(with = "humantime_serde")]
+    pub max_cache_age: Duration,
+    /// Smaller files are not cached and skip peering (DO's `DOMinFileSizeToCache`).
+    pub min_file_size_to_cache: String,
+    /// Cap on the upload rate to peers, shared by every upload: `"0"` (none) or a rate per
+    /// second (`"10MiB"`).
+    pub max_upload_bandwidth: String,
+    /// The most uploads served at once; more are answered `503`.
+    pub max_concurrent_uploads: usize,
+    /// Bytes uploaded to peers per calendar month (UTC) before uploads stop until the next
+    /// month, kept across restarts (DO's `DOMonthlyUploadDataCap`). `"0"`: no cap.
+    pub monthly_upload_cap: String,
+}
+
 /// `[log]`: logging (the binary only; the library logs through `tracing`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -151,6 +215,8 @@ impl Default for Config {
             cache_hosts: Vec::new(),
             cache_host_source_file: None,
             download_mode: 0,
+            group_id: String::new(),
+            delay_http_fallback_secs: 0,
             delay_cache_fallback_secs: 0,
             max_download_bandwidth: "0".to_owned(),
             piece_size: "1MiB".to_owned(),
@@ -158,6 +224,8 @@ impl Default for Config {
             origin: OriginConfig::default(),
             transfer: TransferConfig::default(),
             storage: StorageConfig::default(),
+            peering: PeeringConfig::default(),
+            daemon: DaemonConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -204,6 +272,34 @@ impl Default for StorageConfig {
     }
 }
 
+impl Default for PeeringConfig {
+    fn default() -> Self {
+        PeeringConfig {
+            manifest_timeout: Duration::from_secs(10),
+            peer_refresh_interval: Duration::from_secs(10),
+            max_peers: 16,
+            connections_per_peer: 2,
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            listen: "0.0.0.0:7680".to_owned(),
+            status_listen: "127.0.0.1:7681".to_owned(),
+            cache_dir: PathBuf::from("/var/lib/peer-client"),
+            max_cache_size: "20%".to_owned(),
+            max_cache_age: Duration::from_secs(3 * 24 * 3600),
+            min_file_size_to_cache: "10MiB".to_owned(),
+            max_upload_bandwidth: "0".to_owned(),
+            max_concurrent_uploads: 16,
+            monthly_upload_cap: "0".to_owned(),
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
@@ -217,11 +313,11 @@ impl Default for LogConfig {
 pub enum DownloadMode {
     /// 0: HTTP only, the cache is still used.
     HttpOnly,
-    /// 1: LAN peers (same NAT or subnet). Behaves as 0 until peers are implemented.
+    /// 1: LAN peers (the same subnet, as the cache node sees addresses).
     Lan,
-    /// 2: Group peers. Behaves as 0 until peers are implemented.
+    /// 2: Group peers (the same `group_id`).
     Group,
-    /// 3: Internet peers. Behaves as 0 until peers are implemented.
+    /// 3: Internet peers (any peer the cache node knows).
     Internet,
     /// 99: simple mode, no peering services and no cache: origin only.
     Simple,
@@ -255,6 +351,14 @@ impl DownloadMode {
         }
     }
 
+    /// Whether peers are used in this mode (1, 2 and 3).
+    pub fn uses_peers(self) -> bool {
+        matches!(
+            self,
+            DownloadMode::Lan | DownloadMode::Group | DownloadMode::Internet
+        )
+    }
+
     /// Whether cache hosts are used in this mode (not in simple and bypass modes).
     pub fn uses_cache_hosts(self) -> bool {
         !matches!(self, DownloadMode::Simple | DownloadMode::Bypass)
@@ -285,6 +389,34 @@ pub struct ValidConfig {
     pub bandwidth: BandwidthLimit,
     /// `piece_size` in bytes.
     pub piece_len: u64,
+    /// `[daemon]` sizes and addresses, parsed.
+    pub daemon: ValidDaemon,
+}
+
+/// How big the content cache may grow.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CacheSizeLimit {
+    /// At most this many bytes.
+    Bytes(u64),
+    /// At most this percentage of the disk the cache is on.
+    PercentOfDisk(f64),
+}
+
+/// The parsed `[daemon]` values.
+#[derive(Debug, Clone)]
+pub struct ValidDaemon {
+    /// `listen`.
+    pub listen: std::net::SocketAddr,
+    /// `status_listen` (a loopback address).
+    pub status_listen: std::net::SocketAddr,
+    /// `max_cache_size`.
+    pub max_cache_size: CacheSizeLimit,
+    /// `min_file_size_to_cache` in bytes.
+    pub min_file_size_to_cache: u64,
+    /// `max_upload_bandwidth`.
+    pub max_upload_bandwidth: BandwidthLimit,
+    /// `monthly_upload_cap` in bytes, `None` for no cap.
+    pub monthly_upload_cap: Option<u64>,
 }
 
 impl Config {
@@ -395,6 +527,46 @@ impl Config {
                 "must be at least transfer.retry_initial_backoff, e.g. \"30s\"",
             ));
         }
+        if download_mode == DownloadMode::Group
+            && (self.group_id.is_empty() || self.group_id.len() > 128)
+        {
+            return Err(invalid(
+                "group_id",
+                "download_mode 2 (Group) needs a group_id of 1 to 128 bytes, e.g. \"branch-17\"",
+            ));
+        }
+        for (key, value) in [
+            ("peering.max_peers", self.peering.max_peers),
+            (
+                "peering.connections_per_peer",
+                self.peering.connections_per_peer,
+            ),
+            (
+                "daemon.max_concurrent_uploads",
+                self.daemon.max_concurrent_uploads,
+            ),
+        ] {
+            if value == 0 || value > 256 {
+                return Err(invalid(
+                    key,
+                    format!("{value} must be between 1 and 256, e.g. 8"),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("peering.manifest_timeout", self.peering.manifest_timeout),
+            (
+                "peering.peer_refresh_interval",
+                self.peering.peer_refresh_interval,
+            ),
+            ("peering.connect_timeout", self.peering.connect_timeout),
+            ("daemon.max_cache_age", self.daemon.max_cache_age),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than zero, e.g. \"10s\""));
+            }
+        }
+        let daemon = self.daemon.validate()?;
         if self.transfer.max_consecutive_failures == 0 {
             return Err(invalid(
                 "transfer.max_consecutive_failures",
@@ -408,6 +580,75 @@ impl Config {
             fallback_delay,
             bandwidth,
             piece_len,
+            daemon,
+        })
+    }
+}
+
+impl DaemonConfig {
+    fn validate(&self) -> Result<ValidDaemon, ConfigError> {
+        let address = |key: &str, text: &str| {
+            text.parse::<std::net::SocketAddr>().map_err(|_| {
+                invalid(
+                    key,
+                    format!("\"{text}\" is not an address and port; use e.g. \"0.0.0.0:7680\""),
+                )
+            })
+        };
+        let listen = address("daemon.listen", &self.listen)?;
+        let status_listen = address("daemon.status_listen", &self.status_listen)?;
+        if !status_listen.ip().is_loopback() {
+            return Err(invalid(
+                "daemon.status_listen",
+                format!(
+                    "\"{}\" is not a loopback address: the status API is local only; use e.g. \"127.0.0.1:7681\"",
+                    self.status_listen
+                ),
+            ));
+        }
+        let max_cache_size = match self.max_cache_size.trim().strip_suffix('%') {
+            Some(percent) => match percent.trim().parse::<f64>() {
+                Ok(value) if value > 0.0 && value <= 100.0 => CacheSizeLimit::PercentOfDisk(value),
+                _ => {
+                    return Err(invalid(
+                        "daemon.max_cache_size",
+                        format!(
+                            "\"{}\" must be a percentage above 0 and at most 100, or a size, e.g. \"20%\" or \"20GiB\"",
+                            self.max_cache_size
+                        ),
+                    ))
+                }
+            },
+            None => CacheSizeLimit::Bytes(
+                parse_size(&self.max_cache_size)
+                    .map_err(|message| invalid("daemon.max_cache_size", message))?,
+            ),
+        };
+        let min_file_size_to_cache = parse_size(&self.min_file_size_to_cache)
+            .map_err(|message| invalid("daemon.min_file_size_to_cache", message))?;
+        let max_upload_bandwidth = match BandwidthLimit::parse(&self.max_upload_bandwidth) {
+            Ok(BandwidthLimit::PercentOfMeasured(_)) => {
+                return Err(invalid(
+                    "daemon.max_upload_bandwidth",
+                    "must be \"0\" or a rate such as \"10MiB\" (per second), not a percentage",
+                ))
+            }
+            Ok(limit) => limit,
+            Err(message) => return Err(invalid("daemon.max_upload_bandwidth", message)),
+        };
+        let monthly_upload_cap = match parse_size(&self.monthly_upload_cap)
+            .map_err(|message| invalid("daemon.monthly_upload_cap", message))?
+        {
+            0 => None,
+            bytes => Some(bytes),
+        };
+        Ok(ValidDaemon {
+            listen,
+            status_listen,
+            max_cache_size,
+            min_file_size_to_cache,
+            max_upload_bandwidth,
+            monthly_upload_cap,
         })
     }
 }

@@ -11,7 +11,17 @@
 //!
 //! The first request of a fresh download (the probe) asks for the first piece and learns the
 //! length and validators from the answer; a resumed download knows them from its state file and
-//! starts at full parallelism.
+//! starts at full parallelism, and so does a download with a piece manifest.
+//!
+//! **Peers.** In download modes 1-3 the downloader first asks the cache node for the content's
+//! piece manifest ([`Downloader::fetch_manifest`]); without one (node unreachable, content too
+//! small, no length) the download runs without peers, as DO's simple mode. With one, it asks the
+//! tracker for peers, adds each as a [`Source::Peer`] that is offered only the pieces it holds,
+//! and refreshes the list every `peering.peer_refresh_interval` from a task beside the loop. The
+//! manifest and the peers stay for the whole download, so losing the node does not stop it. Every
+//! piece is checked against the manifest; a peer with [`BAD_PIECES_BEFORE_BAN`] bad pieces, or
+//! [`PEER_FAILURES_BEFORE_RETIRING`] failed requests in a row, is not asked again in this
+//! download. `delay_http_fallback_secs` keeps the origin closed for that long after the start.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,9 +50,14 @@ use crate::partial::{
 use crate::progress::{self, Event, Progress, SourceProgress, Status};
 use crate::scheduler::{AttemptId, Claim, Completion, Scheduler};
 use crate::source::{Source, SourceId, SourceKind, SourceSlot, SourceTable};
+use crate::tracker::{ContentId, Manifest, NodeApi, PeerEntry};
 
-/// A cache host that sends this many pieces failing their hash is banned for the origin.
-const BAD_PIECES_BEFORE_BAN: u64 = 3;
+/// A cache host that sends this many pieces failing their hash is banned for the origin; a peer
+/// is banned for the rest of the download.
+pub const BAD_PIECES_BEFORE_BAN: u64 = 3;
+
+/// A peer whose requests fail this many times in a row is not asked again in this download.
+pub const PEER_FAILURES_BEFORE_RETIRING: u32 = 3;
 
 /// How often progress events are sent and checkpoints considered.
 const TICK: Duration = Duration::from_millis(200);
@@ -55,6 +70,7 @@ pub struct Downloader {
     http: HttpClients,
     bans: Arc<BanList>,
     bandwidth: Bandwidth,
+    local_address: Option<std::net::IpAddr>,
 }
 
 /// One download to run.
@@ -68,6 +84,9 @@ pub struct DownloadRequest {
     pub sha256: Option<Sha256Digest>,
     /// Trusted piece hashes, when the content has a manifest.
     pub piece_hashes: Option<Arc<dyn PieceHashes>>,
+    /// The cache node's piece manifest, when the caller fetched it already
+    /// ([`Downloader::fetch_manifest`]). It enables peers in download modes 1-3.
+    pub manifest: Option<Arc<Manifest>>,
     /// Where to send [`Event`]s.
     pub events: Option<UnboundedSender<Event>>,
     /// Stops the download, keeping the partial file for a resume.
@@ -82,6 +101,7 @@ impl DownloadRequest {
             output: output.into(),
             sha256: None,
             piece_hashes: None,
+            manifest: None,
             events: None,
             cancel: CancellationToken::new(),
         }
@@ -98,6 +118,59 @@ impl Downloader {
             http,
             bans: Arc::new(BanList::new()),
             bandwidth,
+            local_address: None,
+        }
+    }
+
+    /// Sends requests to cache nodes from `address` (the daemon's peer address), so the
+    /// tracker records and scopes this machine by the address peers reach it at.
+    pub fn with_local_address(mut self, address: Option<std::net::IpAddr>) -> Downloader {
+        self.local_address = address.filter(|address| !address.is_unspecified());
+        self
+    }
+
+    /// The peering API of the cache host `url` would use first, when the download mode peers.
+    pub fn node_api(&self, url: &str) -> Option<NodeApi> {
+        if !self.config.download_mode.uses_peers() {
+            return None;
+        }
+        let uri: Uri = url.parse().ok()?;
+        let hosts = cache_host::resolve_cache_hosts(
+            &self.config.cache_hosts,
+            self.config.raw.cache_host_source_file.as_deref(),
+        )
+        .ok()?;
+        let host = cache_host::rendezvous_order(&hosts, &cache_host::content_key(&uri))
+            .into_iter()
+            .next()?;
+        Some(NodeApi::new(
+            &host,
+            self.local_address,
+            self.config.raw.cache.connect_timeout,
+        ))
+    }
+
+    /// The cache node's piece manifest of `url`, when the download mode peers and the content
+    /// is at least `daemon.min_file_size_to_cache`. `None` means no peering for this download
+    /// (DO's simple mode): the node is unreachable, still filling after
+    /// `peering.manifest_timeout`, or has no manifest for it.
+    pub async fn fetch_manifest(&self, url: &str) -> Option<Manifest> {
+        let api = self.node_api(url)?;
+        match api
+            .manifest(url, self.config.raw.peering.manifest_timeout)
+            .await
+        {
+            Ok(manifest) if manifest.size >= self.config.daemon.min_file_size_to_cache => {
+                Some(manifest)
+            }
+            Ok(manifest) => {
+                tracing::debug!(url, size = manifest.size, "too small to peer");
+                None
+            }
+            Err(error) => {
+                tracing::info!(url, %error, "no piece manifest: downloading without peers");
+                None
+            }
         }
     }
 
@@ -113,8 +186,17 @@ impl Downloader {
 
     /// Runs one download to the end: the file is complete and verified under its final name, or
     /// an error says why not (the partial file is kept when a rerun can resume it).
-    pub async fn download(&self, request: DownloadRequest) -> Result<Status, DownloadError> {
-        let engine = Engine::new(self, request)?;
+    pub async fn download(&self, mut request: DownloadRequest) -> Result<Status, DownloadError> {
+        if request.manifest.is_none() && self.config.download_mode.uses_peers() {
+            request.manifest = self.fetch_manifest(&request.url).await.map(Arc::new);
+        }
+        if let Some(manifest) = &request.manifest {
+            if request.piece_hashes.is_none() {
+                request.piece_hashes = Some(Arc::clone(manifest) as Arc<dyn PieceHashes>);
+            }
+        }
+        let mut engine = Engine::new(self, request)?;
+        engine.start_peering().await;
         engine.run().await
     }
 }
@@ -143,6 +225,28 @@ enum TaskOutcome {
     },
     /// A checkpoint of the resume state.
     Checkpointed { result: Result<(), DownloadError> },
+}
+
+/// The peering side of a download that has a manifest.
+struct PeeringState {
+    manifest: Arc<Manifest>,
+    /// Peer lists from the refresh task.
+    updates: tokio::sync::mpsc::Receiver<Vec<PeerEntry>>,
+    /// Stops the refresh task when the download ends.
+    _refresher: AbortOnDrop,
+    /// The origin stays closed until then (`delay_http_fallback_secs`).
+    origin_opens_at: Instant,
+    /// Peers ever offered by the tracker.
+    peers_known: usize,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What a request task takes along.
@@ -214,6 +318,7 @@ struct Engine<'a> {
     last_checkpoint: Instant,
     rate_probe: Option<RateProbe>,
     started: Instant,
+    peering: Option<PeeringState>,
 }
 
 impl<'a> Engine<'a> {
@@ -258,7 +363,17 @@ impl<'a> Engine<'a> {
             Source::Origin { url: url.clone() },
             config.raw.origin.connections,
         ));
-        let received = Arc::new((0..slots.len()).map(|_| AtomicU64::new(0)).collect());
+        // Peers join during the download; their counters exist from the start.
+        let peer_capacity = if request.manifest.is_some() {
+            config.raw.peering.max_peers
+        } else {
+            0
+        };
+        let received = Arc::new(
+            (0..slots.len() + peer_capacity)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        );
         let policy = FallbackPolicy::new(config.fallback_delay, slots.len() > 1);
         let piece_len = request
             .piece_hashes
@@ -294,7 +409,132 @@ impl<'a> Engine<'a> {
             last_checkpoint: now,
             rate_probe: None,
             started: now,
+            peering: None,
         })
+    }
+
+    /// With a manifest: asks the tracker for peers once (so they are known before the first
+    /// piece) and starts the task that refreshes the list. Losing the node later changes nothing:
+    /// the peers stay.
+    async fn start_peering(&mut self) {
+        let Some(manifest) = self.request.manifest.clone() else {
+            return;
+        };
+        let Some(api) = self.downloader.node_api(&self.request.url) else {
+            return;
+        };
+        let config = Arc::clone(&self.downloader.config);
+        let ask = move |api: NodeApi, content_id: ContentId| {
+            let config = Arc::clone(&config);
+            async move {
+                api.peers(
+                    content_id,
+                    config.download_mode,
+                    &config.raw.group_id,
+                    config.raw.peering.max_peers,
+                )
+                .await
+            }
+        };
+        let first = ask(api.clone(), manifest.content_id).await;
+        let (sender, updates) = tokio::sync::mpsc::channel(4);
+        let interval = self.downloader.config.raw.peering.peer_refresh_interval;
+        let content_id = manifest.content_id;
+        let refresher = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                match ask(api.clone(), content_id).await {
+                    Ok(peers) => {
+                        if sender.send(peers).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => tracing::debug!(%error, "peer list refresh failed"),
+                }
+            }
+        });
+        let delay = Duration::from_secs(self.downloader.config.raw.delay_http_fallback_secs);
+        self.peering = Some(PeeringState {
+            manifest,
+            updates,
+            _refresher: AbortOnDrop(refresher.abort_handle()),
+            origin_opens_at: self.started + delay,
+            peers_known: 0,
+        });
+        match first {
+            Ok(peers) => self.add_peers(peers),
+            Err(error) => tracing::info!(%error, "no peer list yet"),
+        }
+        let peers = self.sources.peers().len();
+        self.emit(Event::PeersFound { peers });
+    }
+
+    /// Adds the peers the tracker offered (up to `peering.max_peers`) and updates what the
+    /// known ones hold.
+    fn add_peers(&mut self, entries: Vec<PeerEntry>) {
+        let Some(peering) = &mut self.peering else {
+            return;
+        };
+        let piece_count = peering.manifest.piece_count();
+        let max_peers = self.downloader.config.raw.peering.max_peers;
+        for entry in entries {
+            let holdings = entry.holdings(piece_count);
+            let known = self.sources.slots.iter_mut().find(|slot| {
+                matches!(&slot.source, Source::Peer { address, .. } if *address == entry.address)
+            });
+            if let Some(slot) = known {
+                slot.holdings = Some(holdings);
+                continue;
+            }
+            if self.sources.peers().len() >= max_peers {
+                continue;
+            }
+            let Ok(url) = format!(
+                "http://{}/content/{}",
+                entry.address, peering.manifest.content_id
+            )
+            .parse::<Uri>() else {
+                continue;
+            };
+            let mut slot = SourceSlot::new(
+                Source::Peer {
+                    address: entry.address,
+                    url,
+                },
+                self.downloader.config.raw.peering.connections_per_peer,
+            );
+            slot.holdings = Some(holdings);
+            peering.peers_known += 1;
+            tracing::debug!(peer = %entry.address, complete = entry.complete, "peer added");
+            self.sources.slots.push(slot);
+        }
+    }
+
+    /// A download with a manifest knows its length and version before any request.
+    fn layout_from_manifest(&mut self) -> Result<(), DownloadError> {
+        let Some(manifest) = self.request.manifest.clone() else {
+            return Ok(());
+        };
+        if self.layout.is_some() {
+            return Ok(());
+        }
+        let file = PartialFile::create(&self.paths.partial, manifest.size).map_err(|error| {
+            DownloadError::disk(format!("creating {}", self.paths.partial.display()), error)
+        })?;
+        self.piece_len = manifest.piece_size;
+        self.emit(Event::Started {
+            file_len: manifest.size,
+            resumed_bytes: 0,
+        });
+        let mut scheduler = Scheduler::new(manifest.size, manifest.piece_size, &[]);
+        scheduler.start_at(random_u64());
+        self.layout = Some(Layout {
+            scheduler,
+            file,
+            validator: manifest.validator(),
+        });
+        self.start_rate_probe();
+        Ok(())
     }
 
     fn emit(&self, event: Event) {
@@ -325,6 +565,7 @@ impl<'a> Engine<'a> {
             }
         }
         self.try_resume()?;
+        self.layout_from_manifest()?;
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let cancel = self.request.cancel.clone();
@@ -355,6 +596,7 @@ impl<'a> Engine<'a> {
                     }
                 }
                 () = sleep_until_or_forever(wake) => {}
+                Some(peers) = next_peer_list(&mut self.peering) => self.add_peers(peers),
                 _ = ticker.tick() => self.tick().await?,
                 () = cancel.cancelled() => {
                     self.abort_all();
@@ -437,6 +679,16 @@ impl<'a> Engine<'a> {
             .expect("the origin is always a source");
 
         if !self.repairing {
+            for id in self.sources.peers() {
+                let slot = self.sources.get(id);
+                if slot.retired {
+                    continue;
+                }
+                match slot.retry_at {
+                    Some(retry_at) if retry_at > now => earliest(retry_at),
+                    _ => eligible.push(id),
+                }
+            }
             let bans: Vec<Option<BanReason>> = cache_ids
                 .iter()
                 .map(|&id| {
@@ -492,6 +744,13 @@ impl<'a> Engine<'a> {
                     return (eligible, wake);
                 }
                 OriginGate::Closed => return (eligible, wake),
+            }
+            // Peers and the cache get their head start (`delay_http_fallback_secs`).
+            if let Some(peering) = &self.peering {
+                if now < peering.origin_opens_at {
+                    earliest(peering.origin_opens_at);
+                    return (eligible, wake);
+                }
             }
         }
         if !cache_ids.is_empty() && !self.fallback_announced {
@@ -757,6 +1016,7 @@ impl<'a> Engine<'a> {
             Ok(()) => {
                 layout.scheduler.written(index);
                 self.checkpoint_due = true;
+                self.emit(Event::PieceWritten { index });
                 Ok(())
             }
             Err(error) => {
@@ -772,6 +1032,10 @@ impl<'a> Engine<'a> {
     /// Applies DO's fallback rules to a failed request.
     fn source_failed(&mut self, source: SourceId, error: FetchError) -> Result<(), DownloadError> {
         let now = Instant::now();
+        if self.sources.get(source).source.kind() == SourceKind::Peer {
+            self.peer_failed(source, &error, now);
+            return Ok(());
+        }
         let config = &self.downloader.config.raw;
         let class = error.class();
         let slot = self.sources.get_mut(source);
@@ -806,6 +1070,7 @@ impl<'a> Engine<'a> {
                     FailureClass::Transient => {}
                 }
             }
+            Source::Peer { .. } => unreachable!("peer failures are handled by peer_failed"),
             Source::Origin { .. } => match (class, &error) {
                 (FailureClass::Refused, FetchError::Status(status)) => {
                     return Err(DownloadError::OriginRefused {
@@ -845,6 +1110,28 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// A peer request failed: the peer backs off, and after [`PEER_FAILURES_BEFORE_RETIRING`]
+    /// failures in a row it is not asked again. Peers come and go, so their failures never count
+    /// towards giving up the download, nor open the origin.
+    fn peer_failed(&mut self, source: SourceId, error: &FetchError, now: Instant) {
+        let slot = self.sources.get_mut(source);
+        slot.stats.failures += 1;
+        if slot.backoff_over(now) {
+            slot.consecutive_failures += 1;
+            slot.retry_at = Some(now + self.backoff.delay(slot.consecutive_failures));
+        }
+        if slot.consecutive_failures >= PEER_FAILURES_BEFORE_RETIRING {
+            slot.retired = true;
+        }
+        let label = slot.source.label();
+        tracing::info!(source = %label, %error, retired = slot.retired, "peer request failed");
+        self.emit(Event::SourceFailed {
+            label,
+            error: error.to_string(),
+            banned_for: None,
+        });
+    }
+
     /// A piece failed its hash check. The piece goes to another source; the sender is not
     /// backed off (its transport works), but it counts as a cache failure for the fallback
     /// rules, and a cache host that sends [`BAD_PIECES_BEFORE_BAN`] bad pieces is banned for
@@ -856,6 +1143,18 @@ impl<'a> Engine<'a> {
         slot.stats.bad_pieces += 1;
         let label = slot.source.label();
         let mut banned_for = None;
+        if slot.source.kind() == SourceKind::Peer
+            && slot.stats.bad_pieces >= BAD_PIECES_BEFORE_BAN
+            && !slot.retired
+        {
+            slot.retired = true;
+            tracing::warn!(source = %label, "peer banned for the rest of the download");
+            if let Some(events) = &self.request.events {
+                let _ = events.send(Event::PeerBanned {
+                    label: label.clone(),
+                });
+            }
+        }
         if let Some(host) = slot.source.cache_host().cloned() {
             self.policy.record_cache_failure(now);
             if slot.stats.bad_pieces >= BAD_PIECES_BEFORE_BAN {
@@ -1103,7 +1402,10 @@ impl<'a> Engine<'a> {
             .slots
             .iter()
             .enumerate()
-            .filter(|(id, _)| self.received[*id].load(Ordering::Relaxed) > 0)
+            .filter(|(id, slot)| {
+                slot.source.kind() == SourceKind::CacheHost
+                    && self.received[*id].load(Ordering::Relaxed) > 0
+            })
             .max_by_key(|(id, _)| self.received[*id].load(Ordering::Relaxed))
             .and_then(|(_, slot)| slot.source.cache_host().map(CacheHost::to_string))
             .unwrap_or_default();
@@ -1126,7 +1428,43 @@ impl<'a> Engine<'a> {
             cdn_connection_count: requests_of(SourceKind::Origin),
             bytes_resumed: self.resumed_bytes,
             download_duration_secs: duration.as_secs_f64(),
+            num_peers: self
+                .peering
+                .as_ref()
+                .map_or(0, |peering| peering.peers_known),
+            peer_connection_count: requests_of(SourceKind::Peer),
+            banned_peers: self
+                .sources
+                .slots
+                .iter()
+                .filter(|slot| {
+                    slot.source.kind() == SourceKind::Peer
+                        && slot.stats.bad_pieces >= BAD_PIECES_BEFORE_BAN
+                })
+                .count(),
+            bytes_by_peer: progress
+                .sources
+                .iter()
+                .filter(|source| source.kind == SourceKind::Peer && source.bytes > 0)
+                .map(|source| (source.label.clone(), source.bytes))
+                .collect(),
         })
+    }
+}
+
+/// A random number (no dependency needed: the standard library's hasher keys are random).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    hasher.finish()
+}
+
+/// The next peer list from the refresh task, or never without peering.
+async fn next_peer_list(peering: &mut Option<PeeringState>) -> Option<Vec<PeerEntry>> {
+    match peering {
+        Some(peering) => peering.updates.recv().await,
+        None => std::future::pending().await,
     }
 }
 

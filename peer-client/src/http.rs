@@ -147,6 +147,7 @@ impl From<FetchError> for RangeFailure {
 pub struct HttpClients {
     cache: Client<HttpsConnector, Empty<Bytes>>,
     origin: Client<HttpsConnector, Empty<Bytes>>,
+    peer: Client<HttpsConnector, Empty<Bytes>>,
     first_byte_timeout: Duration,
     stall: StallSettings,
 }
@@ -188,6 +189,10 @@ impl HttpClients {
         HttpClients {
             cache: build_client(raw.cache.connect_timeout, raw.cache.connections_per_host),
             origin: build_client(raw.origin.connect_timeout, raw.origin.connections),
+            peer: build_client(
+                raw.peering.connect_timeout,
+                raw.peering.connections_per_peer,
+            ),
             first_byte_timeout: raw.transfer.first_byte_timeout,
             stall: StallSettings {
                 floor_bytes_per_sec: raw.transfer.stall_floor_bytes_per_sec,
@@ -206,7 +211,8 @@ impl HttpClients {
     ) -> Result<RangeResponse, RangeFailure> {
         let client = match request.kind {
             SourceKind::CacheHost => &self.cache,
-            SourceKind::Origin | SourceKind::Peer => &self.origin,
+            SourceKind::Origin => &self.origin,
+            SourceKind::Peer => &self.peer,
         };
         let mut builder = Request::get(request.url.clone())
             .header(header::USER_AGENT, USER_AGENT)

@@ -27,8 +27,8 @@
 //!   rewrite and rendezvous hashing.
 //! - [`fallback`] and [`ban`]: DO's timing rules (when the origin may be used, backoff) and the
 //!   cache-host bans.
-//! - [`source`]: cache hosts and the origin as [`source::Source`]s with stats and limits (peers
-//!   slot in here with issue 5).
+//! - [`source`]: cache hosts, the origin and peers as [`source::Source`]s with stats and limits.
+//! - [`tracker`]: the cache node's peering API (piece manifests, peer lists, announcements).
 //! - [`scheduler`]: which piece each source fetches next (in order, feedback by speed, endgame).
 //! - [`http`]: one checked range request, with the stall watchdog.
 //! - [`bandwidth`]: the shared rate cap (governor).
@@ -36,21 +36,34 @@
 //! - [`integrity`]: the whole-file SHA-256 and the piece-hash interface.
 //! - [`progress`]: events and the final status with DO's field names.
 //!
+//! `peer-client daemon` adds:
+//!
+//! - [`daemon`]: runs this machine's downloads into the content cache, announces them, and
+//!   answers the local status API.
+//! - [`store`]: the content cache (pieces of running downloads included) and its policy.
+//! - [`peer_server`]: the peer port, serving pieces to other machines.
+//! - [`uploads`]: upload rate, concurrency and monthly caps.
+//!
 //! Around them: [`config`] (the one config struct) and [`error`] (typed errors).
 
 pub mod ban;
 pub mod bandwidth;
 pub mod cache_host;
 pub mod config;
+pub mod daemon;
 pub mod download;
 pub mod error;
 pub mod fallback;
 pub mod http;
 pub mod integrity;
 pub mod partial;
+pub mod peer_server;
 pub mod progress;
 pub mod scheduler;
 pub mod source;
+pub mod store;
+pub mod tracker;
+pub mod uploads;
 
 pub use config::{Config, ValidConfig};
 pub use download::{DownloadRequest, Downloader};

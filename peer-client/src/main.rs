@@ -1,8 +1,9 @@
 //! The `peer-client` binary: parse arguments, load and validate the config, run one download
 //! with [`peer_client::Downloader`], show its progress and print its status.
 //!
-//! `peer-client daemon` (serving peers on port 7680 and a local status API) arrives with issue 5
-//! as a second subcommand.
+//! `peer-client daemon` serves peers on port 7680 and the local status API; `status` and
+//! `perf-snap` ask that API; `get` hands its work to the daemon when one is running (so the
+//! download is cached and served to peers) and downloads by itself otherwise.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -32,8 +33,14 @@ struct Arguments {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Download a URL to a file.
+    /// Download a URL to a file (through the running daemon, if there is one).
     Get(GetArguments),
+    /// Run the daemon: serve cached pieces to peers, announce them, answer the status API.
+    Daemon,
+    /// List the daemon's current and cached downloads (JSON, DO's field names).
+    Status,
+    /// The daemon's totals: files and bytes down and up, cache size, connections by source.
+    PerfSnap,
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +73,11 @@ struct GetArguments {
     /// No progress bar.
     #[arg(short, long)]
     quiet: bool,
+    /// Download in this process even when a daemon is running (nothing is cached for peers).
+    /// `--cache-host`, `--download-mode`, `--delay-cache-fallback-secs` and
+    /// `--max-download-bandwidth` imply it: the daemon downloads with its own configuration.
+    #[arg(long)]
+    no_daemon: bool,
 }
 
 fn main() -> ExitCode {
@@ -80,8 +92,118 @@ fn main() -> ExitCode {
 }
 
 fn run(arguments: Arguments) -> anyhow::Result<ExitCode> {
-    let mut config = Config::load(arguments.config.as_deref())?;
-    let Command::Get(get) = arguments.command;
+    let config = Config::load(arguments.config.as_deref())?;
+    match arguments.command {
+        Command::Get(get) => run_get(config, get),
+        Command::Daemon => run_daemon(config),
+        Command::Status => ask_daemon(config, "/v1/status"),
+        Command::PerfSnap => ask_daemon(config, "/v1/perf-snap"),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+}
+
+fn run_daemon(config: Config) -> anyhow::Result<ExitCode> {
+    let config = config.validate()?;
+    init_logging(&config.raw.log.level)?;
+    runtime()?.block_on(async move {
+        let peers = tokio::net::TcpListener::bind(config.daemon.listen)
+            .await
+            .with_context(|| format!("daemon.listen: cannot bind {}", config.daemon.listen))?;
+        let status = tokio::net::TcpListener::bind(config.daemon.status_listen)
+            .await
+            .with_context(|| {
+                format!("daemon.status_listen: cannot bind {}", config.daemon.status_listen)
+            })?;
+        let daemon = peer_client::daemon::Daemon::new(config, peers.local_addr()?)
+            .context("cannot open daemon.cache_dir")?;
+        tracing::info!(peers = %peers.local_addr()?, status = %status.local_addr()?, "daemon running");
+        daemon
+            .run(peers, status, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// GETs a status API path and prints the JSON.
+fn ask_daemon(config: Config, path: &str) -> anyhow::Result<ExitCode> {
+    let config = config.validate()?;
+    let address = config.daemon.status_listen;
+    let url = format!("http://{address}{path}");
+    let text = runtime()?.block_on(async move {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let response = client
+            .get(url.parse()?)
+            .await
+            .with_context(|| format!("no daemon answers at {address} (daemon.status_listen)"))?;
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await?
+            .to_bytes();
+        anyhow::Ok(String::from_utf8_lossy(&body).into_owned())
+    })?;
+    println!("{}", text.trim_end());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Hands the download to the daemon and copies the file out; `None` when no daemon answers.
+async fn hand_off(
+    address: std::net::SocketAddr,
+    get: &GetArguments,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    use http_body_util::BodyExt;
+    if tokio::net::TcpStream::connect(address).await.is_err() {
+        return Ok(None);
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let body = serde_json::json!({"url": get.url, "sha256": get.sha256});
+    let request = http::Request::post(format!("http://{address}/v1/downloads"))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))?;
+    let response = client.request(request).await?;
+    let answer: serde_json::Value =
+        serde_json::from_slice(&response.into_body().collect().await?.to_bytes())?;
+    let status = answer["status"].clone();
+    if status["Status"] != "Complete" {
+        anyhow::bail!(
+            "{}",
+            status["Error"]
+                .as_str()
+                .unwrap_or("the daemon's download failed")
+        );
+    }
+    let file = answer["file"]
+        .as_str()
+        .context("the daemon named no file")?;
+    let request = http::Request::get(format!("http://{address}{file}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+    let mut body = client.request(request).await?.into_body();
+    let mut partial = get.output.as_os_str().to_owned();
+    partial.push(".peer-copy");
+    let partial = PathBuf::from(partial);
+    let mut output = tokio::fs::File::create(&partial).await?;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            tokio::io::AsyncWriteExt::write_all(&mut output, &data).await?;
+        }
+    }
+    output.sync_all().await?;
+    tokio::fs::rename(&partial, &get.output).await?;
+    Ok(Some(status))
+}
+
+fn run_get(mut config: Config, get: GetArguments) -> anyhow::Result<ExitCode> {
     if !get.cache_hosts.is_empty() {
         config.cache_hosts = get.cache_hosts.clone();
     }
@@ -104,11 +226,23 @@ fn run(arguments: Arguments) -> anyhow::Result<ExitCode> {
         .map_err(anyhow::Error::msg)
         .context("--sha256")?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
-    runtime.block_on(async move {
+    runtime()?.block_on(async move {
+        // The daemon downloads with its own configuration, so flags that change how to
+        // download mean this process does it.
+        let overridden = !get.cache_hosts.is_empty()
+            || get.download_mode.is_some()
+            || get.delay_cache_fallback_secs.is_some()
+            || get.max_download_bandwidth.is_some();
+        if !get.no_daemon && !overridden {
+            if let Some(status) = hand_off(config.daemon.status_listen, &get).await? {
+                if get.json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else if !get.quiet {
+                    eprintln!("{}: downloaded by the daemon", get.output.display());
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
         let downloader = Downloader::new(config);
         let (events, event_receiver) = mpsc::unbounded_channel();
         let mut request = DownloadRequest::new(get.url.clone(), get.output.clone());
@@ -203,6 +337,8 @@ async fn show_progress(mut events: mpsc::UnboundedReceiver<Event>, show_bar: boo
             Event::Repairing { pieces } => bar.println(format!(
                 "SHA-256 mismatch: refetching {pieces} pieces from the origin"
             )),
+            Event::PeerBanned { label } => bar.println(format!("{label} sent bad pieces: banned")),
+            Event::PeersFound { .. } | Event::PieceWritten { .. } => {}
         }
     }
     bar.finish_and_clear();

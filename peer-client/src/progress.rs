@@ -63,6 +63,21 @@ pub enum Event {
         /// How many pieces.
         pieces: usize,
     },
+    /// The download has a piece manifest and asked the tracker: this many peers are known.
+    PeersFound {
+        /// How many.
+        peers: usize,
+    },
+    /// A peer sent too many pieces failing their hash: it is not asked again in this download.
+    PeerBanned {
+        /// The peer.
+        label: String,
+    },
+    /// Piece `index` is on disk (in the partial file), so it can be served to peers.
+    PieceWritten {
+        /// The piece.
+        index: u64,
+    },
 }
 
 /// The final state of a download, with Delivery Optimization's field names
@@ -99,6 +114,14 @@ pub struct Status {
     pub bytes_resumed: u64,
     /// Wall time of this run in seconds (the same as `DownloadDuration`, for scripts).
     pub download_duration_secs: f64,
+    /// Peers the tracker offered (DO's `NumPeers`).
+    pub num_peers: usize,
+    /// Requests sent to peers.
+    pub peer_connection_count: u64,
+    /// Peers banned for sending bad pieces.
+    pub banned_peers: usize,
+    /// Bytes received from each peer that sent any, by `peer <address>`.
+    pub bytes_by_peer: std::collections::BTreeMap<String, u64>,
 }
 
 /// Formats a duration as `hh:mm:ss.fff`.
@@ -156,6 +179,10 @@ mod tests {
             cdn_connection_count: 0,
             bytes_resumed: 0,
             download_duration_secs: 1.0,
+            num_peers: 2,
+            peer_connection_count: 0,
+            banned_peers: 0,
+            bytes_by_peer: Default::default(),
         };
         let json = serde_json::to_value(&status).unwrap();
         for key in [
@@ -169,6 +196,7 @@ mod tests {
             "Status",
             "CacheHost",
             "DownloadMode",
+            "NumPeers",
         ] {
             assert!(json.get(key).is_some(), "{key} missing from {json}");
         }

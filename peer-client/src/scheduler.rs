@@ -3,7 +3,12 @@
 //! Pure bookkeeping, no I/O, so every rule is tested directly:
 //!
 //! - **In order.** A source with a free connection takes the lowest missing piece, so the file
-//!   fills front to back and disk writes stay mostly sequential.
+//!   fills front to back and disk writes stay mostly sequential. A download with peers starts
+//!   at a random piece and wraps around ([`Scheduler::start_at`]), so a swarm that starts
+//!   together does not ask the cache for the same pieces at the same time.
+//! - **Peers' pieces to peers.** A cache host or the origin first takes the lowest missing
+//!   piece that no usable peer holds, leaving the others to the peers (a light form of
+//!   BitTorrent's rarest first); when every missing piece is held by a peer it takes any.
 //! - **Feedback** (as aria2's feedback URI selector): the engine offers pieces to sources fastest
 //!   first, and near the end a source much slower than the fastest one is refused a piece the
 //!   fastest would finish sooner. Faster sources come back for work sooner, so they get more.
@@ -114,6 +119,8 @@ pub struct Scheduler {
     /// it again.
     bad_sources: Vec<Vec<SourceId>>,
     next_attempt: AttemptId,
+    /// The piece the in-order search starts from (and wraps around to).
+    first_piece: usize,
 }
 
 impl Scheduler {
@@ -145,7 +152,17 @@ impl Scheduler {
             bad_sources: vec![Vec::new(); pieces.len()],
             pieces,
             next_attempt: 0,
+            first_piece: 0,
         }
+    }
+
+    /// Makes the in-order search start at piece `index` (modulo the piece count) and wrap.
+    pub fn start_at(&mut self, index: u64) {
+        self.first_piece = if self.pieces.is_empty() {
+            0
+        } else {
+            (index % self.pieces.len() as u64) as usize
+        };
     }
 
     /// The file length.
@@ -208,13 +225,31 @@ impl Scheduler {
         sources: &SourceTable,
         now: Instant,
     ) -> Option<Claim> {
-        let missing = self
-            .pieces
-            .iter()
-            .zip(&self.bad_sources)
-            .position(|(piece, bad)| {
-                matches!(piece, PieceState::Missing { .. }) && !bad.contains(&source)
-            });
+        let count = self.pieces.len();
+        let order = (self.first_piece..count).chain(0..self.first_piece);
+        let askable = |index: usize| {
+            matches!(self.pieces[index], PieceState::Missing { .. })
+                && !self.bad_sources[index].contains(&source)
+                && sources.get(source).holds(index as u64)
+        };
+        let usable_peers: Vec<SourceId> = if sources.get(source).source.kind() == SourceKind::Peer {
+            Vec::new()
+        } else {
+            sources
+                .peers()
+                .into_iter()
+                .filter(|&peer| !sources.get(peer).retired)
+                .collect()
+        };
+        let held_by_a_peer = |index: usize| {
+            usable_peers
+                .iter()
+                .any(|&peer| sources.get(peer).holds(index as u64))
+        };
+        let missing = order
+            .clone()
+            .find(|&index| askable(index) && !held_by_a_peer(index))
+            .or_else(|| order.clone().find(|&index| askable(index)));
         match missing {
             Some(index) => {
                 if self.leave_for_a_faster_source(source, sources) {
@@ -265,7 +300,9 @@ impl Scheduler {
             .enumerate()
             .filter_map(|(index, piece)| match piece {
                 PieceState::InFlight { holders, .. }
-                    if holders.len() == 1 && !self.bad_sources[index].contains(&source) =>
+                    if holders.len() == 1
+                        && !self.bad_sources[index].contains(&source)
+                        && sources.get(source).holds(index as u64) =>
                 {
                     Some((index, holders[0]))
                 }
@@ -653,5 +690,45 @@ mod tests {
             Scheduler::assemble(Bytes::from_static(b"ab"), Bytes::from_static(b"cd")),
             "abcd"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_is_only_asked_for_pieces_it_holds() {
+        let mut sources = table(&[None, None]);
+        sources.get_mut(0).holdings = Some(vec![false, true, false, true]);
+        let mut scheduler = Scheduler::new(400, 100, &[]);
+        let now = Instant::now();
+        let first = scheduler.next_for(0, &sources, now).unwrap();
+        assert_eq!(first.index, 1);
+        let second = scheduler.next_for(0, &sources, now).unwrap();
+        assert_eq!(second.index, 3);
+        assert!(scheduler
+            .next_for(0, &sources, now)
+            .is_none_or(|claim| claim.duplicate));
+        assert_eq!(scheduler.next_for(1, &sources, now).unwrap().index, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cache_leaves_pieces_peers_hold_to_them_and_the_search_wraps() {
+        let url: http::Uri = "http://peer.example/content/x".parse().unwrap();
+        let mut sources = table(&[None]);
+        let mut peer = SourceSlot::new(
+            Source::Peer {
+                address: "127.0.0.2:7680".parse().unwrap(),
+                url,
+            },
+            2,
+        );
+        peer.holdings = Some(vec![true, true, false, false]);
+        sources.slots.push(peer);
+        let mut scheduler = Scheduler::new(400, 100, &[]);
+        scheduler.start_at(5);
+        let now = Instant::now();
+        // The origin (source 0) starts at piece 1 (5 mod 4) but skips what the peer holds.
+        assert_eq!(scheduler.next_for(0, &sources, now).unwrap().index, 2);
+        assert_eq!(scheduler.next_for(0, &sources, now).unwrap().index, 3);
+        // Then it takes pieces the peer holds, from the start point on.
+        assert_eq!(scheduler.next_for(0, &sources, now).unwrap().index, 1);
+        assert_eq!(scheduler.next_for(1, &sources, now).unwrap().index, 0);
     }
 }

@@ -1,9 +1,9 @@
 //! Sources: where pieces come from, with their per-source statistics and connection limits.
 //!
-//! A [`Source`] is a cache host (reached by the MCC URL rewrite) or the origin. LAN peers
-//! (issue 5) become a third variant: the scheduler only sees a [`SourceId`], a
-//! [`SourceKind`], a connection limit and a measured rate, so it needs no change for them; the
-//! transport (`crate::http` today) is what a peer variant adds.
+//! A [`Source`] is a cache host (reached by the MCC URL rewrite), the origin, or a peer (another
+//! machine's `peer-client daemon`, found through the cache node's tracker). The scheduler only
+//! sees a [`SourceId`], a [`SourceKind`], a connection limit, a measured rate and which pieces
+//! the source holds; all three kinds speak HTTP range requests (`crate::http`).
 
 use http::Uri;
 use serde::Serialize;
@@ -22,7 +22,7 @@ pub enum SourceKind {
     CacheHost,
     /// The URL's own server (DO's "HTTP" or CDN source).
     Origin,
-    /// A LAN peer (issue 5).
+    /// A peer's daemon.
     Peer,
 }
 
@@ -41,6 +41,13 @@ pub enum Source {
         /// The download URL.
         url: Uri,
     },
+    /// A peer's daemon, asked for `/content/<content id>`.
+    Peer {
+        /// Its address.
+        address: std::net::SocketAddr,
+        /// `http://<address>/content/<content id>`.
+        url: Uri,
+    },
 }
 
 impl Source {
@@ -49,6 +56,7 @@ impl Source {
         match self {
             Source::CacheHost { .. } => SourceKind::CacheHost,
             Source::Origin { .. } => SourceKind::Origin,
+            Source::Peer { .. } => SourceKind::Peer,
         }
     }
 
@@ -59,13 +67,16 @@ impl Source {
             Source::Origin { url } => {
                 format!("origin {}", crate::cache_host::origin_authority(url))
             }
+            Source::Peer { address, .. } => format!("peer {address}"),
         }
     }
 
     /// The URL to send range requests to.
     pub fn url(&self) -> &Uri {
         match self {
-            Source::CacheHost { url, .. } | Source::Origin { url } => url,
+            Source::CacheHost { url, .. } | Source::Origin { url } | Source::Peer { url, .. } => {
+                url
+            }
         }
     }
 
@@ -73,7 +84,7 @@ impl Source {
     pub fn cache_host(&self) -> Option<&CacheHost> {
         match self {
             Source::CacheHost { host, .. } => Some(host),
-            Source::Origin { .. } => None,
+            Source::Origin { .. } | Source::Peer { .. } => None,
         }
     }
 }
@@ -124,6 +135,11 @@ pub struct SourceSlot {
     pub retry_at: Option<Instant>,
     /// Statistics.
     pub stats: SourceStats,
+    /// Which pieces it holds (a peer still downloading); `None`: all of them.
+    pub holdings: Option<Vec<bool>>,
+    /// No longer asked for anything in this download (a peer banned for bad pieces, or one that
+    /// kept failing).
+    pub retired: bool,
 }
 
 impl SourceSlot {
@@ -136,7 +152,16 @@ impl SourceSlot {
             consecutive_failures: 0,
             retry_at: None,
             stats: SourceStats::default(),
+            holdings: None,
+            retired: false,
         }
+    }
+
+    /// True when it may be asked for piece `index`.
+    pub fn holds(&self, index: u64) -> bool {
+        self.holdings
+            .as_ref()
+            .is_none_or(|held| held.get(index as usize).copied().unwrap_or(false))
     }
 
     /// True when its backoff has passed at `now`.
@@ -174,6 +199,13 @@ impl SourceTable {
         self.slots
             .iter()
             .position(|slot| slot.source.kind() == SourceKind::Origin)
+    }
+
+    /// The ids of the peers, in the order the tracker ranked them.
+    pub fn peers(&self) -> Vec<SourceId> {
+        (0..self.slots.len())
+            .filter(|&id| self.slots[id].source.kind() == SourceKind::Peer)
+            .collect()
     }
 
     /// The ids of the cache hosts, in rendezvous order.

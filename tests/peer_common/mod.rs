@@ -5,12 +5,13 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
-use std::path::Path;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cache_node::config::OriginConfig;
 use cache_node::node::Node;
+use peer_client::daemon::{Daemon, DaemonDownload};
 use peer_client::{Config, DownloadError, DownloadRequest, Downloader, Event, Status};
 use tokio::sync::mpsc;
 
@@ -39,6 +40,16 @@ impl KillableNode {
     /// Like [`KillableNode::start`], with the cache stored under `parent` (benchmarks put it on
     /// the same disk as the files they download).
     pub fn start_in(origin_base: &str, parent: &Path) -> KillableNode {
+        Self::start_with(origin_base, parent, |_| {})
+    }
+
+    /// Like [`KillableNode::start_in`], with `tweak` applied to the node's config (peering
+    /// settings, for example).
+    pub fn start_with(
+        origin_base: &str,
+        parent: &Path,
+        tweak: impl FnOnce(&mut cache_node::config::Config),
+    ) -> KillableNode {
         let storage = tempfile::tempdir_in(parent).unwrap();
         let mut config = test_config(storage.path(), origin_base, NODE_SLICE, "4GiB");
         // The portable backend: a killed node must leave no io_uring thread behind.
@@ -47,6 +58,7 @@ impl KillableNode {
             host: "127.0.0.1".into(),
             upstream: None,
         });
+        tweak(&mut config);
         let valid = config.validate().expect("test node config is valid");
         let (addresses_sender, addresses_receiver) = std::sync::mpsc::channel();
         let (stop_sender, stop_receiver) = tokio::sync::oneshot::channel::<()>();
@@ -192,4 +204,94 @@ pub async fn download_to(
 /// The SHA-256 of a file, in hex.
 pub fn file_sha256(path: &Path) -> String {
     outpost_testkit::sha256_hex(&std::fs::read(path).unwrap())
+}
+
+/// Where daemons keep their caches: `OUTPOST_SCRATCH_DIR` (benchmarks point it at a real disk),
+/// else the system's temporary directory.
+pub fn scratch_dir() -> PathBuf {
+    std::env::var_os("OUTPOST_SCRATCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// A daemon on `ip`, with its own cache directory, running until dropped.
+pub struct TestDaemon {
+    pub daemon: Daemon,
+    pub peer_addr: SocketAddr,
+    pub status_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub cache_dir: tempfile::TempDir,
+}
+
+/// A daemon config: mode 1 through `node`, files from 1 MiB peered, no fsync.
+pub fn daemon_config(node: SocketAddr, cache_dir: &Path) -> Config {
+    let mut config = peer_config(&[node]);
+    config.download_mode = 1;
+    config.daemon.min_file_size_to_cache = "1MiB".into();
+    config.daemon.cache_dir = cache_dir.to_path_buf();
+    config.daemon.status_listen = "127.0.0.1:0".into();
+    config
+}
+
+impl TestDaemon {
+    pub async fn start(ip: &str, node: SocketAddr, tweak: impl FnOnce(&mut Config)) -> TestDaemon {
+        let cache_dir = tempfile::tempdir_in(scratch_dir()).unwrap();
+        Self::start_in(ip, node, cache_dir, tweak).await
+    }
+
+    pub async fn start_in(
+        ip: &str,
+        node: SocketAddr,
+        cache_dir: tempfile::TempDir,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestDaemon {
+        let mut config = daemon_config(node, cache_dir.path());
+        tweak(&mut config);
+        let peers = tokio::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))
+            .await
+            .unwrap();
+        let status = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer_addr = peers.local_addr().unwrap();
+        let status_addr = status.local_addr().unwrap();
+        let daemon = Daemon::new(config.validate().unwrap(), peer_addr).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(daemon.clone().run(peers, status, async move {
+            let _ = stopped.await;
+        }));
+        TestDaemon {
+            daemon,
+            peer_addr,
+            status_addr,
+            stop: Some(stop),
+            task: Some(task),
+            cache_dir,
+        }
+    }
+
+    /// Stops the daemon and hands back its cache directory (for a restart).
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+        let directory = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.cache_dir, directory)
+    }
+
+    pub async fn download(&self, url: &str) -> DaemonDownload {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            self.daemon.download(url, None, None),
+        )
+        .await
+        .expect("the download ends within a minute")
+        .expect("the download succeeds")
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }

@@ -127,9 +127,15 @@ impl MockOrigin {
     /// Panics when called outside a tokio runtime or when the loopback listener cannot be bound,
     /// because a test cannot proceed without its origin.
     pub async fn start() -> MockOrigin {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// Like [`MockOrigin::start`], on another loopback address (`127.0.0.10`, say), for tests
+    /// where `127.0.0.1` must not be an origin.
+    pub async fn start_on(ip: &str) -> MockOrigin {
+        let listener = TcpListener::bind((ip, 0))
             .await
-            .expect("mock origin: binding 127.0.0.1:0 failed");
+            .expect("mock origin: binding a loopback port failed");
         let local_address = listener
             .local_addr()
             .expect("mock origin: reading the bound address failed");
@@ -146,7 +152,8 @@ impl MockOrigin {
         self.local_address
     }
 
-    /// Returns `http://127.0.0.1:PORT`, without a trailing slash.
+    /// Returns `http://127.0.0.1:PORT` (or the address given to `start_on`), without a trailing
+    /// slash.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.local_address)
     }

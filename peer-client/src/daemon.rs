@@ -1,0 +1,806 @@
+//! `peer-client daemon`: runs this machine's downloads into its content cache, serves the
+//! cached pieces to peers, announces them to the cache node's tracker, and answers the local
+//! status API.
+//!
+//! **Downloads count.** `peer-client get` hands its work to a running daemon (over the status
+//! API) rather than writing into the daemon's cache itself. One process then owns the cache: it
+//! knows which pieces of a running download are on disk the moment they are written (so they
+//! are served and announced at once), it alone deletes content (no reader ever sees a file
+//! vanish mid-way through a foreign process's write), and the cache directory stays private to
+//! the daemon's user (the CLI never needs write access to it). The CLI then copies the file out
+//! through the same local API. Without a daemon, `get` downloads on its own, peers included,
+//! but serves nothing.
+//!
+//! Layout: [`Daemon`] (the shared state and [`Daemon::download`]), the announcer task
+//! ([`AnnounceSchedule`] is its timing), and the status API handlers. The peer port is
+//! [`crate::peer_server`], the cache [`crate::store`], the limits [`crate::uploads`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::config::ValidConfig;
+use crate::download::{DownloadRequest, Downloader};
+use crate::error::DownloadError;
+use crate::integrity::Sha256Digest;
+use crate::peer_server::{self, text_response, ChannelBody};
+use crate::progress::{Event, Status};
+use crate::source::SourceKind;
+use crate::store::{Begin, ContentStore};
+use crate::tracker::{Announcement, ContentId};
+use crate::uploads::UploadLimits;
+
+/// Announcements of a changing download are sent at most this often.
+const MIN_ANNOUNCE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// After a failed announcement, the next try waits this long.
+const ANNOUNCE_RETRY: Duration = Duration::from_secs(5);
+
+/// How often the cache limits are applied.
+const EVICTION_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Counters for `perf-snap`.
+#[derive(Debug, Default)]
+pub struct DaemonStats {
+    /// Downloads completed.
+    pub files_downloaded: AtomicU64,
+    /// Bytes received, per source kind.
+    pub bytes_from_peers: AtomicU64,
+    /// Bytes received from cache nodes.
+    pub bytes_from_cache_server: AtomicU64,
+    /// Bytes received from origins.
+    pub bytes_from_http: AtomicU64,
+    /// Requests sent to peers.
+    pub peer_connections: AtomicU64,
+    /// Requests sent to cache nodes.
+    pub cache_server_connections: AtomicU64,
+    /// Requests sent to origins.
+    pub http_connections: AtomicU64,
+    /// Uploads served whole.
+    pub uploads: AtomicU64,
+    /// Bytes sent to peers.
+    pub bytes_uploaded: AtomicU64,
+    /// Content files opened to serve a peer.
+    pub files_opened: AtomicU64,
+    /// Announcements the tracker accepted.
+    pub announcements: AtomicU64,
+}
+
+/// One download the daemon runs or ran, as `peer-client status` lists it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DownloadRecord {
+    /// The URL.
+    pub url: String,
+    /// The content id, when it has a manifest.
+    pub content_id: Option<String>,
+    /// `Downloading`, `Complete`, `Cached` (in the cache from an earlier run) or `Error`.
+    pub status: String,
+    /// The length, once known.
+    pub file_size: u64,
+    /// Bytes on disk.
+    pub bytes_done: u64,
+    /// Bytes from peers.
+    pub bytes_from_peers: u64,
+    /// Bytes from cache nodes.
+    pub bytes_from_cache_server: u64,
+    /// Bytes from the origin.
+    pub bytes_from_http: u64,
+    /// Share of the bytes that did not come from the origin, in percent.
+    pub percent_peer_caching: f64,
+    /// Peers the tracker offered.
+    pub num_peers: usize,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// State shared by the daemon's tasks.
+#[derive(Debug)]
+pub struct DaemonShared {
+    /// The configuration.
+    pub config: Arc<ValidConfig>,
+    /// Runs downloads (its requests to the node leave from the peer address).
+    pub downloader: Downloader,
+    /// The content cache.
+    pub store: ContentStore,
+    /// Upload limits.
+    pub uploads: UploadLimits,
+    /// Counters.
+    pub stats: DaemonStats,
+    /// The peer port announced to the tracker.
+    pub peer_port: u16,
+    records: Mutex<Vec<DownloadRecord>>,
+    busy: Mutex<Vec<ContentId>>,
+    finished_files: Mutex<HashMap<String, PathBuf>>,
+    announce_now: Notify,
+    next_file_ref: AtomicU64,
+}
+
+/// A running daemon's handle.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    shared: Arc<DaemonShared>,
+}
+
+/// What [`Daemon::download`] returns.
+#[derive(Debug, Clone)]
+pub struct DaemonDownload {
+    /// The final status.
+    pub status: Status,
+    /// The content id, when the content is in the cache (it has a manifest).
+    pub content_id: Option<ContentId>,
+    /// Where the file is now.
+    pub path: PathBuf,
+}
+
+/// When the announcement of one content is due: when what it holds changed (at most every
+/// [`MIN_ANNOUNCE_INTERVAL`]), and before its TTL runs out (at half of it).
+#[derive(Debug, Clone, Default)]
+pub struct AnnounceSchedule {
+    sent_generation: Option<u64>,
+    last_sent: Option<Instant>,
+    renew_at: Option<Instant>,
+    retry_at: Option<Instant>,
+}
+
+impl AnnounceSchedule {
+    /// True when an announcement of `generation` should be sent at `now`.
+    pub fn due(&self, now: Instant, generation: u64) -> bool {
+        if self.retry_at.is_some_and(|retry_at| now < retry_at) {
+            return false;
+        }
+        let changed = self.sent_generation != Some(generation);
+        let spaced = self
+            .last_sent
+            .is_none_or(|last| now.duration_since(last) >= MIN_ANNOUNCE_INTERVAL);
+        (changed && spaced) || self.renew_at.is_none_or(|renew_at| now >= renew_at)
+    }
+
+    /// The tracker accepted `generation` with this TTL.
+    pub fn sent(&mut self, now: Instant, generation: u64, ttl: Duration) {
+        self.sent_generation = Some(generation);
+        self.last_sent = Some(now);
+        self.renew_at = Some(now + ttl / 2);
+        self.retry_at = None;
+    }
+
+    /// The announcement failed.
+    pub fn failed(&mut self, now: Instant) {
+        self.retry_at = Some(now + ANNOUNCE_RETRY);
+    }
+}
+
+impl Daemon {
+    /// A daemon for `config` whose peers reach it at `peer_address` (the bound listener's
+    /// address: its IP is also the source address of requests to the node).
+    pub fn new(config: ValidConfig, peer_address: SocketAddr) -> std::io::Result<Daemon> {
+        let cache_dir = config.raw.daemon.cache_dir.clone();
+        let store = ContentStore::open(&cache_dir)?;
+        let uploads = UploadLimits::new(
+            &cache_dir,
+            config.daemon.max_upload_bandwidth,
+            config.raw.daemon.max_concurrent_uploads,
+            config.daemon.monthly_upload_cap,
+        );
+        let transient = cache_dir.join("transient");
+        let _ = std::fs::remove_dir_all(&transient);
+        std::fs::create_dir_all(&transient)?;
+        let downloader =
+            Downloader::new(config.clone()).with_local_address(Some(peer_address.ip()));
+        Ok(Daemon {
+            shared: Arc::new(DaemonShared {
+                config: Arc::new(config),
+                downloader,
+                store,
+                uploads,
+                stats: DaemonStats::default(),
+                peer_port: peer_address.port(),
+                records: Mutex::new(Vec::new()),
+                busy: Mutex::new(Vec::new()),
+                finished_files: Mutex::new(HashMap::new()),
+                announce_now: Notify::new(),
+                next_file_ref: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The shared state (tests read the counters and the store).
+    pub fn shared(&self) -> &Arc<DaemonShared> {
+        &self.shared
+    }
+
+    /// Serves peers, the status API and the background tasks until `shutdown` resolves.
+    pub async fn run(
+        self,
+        peer_listener: TcpListener,
+        status_listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let (stop_sender, stop) = tokio::sync::watch::channel(false);
+        let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        };
+        let peers = {
+            let shared = Arc::clone(&self.shared);
+            peer_server::serve_http(
+                peer_listener,
+                move |request, _| peer_server::handle(Arc::clone(&shared), request),
+                stopped(stop.clone()),
+            )
+        };
+        let status = {
+            let daemon = self.clone();
+            serve_status(daemon, status_listener, stopped(stop.clone()))
+        };
+        let background = self.background(stopped(stop.clone()));
+        let trigger = async move {
+            shutdown.await;
+            let _ = stop_sender.send(true);
+        };
+        tokio::join!(peers, status, background, trigger);
+    }
+
+    /// The announcer and the cache policy, until `shutdown` resolves.
+    pub async fn background(&self, shutdown: impl Future<Output = ()>) {
+        let shared = &self.shared;
+        let mut schedules: HashMap<ContentId, (AnnounceSchedule, String)> = HashMap::new();
+        let mut last_eviction = Instant::now();
+        self.enforce_cache_policy();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = shared.announce_now.notified() => {}
+                () = tokio::time::sleep(MIN_ANNOUNCE_INTERVAL) => {}
+            }
+            if last_eviction.elapsed() >= EVICTION_INTERVAL {
+                last_eviction = Instant::now();
+                self.enforce_cache_policy();
+            }
+            self.announce_due(&mut schedules).await;
+        }
+    }
+
+    fn enforce_cache_policy(&self) {
+        let shared = &self.shared;
+        let busy = shared.busy.lock().expect("never poisoned").clone();
+        let removed = shared.store.enforce(
+            shared.config.raw.daemon.max_cache_age,
+            shared.config.daemon.max_cache_size,
+            &busy,
+        );
+        if !removed.is_empty() {
+            tracing::info!(evicted = removed.len(), "cache limits applied");
+        }
+    }
+
+    /// Sends the announcements that are due. Content that left the cache is withdrawn.
+    async fn announce_due(&self, schedules: &mut HashMap<ContentId, (AnnounceSchedule, String)>) {
+        let shared = &self.shared;
+        let entries = shared.store.entries();
+        let now = Instant::now();
+        let gone: Vec<ContentId> = schedules
+            .keys()
+            .filter(|id| !entries.iter().any(|(held, _)| held == *id))
+            .copied()
+            .collect();
+        for id in gone {
+            // Evicted or abandoned: withdrawn (an announcement holding nothing), so downloaders
+            // are not sent here until the TTL would have run out.
+            let Some((_, url)) = schedules.remove(&id) else {
+                continue;
+            };
+            if let Some(api) = shared.downloader.node_api(&url) {
+                let withdrawal = Announcement {
+                    content_id: id,
+                    port: shared.peer_port,
+                    group_id: None,
+                    pieces: Vec::new(),
+                    complete: false,
+                    active_uploads: 0,
+                };
+                if let Err(error) = api.announce(&withdrawal).await {
+                    tracing::debug!(%error, content = %id, "withdrawal failed");
+                }
+            }
+        }
+        for (id, entry) in entries {
+            let (schedule, _) = schedules
+                .entry(id)
+                .or_insert_with(|| (AnnounceSchedule::default(), entry.url.clone()));
+            if entry.held.iter().all(|held| !held) || !schedule.due(now, entry.generation) {
+                continue;
+            }
+            let Some(api) = shared.downloader.node_api(&entry.url) else {
+                continue;
+            };
+            let announcement = Announcement {
+                content_id: id,
+                port: shared.peer_port,
+                group_id: Some(shared.config.raw.group_id.clone()).filter(|g| !g.is_empty()),
+                pieces: entry.ranges(),
+                complete: entry.complete,
+                active_uploads: shared.uploads.active(),
+            };
+            match api.announce(&announcement).await {
+                Ok(answer) => {
+                    shared.stats.announcements.fetch_add(1, Ordering::Relaxed);
+                    schedule.sent(now, entry.generation, Duration::from_secs(answer.ttl_secs));
+                }
+                Err(error) => {
+                    tracing::debug!(%error, content = %id, "announcement failed");
+                    schedule.failed(now);
+                }
+            }
+        }
+    }
+
+    /// Downloads `url` into the cache (or, without a manifest, into a transient file), serving
+    /// and announcing its pieces as they arrive. `events` receives the engine's events too.
+    pub async fn download(
+        &self,
+        url: &str,
+        sha256: Option<Sha256Digest>,
+        events: Option<mpsc::UnboundedSender<Event>>,
+    ) -> Result<DaemonDownload, DownloadError> {
+        let shared = &self.shared;
+        let manifest = shared.downloader.fetch_manifest(url).await.map(Arc::new);
+        let record_index = {
+            let mut records = shared.records.lock().expect("never poisoned");
+            records.push(DownloadRecord {
+                url: url.to_owned(),
+                content_id: manifest.as_ref().map(|m| m.content_id.to_string()),
+                status: "Downloading".into(),
+                file_size: manifest.as_ref().map_or(0, |m| m.size),
+                bytes_done: 0,
+                bytes_from_peers: 0,
+                bytes_from_cache_server: 0,
+                bytes_from_http: 0,
+                percent_peer_caching: 0.0,
+                num_peers: 0,
+                error: None,
+            });
+            records.len() - 1
+        };
+        let begin = match &manifest {
+            Some(manifest) => Some(
+                shared
+                    .store
+                    .begin(url, Arc::clone(manifest))
+                    .map_err(|error| DownloadError::disk("creating a cache entry", error))?,
+            ),
+            None => None,
+        };
+        // The content is cached only by the download that created its entry; a second download
+        // of content already being downloaded runs beside it into a transient file.
+        let cached_id = manifest
+            .as_ref()
+            .filter(|_| begin == Some(Begin::Fresh))
+            .map(|manifest| manifest.content_id);
+        let output = match (&manifest, begin) {
+            (Some(manifest), Some(Begin::Complete)) => {
+                return Ok(self.cached(record_index, manifest.size, manifest.content_id));
+            }
+            (Some(manifest), Some(Begin::Fresh)) => {
+                let id = manifest.content_id;
+                shared.busy.lock().expect("never poisoned").push(id);
+                shared.store.data_path(id)
+            }
+            _ => {
+                let number = shared.next_file_ref.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .config
+                    .raw
+                    .daemon
+                    .cache_dir
+                    .join("transient")
+                    .join(format!("download-{number}"))
+            }
+        };
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let mut request = DownloadRequest::new(url, output.clone());
+        request.sha256 = sha256;
+        request.manifest = manifest.clone();
+        request.events = Some(sender);
+        let forwarder = {
+            let daemon = self.clone();
+            let id = cached_id;
+            tokio::spawn(async move {
+                while let Some(event) = receiver.recv().await {
+                    daemon.observe(record_index, id, &event);
+                    if let Some(events) = &events {
+                        let _ = events.send(event);
+                    }
+                }
+            })
+        };
+        let result = shared.downloader.download(request).await;
+        let _ = forwarder.await;
+        let id = cached_id;
+        if let Some(id) = id {
+            shared
+                .busy
+                .lock()
+                .expect("never poisoned")
+                .retain(|busy| *busy != id);
+            match &result {
+                Ok(_) => shared.store.completed(id),
+                Err(_) => shared.store.abandon(id),
+            }
+            shared.announce_now.notify_one();
+        }
+        let mut records = shared.records.lock().expect("never poisoned");
+        let record = &mut records[record_index];
+        match result {
+            Ok(status) => {
+                record.status = "Complete".into();
+                record.file_size = status.file_size;
+                record.bytes_done = status.file_size;
+                record.bytes_from_peers = status.bytes_from_peers;
+                record.bytes_from_cache_server = status.bytes_from_cache_server;
+                record.bytes_from_http = status.bytes_from_http;
+                record.percent_peer_caching = status.percent_peer_caching;
+                record.num_peers = status.num_peers;
+                let stats = &shared.stats;
+                stats.files_downloaded.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .bytes_from_peers
+                    .fetch_add(status.bytes_from_peers, Ordering::Relaxed);
+                stats
+                    .bytes_from_cache_server
+                    .fetch_add(status.bytes_from_cache_server, Ordering::Relaxed);
+                stats
+                    .bytes_from_http
+                    .fetch_add(status.bytes_from_http, Ordering::Relaxed);
+                stats
+                    .peer_connections
+                    .fetch_add(status.peer_connection_count, Ordering::Relaxed);
+                stats
+                    .cache_server_connections
+                    .fetch_add(status.cache_server_connection_count, Ordering::Relaxed);
+                stats
+                    .http_connections
+                    .fetch_add(status.cdn_connection_count, Ordering::Relaxed);
+                Ok(DaemonDownload {
+                    status,
+                    content_id: id,
+                    path: output,
+                })
+            }
+            Err(error) => {
+                record.status = "Error".into();
+                record.error = Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    /// The content is complete in the cache already: nothing to fetch.
+    fn cached(&self, record_index: usize, size: u64, id: ContentId) -> DaemonDownload {
+        let mut records = self.shared.records.lock().expect("never poisoned");
+        let record = &mut records[record_index];
+        record.status = "Complete".into();
+        record.bytes_done = size;
+        DaemonDownload {
+            status: Status {
+                file_size: size,
+                total_bytes_downloaded: 0,
+                bytes_from_cache_server: 0,
+                bytes_from_peers: 0,
+                bytes_from_http: 0,
+                percent_peer_caching: 0.0,
+                download_duration: crate::progress::format_duration(Duration::ZERO),
+                status: "Complete".into(),
+                cache_host: String::new(),
+                download_mode: self.shared.config.download_mode.number(),
+                cache_server_connection_count: 0,
+                cdn_connection_count: 0,
+                bytes_resumed: size,
+                download_duration_secs: 0.0,
+                num_peers: 0,
+                peer_connection_count: 0,
+                banned_peers: 0,
+                bytes_by_peer: Default::default(),
+            },
+            content_id: Some(id),
+            path: self.shared.store.data_path(id),
+        }
+    }
+
+    /// Follows a running download: written pieces become servable and are announced.
+    fn observe(&self, record_index: usize, id: Option<ContentId>, event: &Event) {
+        let shared = &self.shared;
+        match event {
+            Event::PieceWritten { index } => {
+                if let Some(id) = id {
+                    shared.store.piece_written(id, *index);
+                    shared.announce_now.notify_one();
+                }
+            }
+            Event::Progress(progress) => {
+                let mut records = shared.records.lock().expect("never poisoned");
+                let record = &mut records[record_index];
+                let bytes_of = |kind: SourceKind| -> u64 {
+                    progress
+                        .sources
+                        .iter()
+                        .filter(|source| source.kind == kind)
+                        .map(|source| source.bytes)
+                        .sum()
+                };
+                record.file_size = progress.file_len.unwrap_or(0);
+                record.bytes_done = progress.done_bytes;
+                record.bytes_from_peers = bytes_of(SourceKind::Peer);
+                record.bytes_from_cache_server = bytes_of(SourceKind::CacheHost);
+                record.bytes_from_http = bytes_of(SourceKind::Origin);
+                record.percent_peer_caching = crate::progress::percent_of(
+                    record.bytes_from_peers + record.bytes_from_cache_server,
+                    progress.received_bytes,
+                );
+                record.num_peers = progress
+                    .sources
+                    .iter()
+                    .filter(|source| source.kind == SourceKind::Peer)
+                    .count();
+            }
+            _ => {}
+        }
+    }
+
+    /// `peer-client status`: this run's downloads, then cached content from earlier runs.
+    pub fn status(&self) -> Vec<DownloadRecord> {
+        let shared = &self.shared;
+        let mut records = shared.records.lock().expect("never poisoned").clone();
+        for (id, entry) in shared.store.entries() {
+            let listed = records
+                .iter()
+                .any(|record| record.content_id.as_deref() == Some(&id.to_string()));
+            if entry.complete && !listed {
+                records.push(DownloadRecord {
+                    url: entry.url.clone(),
+                    content_id: Some(id.to_string()),
+                    status: "Cached".into(),
+                    file_size: entry.manifest.size,
+                    bytes_done: entry.manifest.size,
+                    bytes_from_peers: 0,
+                    bytes_from_cache_server: 0,
+                    bytes_from_http: 0,
+                    percent_peer_caching: 0.0,
+                    num_peers: 0,
+                    error: None,
+                });
+            }
+        }
+        records
+    }
+
+    /// `peer-client perf-snap`: totals since the daemon started.
+    pub fn perf_snap(&self) -> serde_json::Value {
+        let shared = &self.shared;
+        let stats = &shared.stats;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let downloaded = load(&stats.bytes_from_peers)
+            + load(&stats.bytes_from_cache_server)
+            + load(&stats.bytes_from_http);
+        serde_json::json!({
+            "FilesDownloaded": load(&stats.files_downloaded),
+            "FilesCached": shared.store.entries().iter().filter(|(_, entry)| entry.complete).count(),
+            "BytesDownloaded": downloaded,
+            "BytesFromPeers": load(&stats.bytes_from_peers),
+            "BytesFromCacheServer": load(&stats.bytes_from_cache_server),
+            "BytesFromHttp": load(&stats.bytes_from_http),
+            "BytesUploaded": load(&stats.bytes_uploaded),
+            "UploadsServed": load(&stats.uploads),
+            "ActiveUploads": shared.uploads.active(),
+            "BytesUploadedThisMonth": shared.uploads.uploaded_this_month(),
+            "CacheSizeBytes": shared.store.size_bytes(),
+            "Announcements": load(&stats.announcements),
+            "ConnectionsBySource": {
+                "Peers": load(&stats.peer_connections),
+                "CacheServer": load(&stats.cache_server_connections),
+                "Http": load(&stats.http_connections),
+            },
+        })
+    }
+}
+
+/// The body of `POST /v1/downloads`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandOff {
+    /// The URL.
+    pub url: String,
+    /// The expected SHA-256, hex.
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<ChannelBody> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut response = Response::new(ChannelBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Serves the local status API until `shutdown` resolves.
+pub async fn serve_status(
+    daemon: Daemon,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    peer_server::serve_http(
+        listener,
+        move |request, remote: SocketAddr| {
+            let daemon = daemon.clone();
+            async move {
+                if !remote.ip().is_loopback() {
+                    return text_response(StatusCode::FORBIDDEN, "local use only");
+                }
+                daemon.status_api(request).await
+            }
+        },
+        shutdown,
+    )
+    .await;
+}
+
+impl Daemon {
+    async fn status_api(&self, request: Request<Incoming>) -> Response<ChannelBody> {
+        let path = request.uri().path().to_owned();
+        match (request.method().clone(), path.as_str()) {
+            (Method::GET, "/v1/status") => json_response(StatusCode::OK, &self.status()),
+            (Method::GET, "/v1/perf-snap") => json_response(StatusCode::OK, &self.perf_snap()),
+            (Method::POST, "/v1/downloads") => {
+                let Ok(body) = http_body_util::Limited::new(request.into_body(), 64 * 1024)
+                    .collect()
+                    .await
+                else {
+                    return text_response(StatusCode::BAD_REQUEST, "body too large");
+                };
+                let Ok(hand_off) = serde_json::from_slice::<HandOff>(&body.to_bytes()) else {
+                    return text_response(StatusCode::BAD_REQUEST, "expected {\"url\": ...}");
+                };
+                let sha256 = match hand_off
+                    .sha256
+                    .as_deref()
+                    .map(crate::integrity::parse_sha256_hex)
+                {
+                    Some(Err(message)) => return text_response(StatusCode::BAD_REQUEST, &message),
+                    Some(Ok(digest)) => Some(digest),
+                    None => None,
+                };
+                match self.download(&hand_off.url, sha256, None).await {
+                    Ok(done) => {
+                        let file = format!(
+                            "f{}",
+                            self.shared.next_file_ref.fetch_add(1, Ordering::Relaxed)
+                        );
+                        self.shared
+                            .finished_files
+                            .lock()
+                            .expect("never poisoned")
+                            .insert(file.clone(), done.path);
+                        json_response(
+                            StatusCode::OK,
+                            &serde_json::json!({"status": done.status, "file": format!("/v1/files/{file}")}),
+                        )
+                    }
+                    Err(error) => json_response(
+                        StatusCode::OK,
+                        &serde_json::json!({"status": {
+                            "Status": "Error",
+                            "Error": error.to_string(),
+                            "ErrorSource": error.error_source(),
+                            "RetryLaterMayHelp": error.retry_later_may_help(),
+                        }}),
+                    ),
+                }
+            }
+            (Method::GET, path) if path.starts_with("/v1/files/") => {
+                // A reference handed out once, for one read; never a path.
+                let reference = &path["/v1/files/".len()..];
+                let Some(file) = self
+                    .shared
+                    .finished_files
+                    .lock()
+                    .expect("never poisoned")
+                    .remove(reference)
+                else {
+                    return text_response(StatusCode::NOT_FOUND, "no such file");
+                };
+                stream_file(file).await
+            }
+            _ => text_response(StatusCode::NOT_FOUND, "see docs/protocol.md, status API"),
+        }
+    }
+}
+
+/// Streams a whole file as the answer; transient files (content without a manifest, which is
+/// not cached) are deleted once sent.
+async fn stream_file(path: PathBuf) -> Response<ChannelBody> {
+    let delete = path
+        .parent()
+        .and_then(|parent| parent.file_name())
+        .is_some_and(|name| name == "transient");
+    let Ok(file) = tokio::fs::File::open(&path).await else {
+        return text_response(StatusCode::NOT_FOUND, "the file is gone");
+    };
+    let length = file.metadata().await.map(|meta| meta.len()).unwrap_or(0);
+    let (sender, receiver) = mpsc::channel(4);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut file = file;
+        let mut buffer = vec![0_u8; 256 * 1024];
+        loop {
+            match file.read(&mut buffer).await {
+                Ok(0) => break,
+                Ok(read) => {
+                    if sender
+                        .send(Ok(bytes::Bytes::copy_from_slice(&buffer[..read])))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    let _ = sender.send(Err(error)).await;
+                    break;
+                }
+            }
+        }
+        if delete {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+    });
+    let mut response = Response::new(ChannelBody::streamed(receiver));
+    if let Ok(value) = HeaderValue::from_str(&length.to_string()) {
+        response.headers_mut().insert(header::CONTENT_LENGTH, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn announcements_renew_at_half_the_ttl_and_follow_changes_at_a_bounded_pace() {
+        let mut schedule = AnnounceSchedule::default();
+        let start = Instant::now();
+        assert!(schedule.due(start, 0));
+        schedule.sent(start, 0, Duration::from_secs(300));
+        assert!(!schedule.due(start, 0));
+        // A new piece: announced, but not more often than the minimum interval.
+        assert!(!schedule.due(start + Duration::from_millis(100), 1));
+        tokio::time::advance(MIN_ANNOUNCE_INTERVAL).await;
+        assert!(schedule.due(Instant::now(), 1));
+        schedule.sent(Instant::now(), 1, Duration::from_secs(300));
+        // Nothing new: renewed just before half the TTL has run, never after it expired.
+        tokio::time::advance(Duration::from_secs(149)).await;
+        assert!(!schedule.due(Instant::now(), 1));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(schedule.due(Instant::now(), 1));
+        // The node is down: retried after a pause, not in a loop.
+        schedule.failed(Instant::now());
+        assert!(!schedule.due(Instant::now(), 1));
+        tokio::time::advance(ANNOUNCE_RETRY).await;
+        assert!(schedule.due(Instant::now(), 1));
+    }
+}

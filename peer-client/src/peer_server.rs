@@ -1,0 +1,323 @@
+//! The peer port: other machines' downloads fetch pieces here (`docs/protocol.md`, "Peer
+//! protocol"). One route, `GET /content/<content id>` with one `Range`; the bytes come from the
+//! [`ContentStore`], including downloads still running, and only when every piece the range
+//! touches is on disk. Uploads go through the [`UploadLimits`].
+//!
+//! **Invariant:** no path is ever built from the request. The path must be `/content/` followed
+//! by exactly 64 lower-case hex digits; anything else is answered `404` before the store is
+//! asked, and the store only opens files under its root named by a [`ContentId`].
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::os::unix::fs::FileExt;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::daemon::DaemonShared;
+use crate::store::ContentStore;
+use crate::tracker::ContentId;
+use crate::uploads::Refusal;
+
+/// Bytes read and sent per chunk.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// A response body fed by a task through a channel.
+pub struct ChannelBody {
+    receiver: Option<mpsc::Receiver<std::io::Result<Bytes>>>,
+    fixed: Option<Bytes>,
+}
+
+impl ChannelBody {
+    /// A body of `bytes` at once.
+    pub fn full(bytes: impl Into<Bytes>) -> ChannelBody {
+        ChannelBody {
+            receiver: None,
+            fixed: Some(bytes.into()),
+        }
+    }
+
+    /// A body streamed from `receiver`.
+    pub fn streamed(receiver: mpsc::Receiver<std::io::Result<Bytes>>) -> ChannelBody {
+        ChannelBody {
+            receiver: Some(receiver),
+            fixed: None,
+        }
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if let Some(bytes) = self.fixed.take() {
+            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        }
+        match &mut self.receiver {
+            Some(receiver) => receiver
+                .poll_recv(context)
+                .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data))),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+/// A plain-text answer.
+pub fn text_response(status: StatusCode, text: &str) -> Response<ChannelBody> {
+    let mut response = Response::new(ChannelBody::full(format!("{text}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Serves HTTP/1.1 on `listener` with `handler` until `shutdown` resolves.
+pub async fn serve_http<H, F>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>)
+where
+    H: Fn(Request<Incoming>, std::net::SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ChannelBody>> + Send + 'static,
+{
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let answer = handler(request, remote);
+                async move { Ok::<_, Infallible>(answer.await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Parses `bytes=a-b` or `bytes=a-` against a length; `Err(status)` says how to refuse.
+pub fn parse_range(value: Option<&str>, len: u64) -> Result<std::ops::Range<u64>, StatusCode> {
+    let spec = value
+        .and_then(|value| value.trim().strip_prefix("bytes="))
+        .ok_or(StatusCode::BAD_REQUEST)?;
+    if spec.contains(',') {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    let (first, last) = spec.split_once('-').ok_or(StatusCode::BAD_REQUEST)?;
+    let first: u64 = first.trim().parse().map_err(|_| StatusCode::BAD_REQUEST)?;
+    let end = match last.trim() {
+        "" => len,
+        last => last
+            .parse::<u64>()
+            .map_err(|_| StatusCode::BAD_REQUEST)?
+            .saturating_add(1)
+            .min(len),
+    };
+    if first >= end {
+        return Err(StatusCode::RANGE_NOT_SATISFIABLE);
+    }
+    Ok(first..end)
+}
+
+/// Answers one peer request.
+pub async fn handle(
+    shared: Arc<DaemonShared>,
+    request: Request<Incoming>,
+) -> Response<ChannelBody> {
+    if request.method() != Method::GET {
+        let mut response = text_response(StatusCode::METHOD_NOT_ALLOWED, "only GET");
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return response;
+    }
+    let Some(id) = request
+        .uri()
+        .path()
+        .strip_prefix("/content/")
+        .and_then(ContentId::parse)
+    else {
+        return text_response(StatusCode::NOT_FOUND, "no such content");
+    };
+    let Some(entry) = shared.store.get(id) else {
+        return text_response(StatusCode::NOT_FOUND, "no such content");
+    };
+    let range = match parse_range(
+        request
+            .headers()
+            .get(header::RANGE)
+            .and_then(|value| value.to_str().ok()),
+        entry.manifest.size,
+    ) {
+        Ok(range) => range,
+        Err(status) => {
+            let mut response = text_response(status, "one range, e.g. Range: bytes=0-1048575");
+            if status == StatusCode::RANGE_NOT_SATISFIABLE {
+                if let Ok(value) =
+                    HeaderValue::from_str(&format!("bytes */{}", entry.manifest.size))
+                {
+                    response.headers_mut().insert(header::CONTENT_RANGE, value);
+                }
+            }
+            return response;
+        }
+    };
+    if !entry.holds_range(&range) {
+        return text_response(StatusCode::NOT_FOUND, "those pieces are not here (yet)");
+    }
+    let length = range.end - range.start;
+    let upload = match shared.uploads.start(length) {
+        Ok(upload) => upload,
+        Err(refusal) => {
+            let text = match refusal {
+                Refusal::Busy => "too many uploads",
+                Refusal::MonthlyCapReached => "monthly upload cap reached",
+            };
+            let mut response = text_response(StatusCode::SERVICE_UNAVAILABLE, text);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return response;
+        }
+    };
+    shared.store.touch(id);
+    shared.stats.files_opened.fetch_add(1, Ordering::Relaxed);
+    let (sender, receiver) = mpsc::channel(4);
+    tokio::spawn(send_range(
+        shared.store.clone(),
+        Arc::clone(&shared),
+        id,
+        range.clone(),
+        upload,
+        sender,
+    ));
+    let mut response = Response::new(ChannelBody::streamed(receiver));
+    *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+    let headers = response.headers_mut();
+    let mut set = |name: header::HeaderName, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
+    };
+    set(header::CONTENT_LENGTH, &length.to_string());
+    set(
+        header::CONTENT_RANGE,
+        &format!(
+            "bytes {}-{}/{}",
+            range.start,
+            range.end - 1,
+            entry.manifest.size
+        ),
+    );
+    set(header::CONTENT_TYPE, "application/octet-stream");
+    if let Some(etag) = &entry.manifest.etag {
+        set(header::ETAG, etag);
+    }
+    if let Some(last_modified) = &entry.manifest.last_modified {
+        set(header::LAST_MODIFIED, last_modified);
+    }
+    response
+}
+
+/// Reads `range` of `id` in chunks, charging the upload cap, into the response channel.
+async fn send_range(
+    store: ContentStore,
+    shared: Arc<DaemonShared>,
+    id: ContentId,
+    range: std::ops::Range<u64>,
+    mut upload: crate::uploads::Upload,
+    sender: mpsc::Sender<std::io::Result<Bytes>>,
+) {
+    let mut sent = 0_u64;
+    let file = match tokio::task::spawn_blocking(move || store.open_for_reading(id)).await {
+        Ok(Ok(file)) => Arc::new(file),
+        Ok(Err(error)) => {
+            let _ = sender.send(Err(error)).await;
+            upload.finish(0);
+            return;
+        }
+        Err(_) => {
+            upload.finish(0);
+            return;
+        }
+    };
+    let mut offset = range.start;
+    while offset < range.end {
+        let len = (range.end - offset).min(CHUNK_BYTES as u64) as usize;
+        upload.meter.charge(len as u64).await;
+        let reader = Arc::clone(&file);
+        let chunk = tokio::task::spawn_blocking(move || {
+            let mut buffer = vec![0_u8; len];
+            reader.read_exact_at(&mut buffer, offset).map(|()| buffer)
+        })
+        .await
+        .unwrap_or_else(|error| Err(std::io::Error::other(error)));
+        let chunk = match chunk {
+            Ok(chunk) => Bytes::from(chunk),
+            Err(error) => {
+                let _ = sender.send(Err(error)).await;
+                break;
+            }
+        };
+        if sender.send(Ok(chunk)).await.is_err() {
+            break;
+        }
+        offset += len as u64;
+        sent += len as u64;
+        shared
+            .stats
+            .bytes_uploaded
+            .fetch_add(len as u64, Ordering::Relaxed);
+    }
+    if sent == range.end - range.start {
+        shared.stats.uploads.fetch_add(1, Ordering::Relaxed);
+    }
+    upload.finish(sent);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_like_rfc_9110_single_ranges() {
+        type Case<'a> = (Option<&'a str>, Result<std::ops::Range<u64>, StatusCode>);
+        let cases: &[Case] = &[
+            (Some("bytes=0-99"), Ok(0..100)),
+            (Some("bytes=100-"), Ok(100..1000)),
+            (Some("bytes=900-5000"), Ok(900..1000)),
+            (Some("bytes=1000-"), Err(StatusCode::RANGE_NOT_SATISFIABLE)),
+            (Some("bytes=5-4"), Err(StatusCode::RANGE_NOT_SATISFIABLE)),
+            (Some("bytes=0-1,5-6"), Err(StatusCode::BAD_REQUEST)),
+            (Some("bytes=-100"), Err(StatusCode::BAD_REQUEST)),
+            (Some("items=0-1"), Err(StatusCode::BAD_REQUEST)),
+            (None, Err(StatusCode::BAD_REQUEST)),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(&parse_range(*value, 1000), expected, "{value:?}");
+        }
+    }
+}

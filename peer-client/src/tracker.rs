@@ -1,0 +1,420 @@
+//! The cache node's peering API, from the client side: the trusted piece manifest of a URL, the
+//! tracker's peer list, and announcements (see "Peering API" in `docs/protocol.md`).
+//!
+//! Every request can leave from a chosen local address. The tracker scopes LAN peers and records
+//! announcements by the source address it sees, so a daemon listening on one address of a
+//! multi-homed machine (or on 127.0.x.y in tests) speaks to the node from that address.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+
+use crate::cache_host::CacheHost;
+use crate::config::DownloadMode;
+use crate::integrity::{PieceHashes, Sha256Digest};
+use crate::partial::Validator;
+
+/// Largest JSON answer read from the node (a manifest of a 64 GiB file in 1 MiB pieces is
+/// about 4.3 MB).
+const MAX_ANSWER_BYTES: usize = 32 << 20;
+
+/// Why a peering API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    /// The node could not be reached or the answer was cut.
+    #[error("cache node unreachable: {0}")]
+    Unreachable(String),
+    /// The node answered with another status.
+    #[error("cache node answered {0}")]
+    Status(StatusCode),
+    /// The node has no manifest yet (`202`: its fill is still running).
+    #[error("the cache node is still filling the content")]
+    NotReady,
+    /// The answer did not parse or made no sense.
+    #[error("bad answer from the cache node: {0}")]
+    BadAnswer(String),
+    /// The call took longer than allowed.
+    #[error("the cache node did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A content id: the SHA-256 of the node's cache key, as 64 lower-case hex digits on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContentId(pub [u8; 32]);
+
+impl ContentId {
+    /// Parses exactly 64 lower-case hex digits; nothing else is a content id (so no path, dot or
+    /// separator can ever get through).
+    pub fn parse(text: &str) -> Option<ContentId> {
+        if text.len() != 64
+            || !text
+                .bytes()
+                .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+        {
+            return None;
+        }
+        let mut id = [0_u8; 32];
+        hex::decode_to_slice(text, &mut id).ok()?;
+        Some(ContentId(id))
+    }
+}
+
+impl std::fmt::Display for ContentId {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&hex::encode(self.0))
+    }
+}
+
+impl Serialize for ContentId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ContentId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        ContentId::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("\"{text}\" is not a content id")))
+    }
+}
+
+/// A piece manifest as the node serves it, checked for consistency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The content id.
+    pub content_id: ContentId,
+    /// The complete length.
+    pub size: u64,
+    /// The origin's ETag of this version.
+    pub etag: Option<String>,
+    /// The origin's Last-Modified of this version.
+    pub last_modified: Option<String>,
+    /// Bytes per piece.
+    pub piece_size: u64,
+    /// SHA-256 of each piece, hex on the wire.
+    #[serde(with = "hex_digests")]
+    pub pieces: Vec<Sha256Digest>,
+}
+
+impl Manifest {
+    /// Checks that the piece list covers `size` in pieces of `piece_size`.
+    pub fn check(&self) -> Result<(), TrackerError> {
+        if self.piece_size == 0 {
+            return Err(TrackerError::BadAnswer("piece_size 0".into()));
+        }
+        let expected = self.size.div_ceil(self.piece_size);
+        if self.pieces.len() as u64 != expected {
+            return Err(TrackerError::BadAnswer(format!(
+                "{} piece hashes for {} bytes in pieces of {}",
+                self.pieces.len(),
+                self.size,
+                self.piece_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The number of pieces.
+    pub fn piece_count(&self) -> u64 {
+        self.pieces.len() as u64
+    }
+
+    /// The validators of this version, for `If-Range` and response checks.
+    pub fn validator(&self) -> Validator {
+        Validator {
+            etag: self.etag.clone(),
+            last_modified: self.last_modified.clone(),
+        }
+    }
+}
+
+impl PieceHashes for Manifest {
+    fn piece_len(&self) -> u64 {
+        self.piece_size
+    }
+
+    fn piece_hash(&self, index: u64) -> Option<Sha256Digest> {
+        self.pieces.get(index as usize).copied()
+    }
+}
+
+mod hex_digests {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::integrity::{parse_sha256_hex, Sha256Digest};
+
+    pub fn serialize<S: Serializer>(
+        digests: &[Sha256Digest],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(digests.iter().map(hex::encode))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Sha256Digest>, D::Error> {
+        Vec::<String>::deserialize(deserializer)?
+            .iter()
+            .map(|text| parse_sha256_hex(text).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+/// One peer in the tracker's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PeerEntry {
+    /// Where it serves pieces.
+    pub address: SocketAddr,
+    /// It holds every piece.
+    #[serde(default)]
+    pub complete: bool,
+    /// The pieces it holds, as inclusive ranges.
+    #[serde(default)]
+    pub pieces: Vec<[u64; 2]>,
+}
+
+impl PeerEntry {
+    /// Which of `piece_count` pieces it holds.
+    pub fn holdings(&self, piece_count: u64) -> Vec<bool> {
+        let mut held = vec![self.complete; piece_count as usize];
+        for [first, last] in &self.pieces {
+            for index in *first..=(*last).min(piece_count.saturating_sub(1)) {
+                held[index as usize] = true;
+            }
+        }
+        held
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PeersAnswer {
+    peers: Vec<PeerEntry>,
+}
+
+/// An announcement.
+#[derive(Debug, Clone, Serialize)]
+pub struct Announcement {
+    /// The content.
+    pub content_id: ContentId,
+    /// The peer port.
+    pub port: u16,
+    /// The group, for mode 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// Held pieces as inclusive ranges.
+    pub pieces: Vec<[u64; 2]>,
+    /// Every piece is held.
+    pub complete: bool,
+    /// Uploads running now.
+    pub active_uploads: u64,
+}
+
+/// The node's answer to an announcement.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Announced {
+    /// The address the node recorded.
+    pub address: SocketAddr,
+    /// Seconds before the announcement expires.
+    pub ttl_secs: u64,
+}
+
+/// Inclusive ranges of the `true` entries of `held`, at most `max_ranges` of them (the first
+/// ones: under-reporting is safe, a peer is then just asked less).
+pub fn piece_ranges(held: &[bool], max_ranges: usize) -> Vec<[u64; 2]> {
+    let mut ranges: Vec<[u64; 2]> = Vec::new();
+    for (index, _) in held.iter().enumerate().filter(|(_, &held)| held) {
+        let index = index as u64;
+        if let Some(last) = ranges.last_mut().filter(|last| last[1] + 1 == index) {
+            last[1] = index;
+        } else if ranges.len() == max_ranges {
+            break;
+        } else {
+            ranges.push([index, index]);
+        }
+    }
+    ranges
+}
+
+/// A client of one cache node's peering API.
+#[derive(Clone, Debug)]
+pub struct NodeApi {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl NodeApi {
+    /// A client for `host`, sending from `local_address` when given.
+    pub fn new(host: &CacheHost, local_address: Option<IpAddr>, connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_local_address(local_address);
+        NodeApi {
+            base: format!("http://{host}/_outpost/v1"),
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(connector),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), TrackerError> {
+        let uri: Uri = format!("{}{path_and_query}", self.base)
+            .parse()
+            .map_err(|error| TrackerError::BadAnswer(format!("bad request URI: {error}")))?;
+        let mut builder = Request::builder().method(method).uri(uri);
+        if body.is_some() {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|error| TrackerError::BadAnswer(error.to_string()))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|error| TrackerError::Unreachable(error.to_string()))?;
+        let status = response.status();
+        let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|error| TrackerError::Unreachable(error.to_string()))?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    /// The manifest of `url`, waiting at most `timeout`.
+    pub async fn manifest(&self, url: &str, timeout: Duration) -> Result<Manifest, TrackerError> {
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("url", url)
+            .finish();
+        let (status, body) = tokio::time::timeout(
+            timeout,
+            self.call(Method::GET, &format!("/manifest?{query}"), None),
+        )
+        .await
+        .map_err(|_| TrackerError::Timeout(timeout))??;
+        match status {
+            StatusCode::OK => {
+                let manifest: Manifest = serde_json::from_slice(&body)
+                    .map_err(|error| TrackerError::BadAnswer(error.to_string()))?;
+                manifest.check()?;
+                Ok(manifest)
+            }
+            StatusCode::ACCEPTED => Err(TrackerError::NotReady),
+            other => Err(TrackerError::Status(other)),
+        }
+    }
+
+    /// Peers holding `content_id`, scoped by `mode`.
+    pub async fn peers(
+        &self,
+        content_id: ContentId,
+        mode: DownloadMode,
+        group_id: &str,
+        limit: usize,
+    ) -> Result<Vec<PeerEntry>, TrackerError> {
+        let query = {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            query
+                .append_pair("content_id", &content_id.to_string())
+                .append_pair("mode", &mode.number().to_string())
+                .append_pair("limit", &limit.to_string());
+            if mode == DownloadMode::Group {
+                query.append_pair("group_id", group_id);
+            }
+            query.finish()
+        };
+        let (status, body) = self
+            .call(Method::GET, &format!("/peers?{query}"), None)
+            .await?;
+        if status != StatusCode::OK {
+            return Err(TrackerError::Status(status));
+        }
+        let answer: PeersAnswer = serde_json::from_slice(&body)
+            .map_err(|error| TrackerError::BadAnswer(error.to_string()))?;
+        Ok(answer.peers)
+    }
+
+    /// Sends an announcement.
+    pub async fn announce(&self, announcement: &Announcement) -> Result<Announced, TrackerError> {
+        let body = serde_json::to_vec(announcement).expect("announcements serialize");
+        let (status, body) = self.call(Method::POST, "/announce", Some(body)).await?;
+        if status != StatusCode::OK {
+            return Err(TrackerError::Status(status));
+        }
+        serde_json::from_slice(&body).map_err(|error| TrackerError::BadAnswer(error.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ids_are_exactly_64_lower_case_hex_digits() {
+        let good = "ab".repeat(32);
+        assert_eq!(ContentId::parse(&good).unwrap().to_string(), good);
+        for bad in [
+            "",
+            "../../etc/passwd",
+            &"AB".repeat(32),
+            &"ab".repeat(31),
+            &format!("{}/", "ab".repeat(32)),
+            &format!("{}%2e", &"ab".repeat(32)[..61]),
+            &"zz".repeat(32),
+        ] {
+            assert!(ContentId::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn held_pieces_become_ranges_and_back() {
+        let held = [true, true, false, true, false, false, true, true];
+        assert_eq!(piece_ranges(&held, 64), [[0, 1], [3, 3], [6, 7]]);
+        assert_eq!(piece_ranges(&held, 2), [[0, 1], [3, 3]]);
+        let entry = PeerEntry {
+            address: "127.0.0.1:1".parse().unwrap(),
+            complete: false,
+            pieces: vec![[0, 1], [3, 3], [6, 9]],
+        };
+        assert_eq!(entry.holdings(8), held);
+        let complete = PeerEntry {
+            complete: true,
+            pieces: Vec::new(),
+            ..entry
+        };
+        assert_eq!(complete.holdings(3), [true; 3]);
+    }
+
+    #[test]
+    fn manifests_parse_and_must_cover_the_content() {
+        let hash = "00".repeat(32);
+        let text = format!(
+            r#"{{"content_id":"{}","key":"k","size":2500,"etag":"\"e\"","last_modified":null,
+            "piece_size":1000,"pieces":["{hash}","{hash}","{hash}"]}}"#,
+            "ab".repeat(32)
+        );
+        let manifest: Manifest = serde_json::from_str(&text).unwrap();
+        manifest.check().unwrap();
+        assert_eq!(manifest.piece_len(), 1000);
+        assert_eq!(manifest.validator().etag.as_deref(), Some("\"e\""));
+        let short = Manifest {
+            pieces: vec![[0; 32]; 2],
+            ..manifest
+        };
+        assert!(short.check().is_err());
+    }
+}

@@ -1,0 +1,652 @@
+//! peer-client end-to-end with peers: one real cache node (piece manifests and the tracker), one
+//! mock origin, and several `peer-client daemon`s on distinct 127.0.x.y addresses (Linux routes
+//! all of 127/8 to the loopback interface), so the node sees one address per machine and LAN
+//! scoping has subnets to compare.
+
+#[path = "common/mod.rs"]
+mod common;
+#[path = "peer_common/mod.rs"]
+mod peer_common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
+use peer_client::tracker::{ContentId, NodeApi, PeerEntry};
+use peer_client::{Config, Event};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use peer_common::{KillableNode, TestDaemon};
+
+const MIB: usize = 1024 * 1024;
+/// Pieces of 256 KiB (the node's `min(peering.piece_size, slice_size)`), so an 8 MiB file has
+/// 32 pieces to spread.
+const PIECE: usize = 256 * 1024;
+const CONTENT_LEN: usize = 8 * MIB;
+
+/// The mock origin's address. Not 127.0.0.1, where the node listens: the node must be reached
+/// by a name that is not an allowed origin, or its peering API would be taken for content.
+const ORIGIN_IP: &str = "127.0.0.10";
+
+/// A node with 256 KiB pieces that fetches from origins on [`ORIGIN_IP`].
+fn start_node(origin: &MockOrigin) -> KillableNode {
+    KillableNode::start_with(&origin.base_url(), &std::env::temp_dir(), |config| {
+        config.peering.piece_size = "256KiB".into();
+        for allowed in &mut config.origin {
+            if allowed.host == "127.0.0.1" {
+                allowed.host = ORIGIN_IP.into();
+            }
+        }
+    })
+}
+
+/// The tracker's answer for `content` as a mode-3 client on 127.0.0.250 sees it.
+async fn tracked_peers(node: SocketAddr, content: ContentId) -> Vec<PeerEntry> {
+    let api = NodeApi::new(
+        &peer_client::cache_host::CacheHost::parse(&node.to_string()).unwrap(),
+        Some("127.0.0.250".parse().unwrap()),
+        Duration::from_secs(2),
+    );
+    api.peers(content, peer_client::config::DownloadMode::Internet, "", 32)
+        .await
+        .unwrap_or_default()
+}
+
+/// Waits (bounded) until the tracker lists `count` complete peers of `content`.
+async fn until_complete_peers(node: SocketAddr, content: ContentId, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let peers = tracked_peers(node, content).await;
+        if peers.iter().filter(|peer| peer.complete).count() >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "peers never announced: {peers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An origin with one 8 MiB file; returns its URL and digest.
+async fn origin_with_content(seed: u64) -> (MockOrigin, String, Bytes) {
+    let origin = MockOrigin::start_on(ORIGIN_IP).await;
+    let content = pattern_bytes(CONTENT_LEN, seed);
+    origin.put("/files/big.bin", content.clone());
+    let url = format!("{}/files/big.bin", origin.base_url());
+    (origin, url, content)
+}
+
+/// Two daemons that downloaded `url` through the node and are announced as complete peers.
+async fn two_complete_peers(node: &KillableNode, url: &str) -> (TestDaemon, TestDaemon, ContentId) {
+    let first = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
+    let second = TestDaemon::start("127.0.0.3", node.addr, |_| {}).await;
+    let done = first.download(url).await;
+    second.download(url).await;
+    let content = done.content_id.expect("the content has a manifest");
+    until_complete_peers(node.addr, content, 2).await;
+    (first, second, content)
+}
+
+fn file_digest(path: &Path) -> String {
+    sha256_hex(&std::fs::read(path).unwrap())
+}
+
+/// Sends one raw request line (no client-side normalisation) and returns status and body.
+async fn raw_get(addr: SocketAddr, target: &str, extra: &str) -> (u16, Vec<u8>) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request =
+        format!("GET {target} HTTP/1.1\r\nHost: peer\r\n{extra}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .find("\r\n\r\n")
+        .map(|at| answer[at + 4..].to_vec())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// GETs `range` of `content` from a peer, returning the status and the body.
+async fn get_piece_range(
+    peer: SocketAddr,
+    content: ContentId,
+    range: std::ops::Range<usize>,
+) -> (u16, Vec<u8>) {
+    raw_get(
+        peer,
+        &format!("/content/{content}"),
+        &format!("Range: bytes={}-{}\r\n", range.start, range.end - 1),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_dies_mid_download_and_the_client_finishes_from_peers() {
+    let (origin, url, content) = origin_with_content(51).await;
+    let mut node = start_node(&origin);
+    let (_first, _second, _) = two_complete_peers(&node, &url).await;
+    let third = TestDaemon::start("127.0.0.4", node.addr, |config| {
+        // Slow enough that the node is dead long before the end, and the origin kept out.
+        config.max_download_bandwidth = "4MiB".into();
+        config.delay_http_fallback_secs = 600;
+    })
+    .await;
+    let origin_bytes_before = origin.bytes_sent();
+
+    let (events, mut received) = mpsc::unbounded_channel();
+    let daemon = third.daemon.clone();
+    let url_for_task = url.clone();
+    let download =
+        tokio::spawn(async move { daemon.download(&url_for_task, None, Some(events)).await });
+    // Once it has the manifest and the peer list, the node dies.
+    loop {
+        match received
+            .recv()
+            .await
+            .expect("the download reports its peers")
+        {
+            Event::PeersFound { peers } => {
+                assert_eq!(peers, 2);
+                break;
+            }
+            _ => continue,
+        }
+    }
+    tokio::task::spawn_blocking(move || {
+        node.kill();
+        node
+    })
+    .await
+    .unwrap();
+
+    let done = tokio::time::timeout(Duration::from_secs(30), download)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let status = &done.status;
+    assert_eq!(status.bytes_from_http, 0, "{status:?}");
+    assert!(
+        status.bytes_from_peers >= CONTENT_LEN as u64 / 2,
+        "{status:?}"
+    );
+    assert_eq!(file_digest(&done.path), sha256_hex(&content));
+    assert_eq!(origin.bytes_sent(), origin_bytes_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_draws_from_two_peers_and_the_cache_in_parallel() {
+    let (origin, url, content) = origin_with_content(52).await;
+    let node = start_node(&origin);
+    let (first, second, _) = two_complete_peers(&node, &url).await;
+    let third = TestDaemon::start("127.0.0.4", node.addr, |_| {}).await;
+
+    let done = third.download(&url).await;
+    let status = &done.status;
+    assert_eq!(file_digest(&done.path), sha256_hex(&content));
+    assert_eq!(status.num_peers, 2);
+    for peer in [first.peer_addr, second.peer_addr] {
+        let bytes = status.bytes_by_peer.get(&format!("peer {peer}")).copied();
+        assert!(bytes.unwrap_or(0) > 0, "nothing from {peer}: {status:?}");
+    }
+    assert!(status.bytes_from_cache_server > 0, "{status:?}");
+    assert_eq!(status.bytes_from_http, 0);
+    // The status API lists it with DO's fields.
+    let listed = third.daemon.status();
+    assert_eq!(listed[0].status, "Complete");
+    assert_eq!(listed[0].bytes_from_peers, status.bytes_from_peers);
+    assert_eq!(listed[0].num_peers, 2);
+    let snap = third.daemon.perf_snap();
+    assert_eq!(snap["FilesDownloaded"], 1);
+    assert!(snap["ConnectionsBySource"]["Peers"].as_u64().unwrap() > 0);
+    // The peers counted their uploads.
+    let uploaded = first
+        .daemon
+        .shared()
+        .stats
+        .bytes_uploaded
+        .load(Ordering::Relaxed)
+        + second
+            .daemon
+            .shared()
+            .stats
+            .bytes_uploaded
+            .load(Ordering::Relaxed);
+    assert!(uploaded >= status.bytes_from_peers - 2 * PIECE as u64);
+}
+
+/// A peer that answers every range with the right headers and inverted bytes.
+async fn start_malicious_peer(
+    ip: &str,
+    content: Bytes,
+    etag: String,
+) -> (SocketAddr, Arc<AtomicRequests>) {
+    use http::{Response, StatusCode};
+    let listener = tokio::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicRequests::default());
+    let counter = Arc::clone(&requests);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let content = content.clone();
+            let etag = etag.clone();
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<hyper::body::Incoming>| {
+                        counter.0.fetch_add(1, Ordering::Relaxed);
+                        let range = peer_client::peer_server::parse_range(
+                            request.headers().get("range").and_then(|v| v.to_str().ok()),
+                            content.len() as u64,
+                        )
+                        .unwrap();
+                        let bad: Vec<u8> = content[range.start as usize..range.end as usize]
+                            .iter()
+                            .map(|byte| !byte)
+                            .collect();
+                        let response = Response::builder()
+                            .status(StatusCode::PARTIAL_CONTENT)
+                            .header(
+                                "content-range",
+                                format!(
+                                    "bytes {}-{}/{}",
+                                    range.start,
+                                    range.end - 1,
+                                    content.len()
+                                ),
+                            )
+                            .header("etag", etag.clone())
+                            .body(http_body_util::Full::new(Bytes::from(bad)))
+                            .unwrap();
+                        async move { Ok::<_, std::convert::Infallible>(response) }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, requests)
+}
+
+#[derive(Default)]
+struct AtomicRequests(AtomicU64);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_corrupt_pieces_is_banned_and_the_file_is_still_right() {
+    let (origin, url, content) = origin_with_content(53).await;
+    let node = start_node(&origin);
+    let honest = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
+    let content_id = honest.download(&url).await.content_id.unwrap();
+    let (evil, evil_requests) = start_malicious_peer(
+        "127.0.0.66",
+        content.clone(),
+        origin.etag("/files/big.bin").unwrap(),
+    )
+    .await;
+    // It announces itself as a complete peer, from its own address.
+    let api = NodeApi::new(
+        &peer_client::cache_host::CacheHost::parse(&node.addr.to_string()).unwrap(),
+        Some(evil.ip()),
+        Duration::from_secs(2),
+    );
+    api.announce(&peer_client::tracker::Announcement {
+        content_id,
+        port: evil.port(),
+        group_id: None,
+        pieces: vec![[0, (CONTENT_LEN / PIECE) as u64 - 1]],
+        complete: true,
+        active_uploads: 0,
+    })
+    .await
+    .unwrap();
+    until_complete_peers(node.addr, content_id, 2).await;
+
+    let client = TestDaemon::start("127.0.0.5", node.addr, |config| {
+        // One cache connection, paced, so the peers are asked for many pieces.
+        config.cache.connections_per_host = 1;
+        config.max_download_bandwidth = "16MiB".into();
+    })
+    .await;
+    let (events, mut received) = mpsc::unbounded_channel();
+    let done = client
+        .daemon
+        .download(&url, None, Some(events))
+        .await
+        .unwrap();
+    let status = &done.status;
+    assert_eq!(file_digest(&done.path), sha256_hex(&content));
+    assert_eq!(status.banned_peers, 1, "{status:?}");
+    let mut banned = Vec::new();
+    while let Ok(event) = received.try_recv() {
+        if let Event::PeerBanned { label } = event {
+            banned.push(label);
+        }
+    }
+    assert_eq!(banned, [format!("peer {evil}")]);
+    // Three bad pieces, plus at most one request already running on its other connection.
+    let asked = evil_requests.0.load(Ordering::Relaxed);
+    assert!(
+        (3..=4).contains(&asked),
+        "the banned peer was asked {asked} times"
+    );
+    assert!(status
+        .bytes_by_peer
+        .contains_key(&format!("peer {}", honest.peer_addr)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_of_another_subnet_or_group_are_never_offered() {
+    let (origin, url, _) = origin_with_content(54).await;
+    let node = start_node(&origin);
+    // 127.0.1.2 is another /24 than the clients'; the group peer is in the clients' subnet.
+    let other_subnet = TestDaemon::start("127.0.1.2", node.addr, |_| {}).await;
+    let red_group = TestDaemon::start("127.0.0.7", node.addr, |config| {
+        config.download_mode = 2;
+        config.group_id = "red".into();
+    })
+    .await;
+    let content = other_subnet.download(&url).await.content_id.unwrap();
+    red_group.download(&url).await;
+    until_complete_peers(node.addr, content, 2).await;
+
+    let lan_client = TestDaemon::start("127.0.0.8", node.addr, |_| {}).await;
+    let lan = lan_client.download(&url).await.status;
+    assert_eq!(lan.num_peers, 1, "{lan:?}");
+    assert!(lan
+        .bytes_by_peer
+        .keys()
+        .all(|peer| peer == &format!("peer {}", red_group.peer_addr)));
+
+    let blue_client = TestDaemon::start("127.0.0.9", node.addr, |config| {
+        config.download_mode = 2;
+        config.group_id = "blue".into();
+    })
+    .await;
+    let blue = blue_client.download(&url).await.status;
+    assert_eq!(blue.num_peers, 0, "{blue:?}");
+    assert_eq!(blue.bytes_from_peers, 0);
+
+    let red_client = TestDaemon::start("127.0.1.9", node.addr, |config| {
+        config.download_mode = 2;
+        config.group_id = "red".into();
+    })
+    .await;
+    let red = red_client.download(&url).await.status;
+    // Group mode crosses subnets: only the red peer, though it is in another /24.
+    assert_eq!(red.num_peers, 1, "{red:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pieces_of_a_download_in_progress_are_announced_and_served() {
+    let (origin, url, content) = origin_with_content(55).await;
+    let node = start_node(&origin);
+    let slow = TestDaemon::start("127.0.0.2", node.addr, |config| {
+        config.max_download_bandwidth = "2MiB".into();
+        config.cache.connections_per_host = 1;
+    })
+    .await;
+    let (events, mut received) = mpsc::unbounded_channel();
+    let daemon = slow.daemon.clone();
+    let url_for_task = url.clone();
+    let download =
+        tokio::spawn(async move { daemon.download(&url_for_task, None, Some(events)).await });
+    // Wait for two pieces on disk.
+    let mut written = Vec::new();
+    while written.len() < 2 {
+        if let Event::PieceWritten { index } = received.recv().await.unwrap() {
+            written.push(index);
+        }
+    }
+    let content_id = slow.daemon.shared().store.entries()[0].0;
+    // The tracker lists it as a partial peer holding those pieces.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let entry = loop {
+        let peers = tracked_peers(node.addr, content_id).await;
+        if let Some(entry) = peers
+            .into_iter()
+            .find(|peer| peer.address == slow.peer_addr)
+        {
+            if written
+                .iter()
+                .all(|&index| entry.holdings(32)[index as usize])
+            {
+                break entry;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the partial download was never announced"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!entry.complete);
+    // A held piece is served with the origin's bytes; the last piece is not there yet.
+    let held = written[0] as usize;
+    let (status, body) =
+        get_piece_range(slow.peer_addr, content_id, held * PIECE..(held + 1) * PIECE).await;
+    assert_eq!(status, 206);
+    assert_eq!(body, content[held * PIECE..(held + 1) * PIECE]);
+    let (status, _) =
+        get_piece_range(slow.peer_addr, content_id, CONTENT_LEN - PIECE..CONTENT_LEN).await;
+    assert_eq!(status, 404);
+    assert!(!download.is_finished());
+    download.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_keep_to_the_rate_cap() {
+    let (origin, url, content) = origin_with_content(56).await;
+    let node = start_node(&origin);
+    let capped = TestDaemon::start("127.0.0.2", node.addr, |config| {
+        config.daemon.max_upload_bandwidth = "4MiB".into();
+    })
+    .await;
+    let content_id = capped.download(&url).await.content_id.unwrap();
+
+    // 8 MiB in four parallel 2 MiB requests at 4 MiB/s: two seconds.
+    let started = Instant::now();
+    let mut requests = Vec::new();
+    for part in 0..4 {
+        let peer = capped.peer_addr;
+        requests.push(tokio::spawn(async move {
+            get_piece_range(peer, content_id, part * 2 * MIB..(part + 1) * 2 * MIB).await
+        }));
+    }
+    for (part, request) in requests.into_iter().enumerate() {
+        let (status, body) = request.await.unwrap();
+        assert_eq!(status, 206);
+        assert_eq!(body, content[part * 2 * MIB..(part + 1) * 2 * MIB]);
+    }
+    let rate = CONTENT_LEN as f64 / started.elapsed().as_secs_f64();
+    let cap = 4.0 * MIB as f64;
+    assert!(
+        (rate - cap).abs() <= 0.15 * cap,
+        "measured {:.2} MiB/s against a 4 MiB/s cap",
+        rate / MIB as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monthly_cap_stops_uploads_and_survives_a_restart() {
+    let (origin, url, content) = origin_with_content(57).await;
+    let node = start_node(&origin);
+    let cap = |config: &mut Config| config.daemon.monthly_upload_cap = "3MiB".into();
+    let daemon = TestDaemon::start("127.0.0.2", node.addr, cap).await;
+    let content_id = daemon.download(&url).await.content_id.unwrap();
+    for part in 0..3 {
+        let (status, body) =
+            get_piece_range(daemon.peer_addr, content_id, part * MIB..(part + 1) * MIB).await;
+        assert_eq!(status, 206);
+        assert_eq!(body, content[part * MIB..(part + 1) * MIB]);
+    }
+    let (status, _) = get_piece_range(daemon.peer_addr, content_id, 3 * MIB..4 * MIB).await;
+    assert_eq!(status, 503);
+
+    let cache_dir = daemon.stop().await;
+    let restarted = TestDaemon::start_in("127.0.0.2", node.addr, cache_dir, cap).await;
+    // The content survived the restart, and so did the month's count.
+    assert!(
+        restarted
+            .daemon
+            .shared()
+            .store
+            .get(content_id)
+            .unwrap()
+            .complete
+    );
+    assert_eq!(
+        restarted.daemon.shared().uploads.uploaded_this_month(),
+        3 * MIB as u64
+    );
+    let (status, _) = get_piece_range(restarted.peer_addr, content_id, 0..1).await;
+    assert_eq!(status, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_try_to_leave_the_cache_get_4xx_and_read_nothing() {
+    let (origin, url, _) = origin_with_content(58).await;
+    let node = start_node(&origin);
+    let daemon = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
+    let content_id = daemon.download(&url).await.content_id.unwrap();
+    let secret = b"top secret, outside the cache";
+    let outside = daemon.cache_dir.path().join("secret.txt");
+    std::fs::write(&outside, secret).unwrap();
+    std::fs::write("/tmp/outpost-p2p-secret", secret).unwrap();
+    let opened_before = daemon
+        .daemon
+        .shared()
+        .stats
+        .files_opened
+        .load(Ordering::Relaxed);
+    let id = content_id.to_string();
+    let targets = [
+        "/content/../secret.txt".to_owned(),
+        "/content/../../../../tmp/outpost-p2p-secret".to_owned(),
+        "/content/..%2fsecret.txt".to_owned(),
+        "/content/%2e%2e/%2e%2e/tmp/outpost-p2p-secret".to_owned(),
+        format!("/content/{id}/../../secret.txt"),
+        format!("/content/{id}/..%2f..%2fsecret.txt"),
+        format!("/content/{}", id.to_uppercase()),
+        "/secret.txt".to_owned(),
+        "/../../../tmp/outpost-p2p-secret".to_owned(),
+        "/content/%00".to_owned(),
+        "http://peer/content/../secret.txt".to_owned(),
+        "/content/".to_owned(),
+    ];
+    for target in &targets {
+        let (status, body) = raw_get(daemon.peer_addr, target, "Range: bytes=0-100\r\n").await;
+        assert!((400..500).contains(&status), "{target}: {status}");
+        assert!(
+            !body.windows(secret.len()).any(|window| window == secret),
+            "{target} leaked the secret"
+        );
+    }
+    assert_eq!(
+        daemon
+            .daemon
+            .shared()
+            .stats
+            .files_opened
+            .load(Ordering::Relaxed),
+        opened_before,
+        "a traversal attempt opened a file"
+    );
+    let _ = std::fs::remove_file("/tmp/outpost-p2p-secret");
+    // The real content is still served.
+    let (status, _) = get_piece_range(daemon.peer_addr, content_id, 0..100).await;
+    assert_eq!(status, 206);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_cannot_reach_the_node_downloads_without_peers() {
+    let (_origin, url, content) = origin_with_content(59).await;
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let client = TestDaemon::start("127.0.0.2", dead, |config| {
+        config.delay_http_fallback_secs = 600;
+    })
+    .await;
+    let done = client.download(&url).await;
+    // No manifest: simple mode, no head start for peers, nothing cached for them.
+    assert_eq!(done.content_id, None);
+    assert_eq!(done.status.bytes_from_http, CONTENT_LEN as u64);
+    assert_eq!(file_digest(&done.path), sha256_hex(&content));
+    assert!(client.daemon.shared().store.entries().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_hands_its_download_to_the_daemon_which_then_serves_it() {
+    let (origin, url, content) = origin_with_content(60).await;
+    let node = start_node(&origin);
+    let daemon = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
+    let directory = tempfile::tempdir().unwrap();
+    let output = directory.path().join("handed.bin");
+    let peer_client = |arguments: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_peer-client"));
+        command
+            .args(arguments)
+            .env(
+                "PEER_CLIENT__DAEMON__STATUS_LISTEN",
+                daemon.status_addr.to_string(),
+            )
+            .env("RUST_LOG", "error")
+            .stdin(std::process::Stdio::null());
+        command
+    };
+    let get = peer_client(&["get", &url, "-o", output.to_str().unwrap(), "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(status["Status"], "Complete");
+    assert_eq!(status["BytesFromCacheServer"], CONTENT_LEN as u64);
+    assert_eq!(file_digest(&output), sha256_hex(&content));
+
+    // The daemon has it in its cache, announced and servable.
+    let entries = daemon.daemon.shared().store.entries();
+    assert_eq!(entries.len(), 1);
+    let content_id = entries[0].0;
+    until_complete_peers(node.addr, content_id, 1).await;
+    let (code, body) = get_piece_range(daemon.peer_addr, content_id, 0..PIECE).await;
+    assert_eq!(code, 206);
+    assert_eq!(body, content[..PIECE]);
+
+    // `status` and `perf-snap` ask the same daemon.
+    let listed = peer_client(&["status"]).output().await.unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["Status"], "Complete");
+    assert_eq!(listed[0]["Url"], url);
+    let snap = peer_client(&["perf-snap"]).output().await.unwrap();
+    let snap: serde_json::Value = serde_json::from_slice(&snap.stdout).unwrap();
+    assert_eq!(snap["FilesDownloaded"], 1);
+    assert_eq!(snap["CacheSizeBytes"], CONTENT_LEN as u64);
+}
