@@ -351,6 +351,33 @@ async fn reverse_proxy_mode_serves_requests_that_name_no_origin_from_the_default
 }
 
 #[tokio::test]
+async fn an_upstream_that_points_back_at_the_node_is_a_quick_error_not_a_hang() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    // The node's own address allowed as an origin: Host-header requests for it come back here.
+    config.origin.push(cache_node::config::OriginConfig {
+        host: "127.0.0.1".into(),
+        upstream: None,
+    });
+    let node = TestNode::start(config).await;
+    let started = std::time::Instant::now();
+    let looped = get(&format!("http://{}/loop.bin", node.addr), &[]).await;
+    assert!(
+        [502, 508].contains(&looped.status),
+        "a loop is refused, got {}",
+        looped.status
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "the loop was cut at the second hop, not by a timeout"
+    );
+    let stats = node.stats().await;
+    assert_eq!(stats["origin_requests"].as_u64(), Some(1), "{stats}");
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn the_admin_listener_reports_and_purges_with_the_token() {
     let origin = MockOrigin::start().await;
     let content = pattern_bytes(200_000, 13);

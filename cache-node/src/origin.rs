@@ -182,6 +182,9 @@ pub struct FetchRequest<'a> {
 pub struct UpstreamClient {
     client: Client<HttpsConnector, Empty<Bytes>>,
     first_byte_timeout: Duration,
+    /// This node's `Via` entry (RFC 9110 §7.6.3), with a random id per process, sent on every
+    /// upstream request so a request that loops back to the node is recognised.
+    via: HeaderValue,
 }
 
 impl UpstreamClient {
@@ -202,10 +205,25 @@ impl UpstreamClient {
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle_per_host)
             .build(https);
+        let via = format!("1.1 outpost-{:016x}", rand::random::<u64>());
         UpstreamClient {
             client,
             first_byte_timeout: settings.first_byte_timeout,
+            via: HeaderValue::from_str(&via).expect("the Via entry is ASCII"),
         }
+    }
+
+    /// True when `headers` show the request already passed through this node: it came back from
+    /// an upstream that points at the node itself (directly or through other proxies).
+    pub fn is_own_loop(&self, headers: &http::HeaderMap) -> bool {
+        let own = self.via.as_bytes();
+        let own_id = &own[own.len() - 16..];
+        headers.get_all(header::VIA).iter().any(|value| {
+            value
+                .as_bytes()
+                .windows(own_id.len())
+                .any(|window| window == own_id)
+        })
     }
 
     /// Sends one request and waits for the response headers (bounded by the first-byte timeout).
@@ -227,6 +245,7 @@ impl UpstreamClient {
             header::USER_AGENT,
             HeaderValue::from_static("outpost-cache-node/0.1"),
         );
+        headers.insert(header::VIA, self.via.clone());
         // The node stores exactly what it is sent; a compressed transfer would change the bytes
         // and the length under the client's byte ranges.
         headers.insert(

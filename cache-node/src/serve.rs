@@ -201,6 +201,13 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     // HTTP/2 copies body frames into its own buffers, so placeholders must never reach it.
     let spans = spans.filter(|_| request.version() <= http::Version::HTTP_11);
+    if node.client.is_own_loop(request.headers()) {
+        node.stats.refused_requests.inc();
+        return Ok(text_response(
+            StatusCode::LOOP_DETECTED,
+            "request loop: this request already passed through this cache node; an [[origin]] upstream or default_upstream points back at it",
+        ));
+    }
     let host_header = request
         .headers()
         .get(header::HOST)
