@@ -183,6 +183,58 @@ async fn multiple_ranges_come_back_as_multipart_byteranges() {
             "part {first}-{last} carries the right bytes"
         );
     }
+    // Warm and large, the parts go out with sendfile between hyper's framing: every payload is
+    // exactly the object's bytes, each part's framing intact.
+    let _ = get(&node.mcc_url("/multi.bin"), &[]).await;
+    node.settle().await;
+    let zero_copy_before = node.stats().await["zero_copy_bytes"].as_u64().unwrap();
+    let large = get(
+        &node.mcc_url("/multi.bin"),
+        &[("range", "bytes=1000-99999, 150000-299998")],
+    )
+    .await;
+    assert_eq!(large.status, 206);
+    let boundary = large
+        .header("content-type")
+        .unwrap()
+        .split("boundary=")
+        .nth(1)
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    let delimiter = format!("--{boundary}").into_bytes();
+    let body = large.bytes();
+    let starts: Vec<usize> = (0..body.len().saturating_sub(delimiter.len()))
+        .filter(|index| body[*index..].starts_with(&delimiter))
+        .collect();
+    assert_eq!(starts.len(), 3, "two parts and the closing delimiter");
+    for (pair, (first, last)) in starts
+        .windows(2)
+        .zip([(1000usize, 99_999usize), (150_000, 299_998)])
+    {
+        let part = &body[pair[0]..pair[1]];
+        let header_end = part
+            .windows(4)
+            .position(|window| window == b"\r\n\r\n")
+            .expect("part headers end")
+            + 4;
+        let payload = &part[header_end..part.len() - 2];
+        assert_eq!(
+            payload.len(),
+            last - first + 1,
+            "part {first}-{last} length"
+        );
+        assert!(
+            payload == &content[first..=last],
+            "part {first}-{last} bytes"
+        );
+    }
+    let zero_copy = node.stats().await["zero_copy_bytes"].as_u64().unwrap() - zero_copy_before;
+    assert!(
+        zero_copy >= 200_000,
+        "the parts went out zero-copy ({zero_copy} bytes)"
+    );
+
     // Too many ranges are refused rather than served as a huge multipart body.
     let many: Vec<String> = (0..40)
         .map(|index| format!("{}-{}", index * 10, index * 10 + 1))
