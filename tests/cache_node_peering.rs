@@ -247,6 +247,29 @@ async fn a_version_change_drops_the_old_hashes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_object_replaced_at_the_origin_gets_a_new_manifest_once_revalidated() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let old = pattern_bytes(2 * SLICE as usize, 56);
+    let new = pattern_bytes(2 * SLICE as usize, 57);
+    origin.put("/w.cab", old.clone());
+    let mut config = peering_config(storage.path(), &origin);
+    config.upstream.revalidate_after = Duration::ZERO;
+    let node = TestNode::start(config).await;
+    let (status, first) = manifest(&node, "/w.cab").await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(pieces_of(&first), expected_pieces(&old));
+    node.settle().await;
+    // Complete on disk, so no fill would ever notice the change: only revalidation does.
+    origin.put("/w.cab", new.clone());
+    let (status, second) = manifest(&node, "/w.cab").await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(pieces_of(&second), expected_pieces(&new));
+    assert_eq!(second["etag"], origin.etag("/w.cab").unwrap());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_paths_never_hide_content_that_names_its_origin() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();

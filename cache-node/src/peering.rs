@@ -367,11 +367,11 @@ async fn manifest(node: &Arc<Node>, peering: &Peering, query: &str) -> Response<
                 return json_error(status, &error.to_string());
             }
         };
-        // A manifest describes the version the origin has now, as a GET would serve it.
+        // A manifest describes the version the origin has now, as a GET would serve it. A
+        // changed version was dropped: the next lookup discovers the new one, which is confirmed
+        // by that discovery, so this repeats at most once.
         if let fill::Revalidation::Changed = fill::revalidate_if_stale(node, &route, &entry).await {
-            if tokio::time::Instant::now() < deadline {
-                continue;
-            }
+            continue;
         }
         let mut changed = entry.pieces.subscribe();
         let slice_count = entry.meta.slice_count();
