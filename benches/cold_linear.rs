@@ -12,7 +12,6 @@ mod common;
 mod lancache_nginx;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{mcc_url, test_config, NodeProcess};
@@ -25,38 +24,10 @@ const OBJECT_PATH: &str = "/filestreamingservice/files/bench/object.bin";
 /// their first MiB unpaced, which says nothing about a real link.
 const PACED_PATH: &str = "/filestreamingservice/files/bench/paced.bin";
 
-/// Downloads `url` with curl to /dev/null and returns (seconds, bytes).
-fn curl_download(url: &str) -> (f64, u64) {
-    let output = Command::new("curl")
-        .args([
-            "-sS",
-            "--fail",
-            "--noproxy",
-            "*",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{time_total} %{size_download}",
-            url,
-        ])
-        .output()
-        .expect("curl runs");
-    assert!(
-        output.status.success(),
-        "curl {url}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8_lossy(&output.stdout);
-    let mut fields = text.split_whitespace();
-    let seconds: f64 = fields.next().unwrap().parse().unwrap();
-    let bytes: u64 = fields.next().unwrap().parse().unwrap();
-    (seconds, bytes)
-}
-
 /// The fastest of three downloads: warm figures are noisy on a shared virtual machine.
 fn best_of_three(url: &str) -> (f64, u64) {
     (0..3)
-        .map(|_| curl_download(url))
+        .map(|_| lancache_nginx::curl_download(url))
         .min_by(|a, b| a.0.total_cmp(&b.0))
         .expect("three runs")
 }
@@ -110,7 +81,8 @@ fn main() {
         seconds,
         bytes,
     });
-    let (seconds, bytes) = curl_download(&format!("http://127.0.0.1:{origin_port}{PACED_PATH}"));
+    let (seconds, bytes) =
+        lancache_nginx::curl_download(&format!("http://127.0.0.1:{origin_port}{PACED_PATH}"));
     let paced_direct = Row {
         name: "paced origin direct".into(),
         seconds,
@@ -143,7 +115,7 @@ fn main() {
             slice_len / 1024,
             if fsync { "" } else { " nosync" }
         );
-        let (seconds, bytes) = curl_download(&url);
+        let (seconds, bytes) = lancache_nginx::curl_download(&url);
         rows.push(Row {
             name: format!("{label} cold"),
             seconds,
@@ -156,7 +128,7 @@ fn main() {
             bytes,
         });
         if slice_len == 1024 * 1024 {
-            let (seconds, bytes) = curl_download(&mcc_url(node.addr, PACED_PATH));
+            let (seconds, bytes) = lancache_nginx::curl_download(&mcc_url(node.addr, PACED_PATH));
             paced_rows.push(Row {
                 name: format!("{label} cold"),
                 seconds,
@@ -173,7 +145,7 @@ fn main() {
         let port = common::free_port();
         let nginx = lancache_nginx::LancacheNginx::start(prefix.path(), port, origin_port);
         let url = format!("http://127.0.0.1:{port}{OBJECT_PATH}");
-        let (seconds, bytes) = curl_download(&url);
+        let (seconds, bytes) = lancache_nginx::curl_download(&url);
         rows.push(Row {
             name: "nginx lancache-style cold".into(),
             seconds,

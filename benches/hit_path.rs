@@ -113,32 +113,9 @@ fn run_wrk(url: &str, connections: u32, seconds: u64, script: Option<&Path>) -> 
 /// Downloads the big and the small object whole once, so both caches hold every slice before
 /// the measurement (nginx's slice module stores a whole-object GET slice by slice too).
 fn warm(big_url: &str, small_url: &str) {
-    let status = Command::new("curl")
-        .args([
-            "-sS",
-            "--fail",
-            "--noproxy",
-            "*",
-            "-o",
-            "/dev/null",
-            big_url,
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let status = Command::new("curl")
-        .args([
-            "-sS",
-            "--fail",
-            "--noproxy",
-            "*",
-            "-o",
-            "/dev/null",
-            small_url,
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    for url in [big_url, small_url] {
+        lancache_nginx::curl_download(url);
+    }
 }
 
 /// Runs `measure`; with `OUTPOST_BENCH_PROFILE=<dir>`, records a `perf` profile of process `pid`

@@ -6,6 +6,34 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// Downloads `url` with curl to /dev/null and returns (seconds, bytes).
+pub fn curl_download(url: &str) -> (f64, u64) {
+    let output = Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "--noproxy",
+            "*",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_total} %{size_download}",
+            url,
+        ])
+        .output()
+        .expect("curl runs");
+    assert!(
+        output.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut fields = text.split_whitespace();
+    let seconds: f64 = fields.next().unwrap().parse().unwrap();
+    let bytes: u64 = fields.next().unwrap().parse().unwrap();
+    (seconds, bytes)
+}
+
 /// True when `name` is on the PATH.
 pub fn tool_available(name: &str) -> bool {
     Command::new("sh")
