@@ -631,3 +631,183 @@ async fn within_revalidate_after_a_stored_version_is_served_without_asking_the_o
     assert_eq!(node.stats().await["revalidations"].as_u64(), Some(0));
     node.stop().await;
 }
+
+fn with_headers(headers: &[(&'static str, &str)]) -> Behaviour {
+    Behaviour {
+        headers: headers
+            .iter()
+            .map(|(name, value)| (*name, (*value).to_owned()))
+            .collect(),
+        ..Behaviour::default()
+    }
+}
+
+#[tokio::test]
+async fn the_origins_cache_control_sets_how_long_a_version_is_served_unchecked() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    // The node's own default would check every request; the origin says otherwise per object.
+    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    config.upstream.revalidate_after = Duration::ZERO;
+    let node = TestNode::start(config.clone()).await;
+    let long = pattern_bytes(150_000, 31);
+    origin.put_with(
+        "/pool/long.deb",
+        long.clone(),
+        with_headers(&[("cache-control", "public, max-age=3600")]),
+    );
+    let volatile = pattern_bytes(150_000, 32);
+    origin.put_with(
+        "/dists/InRelease",
+        volatile.clone(),
+        with_headers(&[("cache-control", "no-cache")]),
+    );
+    let _ = get(&node.mcc_url("/pool/long.deb"), &[]).await;
+    let _ = get(&node.mcc_url("/dists/InRelease"), &[]).await;
+    node.settle().await;
+
+    // max-age=3600: served for the hour without asking, though the origin changed it.
+    origin.put_with(
+        "/pool/long.deb",
+        pattern_bytes(150_000, 33),
+        with_headers(&[("cache-control", "public, max-age=3600")]),
+    );
+    let requests = origin.request_count();
+    let hit = get(&node.mcc_url("/pool/long.deb"), &[]).await;
+    assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(sha256_hex(hit.bytes()), sha256_hex(&long));
+    assert_eq!(origin.request_count(), requests, "max-age has not run out");
+    // The origin's own header goes to the client.
+    assert_eq!(
+        hit.header("cache-control").as_deref(),
+        Some("public, max-age=3600")
+    );
+
+    // no-cache: checked on every request; a change is seen at once.
+    let checked = get(&node.mcc_url("/dists/InRelease"), &[]).await;
+    assert_eq!(checked.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(origin.request_count(), requests + 1, "one revalidation");
+    let newer = pattern_bytes(150_000, 34);
+    origin.put_with(
+        "/dists/InRelease",
+        newer.clone(),
+        with_headers(&[("cache-control", "no-cache")]),
+    );
+    let changed = get(&node.mcc_url("/dists/InRelease"), &[]).await;
+    assert_eq!(sha256_hex(changed.bytes()), sha256_hex(&newer));
+    node.settle().await;
+    node.stop().await;
+
+    // The lifetime is stored with the version: after a restart the hour still holds.
+    let restarted = TestNode::start(config).await;
+    let requests = origin.request_count();
+    let after_restart = get(&restarted.mcc_url("/pool/long.deb"), &[]).await;
+    assert_eq!(after_restart.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(sha256_hex(after_restart.bytes()), sha256_hex(&long));
+    assert_eq!(origin.request_count(), requests);
+    restarted.stop().await;
+}
+
+#[tokio::test]
+async fn content_marked_no_store_or_private_is_relayed_ranges_and_all_and_never_stored() {
+    let (origin, storage, node) = origin_and_node().await;
+    let content = pattern_bytes(300_000, 35);
+    for (path, cache_control) in [
+        ("/account/statement.pdf", "private, max-age=60"),
+        ("/live/feed.json", "no-store"),
+    ] {
+        origin.put_with(
+            path,
+            content.clone(),
+            with_headers(&[("cache-control", cache_control)]),
+        );
+        let whole = get(&node.mcc_url(path), &[]).await;
+        assert_eq!(whole.status, 200, "{path}");
+        assert_eq!(whole.header("x-cache").as_deref(), Some("BYPASS"));
+        assert_eq!(
+            whole.header("cache-control").as_deref(),
+            Some(cache_control)
+        );
+        assert_eq!(sha256_hex(whole.bytes()), sha256_hex(&content));
+
+        // A range goes to the origin as a range, and only it comes back.
+        let requests = origin.request_count();
+        let part = get(&node.mcc_url(path), &[("range", "bytes=1000-1999")]).await;
+        assert_eq!(part.status, 206, "{path}");
+        assert_eq!(
+            part.header("content-range").as_deref(),
+            Some("bytes 1000-1999/300000")
+        );
+        assert_eq!(part.bytes(), &content[1000..2000]);
+        // Remembered as not storable: no second discovery, one relayed request.
+        assert_eq!(origin.request_count(), requests + 1, "{path}");
+    }
+    node.settle().await;
+    assert_eq!(node.node.index.used_bytes(), 0);
+    assert_eq!(node.node.index.object_count(), 0);
+    let stats = node.stats().await;
+    assert_eq!(stats["pass_through_requests"].as_u64(), Some(4), "{stats}");
+    assert_eq!(stats["hit_bytes"].as_u64(), Some(0), "{stats}");
+    node.stop().await;
+    // Nothing on disk either: no metadata or slice file anywhere under the store.
+    let stored: Vec<_> = walk_files(storage.path())
+        .into_iter()
+        .filter(|path| !path.to_string_lossy().contains("peer"))
+        .collect();
+    assert!(stored.is_empty(), "{stored:?}");
+}
+
+#[tokio::test]
+async fn a_stored_version_the_origin_later_marks_no_store_is_dropped_and_relayed() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    config.upstream.revalidate_after = Duration::ZERO;
+    let node = TestNode::start(config).await;
+    let content = pattern_bytes(120_000, 36);
+    origin.put("/feed.xml", content.clone());
+    let _ = get(&node.mcc_url("/feed.xml"), &[]).await;
+    node.settle().await;
+    assert_eq!(node.node.index.object_count(), 1);
+
+    origin.set_behaviour("/feed.xml", with_headers(&[("cache-control", "no-store")]));
+    let relayed = get(&node.mcc_url("/feed.xml"), &[]).await;
+    assert_eq!(relayed.header("x-cache").as_deref(), Some("BYPASS"));
+    assert_eq!(sha256_hex(relayed.bytes()), sha256_hex(&content));
+    assert_eq!(node.node.index.object_count(), 0);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn in_ignore_mode_everything_is_stored_as_lancache_does() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    config.upstream.cache_control = "ignore".into();
+    let node = TestNode::start(config).await;
+    let content = pattern_bytes(120_000, 37);
+    origin.put_with(
+        "/update.cab",
+        content.clone(),
+        with_headers(&[("cache-control", "private, no-store")]),
+    );
+    let _ = get(&node.mcc_url("/update.cab"), &[]).await;
+    node.settle().await;
+    let hit = get(&node.mcc_url("/update.cab"), &[]).await;
+    assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(sha256_hex(hit.bytes()), sha256_hex(&content));
+    node.stop().await;
+}
+
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk_files(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}

@@ -132,6 +132,12 @@ pub struct UpstreamConfig {
     /// unreachable origin leaves the stored version served. `0s` checks on every request.
     #[serde(with = "humantime_serde")]
     pub revalidate_after: Duration,
+    /// What the origin's `Cache-Control` and `Expires` decide: `honor` (a response marked
+    /// `no-store` or `private` is passed through and never stored; `no-cache`, `s-maxage`,
+    /// `max-age` and `Expires` set how long a stored version is served before it is checked, and
+    /// `revalidate_after` applies only when the origin says nothing) or `ignore` (store everything
+    /// and check every version after `revalidate_after`, as lancache's nginx does).
+    pub cache_control: String,
 }
 
 /// `[log]`: logging.
@@ -199,6 +205,7 @@ impl Default for UpstreamConfig {
             pool_max_idle_per_host: 32,
             merge_gap_slices: 0,
             revalidate_after: Duration::from_secs(3600),
+            cache_control: "honor".to_owned(),
         }
     }
 }
@@ -229,6 +236,8 @@ pub struct ValidConfig {
     pub io_backend: crate::disk::BackendChoice,
     /// `server.workers`, with 0 resolved to the number of cores.
     pub workers: usize,
+    /// `upstream.cache_control`, parsed.
+    pub cache_control: crate::freshness::CacheControlMode,
     /// `[peering]`, parsed.
     pub peering: crate::peering::PeeringSettings,
 }
@@ -300,6 +309,16 @@ impl Config {
                 ))
             }
         };
+        let cache_control = match self.upstream.cache_control.as_str() {
+            "honor" => crate::freshness::CacheControlMode::Honor,
+            "ignore" => crate::freshness::CacheControlMode::Ignore,
+            other => {
+                return Err(invalid(
+                    "upstream.cache_control",
+                    format!("\"{other}\" is not a mode; use \"honor\" or \"ignore\""),
+                ))
+            }
+        };
         if self.server.max_ranges == 0 {
             return Err(invalid("server.max_ranges", "must be at least 1, e.g. 32"));
         }
@@ -358,6 +377,7 @@ impl Config {
             slice_len,
             io_backend,
             workers,
+            cache_control,
         })
     }
 }
@@ -498,6 +518,10 @@ mod tests {
                 "admin.listen:",
             ),
             (Box::new(|c| c.log.format = "xml".into()), "log.format:"),
+            (
+                Box::new(|c| c.upstream.cache_control = "obey".into()),
+                "upstream.cache_control:",
+            ),
             (
                 Box::new(|c| c.storage.io_backend = "aio".into()),
                 "storage.io_backend:",

@@ -28,6 +28,7 @@ use hyper::body::Incoming;
 use tokio::sync::{watch, Semaphore};
 
 use crate::error::OriginError;
+use crate::freshness::{self, Freshness, NotStorable};
 use crate::index::{ObjectEntry, SliceTable};
 use crate::key::CacheKey;
 use crate::node::Node;
@@ -228,9 +229,9 @@ impl SliceReader {
 pub enum DiscoverError {
     /// The origin failed or answered with something other than content.
     Origin(OriginError),
-    /// The origin answered 200 without a length; the node cannot slice it and passes requests
-    /// for it through uncached.
-    NoLength,
+    /// The content cannot be stored (no length, or the origin's `Cache-Control` forbids it);
+    /// requests for it are passed through uncached.
+    NotStorable(NotStorable),
 }
 
 type DiscoveryOutcome = Result<Arc<ObjectEntry>, DiscoverError>;
@@ -267,6 +268,9 @@ pub async fn lookup_or_discover(
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(entry) = node.index.get(&key) {
             return Ok(entry);
+        }
+        if let Some(reason) = node.uncacheable.get(&key) {
+            return Err(DiscoverError::NotStorable(reason));
         }
         match pending.get(&key) {
             Some(receiver) => receiver.clone(),
@@ -398,7 +402,7 @@ async fn fetch_range(
         }
         StatusCode::OK => {
             let Some(length) = content_length(&parts.headers) else {
-                return Err(DiscoverError::NoLength);
+                return Err(DiscoverError::NotStorable(NotStorable::NoLength));
             };
             Ok(OriginBody {
                 length,
@@ -426,7 +430,12 @@ async fn fetch_range(
     }
 }
 
-fn meta_from_response(node: &Node, key: &CacheKey, origin: &OriginBody) -> ObjectMeta {
+fn meta_from_response(
+    node: &Node,
+    key: &CacheKey,
+    origin: &OriginBody,
+    freshness: Freshness,
+) -> ObjectMeta {
     let extra_headers = REPLAYED_HEADERS
         .iter()
         .filter_map(|name| {
@@ -444,6 +453,7 @@ fn meta_from_response(node: &Node, key: &CacheKey, origin: &OriginBody) -> Objec
         content_type: header_text(&origin.headers, header::CONTENT_TYPE),
         extra_headers,
         stored_at_unix: unix_now(),
+        fresh_for_secs: freshness.to_secs(),
     }
 }
 
@@ -461,12 +471,18 @@ async fn discover(
         // A first byte past the end is answered 416 with the length; that is enough to index
         // the object (the client's own range is then judged against it).
         Ok(origin) => origin,
+        Err(DiscoverError::NotStorable(reason)) => return Err(not_storable(node, key, reason)),
         Err(error) => {
             node.stats.origin_errors.inc();
             return Err(error);
         }
     };
-    let meta = meta_from_response(node, key, &origin);
+    let freshness = match freshness::judge(&origin.headers, node.cache_control) {
+        Ok(freshness) => freshness,
+        // The body is dropped unread, which closes that origin connection.
+        Err(reason) => return Err(not_storable(node, key, reason)),
+    };
+    let meta = meta_from_response(node, key, &origin, freshness);
     let meta_json = serde_json::to_vec_pretty(&meta).expect("metadata serialises");
     let meta_path = node.layout.meta_path(key, meta.generation);
     if let Err(error) = node
@@ -486,6 +502,18 @@ async fn discover(
         spawn_fill(node.clone(), entry.clone(), body, origin.body_start, owned);
     }
     Ok(entry)
+}
+
+/// Remembers content the node may not store, so requests for it go straight to the origin until
+/// `upstream.revalidate_after` has passed.
+fn not_storable(node: &Node, key: &CacheKey, reason: NotStorable) -> DiscoverError {
+    tracing::debug!(
+        key = key.as_str(),
+        %reason,
+        "not storable; passing requests through"
+    );
+    node.uncacheable.insert(key.clone(), reason);
+    DiscoverError::NotStorable(reason)
 }
 
 /// Claims every slice overlapping absolute bytes `start..end` that is neither stored nor being
@@ -591,31 +619,41 @@ pub async fn revalidate_if_stale(
     node.stats.revalidations.inc();
     let validator = if_range_validator(&entry.meta);
     let answer = fetch_range(node, route, 0, Some(0), validator).await;
-    let same_version = match answer {
+    // `Some(freshness)` when the origin confirmed this version and still lets it be stored.
+    let confirmed = match answer {
         Ok(mut origin) => {
             if let Some(body) = origin.body.take() {
                 // A byte (or, from an origin ignoring Range, the whole object): drain it within
                 // the idle timeout so the pooled connection can be reused, or drop it.
                 let _ = tokio::time::timeout(node.idle_read_timeout, body.collect()).await;
             }
-            entry.meta.same_version(
+            let same_version = entry.meta.same_version(
                 origin.length,
                 header_text(&origin.headers, header::ETAG).as_deref(),
                 header_text(&origin.headers, header::LAST_MODIFIED).as_deref(),
-            )
+            );
+            match freshness::judge(&origin.headers, node.cache_control) {
+                Ok(freshness) if same_version => Some(freshness),
+                Ok(_) => None,
+                // Still the same bytes, but the origin now forbids storing them.
+                Err(reason) => {
+                    not_storable(node, &entry.key, reason);
+                    None
+                }
+            }
         }
         // Gone (404, 410...) or no longer sliceable: what the origin has now is not this.
-        Err(DiscoverError::Origin(OriginError::Status(400..=499)) | DiscoverError::NoLength) => {
-            false
-        }
+        Err(
+            DiscoverError::Origin(OriginError::Status(400..=499)) | DiscoverError::NotStorable(_),
+        ) => None,
         Err(DiscoverError::Origin(error)) => {
             node.stats.origin_errors.inc();
             tracing::warn!(key = entry.key.as_str(), %error, "cannot revalidate; serving the stored version");
             return Revalidation::Unreachable(error);
         }
     };
-    if same_version {
-        entry.mark_validated();
+    if let Some(freshness) = confirmed {
+        entry.mark_validated_for(freshness);
         Revalidation::Fresh
     } else {
         node.stats.version_changes.inc();
@@ -680,7 +718,9 @@ async fn run_fill(
             }
         }
         Err(DiscoverError::Origin(error)) => error,
-        Err(DiscoverError::NoLength) => OriginError::Protocol("origin sent no length".into()),
+        Err(DiscoverError::NotStorable(reason)) => {
+            OriginError::Protocol(format!("origin content is no longer storable ({reason})"))
+        }
     };
     node.stats.origin_errors.inc();
     fail_slices(&entry, owned.into_iter(), failure);

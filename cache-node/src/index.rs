@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::disk::SharedStorage;
 use crate::fill::SliceBuffer;
+use crate::freshness::Freshness;
 use crate::key::CacheKey;
 use crate::store::{Layout, ObjectMeta};
 
@@ -45,11 +46,19 @@ pub struct ObjectEntry {
     table: Mutex<SliceTable>,
     stored_bytes: AtomicU64,
     removed: AtomicBool,
-    /// When the origin last confirmed this version; `None` when unknown, which means it is
-    /// checked before it is next served.
-    validated: Mutex<Option<std::time::Instant>>,
+    /// When the origin last confirmed this version, and for how long that holds.
+    validated: Mutex<Validation>,
     /// Held while this version is being revalidated, so concurrent requests wait for one check.
     pub revalidation: tokio::sync::Mutex<()>,
+}
+
+/// When the origin last confirmed a version, and for how long a confirmation holds.
+#[derive(Debug, Clone, Copy)]
+struct Validation {
+    /// `None` when unknown, which means the version is checked before it is next served.
+    at: Option<std::time::Instant>,
+    /// From the origin's last answer about this version.
+    freshness: Freshness,
 }
 
 impl ObjectEntry {
@@ -60,29 +69,36 @@ impl ObjectEntry {
         entry
     }
 
+    fn validation(&self) -> MutexGuard<'_, Validation> {
+        self.validated
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Records that the origin confirmed this version now.
     pub fn mark_validated(&self) {
         self.mark_validated_ago(std::time::Duration::ZERO);
     }
 
+    /// Records that the origin confirmed this version now, with new freshness information.
+    pub fn mark_validated_for(&self, freshness: Freshness) {
+        let mut validation = self.validation();
+        validation.at = Some(std::time::Instant::now());
+        validation.freshness = freshness;
+    }
+
     /// Records that the origin confirmed this version `age` ago (for versions recovered from
     /// disk: the time their metadata was written).
     pub fn mark_validated_ago(&self, age: std::time::Duration) {
-        *self
-            .validated
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
-            std::time::Instant::now().checked_sub(age);
+        self.validation().at = std::time::Instant::now().checked_sub(age);
     }
 
-    /// True when the origin has not confirmed this version within `max_age`.
-    pub fn needs_revalidation(&self, max_age: std::time::Duration) -> bool {
-        match *self
-            .validated
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-        {
-            Some(validated) => validated.elapsed() >= max_age,
+    /// True when the origin's last confirmation of this version no longer holds: older than the
+    /// version's freshness lifetime, which is `default` when the origin gave none.
+    pub fn needs_revalidation(&self, default: std::time::Duration) -> bool {
+        let validation = *self.validation();
+        match validation.at {
+            Some(validated) => validated.elapsed() >= validation.freshness.lifetime(default),
             None => true,
         }
     }
@@ -97,6 +113,7 @@ impl ObjectEntry {
                 stored_bytes += meta.slice_length(index);
             }
         }
+        let freshness = Freshness::from_secs(meta.fresh_for_secs);
         ObjectEntry {
             key: CacheKey::from_text(meta.key.clone()),
             meta,
@@ -107,7 +124,10 @@ impl ObjectEntry {
             }),
             stored_bytes: AtomicU64::new(stored_bytes),
             removed: AtomicBool::new(false),
-            validated: Mutex::new(None),
+            validated: Mutex::new(Validation {
+                at: None,
+                freshness,
+            }),
             revalidation: tokio::sync::Mutex::new(()),
         }
     }

@@ -13,6 +13,8 @@
 //! - [`key`]: content identity (cache keys).
 //! - [`index`]: the in-memory object index (moka), bounded by bytes on disk.
 //! - [`fill`]: fetching missing slices once and streaming them to every waiting client.
+//! - [`freshness`]: what the origin's `Cache-Control` and `Expires` allow: storing, and for how long
+//!   a stored version is served before it is checked again.
 //! - [`store`]: the on-disk layout and crash recovery.
 //! - [`disk`]: the [`disk::Storage`] trait and its backends.
 //! - [`range`]: Range, Content-Range and conditional-request parsing.
@@ -29,6 +31,7 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod fill;
+pub mod freshness;
 pub mod index;
 pub mod key;
 pub mod node;

@@ -11,10 +11,14 @@ use crate::disk::{self, SharedStorage};
 use crate::error::{DiskError, OriginError};
 use crate::fill::Discoveries;
 use crate::index::{Index, ObjectEntry};
+use crate::key::CacheKey;
 use crate::origin::{Allowlist, FetchRequest, UpstreamClient};
 use crate::router::Route;
 use crate::stats::Stats;
 use crate::store::Layout;
+
+/// The most keys [`Node::uncacheable`] remembers.
+const UNCACHEABLE_KEYS: u64 = 65_536;
 
 /// Shared state of one running cache node.
 pub struct Node {
@@ -44,6 +48,12 @@ pub struct Node {
     pub merge_gap_slices: u64,
     /// `upstream.revalidate_after`.
     pub revalidate_after: Duration,
+    /// `upstream.cache_control`.
+    pub cache_control: crate::freshness::CacheControlMode,
+    /// Content found not storable (no length, `no-store`, `private`), remembered for
+    /// `revalidate_after` so that later requests go straight to the origin instead of
+    /// rediscovering it.
+    pub uncacheable: moka::sync::Cache<CacheKey, crate::freshness::NotStorable>,
     /// `server.max_ranges`.
     pub max_ranges: usize,
     /// `admin.token`.
@@ -122,6 +132,11 @@ impl Node {
             idle_read_timeout: config.raw.upstream.idle_read_timeout,
             merge_gap_slices: config.raw.upstream.merge_gap_slices,
             revalidate_after: config.raw.upstream.revalidate_after,
+            cache_control: config.cache_control,
+            uncacheable: moka::sync::Cache::builder()
+                .max_capacity(UNCACHEABLE_KEYS)
+                .time_to_live(config.raw.upstream.revalidate_after)
+                .build(),
             max_ranges: config.raw.server.max_ranges,
             admin_token: config.raw.admin.token.clone(),
             peering: crate::peering::Peering::start(&config.peering),

@@ -356,10 +356,10 @@ async fn manifest(node: &Arc<Node>, peering: &Peering, query: &str) -> Response<
     loop {
         let entry = match fill::lookup_or_discover(node, &route, whole_object).await {
             Ok(entry) => entry,
-            Err(DiscoverError::NoLength) => {
+            Err(DiscoverError::NotStorable(reason)) => {
                 return json_error(
                     StatusCode::NOT_FOUND,
-                    "the origin sends this content without a length; it has no manifest",
+                    &format!("the node may not store this content ({reason}); it has no manifest"),
                 )
             }
             Err(DiscoverError::Origin(error)) => {

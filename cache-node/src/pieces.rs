@@ -422,6 +422,7 @@ mod tests {
             content_type: None,
             extra_headers: vec![],
             stored_at_unix: 0,
+            fresh_for_secs: None,
         }
     }
 

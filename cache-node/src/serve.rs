@@ -334,7 +334,9 @@ async fn serve_routed(
     for attempt in 0..=VERSION_CHANGE_RETRIES {
         let entry = match fill::lookup_or_discover(node, route, span).await {
             Ok(entry) => entry,
-            Err(DiscoverError::NoLength) => return pass_through(node, route, method).await,
+            Err(DiscoverError::NotStorable(_)) => {
+                return pass_through(node, route, method, headers).await
+            }
             Err(DiscoverError::Origin(error)) => return origin_failure_response(node, &error),
         };
         match fill::revalidate_if_stale(node, route, &entry).await {
@@ -785,10 +787,27 @@ async fn send_file_window(
     Ok(())
 }
 
-/// Serves a request the node cannot slice (the origin sent no length) by relaying the origin's
-/// answer without storing it.
-async fn pass_through(node: &Arc<Node>, route: &Route, method: &Method) -> Response<ResponseBody> {
-    let fetched = node.fetch_origin(route, method.clone(), None, None).await;
+/// Serves a request for content the node may not store (the origin sent no length, or its
+/// `Cache-Control` says `no-store` or `private`) by relaying the origin's answer. A GET's `Range`
+/// and `If-Range` go along, so a ranged request still gets only its range.
+async fn pass_through(
+    node: &Arc<Node>,
+    route: &Route,
+    method: &Method,
+    request_headers: &HeaderMap,
+) -> Response<ResponseBody> {
+    node.stats.pass_through_requests.inc();
+    let (range, if_range) = if *method == Method::GET {
+        (
+            header_str(request_headers, header::RANGE).map(str::to_owned),
+            header_str(request_headers, header::IF_RANGE).map(str::to_owned),
+        )
+    } else {
+        (None, None)
+    };
+    let fetched = node
+        .fetch_origin(route, method.clone(), range, if_range)
+        .await;
     match fetched {
         Err(error) => origin_failure_response(node, &error),
         Ok(upstream) => {
@@ -802,9 +821,14 @@ async fn pass_through(node: &Arc<Node>, route: &Route, method: &Method) -> Respo
             *response.status_mut() = parts.status;
             for name in [
                 header::CONTENT_TYPE,
+                header::CONTENT_LENGTH,
+                header::CONTENT_RANGE,
                 header::ETAG,
                 header::LAST_MODIFIED,
                 header::CACHE_CONTROL,
+                header::EXPIRES,
+                header::CONTENT_DISPOSITION,
+                header::CONTENT_LANGUAGE,
             ] {
                 if let Some(value) = parts.headers.get(&name) {
                     response.headers_mut().insert(name, value.clone());

@@ -56,6 +56,9 @@ pub struct Stats {
     pub version_changes: Counter,
     /// Checks of stored versions against the origin (`upstream.revalidate_after`).
     pub revalidations: Counter,
+    /// Requests relayed from the origin without storing: no length, or the origin's
+    /// `Cache-Control` forbids a shared cache to store the content.
+    pub pass_through_requests: Counter,
     /// Slice writes that failed (full disk, I/O error); the bytes were still served.
     pub disk_write_errors: Counter,
     /// Slices written to disk.
@@ -104,6 +107,8 @@ pub struct StatsSnapshot {
     pub version_changes: u64,
     /// Checks of stored versions against the origin.
     pub revalidations: u64,
+    /// Requests relayed uncached.
+    pub pass_through_requests: u64,
     /// Failed slice writes.
     pub disk_write_errors: u64,
     /// Slices written.
@@ -145,6 +150,7 @@ impl Stats {
             origin_errors: Counter::default(),
             version_changes: Counter::default(),
             revalidations: Counter::default(),
+            pass_through_requests: Counter::default(),
             disk_write_errors: Counter::default(),
             slices_stored: Counter::default(),
             peer_announcements: Counter::default(),
@@ -155,7 +161,7 @@ impl Stats {
             objects: Gauge::default(),
         };
         let stats = &stats_without_registry;
-        let counters: [(&str, &str, &Counter, Option<Unit>); 19] = [
+        let counters: [(&str, &str, &Counter, Option<Unit>); 20] = [
             (
                 "requests",
                 "Client requests received",
@@ -238,6 +244,12 @@ impl Stats {
                 "revalidations",
                 "Checks of stored versions against the origin",
                 &stats.revalidations,
+                None,
+            ),
+            (
+                "pass_through_requests",
+                "Requests relayed from the origin without storing the content",
+                &stats.pass_through_requests,
                 None,
             ),
             (
@@ -350,6 +362,7 @@ impl Stats {
             origin_errors: self.origin_errors.get(),
             version_changes: self.version_changes.get(),
             revalidations: self.revalidations.get(),
+            pass_through_requests: self.pass_through_requests.get(),
             disk_write_errors: self.disk_write_errors.get(),
             slices_stored: self.slices_stored.get(),
             peer_announcements: self.peer_announcements.get(),

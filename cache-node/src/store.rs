@@ -44,6 +44,11 @@ pub struct ObjectMeta {
     pub extra_headers: Vec<(String, String)>,
     /// When the node started storing this version, in seconds since the Unix epoch.
     pub stored_at_unix: u64,
+    /// How long the version is fresh after the origin confirms it, in seconds, from the origin's
+    /// `Cache-Control` or `Expires`; absent when the origin said nothing, and
+    /// `upstream.revalidate_after` applies (see [`crate::freshness`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fresh_for_secs: Option<u64>,
 }
 
 impl ObjectMeta {
@@ -277,6 +282,7 @@ mod tests {
             content_type: None,
             extra_headers: vec![],
             stored_at_unix,
+            fresh_for_secs: None,
         }
     }
 

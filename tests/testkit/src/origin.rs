@@ -84,6 +84,8 @@ pub struct Behaviour {
     /// Send these bytes of the object (offsets in the object) inverted, with every header,
     /// the ETag included, unchanged: an origin or disk that silently corrupts content.
     pub corrupt_range: Option<Range<u64>>,
+    /// Extra response headers on every answer for this object (`Cache-Control`, `Expires`...).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 /// One request as the origin received it.
@@ -888,6 +890,12 @@ fn build_object_response(
         header::CONTENT_TYPE,
         HeaderValue::from_static(MOCK_CONTENT_TYPE),
     );
+    for (name, value) in &behaviour.headers {
+        headers.append(
+            *name,
+            HeaderValue::from_str(value).expect("mock origin: header values are valid text"),
+        );
+    }
 
     // `None` as the declared body length means chunked framing.
     let (status, body_content, offset_in_object, declared_body_length) = match plan {
