@@ -193,3 +193,117 @@ async fn when_io_uring_is_unavailable_the_node_falls_back_and_says_so() {
     let stderr = String::from_utf8_lossy(&strict.stderr);
     assert!(stderr.contains("io_uring is unavailable"), "{stderr}");
 }
+
+/// Bytes stored under `dir`, counting every file.
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        total += if path.is_dir() {
+            bytes_under(&path)
+        } else {
+            entry.metadata().map_or(0, |meta| meta.len())
+        };
+    }
+    total
+}
+
+#[tokio::test]
+async fn several_drives_each_keep_to_their_size_and_survive_restarts_in_any_order() {
+    let origin = MockOrigin::start().await;
+    let first = tempfile::tempdir().unwrap();
+    let second = tempfile::tempdir().unwrap();
+    let third = tempfile::tempdir().unwrap();
+    let mut config = test_config(first.path(), &origin.base_url(), TEST_SLICE, "2MiB");
+    config.storage.extra_drives = vec![
+        cache_node::config::DriveConfig {
+            path: second.path().to_path_buf(),
+            max_size: "2MiB".into(),
+        },
+        cache_node::config::DriveConfig {
+            path: third.path().to_path_buf(),
+            max_size: "6MiB".into(),
+        },
+    ];
+    let node = TestNode::start(config.clone()).await;
+    // 16 MiB of content over 10 MiB of drives, spread 20/20/60 by size: each drive is offered
+    // more than it holds and evicts (with 64 objects, a drive left empty is a 1-in-10^6 event).
+    let objects: Vec<(String, bytes::Bytes)> = (0..64u64)
+        .map(|index| {
+            (
+                format!("/drives/{index}.bin"),
+                pattern_bytes(256 * 1024, 100 + index),
+            )
+        })
+        .collect();
+    for (path, content) in &objects {
+        origin.put(path, content.clone());
+        let fetched = get(&node.mcc_url(path), &[]).await;
+        assert_eq!(sha256_hex(fetched.bytes()), sha256_hex(content));
+    }
+    node.settle().await;
+    let stats = node.stats().await;
+    let drives = stats["drives"].as_array().unwrap().clone();
+    assert_eq!(drives.len(), 3, "{stats}");
+    let used: Vec<u64> = drives
+        .iter()
+        .map(|drive| drive["used_bytes"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        used.iter().sum::<u64>(),
+        stats["cache_used_bytes"].as_u64().unwrap()
+    );
+    assert_eq!(stats["cache_max_bytes"].as_u64(), Some(10 << 20));
+    for (drive, dir) in drives.iter().zip([&first, &second, &third]) {
+        let max = drive["max_bytes"].as_u64().unwrap();
+        assert!(drive["used_bytes"].as_u64().unwrap() <= max, "{stats}");
+        assert!(drive["used_bytes"].as_u64().unwrap() > 0, "{stats}");
+        // What the index counts is really on that drive (plus small metadata files).
+        let on_disk = bytes_under(dir.path());
+        assert!(on_disk >= drive["used_bytes"].as_u64().unwrap(), "{stats}");
+        assert!(
+            on_disk <= max + 64 * 1024,
+            "{} holds {on_disk}",
+            dir.path().display()
+        );
+    }
+    // The big drive holds the most.
+    assert!(used[2] > used[0] && used[2] > used[1], "{used:?}");
+    let stored_before = node.node.index.used_bytes();
+    let (kept, evicted): (Vec<_>, Vec<_>) = objects.iter().partition(|(path, _)| {
+        let key = cache_node::key::CacheKey::new(ORIGIN_HOST, path);
+        node.node.index.get(&key).is_some()
+    });
+    assert!(
+        !evicted.is_empty(),
+        "the drives were offered more than they hold"
+    );
+    node.stop().await;
+
+    // Restart with the drives listed in another order: every object is found where it was.
+    config.storage.path = third.path().to_path_buf();
+    config.storage.max_size = "6MiB".into();
+    config.storage.extra_drives[1] = cache_node::config::DriveConfig {
+        path: first.path().to_path_buf(),
+        max_size: "2MiB".into(),
+    };
+    let restarted = TestNode::start(config).await;
+    assert_eq!(restarted.node.index.used_bytes(), stored_before);
+    assert_eq!(restarted.node.index.object_count(), kept.len() as u64);
+    let requests = origin.request_count();
+    for (path, content) in &kept {
+        let fetched = get(&restarted.mcc_url(path), &[]).await;
+        assert_eq!(fetched.header("x-cache").as_deref(), Some("HIT"), "{path}");
+        assert_eq!(sha256_hex(fetched.bytes()), sha256_hex(content));
+    }
+    assert_eq!(
+        origin.request_count(),
+        requests,
+        "no origin traffic for kept objects"
+    );
+    let (path, content) = evicted[0];
+    let refetched = get(&restarted.mcc_url(path), &[]).await;
+    assert_eq!(refetched.header("x-cache").as_deref(), Some("MISS"));
+    assert_eq!(sha256_hex(refetched.bytes()), sha256_hex(content));
+    restarted.stop().await;
+}

@@ -503,7 +503,7 @@ async fn a_full_disk_still_serves_every_byte_correctly_and_stores_nothing_broken
     let valid = test_config(storage_dir.path(), &origin.base_url(), TEST_SLICE, "1GiB")
         .validate()
         .unwrap();
-    let layout = cache_node::store::Layout::create(storage_dir.path()).unwrap();
+    let layout = cache_node::store::Layout::create_drives(&valid.drives).unwrap();
     // The metadata and two slices fit; then the disk is full.
     let full_disk = std::sync::Arc::new(FullDisk {
         inner: std::sync::Arc::new(cache_node::disk::portable::PortableStorage::new()),

@@ -1,6 +1,7 @@
 //! The configuration reference cannot drift from the code: every field of both programs' config
 //! structs must appear in `docs/configuration.md` under its own section's heading, with its
-//! environment variable (except in cache-node's `[[origin]]`, which the environment cannot set),
+//! environment variable (except in arrays of tables such as cache-node's `[[origin]]`, which the
+//! environment cannot set),
 //! and every key the reference documents must exist in the code. The fields are read from the
 //! serialised default configs, so a new field is checked without editing this test.
 
@@ -44,18 +45,19 @@ fn documented_sections(markdown: &str) -> Documented {
     sections
 }
 
+/// The first table of `value` when it is an array of tables.
+fn table_array(value: &serde_json::Value) -> Option<&serde_json::Map<String, serde_json::Value>> {
+    value.as_array()?.first()?.as_object()
+}
+
 /// Every (section, key) of a serialised config: tables are sections, arrays of tables are
-/// `[name]` sections, everything else is a top-level key.
+/// `[name]` sections (`[table.name]` inside a table), everything else is a top-level key.
 fn code_sections(config: serde_json::Value) -> BTreeMap<String, BTreeSet<String>> {
     let mut sections: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (name, value) in config.as_object().unwrap() {
-        let (section, fields) = match value {
-            serde_json::Value::Object(fields) => (name.clone(), fields),
-            serde_json::Value::Array(items)
-                if items.first().is_some_and(|item| item.is_object()) =>
-            {
-                (format!("[{name}]"), items[0].as_object().unwrap())
-            }
+        let (section, fields) = match (value, table_array(value)) {
+            (serde_json::Value::Object(fields), _) => (name.clone(), fields),
+            (_, Some(item)) => (format!("[{name}]"), item),
             _ => {
                 sections
                     .entry(TOP_LEVEL.to_owned())
@@ -64,10 +66,22 @@ fn code_sections(config: serde_json::Value) -> BTreeMap<String, BTreeSet<String>
                 continue;
             }
         };
-        sections
-            .entry(section)
-            .or_default()
-            .extend(fields.keys().cloned());
+        for (key, field) in fields {
+            match table_array(field) {
+                Some(item) if !section.starts_with('[') => {
+                    sections
+                        .entry(format!("[{section}.{key}]"))
+                        .or_default()
+                        .extend(item.keys().cloned());
+                }
+                _ => {
+                    sections
+                        .entry(section.clone())
+                        .or_default()
+                        .insert(key.clone());
+                }
+            }
+        }
     }
     sections
 }
@@ -145,10 +159,11 @@ fn every_config_field_of_both_programs_is_documented_with_its_environment_variab
         .split_once("\n# peer-client")
         .expect("docs/configuration.md has a `# peer-client` part after cache-node's");
 
-    let cache_node_config = cache_node::config::Config {
+    let mut cache_node_config = cache_node::config::Config {
         origin: vec![cache_node::config::OriginConfig::default()],
         ..cache_node::config::Config::default()
     };
+    cache_node_config.storage.extra_drives = vec![cache_node::config::DriveConfig::default()];
     let mut problems = compare(
         "cache-node",
         "CACHE_NODE",

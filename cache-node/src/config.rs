@@ -103,6 +103,56 @@ pub struct StorageConfig {
     /// Disk I/O backend: `auto` (io_uring when the start-up probe succeeds, else portable),
     /// `io_uring` (refuse to start without it) or `portable` (blocking calls on a thread pool).
     pub io_backend: String,
+    /// More cache drives beside `path`, each with its own size (`[[storage.extra_drives]]`), up
+    /// to [`MAX_EXTRA_DRIVES`]. Each object lives on one drive, chosen by hashing its key with
+    /// the drives' sizes as weights.
+    pub extra_drives: Vec<DriveConfig>,
+}
+
+/// `[[storage.extra_drives]]`: one more cache drive.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct DriveConfig {
+    /// Directory on the drive. Created if missing.
+    pub path: PathBuf,
+    /// Upper bound on bytes stored on this drive, for example `"500GiB"`.
+    pub max_size: String,
+}
+
+/// The most extra drives: nine drives in all, as Microsoft Connected Cache allows.
+pub const MAX_EXTRA_DRIVES: usize = 8;
+
+impl DriveConfig {
+    /// Checks the drive's path and size; `prefix` names it in errors (`storage` for the first).
+    fn validate(
+        &self,
+        prefix: &str,
+        slice_len: u64,
+        slice_size: &str,
+    ) -> Result<crate::store::DriveSpec, ConfigError> {
+        let size_key = format!("{prefix}.max_size");
+        let max_bytes =
+            parse_size(&self.max_size).map_err(|message| invalid(&size_key, message))?;
+        if max_bytes < slice_len {
+            return Err(invalid(
+                &size_key,
+                format!(
+                    "\"{}\" is smaller than one slice ({slice_size}); use e.g. \"10GiB\"",
+                    self.max_size
+                ),
+            ));
+        }
+        if self.path.as_os_str().is_empty() {
+            return Err(invalid(
+                &format!("{prefix}.path"),
+                "is empty; use e.g. \"/var/cache/outpost\"",
+            ));
+        }
+        Ok(crate::store::DriveSpec {
+            root: self.path.clone(),
+            max_bytes,
+        })
+    }
 }
 
 /// `[upstream]`: how the node fetches from origins.
@@ -191,6 +241,7 @@ impl Default for StorageConfig {
             slice_size: "1MiB".to_owned(),
             fsync: true,
             io_backend: "auto".to_owned(),
+            extra_drives: Vec::new(),
         }
     }
 }
@@ -230,6 +281,9 @@ pub struct ValidConfig {
     pub admin_listen: SocketAddr,
     /// `storage.max_size` in bytes.
     pub max_size_bytes: u64,
+    /// Every cache drive: `storage.path` with `storage.max_size` first, then
+    /// `storage.extra_drives`, sizes parsed.
+    pub drives: Vec<crate::store::DriveSpec>,
     /// `storage.slice_size` in bytes.
     pub slice_len: u64,
     /// `storage.io_backend`, parsed.
@@ -278,24 +332,39 @@ impl Config {
                 "is empty; set a long random secret, e.g. CACHE_NODE__ADMIN__TOKEN=$(openssl rand -hex 24)",
             ));
         }
-        let max_size_bytes = parse_size(&self.storage.max_size)
-            .map_err(|message| invalid("storage.max_size", message))?;
         let slice_len = parse_block_size("storage.slice_size", &self.storage.slice_size)?;
-        if max_size_bytes < slice_len {
+        let first_drive = DriveConfig {
+            path: self.storage.path.clone(),
+            max_size: self.storage.max_size.clone(),
+        };
+        if self.storage.extra_drives.len() > MAX_EXTRA_DRIVES {
             return Err(invalid(
-                "storage.max_size",
+                "storage.extra_drives",
                 format!(
-                    "\"{}\" is smaller than one slice ({}); use e.g. \"10GiB\"",
-                    self.storage.max_size, self.storage.slice_size
+                    "lists {} drives; at most {MAX_EXTRA_DRIVES} beside storage.path",
+                    self.storage.extra_drives.len()
                 ),
             ));
         }
-        if self.storage.path.as_os_str().is_empty() {
-            return Err(invalid(
-                "storage.path",
-                "is empty; use e.g. \"/var/cache/outpost\"",
-            ));
+        let mut drives: Vec<crate::store::DriveSpec> = Vec::new();
+        for (index, drive) in std::iter::once(&first_drive)
+            .chain(&self.storage.extra_drives)
+            .enumerate()
+        {
+            let prefix = match index {
+                0 => "storage".to_owned(),
+                extra => format!("storage.extra_drives[{}]", extra - 1),
+            };
+            let spec = drive.validate(&prefix, slice_len, &self.storage.slice_size)?;
+            if let Some(same) = drives.iter().find(|other| other.root == spec.root) {
+                return Err(invalid(
+                    &format!("{prefix}.path"),
+                    format!("\"{}\" is already a cache drive", same.root.display()),
+                ));
+            }
+            drives.push(spec);
         }
+        let max_size_bytes = drives[0].max_bytes;
         let io_backend = match self.storage.io_backend.as_str() {
             "auto" => crate::disk::BackendChoice::Auto,
             "io_uring" => crate::disk::BackendChoice::IoUring,
@@ -374,6 +443,7 @@ impl Config {
             server_listen,
             admin_listen,
             max_size_bytes,
+            drives,
             slice_len,
             io_backend,
             workers,
@@ -527,6 +597,35 @@ mod tests {
                 "storage.io_backend:",
             ),
             (
+                Box::new(|c| {
+                    c.storage.extra_drives.push(DriveConfig {
+                        path: "/mnt/cache2".into(),
+                        max_size: "lots".into(),
+                    })
+                }),
+                "storage.extra_drives[0].max_size: \"lots\" is not a size",
+            ),
+            (
+                Box::new(|c| {
+                    c.storage.extra_drives.push(DriveConfig {
+                        path: c.storage.path.clone(),
+                        max_size: "1GiB".into(),
+                    })
+                }),
+                "storage.extra_drives[0].path:",
+            ),
+            (
+                Box::new(|c| {
+                    c.storage.extra_drives = (0..=MAX_EXTRA_DRIVES)
+                        .map(|index| DriveConfig {
+                            path: format!("/mnt/cache{index}").into(),
+                            max_size: "1GiB".into(),
+                        })
+                        .collect()
+                }),
+                "storage.extra_drives:",
+            ),
+            (
                 Box::new(|c| c.server.default_upstream = Some("ftp://x".into())),
                 "server.default_upstream:",
             ),
@@ -577,6 +676,9 @@ listen = "127.0.0.1:1"
 token = "from-file"
 [storage]
 max_size = "1GiB"
+[[storage.extra_drives]]
+path = "/mnt/cache2"
+max_size = "2GiB"
 [upstream]
 connect_timeout = "2s"
 [[origin]]
@@ -600,6 +702,9 @@ upstream = "http://127.0.0.1:9"
         assert_eq!(config.origin.len(), 1);
         let valid = config.validate().unwrap();
         assert_eq!(valid.max_size_bytes, 1 << 30);
+        assert_eq!(valid.drives.len(), 2);
+        assert_eq!(valid.drives[1].root, PathBuf::from("/mnt/cache2"));
+        assert_eq!(valid.drives[1].max_bytes, 2 << 30);
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! The in-memory index of cached objects: a moka cache from [`CacheKey`] to [`ObjectEntry`],
-//! weighted by the bytes each object holds on disk and bounded by `storage.max_size`.
+//! The in-memory index of cached objects: a moka cache from [`CacheKey`] to [`ObjectEntry`] per
+//! drive, weighted by the bytes each object holds on disk and bounded by that drive's `max_size`.
+//! A key is looked up in the cache of the drive [`Layout::drive_of`] assigns it, so each drive
+//! evicts its own least recently used objects when it fills.
 //!
 //! An [`ObjectEntry`] is one version (generation) of one object: its metadata, which slices are
 //! on disk, and which are being filled right now. When moka evicts an entry, or the node drops a
@@ -160,27 +162,131 @@ impl ObjectEntry {
     }
 }
 
-/// The index itself.
+/// The index itself: one bounded cache per drive.
 pub struct Index {
+    drives: Vec<DriveIndex>,
+    layout: Layout,
+}
+
+/// The objects of one drive.
+struct DriveIndex {
     cache: moka::sync::Cache<CacheKey, Arc<ObjectEntry>>,
     used_bytes: Arc<AtomicU64>,
     max_bytes: u64,
+}
+
+/// One drive's figures, for `/stats`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DriveUsage {
+    /// The drive's directory.
+    pub path: String,
+    /// Bytes stored on it.
+    pub used_bytes: u64,
+    /// Its `max_size`.
+    pub max_bytes: u64,
+    /// Objects stored on it.
+    pub objects: u64,
 }
 
 impl std::fmt::Debug for Index {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("Index")
-            .field("objects", &self.cache.entry_count())
+            .field("drives", &self.drives.len())
             .field("used_bytes", &self.used_bytes())
             .finish()
     }
 }
 
 impl Index {
-    /// Creates an empty index bounded by `max_bytes`. Removed entries have their directory
-    /// deleted through `storage` by a background task on the current tokio runtime.
-    pub fn new(max_bytes: u64, layout: Layout, storage: SharedStorage) -> Index {
+    /// Creates an empty index over the layout's drives, each bounded by its size. Removed
+    /// entries have their directory deleted through `storage` by a background task on the
+    /// current tokio runtime.
+    pub fn new(layout: Layout, storage: SharedStorage) -> Index {
+        let drives = layout
+            .drives()
+            .map(|drive| DriveIndex::new(drive.max_bytes, layout.clone(), storage.clone()))
+            .collect();
+        Index { drives, layout }
+    }
+
+    fn drive(&self, key: &CacheKey) -> &DriveIndex {
+        &self.drives[self.layout.drive_of(key)]
+    }
+
+    /// Looks up the current version of `key`.
+    pub fn get(&self, key: &CacheKey) -> Option<Arc<ObjectEntry>> {
+        self.drive(key).cache.get(key)
+    }
+
+    /// Installs a new entry (a new object, or one recovered at start-up).
+    pub fn insert(&self, entry: Arc<ObjectEntry>) {
+        self.drive(&entry.key).insert(entry);
+    }
+
+    /// Drops `entry` if it is still the current version of its key (its files are deleted).
+    pub fn remove(&self, entry: &Arc<ObjectEntry>) {
+        self.drive(&entry.key).remove(entry);
+    }
+
+    /// Records that slice `index` of `entry` is now complete on disk and re-weighs the entry,
+    /// which may evict others on its drive. Returns false when the entry was removed meanwhile
+    /// (the caller deletes the orphan file).
+    pub fn mark_slice_stored(&self, entry: &Arc<ObjectEntry>, index: u64) -> bool {
+        self.drive(&entry.key).mark_slice_stored(entry, index)
+    }
+
+    /// Bytes stored on disk by all indexed objects, on every drive.
+    pub fn used_bytes(&self) -> u64 {
+        self.drives
+            .iter()
+            .map(|drive| drive.used_bytes.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The configured bound: the sum of the drives' sizes.
+    pub fn max_bytes(&self) -> u64 {
+        self.drives
+            .iter()
+            .fold(0u64, |sum, drive| sum.saturating_add(drive.max_bytes))
+    }
+
+    /// How many slices are being filled right now, across all objects. Entries are collected
+    /// before their tables are locked, so no table lock is taken inside a moka call.
+    pub fn inflight_slice_count(&self) -> usize {
+        let entries: Vec<Arc<ObjectEntry>> = self
+            .drives
+            .iter()
+            .flat_map(|drive| drive.cache.iter().map(|(_, entry)| entry))
+            .collect();
+        entries
+            .iter()
+            .map(|entry| entry.table().inflight.len())
+            .sum()
+    }
+
+    /// How many objects are indexed, on every drive.
+    pub fn object_count(&self) -> u64 {
+        self.drives.iter().map(DriveIndex::object_count).sum()
+    }
+
+    /// Each drive's figures, in configuration order.
+    pub fn drive_usage(&self) -> Vec<DriveUsage> {
+        self.layout
+            .drives()
+            .zip(&self.drives)
+            .map(|(spec, drive)| DriveUsage {
+                path: spec.root.display().to_string(),
+                used_bytes: drive.used_bytes.load(Ordering::Relaxed),
+                max_bytes: drive.max_bytes,
+                objects: drive.object_count(),
+            })
+            .collect()
+    }
+}
+
+impl DriveIndex {
+    fn new(max_bytes: u64, layout: Layout, storage: SharedStorage) -> DriveIndex {
         let used_bytes = Arc::new(AtomicU64::new(0));
         let (removal_sender, mut removal_receiver) = mpsc::unbounded_channel::<Arc<ObjectEntry>>();
         let deleter_used_bytes = used_bytes.clone();
@@ -215,28 +321,21 @@ impl Index {
                 let _ = removal_sender.send(entry);
             })
             .build();
-        Index {
+        DriveIndex {
             cache,
             used_bytes,
             max_bytes,
         }
     }
 
-    /// Looks up the current version of `key`.
-    pub fn get(&self, key: &CacheKey) -> Option<Arc<ObjectEntry>> {
-        self.cache.get(key)
-    }
-
-    /// Installs a new entry (a new object, or one recovered at start-up).
-    pub fn insert(&self, entry: Arc<ObjectEntry>) {
+    fn insert(&self, entry: Arc<ObjectEntry>) {
         self.used_bytes
             .fetch_add(entry.stored_bytes(), Ordering::Relaxed);
         self.cache.insert(entry.key.clone(), entry);
         self.cache.run_pending_tasks();
     }
 
-    /// Drops `entry` if it is still the current version of its key (its files are deleted).
-    pub fn remove(&self, entry: &Arc<ObjectEntry>) {
+    fn remove(&self, entry: &Arc<ObjectEntry>) {
         let _ = self
             .cache
             .entry(entry.key.clone())
@@ -247,10 +346,7 @@ impl Index {
         self.cache.run_pending_tasks();
     }
 
-    /// Records that slice `index` of `entry` is now complete on disk and re-weighs the entry,
-    /// which may evict others. Returns false when the entry was removed meanwhile (the caller
-    /// deletes the orphan file).
-    pub fn mark_slice_stored(&self, entry: &Arc<ObjectEntry>, index: u64) -> bool {
+    fn mark_slice_stored(&self, entry: &Arc<ObjectEntry>, index: u64) -> bool {
         {
             let mut table = entry.table();
             if entry.is_removed() {
@@ -280,28 +376,7 @@ impl Index {
         true
     }
 
-    /// Bytes stored on disk by all indexed objects.
-    pub fn used_bytes(&self) -> u64 {
-        self.used_bytes.load(Ordering::Relaxed)
-    }
-
-    /// The configured bound.
-    pub fn max_bytes(&self) -> u64 {
-        self.max_bytes
-    }
-
-    /// How many slices are being filled right now, across all objects. Entries are collected
-    /// before their tables are locked, so no table lock is taken inside a moka call.
-    pub fn inflight_slice_count(&self) -> usize {
-        let entries: Vec<Arc<ObjectEntry>> = self.cache.iter().map(|(_, entry)| entry).collect();
-        entries
-            .iter()
-            .map(|entry| entry.table().inflight.len())
-            .sum()
-    }
-
-    /// How many objects are indexed.
-    pub fn object_count(&self) -> u64 {
+    fn object_count(&self) -> u64 {
         self.cache.run_pending_tasks();
         self.cache.entry_count()
     }

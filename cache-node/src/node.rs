@@ -76,7 +76,7 @@ impl Node {
     /// Opens the store (recovering what a previous run left), builds the index and the origin
     /// client. Must run inside a tokio runtime.
     pub fn open(config: &ValidConfig) -> Result<Arc<Node>, DiskError> {
-        let layout = Layout::create(&config.raw.storage.path)?;
+        let layout = Layout::create_drives(&config.drives)?;
         let (storage, backend_reason) =
             disk::open_backend(config.io_backend, &config.raw.storage.path)?;
         tracing::info!("disk backend: {backend_reason}");
@@ -91,7 +91,7 @@ impl Node {
         storage: SharedStorage,
     ) -> Result<Arc<Node>, DiskError> {
         let backend_name = storage.backend_name();
-        let index = Index::new(config.max_size_bytes, layout.clone(), storage.clone());
+        let index = Index::new(layout.clone(), storage.clone());
         let recovered = layout.recover()?;
         let mut recovered_bytes = 0;
         let recovered_objects = recovered.len();
@@ -165,16 +165,21 @@ impl Node {
 
     /// Refreshes the gauges and returns the `/stats` document.
     pub fn stats_snapshot(&self) -> crate::stats::StatsSnapshot {
-        self.refresh_gauges();
-        self.stats.snapshot(self.storage.backend_name())
+        let drives = self.refresh_gauges();
+        let mut snapshot = self.stats.snapshot(self.storage.backend_name());
+        snapshot.drives = drives;
+        snapshot
     }
 
-    /// Copies index figures into the gauges.
-    pub fn refresh_gauges(&self) {
+    /// Copies index figures into the gauges, and returns each drive's.
+    pub fn refresh_gauges(&self) -> Vec<crate::index::DriveUsage> {
+        let drives = self.index.drive_usage();
         self.stats.set_cache_gauges(
             self.index.used_bytes(),
             self.index.max_bytes(),
             self.index.object_count(),
+            &drives,
         );
+        drives
     }
 }

@@ -8,6 +8,7 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
@@ -72,7 +73,12 @@ pub struct Stats {
     cache_used_bytes: Gauge<u64, AtomicU64>,
     cache_max_bytes: Gauge<u64, AtomicU64>,
     objects: Gauge<u64, AtomicU64>,
+    drive_used_bytes: DriveGauges,
+    drive_max_bytes: DriveGauges,
 }
+
+/// A gauge per cache drive, labelled `drive="<path>"`.
+type DriveGauges = Family<Vec<(String, String)>, Gauge<u64, AtomicU64>>;
 
 /// The `/stats` document.
 #[derive(Debug, Serialize)]
@@ -121,12 +127,14 @@ pub struct StatsSnapshot {
     pub manifests_served: u64,
     /// Bytes stored on disk.
     pub cache_used_bytes: u64,
-    /// `storage.max_size`.
+    /// The sum of every drive's `max_size`.
     pub cache_max_bytes: u64,
     /// Objects in the index.
     pub objects: u64,
     /// `portable` or `io_uring`.
     pub disk_backend: String,
+    /// Each cache drive's path, `used_bytes`, `max_bytes` and `objects` (filled in by the node).
+    pub drives: Vec<crate::index::DriveUsage>,
 }
 
 impl Stats {
@@ -159,6 +167,8 @@ impl Stats {
             cache_used_bytes: Gauge::default(),
             cache_max_bytes: Gauge::default(),
             objects: Gauge::default(),
+            drive_used_bytes: DriveGauges::default(),
+            drive_max_bytes: DriveGauges::default(),
         };
         let stats = &stats_without_registry;
         let counters: [(&str, &str, &Counter, Option<Unit>); 20] = [
@@ -297,11 +307,23 @@ impl Stats {
         );
         registry.register_with_unit(
             "cache_max",
-            "Configured storage.max_size",
+            "Configured max_size of all cache drives together",
             Unit::Bytes,
             stats.cache_max_bytes.clone(),
         );
         registry.register("objects", "Objects in the index", stats.objects.clone());
+        registry.register_with_unit(
+            "drive_used",
+            "Bytes stored on each cache drive",
+            Unit::Bytes,
+            stats.drive_used_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "drive_max",
+            "Configured max_size of each cache drive",
+            Unit::Bytes,
+            stats.drive_max_bytes.clone(),
+        );
         registry.register(
             "disk_backend",
             "The disk I/O backend in use",
@@ -331,10 +353,25 @@ impl Stats {
     }
 
     /// Updates the gauges that are read from the index rather than counted.
-    pub fn set_cache_gauges(&self, used_bytes: u64, max_bytes: u64, objects: u64) {
+    pub fn set_cache_gauges(
+        &self,
+        used_bytes: u64,
+        max_bytes: u64,
+        objects: u64,
+        drives: &[crate::index::DriveUsage],
+    ) {
         self.cache_used_bytes.set(used_bytes);
         self.cache_max_bytes.set(max_bytes);
         self.objects.set(objects);
+        for drive in drives {
+            let labels = vec![("drive".to_owned(), drive.path.clone())];
+            self.drive_used_bytes
+                .get_or_create(&labels)
+                .set(drive.used_bytes);
+            self.drive_max_bytes
+                .get_or_create(&labels)
+                .set(drive.max_bytes);
+        }
     }
 
     /// The `/stats` document.
@@ -372,6 +409,7 @@ impl Stats {
             cache_max_bytes: self.cache_max_bytes.get(),
             objects: self.objects.get(),
             disk_backend: disk_backend.to_owned(),
+            drives: Vec::new(),
         }
     }
 
@@ -393,7 +431,13 @@ mod tests {
         stats.count_egress(ByteSource::Disk, 300);
         stats.count_egress(ByteSource::Fill, 100);
         stats.count_egress(ByteSource::Other, 7);
-        stats.set_cache_gauges(10, 20, 1);
+        let drive = crate::index::DriveUsage {
+            path: "/var/cache/outpost".into(),
+            used_bytes: 10,
+            max_bytes: 20,
+            objects: 1,
+        };
+        stats.set_cache_gauges(10, 20, 1, &[drive]);
         let snapshot = stats.snapshot("portable");
         assert_eq!(snapshot.hit_bytes, 300);
         assert_eq!(snapshot.miss_bytes, 100);
@@ -403,6 +447,10 @@ mod tests {
         assert!(text.contains("outpost_hit_bytes_total 300"), "{text}");
         assert!(text.contains("outpost_egress_bytes_total 407"), "{text}");
         assert!(text.contains("outpost_cache_used_bytes 10"), "{text}");
+        assert!(
+            text.contains("outpost_drive_max_bytes{drive=\"/var/cache/outpost\"} 20"),
+            "{text}"
+        );
         assert!(
             text.contains("outpost_disk_backend_info{backend=\"portable\"} 1"),
             "{text}"

@@ -1,12 +1,16 @@
 //! The on-disk layout of cached content, and the start-up scan that rebuilds the index from it.
 //!
 //! ```text
-//! <storage.path>/objects/<id[0..2]>/<id>/<generation>/meta.json
-//! <storage.path>/objects/<id[0..2]>/<id>/<generation>/<slice index>
-//! <storage.path>/objects/<id[0..2]>/<id>/<generation>/pieces.sha256
+//! <drive>/objects/<id[0..2]>/<id>/<generation>/meta.json
+//! <drive>/objects/<id[0..2]>/<id>/<generation>/<slice index>
+//! <drive>/objects/<id[0..2]>/<id>/<generation>/pieces.sha256
 //! ```
 //!
-//! `<id>` is the SHA-256 of the cache key. `<generation>` is a random number picked each time the
+//! `<drive>` is `storage.path` or one of `storage.extra_drives`: every object lives on exactly one
+//! drive, picked by weighted rendezvous hashing of its key over the drives' paths, with each
+//! drive's `max_size` as its weight ([`Layout::drive_of`]). Adding a drive moves only the objects
+//! that now hash to it (they are dropped at start-up and fetched again); reordering the list
+//! moves nothing. `<id>` is the SHA-256 of the cache key. `<generation>` is a random number picked each time the
 //! node starts storing a version of the content; when the origin's version changes, a new
 //! generation directory is started and the old one deleted, so slices of two versions can never
 //! be read as one. Every file is written under a temporary name and renamed into place, so after a
@@ -14,9 +18,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::disk::portable::TEMP_PREFIX;
 use crate::error::DiskError;
@@ -87,10 +93,28 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Paths of the store under `storage.path`.
+/// One cache drive as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveSpec {
+    /// The directory on the drive (`storage.path`, or an extra drive's `path`).
+    pub root: PathBuf,
+    /// Its `max_size`, in bytes.
+    pub max_bytes: u64,
+}
+
+/// Paths of the store, on one or more drives. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Layout {
+    drives: Arc<[Drive]>,
+}
+
+#[derive(Debug)]
+struct Drive {
+    spec: DriveSpec,
     objects_root: PathBuf,
+    /// Mixed into the drive's rendezvous hash: its path, so the choice does not depend on the
+    /// order drives are listed in.
+    hash_seed: Vec<u8>,
 }
 
 /// One object found on disk at start-up.
@@ -109,18 +133,75 @@ pub struct RecoveredObject {
 const PIECES_FILE: &str = "pieces.sha256";
 
 impl Layout {
-    /// Creates the directories under `root` if needed.
+    /// A store on the one drive `root`, unbounded (for tools and tests).
     pub fn create(root: &Path) -> Result<Layout, DiskError> {
-        let objects_root = root.join("objects");
-        fs::create_dir_all(&objects_root)
-            .map_err(|error| DiskError::io("mkdir", &objects_root, error))?;
-        Ok(Layout { objects_root })
+        Self::create_drives(&[DriveSpec {
+            root: root.to_path_buf(),
+            max_bytes: u64::MAX,
+        }])
     }
 
-    /// The directory of all generations of one key.
+    /// A store over `drives` (at least one), creating their directories if needed.
+    pub fn create_drives(drives: &[DriveSpec]) -> Result<Layout, DiskError> {
+        assert!(!drives.is_empty(), "a store needs a drive");
+        let mut created = Vec::with_capacity(drives.len());
+        for spec in drives {
+            let objects_root = spec.root.join("objects");
+            fs::create_dir_all(&objects_root)
+                .map_err(|error| DiskError::io("mkdir", &objects_root, error))?;
+            created.push(Drive {
+                spec: spec.clone(),
+                objects_root,
+                hash_seed: spec.root.as_os_str().as_encoded_bytes().to_vec(),
+            });
+        }
+        Ok(Layout {
+            drives: created.into(),
+        })
+    }
+
+    /// The drives, in configuration order.
+    pub fn drives(&self) -> impl Iterator<Item = &DriveSpec> {
+        self.drives.iter().map(|drive| &drive.spec)
+    }
+
+    /// How many drives the store spans.
+    pub fn drive_count(&self) -> usize {
+        self.drives.len()
+    }
+
+    /// The drive (its position in [`Layout::drives`]) that holds `key`: the highest
+    /// `weight / -ln(u)` over the drives, `u` a hash of the key and the drive's path mapped into
+    /// (0, 1). Each drive gets keys in proportion to its size, and a key only moves when its
+    /// drive goes or a new drive outbids it.
+    pub fn drive_of(&self, key: &CacheKey) -> usize {
+        if self.drives.len() == 1 {
+            return 0;
+        }
+        let mut best = (0, f64::NEG_INFINITY);
+        for (index, drive) in self.drives.iter().enumerate() {
+            let digest = Sha256::new()
+                .chain_update(&drive.hash_seed)
+                .chain_update([0])
+                .chain_update(key.as_str().as_bytes())
+                .finalize();
+            let bits = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+            let unit = (bits as f64 + 0.5) / (u64::MAX as f64 + 1.0);
+            let score = drive.spec.max_bytes as f64 / -unit.ln();
+            if score > best.1 {
+                best = (index, score);
+            }
+        }
+        best.0
+    }
+
+    /// The directory of all generations of one key, on its drive.
     pub fn object_dir(&self, key: &CacheKey) -> PathBuf {
         let id = key.object_id();
-        self.objects_root.join(&id[..2]).join(id)
+        self.drives[self.drive_of(key)]
+            .objects_root
+            .join(&id[..2])
+            .join(id)
     }
 
     /// The directory of one generation.
@@ -147,15 +228,33 @@ impl Layout {
     /// Walks the store, deleting leftovers (temporary files, generations without metadata,
     /// superseded generations, slices of the wrong length) and returning what can be served.
     /// This runs once before the node accepts connections, so it uses blocking calls.
+    /// Objects found on a drive other than the one their key now maps to (the drive list
+    /// changed) are deleted too.
     pub fn recover(&self) -> Result<Vec<RecoveredObject>, DiskError> {
         let mut recovered = Vec::new();
-        for shard in read_dir_paths(&self.objects_root)? {
-            for object_dir in read_dir_paths(&shard)? {
-                if let Some(object) = recover_object(&object_dir)? {
-                    recovered.push(object);
+        for (drive_index, drive) in self.drives.iter().enumerate() {
+            let mut moved = 0u64;
+            for shard in read_dir_paths(&drive.objects_root)? {
+                for object_dir in read_dir_paths(&shard)? {
+                    if let Some(object) = recover_object(&object_dir)? {
+                        let key = CacheKey::from_text(object.meta.key.clone());
+                        if self.drive_of(&key) == drive_index {
+                            recovered.push(object);
+                        } else {
+                            moved += 1;
+                            remove_dir_quietly(&object_dir);
+                        }
+                    }
+                    // Remove the key's directory if nothing in it survived.
+                    let _ = fs::remove_dir(&object_dir);
                 }
-                // Remove the key's directory if nothing in it survived.
-                let _ = fs::remove_dir(&object_dir);
+            }
+            if moved > 0 {
+                tracing::warn!(
+                    drive = %drive.spec.root.display(),
+                    objects = moved,
+                    "dropped objects that now belong on another drive (the drive list changed)"
+                );
             }
         }
         Ok(recovered)
@@ -354,5 +453,82 @@ mod tests {
         dated.last_modified = Some("x".into());
         assert!(dated.same_version(10, None, Some("x")));
         assert!(!dated.same_version(10, None, Some("y")));
+    }
+
+    fn drives(dir: &Path, sizes: &[(&str, u64)]) -> Vec<DriveSpec> {
+        sizes
+            .iter()
+            .map(|(name, max_bytes)| DriveSpec {
+                root: dir.join(name),
+                max_bytes: *max_bytes,
+            })
+            .collect()
+    }
+
+    fn keys(count: usize) -> Vec<CacheKey> {
+        (0..count)
+            .map(|index| CacheKey::new("h.example", &format!("/object-{index}")))
+            .collect()
+    }
+
+    #[test]
+    fn drives_get_keys_in_proportion_to_their_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout =
+            Layout::create_drives(&drives(dir.path(), &[("a", 100), ("b", 300), ("c", 600)]))
+                .unwrap();
+        let mut counts = [0usize; 3];
+        for key in keys(10_000) {
+            counts[layout.drive_of(&key)] += 1;
+        }
+        // Expected 1000 / 3000 / 6000; allow a few percent of sampling noise.
+        for (count, expected) in counts.iter().zip([1000.0, 3000.0, 6000.0]) {
+            let share = *count as f64 / expected;
+            assert!((0.9..1.1).contains(&share), "{counts:?}");
+        }
+        assert!(layout.object_dir(&keys(1)[0]).starts_with(dir.path()));
+    }
+
+    #[test]
+    fn reordering_drives_moves_nothing_and_adding_one_moves_only_keys_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let two = Layout::create_drives(&drives(dir.path(), &[("a", 500), ("b", 500)])).unwrap();
+        let swapped =
+            Layout::create_drives(&drives(dir.path(), &[("b", 500), ("a", 500)])).unwrap();
+        let three =
+            Layout::create_drives(&drives(dir.path(), &[("a", 500), ("b", 500), ("c", 500)]))
+                .unwrap();
+        let mut moved = 0;
+        for key in keys(3000) {
+            assert_eq!(two.object_dir(&key), swapped.object_dir(&key));
+            if two.object_dir(&key) != three.object_dir(&key) {
+                // Only to the new drive, never between the old ones.
+                assert_eq!(three.drive_of(&key), 2);
+                moved += 1;
+            }
+        }
+        // About a third of the keys move to the new drive.
+        assert!((800..1200).contains(&moved), "{moved}");
+    }
+
+    #[test]
+    fn recovery_drops_objects_stored_on_a_drive_they_no_longer_map_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = Layout::create_drives(&drives(dir.path(), &[("a", 500)])).unwrap();
+        let all = keys(40);
+        for (generation, key) in all.iter().enumerate() {
+            let meta = meta(key, generation as u64 + 1, 4, 100);
+            write_meta(&one, key, &meta);
+            fs::write(one.slice_path(key, meta.generation, 0), b"abcd").unwrap();
+        }
+        let two = Layout::create_drives(&drives(dir.path(), &[("a", 500), ("b", 500)])).unwrap();
+        let recovered = two.recover().unwrap();
+        let staying = all.iter().filter(|key| two.drive_of(key) == 0).count();
+        assert!(staying > 0 && staying < all.len(), "{staying}");
+        assert_eq!(recovered.len(), staying);
+        for key in &all {
+            // Kept exactly where the new layout looks for it; the others are gone.
+            assert_eq!(one.object_dir(key).exists(), two.drive_of(key) == 0);
+        }
     }
 }
