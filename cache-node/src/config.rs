@@ -198,6 +198,11 @@ pub struct LogConfig {
     pub level: String,
     /// `text` for humans, `json` for log shippers.
     pub format: String,
+    /// How often to log a traffic summary (requests, hit, miss, egress and origin bytes and the
+    /// byte hit ratio over the interval), as MCC does every 15 s. Quiet intervals log nothing.
+    /// `0s` turns it off.
+    #[serde(with = "humantime_serde")]
+    pub summary_interval: Duration,
 }
 
 /// `[[origin]]`: one allowed origin.
@@ -266,6 +271,7 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".to_owned(),
             format: "text".to_owned(),
+            summary_interval: Duration::from_secs(15),
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct Node {
     pub revalidate_after: Duration,
     /// `upstream.cache_control`.
     pub cache_control: crate::freshness::CacheControlMode,
+    /// `log.summary_interval`.
+    pub summary_interval: Duration,
     /// Content found not storable (no length, `no-store`, `private`), remembered for
     /// `revalidate_after` so that later requests go straight to the origin instead of
     /// rediscovering it.
@@ -133,6 +135,7 @@ impl Node {
             merge_gap_slices: config.raw.upstream.merge_gap_slices,
             revalidate_after: config.raw.upstream.revalidate_after,
             cache_control: config.cache_control,
+            summary_interval: config.raw.log.summary_interval,
             uncacheable: moka::sync::Cache::builder()
                 .max_capacity(UNCACHEABLE_KEYS)
                 .time_to_live(config.raw.upstream.revalidate_after)

@@ -110,6 +110,9 @@ pub async fn run_node(
         "cache-node serving"
     );
     let stop = CancellationToken::new();
+    if !node.summary_interval.is_zero() {
+        tokio::spawn(log_traffic_summaries(node.clone(), stop.clone()));
+    }
     let mut workers_done = Vec::new();
     for (index, listener) in client_listeners.into_iter().enumerate() {
         let (done, finished) = oneshot::channel::<()>();
@@ -163,6 +166,35 @@ pub async fn run_node(
             unfinished,
             "exiting with fills in flight; their slices will be fetched again"
         );
+    }
+}
+
+/// Logs a traffic summary every `log.summary_interval` with traffic in it, until `stop`.
+async fn log_traffic_summaries(node: Arc<Node>, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(node.summary_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    let mut previous = node.stats_snapshot();
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let current = node.stats_snapshot();
+        if let Some(summary) = crate::stats::TrafficSummary::between(&previous, &current) {
+            tracing::info!(
+                interval = %humantime::format_duration(node.summary_interval),
+                requests = summary.requests,
+                hit_bytes = summary.hit_bytes,
+                miss_bytes = summary.miss_bytes,
+                egress_bytes = summary.egress_bytes,
+                origin_bytes = summary.origin_bytes,
+                hit_ratio_bytes = format!("{:.3}", summary.hit_ratio_bytes),
+                cache_used_bytes = current.cache_used_bytes,
+                "traffic summary"
+            );
+        }
+        previous = current;
     }
 }
 

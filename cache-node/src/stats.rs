@@ -137,6 +137,50 @@ pub struct StatsSnapshot {
     pub drives: Vec<crate::index::DriveUsage>,
 }
 
+/// The traffic of one interval between two snapshots, for the periodic summary log line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrafficSummary {
+    /// Client requests received in the interval.
+    pub requests: u64,
+    /// Body bytes sent from disk in the interval.
+    pub hit_bytes: u64,
+    /// Body bytes sent from fills in the interval.
+    pub miss_bytes: u64,
+    /// Body bytes sent in all in the interval.
+    pub egress_bytes: u64,
+    /// Body bytes received from origins in the interval.
+    pub origin_bytes: u64,
+    /// `hit_bytes / (hit_bytes + miss_bytes)` over the interval, 0 when nothing was served.
+    pub hit_ratio_bytes: f64,
+}
+
+impl TrafficSummary {
+    /// What happened between `earlier` and `later`; `None` for a quiet interval.
+    pub fn between(earlier: &StatsSnapshot, later: &StatsSnapshot) -> Option<TrafficSummary> {
+        let delta = |pick: fn(&StatsSnapshot) -> u64| pick(later).saturating_sub(pick(earlier));
+        let summary = TrafficSummary {
+            requests: delta(|snapshot| snapshot.requests),
+            hit_bytes: delta(|snapshot| snapshot.hit_bytes),
+            miss_bytes: delta(|snapshot| snapshot.miss_bytes),
+            egress_bytes: delta(|snapshot| snapshot.egress_bytes),
+            origin_bytes: delta(|snapshot| snapshot.origin_bytes),
+            hit_ratio_bytes: 0.0,
+        };
+        if summary.requests == 0 && summary.egress_bytes == 0 && summary.origin_bytes == 0 {
+            return None;
+        }
+        let served = summary.hit_bytes + summary.miss_bytes;
+        Some(TrafficSummary {
+            hit_ratio_bytes: if served == 0 {
+                0.0
+            } else {
+                summary.hit_bytes as f64 / served as f64
+            },
+            ..summary
+        })
+    }
+}
+
 impl Stats {
     /// Creates the counters and registers them under the `outpost_` prefix, with an info metric
     /// naming the disk backend.
@@ -424,6 +468,23 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_summary_covers_its_interval_only_and_quiet_intervals_have_none() {
+        let stats = Stats::new("portable");
+        stats.count_egress(ByteSource::Disk, 300);
+        let snapshot = stats.snapshot("portable");
+        assert_eq!(TrafficSummary::between(&snapshot, &snapshot), None);
+        stats.requests.inc();
+        stats.count_egress(ByteSource::Disk, 100);
+        stats.count_egress(ByteSource::Fill, 300);
+        let later = stats.snapshot("portable");
+        let summary = TrafficSummary::between(&snapshot, &later).unwrap();
+        assert_eq!(summary.requests, 1);
+        assert_eq!(summary.hit_bytes, 100);
+        assert_eq!(summary.egress_bytes, 400);
+        assert!((summary.hit_ratio_bytes - 0.25).abs() < 1e-9);
+    }
 
     #[test]
     fn both_views_report_the_same_counts() {
