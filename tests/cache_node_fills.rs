@@ -811,3 +811,95 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+fn proxied_config(
+    storage: &std::path::Path,
+    origin: &MockOrigin,
+    proxy: &str,
+) -> cache_node::config::Config {
+    let mut config = test_config(storage, &origin.base_url(), TEST_SLICE, "1GiB");
+    config.upstream.proxy = proxy.to_owned();
+    config
+}
+
+#[tokio::test]
+async fn origins_are_reached_through_the_outbound_proxy_with_its_credentials() {
+    let origin = MockOrigin::start().await;
+    // "outpost:s3cret" in base64.
+    let proxy = outpost_testkit::MockProxy::start_requiring("Basic b3V0cG9zdDpzM2NyZXQ=").await;
+    let proxy_url = proxy.url().replace("http://", "http://outpost:s3cret@");
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(proxied_config(storage.path(), &origin, &proxy_url)).await;
+    let content = pattern_bytes(300_000, 41);
+    origin.put("/proxied.bin", content.clone());
+    let whole = get(&node.mcc_url("/proxied.bin"), &[]).await;
+    assert_eq!(whole.status, 200);
+    assert_eq!(sha256_hex(whole.bytes()), sha256_hex(&content));
+    let part = get(&node.mcc_url("/proxied.bin"), &[("range", "bytes=5-9")]).await;
+    assert_eq!(part.bytes(), &content[5..10]);
+    // Every origin request went through the proxy, in absolute form, with the credentials.
+    let seen = proxy.requests();
+    assert_eq!(seen.len(), origin.request_count(), "{seen:?}");
+    for request in &seen {
+        assert_eq!(request.method, "GET");
+        assert!(
+            request
+                .target
+                .starts_with(&format!("{}/proxied.bin", origin.base_url())),
+            "{request:?}"
+        );
+        assert_eq!(
+            request.authorization.as_deref(),
+            Some("Basic b3V0cG9zdDpzM2NyZXQ=")
+        );
+    }
+    node.stop().await;
+
+    // Wrong credentials: a clear 502 for the client, never the proxy's 407.
+    let wrong = proxy.url().replace("http://", "http://outpost:wrong@");
+    let storage = tempfile::tempdir().unwrap();
+    let node = TestNode::start(proxied_config(storage.path(), &origin, &wrong)).await;
+    let refused = get(&node.mcc_url("/proxied.bin"), &[]).await;
+    assert_eq!(refused.status, 502);
+    assert!(
+        String::from_utf8_lossy(refused.bytes()).contains("upstream.proxy"),
+        "{:?}",
+        String::from_utf8_lossy(refused.bytes())
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn https_origins_are_tunnelled_and_no_proxy_hosts_go_direct() {
+    let origin = MockOrigin::start().await;
+    let proxy = outpost_testkit::MockProxy::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    // An https origin through the proxy: the node asks for a CONNECT tunnel and runs TLS inside
+    // it. The far end here is the plain-HTTP mock origin, so the handshake fails: a 502, and
+    // no byte of it is served or stored.
+    let mut config = proxied_config(storage.path(), &origin, &proxy.url());
+    let https_base = origin.base_url().replace("http://", "https://");
+    config.origin[0].upstream = Some(https_base);
+    let node = TestNode::start(config).await;
+    origin.put("/tls.bin", pattern_bytes(1000, 42));
+    let failed = get(&node.mcc_url("/tls.bin"), &[]).await;
+    assert_eq!(failed.status, 502);
+    let seen = proxy.requests();
+    assert_eq!(seen[0].method, "CONNECT", "{seen:?}");
+    assert_eq!(seen[0].target, origin.addr().to_string());
+    assert_eq!(node.node.index.object_count(), 0);
+    node.stop().await;
+
+    // no_proxy: the origin's address is reached directly; the proxy sees nothing more.
+    let before = proxy.requests().len();
+    let storage = tempfile::tempdir().unwrap();
+    let mut config = proxied_config(storage.path(), &origin, &proxy.url());
+    config.upstream.no_proxy = "localhost, 127.0.0.1".into();
+    let node = TestNode::start(config).await;
+    let content = pattern_bytes(10_000, 43);
+    origin.put("/direct.bin", content.clone());
+    let direct = get(&node.mcc_url("/direct.bin"), &[]).await;
+    assert_eq!(sha256_hex(direct.bytes()), sha256_hex(&content));
+    assert_eq!(proxy.requests().len(), before);
+    node.stop().await;
+}

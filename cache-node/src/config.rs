@@ -188,6 +188,13 @@ pub struct UpstreamConfig {
     /// `revalidate_after` applies only when the origin says nothing) or `ignore` (store everything
     /// and check every version after `revalidate_after`, as lancache's nginx does).
     pub cache_control: String,
+    /// An outbound HTTP proxy every origin connection goes through, `http://host:port` with
+    /// optional `user:password@`; empty connects directly. `https://` origins are tunnelled with
+    /// `CONNECT` (TLS stays end to end); `http://` ones are sent to the proxy in absolute form.
+    pub proxy: String,
+    /// Hosts reached directly despite `proxy`: a comma list of names and `*.suffix` patterns,
+    /// matched against the host the node connects to (an origin's `upstream` when set).
+    pub no_proxy: String,
 }
 
 /// `[log]`: logging.
@@ -262,6 +269,8 @@ impl Default for UpstreamConfig {
             merge_gap_slices: 0,
             revalidate_after: Duration::from_secs(3600),
             cache_control: "honor".to_owned(),
+            proxy: String::new(),
+            no_proxy: String::new(),
         }
     }
 }
@@ -298,6 +307,8 @@ pub struct ValidConfig {
     pub workers: usize,
     /// `upstream.cache_control`, parsed.
     pub cache_control: crate::freshness::CacheControlMode,
+    /// `upstream.proxy` and `upstream.no_proxy`, parsed; `None` connects directly.
+    pub proxy: Option<crate::outbound_proxy::ProxySettings>,
     /// `[peering]`, parsed.
     pub peering: crate::peering::PeeringSettings,
 }
@@ -394,6 +405,11 @@ impl Config {
                 ))
             }
         };
+        let proxy = crate::outbound_proxy::ProxySettings::parse(
+            &self.upstream.proxy,
+            &self.upstream.no_proxy,
+        )
+        .map_err(|(key, message)| invalid(&format!("upstream.{key}"), message))?;
         if self.server.max_ranges == 0 {
             return Err(invalid("server.max_ranges", "must be at least 1, e.g. 32"));
         }
@@ -454,6 +470,7 @@ impl Config {
             io_backend,
             workers,
             cache_control,
+            proxy,
         })
     }
 }
@@ -597,6 +614,17 @@ mod tests {
             (
                 Box::new(|c| c.upstream.cache_control = "obey".into()),
                 "upstream.cache_control:",
+            ),
+            (
+                Box::new(|c| c.upstream.proxy = "proxy.corp:3128".into()),
+                "upstream.proxy:",
+            ),
+            (
+                Box::new(|c| {
+                    c.upstream.proxy = "http://proxy.corp:3128".into();
+                    c.upstream.no_proxy = "*".into();
+                }),
+                "upstream.no_proxy:",
             ),
             (
                 Box::new(|c| c.storage.io_backend = "aio".into()),

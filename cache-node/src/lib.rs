@@ -10,6 +10,7 @@
 //! - [`serve`]: the client request handler (conditionals, ranges, body streaming).
 //! - [`router`]: which origin a request is for (MCC, Host-header, proxy, reverse-proxy modes).
 //! - [`origin`]: the allowlist and the pooled HTTP/HTTPS client for origins.
+//! - [`outbound_proxy`]: reaching origins through a corporate HTTP proxy (`upstream.proxy`).
 //! - [`key`]: content identity (cache keys).
 //! - [`index`]: the in-memory object index (moka), bounded by bytes on disk.
 //! - [`fill`]: fetching missing slices once and streaming them to every waiting client.
@@ -36,6 +37,7 @@ pub mod index;
 pub mod key;
 pub mod node;
 pub mod origin;
+pub mod outbound_proxy;
 pub mod peering;
 pub mod pieces;
 pub mod range;

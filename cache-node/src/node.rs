@@ -82,6 +82,13 @@ impl Node {
         let (storage, backend_reason) =
             disk::open_backend(config.io_backend, &config.raw.storage.path)?;
         tracing::info!("disk backend: {backend_reason}");
+        if let Some(proxy) = &config.proxy {
+            tracing::info!(
+                proxy = %proxy.address(),
+                no_proxy = config.raw.upstream.no_proxy.as_str(),
+                "origins are reached through the outbound proxy"
+            );
+        }
         Self::open_with_storage(config, layout, storage)
     }
 
@@ -122,7 +129,7 @@ impl Node {
         );
         Ok(Arc::new(Node {
             allowlist: Allowlist::from_config(&config.raw),
-            client: UpstreamClient::new(&config.raw.upstream),
+            client: UpstreamClient::new(&config.raw.upstream, config.proxy.clone()),
             index,
             discoveries: Discoveries::default(),
             storage,

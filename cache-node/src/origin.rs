@@ -16,6 +16,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Config, UpstreamConfig};
 use crate::error::OriginError;
+use crate::outbound_proxy::{ProxySettings, UpstreamConnector};
 
 /// One allowlist pattern: an exact host or a `*.suffix` wildcard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,7 +161,7 @@ pub fn normalise_host(raw_host: &str) -> Option<String> {
     }
 }
 
-type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+type HttpsConnector = hyper_rustls::HttpsConnector<UpstreamConnector>;
 
 /// What the node asks an origin for.
 #[derive(Debug, Clone)]
@@ -182,14 +183,16 @@ pub struct FetchRequest<'a> {
 pub struct UpstreamClient {
     client: Client<HttpsConnector, Empty<Bytes>>,
     first_byte_timeout: Duration,
+    /// `upstream.proxy`, for the `Proxy-Authorization` of plain requests through it.
+    proxy: Option<ProxySettings>,
     /// This node's `Via` entry (RFC 9110 §7.6.3), with a random id per process, sent on every
     /// upstream request so a request that loops back to the node is recognised.
     via: HeaderValue,
 }
 
 impl UpstreamClient {
-    /// Builds the client from the `[upstream]` settings.
-    pub fn new(settings: &UpstreamConfig) -> UpstreamClient {
+    /// Builds the client from the `[upstream]` settings, connecting through `proxy` when set.
+    pub fn new(settings: &UpstreamConfig, proxy: Option<ProxySettings>) -> UpstreamClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -200,7 +203,7 @@ impl UpstreamClient {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(UpstreamConnector::new(http, proxy.clone()));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle_per_host)
@@ -209,6 +212,7 @@ impl UpstreamClient {
         UpstreamClient {
             client,
             first_byte_timeout: settings.first_byte_timeout,
+            proxy,
             via: HeaderValue::from_str(&via).expect("the Via entry is ASCII"),
         }
     }
@@ -236,7 +240,16 @@ impl UpstreamClient {
         let uri: Uri = url
             .parse()
             .map_err(|error| OriginError::Protocol(format!("bad upstream URL {url}: {error}")))?;
-        let mut builder = Request::builder().method(request.method).uri(uri);
+        let mut builder = Request::builder().method(request.method);
+        let headers = builder.headers_mut().expect("a fresh builder has headers");
+        if let Some(authorization) = self
+            .proxy
+            .as_ref()
+            .and_then(|proxy| proxy.authorization_for(&uri))
+        {
+            headers.insert(header::PROXY_AUTHORIZATION, authorization.clone());
+        }
+        let mut builder = builder.uri(uri);
         let headers = builder.headers_mut().expect("a fresh builder has headers");
         if let Ok(host) = HeaderValue::from_str(&request.target.host) {
             headers.insert(header::HOST, host);
@@ -271,6 +284,16 @@ impl UpstreamClient {
         {
             Err(_) => Err(OriginError::FirstByteTimeout(self.first_byte_timeout)),
             Ok(Err(error)) => Err(OriginError::Connect(error_chain(&error))),
+            // Only a proxy asks for proxy credentials; passing its 407 on would tell the client
+            // to authenticate to the node.
+            Ok(Ok(response))
+                if response.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
+            {
+                Err(OriginError::Connect(
+                    "the outbound proxy wants credentials (407): set or fix them in upstream.proxy"
+                        .into(),
+                ))
+            }
             Ok(Ok(response)) => Ok(response),
         }
     }

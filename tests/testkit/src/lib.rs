@@ -10,12 +10,16 @@
 //!   and can misbehave on demand ([`Behaviour`]): ignore ranges, delay headers, throttle the body,
 //!   abort mid-body, lie about the length, use chunked framing, answer with an error status,
 //!   or corrupt bytes while keeping the ETag.
+//! - [`proxy`]: [`MockProxy`], a forward HTTP proxy (absolute-form requests and `CONNECT`
+//!   tunnels, optional `Proxy-Authorization`), as a corporate proxy in front of the WAN.
 //! - This file: content helpers shared by tests, [`pattern_bytes`] (fast deterministic
 //!   pseudo-random content) and [`sha256_hex`] (digests for comparing large bodies).
 
 pub mod origin;
+pub mod proxy;
 
 pub use origin::{Behaviour, MockOrigin, RecordedRequest};
+pub use proxy::{MockProxy, ProxiedRequest};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
