@@ -677,11 +677,13 @@ async fn the_origins_cache_control_sets_how_long_a_version_is_served_unchecked()
     assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
     assert_eq!(sha256_hex(hit.bytes()), sha256_hex(&long));
     assert_eq!(origin.request_count(), requests, "max-age has not run out");
-    // The origin's own header goes to the client.
+    // The origin's own header goes to the client, with the stored copy's age.
     assert_eq!(
         hit.header("cache-control").as_deref(),
         Some("public, max-age=3600")
     );
+    let age: u64 = hit.header("age").unwrap().parse().unwrap();
+    assert!(age < 60, "{age}");
 
     // no-cache: checked on every request; a change is seen at once.
     let checked = get(&node.mcc_url("/dists/InRelease"), &[]).await;

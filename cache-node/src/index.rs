@@ -95,6 +95,11 @@ impl ObjectEntry {
         self.validation().at = std::time::Instant::now().checked_sub(age);
     }
 
+    /// How long ago the origin last confirmed this version (sent as `Age`); `None` when unknown.
+    pub fn age(&self) -> Option<std::time::Duration> {
+        self.validation().at.map(|at| at.elapsed())
+    }
+
     /// True when the origin's last confirmation of this version no longer holds: older than the
     /// version's freshness lifetime, which is `default` when the origin gave none.
     pub fn needs_revalidation(&self, default: std::time::Duration) -> bool {

@@ -421,6 +421,13 @@ async fn respond(
     let meta = &entry.meta;
     let mut response = Response::new(ResponseBody::empty());
     object_headers(response.headers_mut(), meta);
+    // A stored response carries its age (RFC 9111 §4, §5.1): the time since the origin last
+    // confirmed it, so caches and clients downstream count the origin's max-age correctly.
+    if let Some(age) = entry.age() {
+        response
+            .headers_mut()
+            .insert(header::AGE, HeaderValue::from(age.as_secs()));
+    }
 
     // Conditionals first (RFC 9110 §13.2.2): If-None-Match wins over If-Modified-Since.
     let not_modified = match header_str(request_headers, header::IF_NONE_MATCH) {
