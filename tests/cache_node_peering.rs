@@ -135,7 +135,16 @@ async fn manifests_hash_the_origin_pieces_cold_warm_and_after_restarts() {
         .node
         .layout
         .pieces_path(&entry.key, entry.meta.generation);
-    assert!(pieces_file.exists(), "hashes are stored with the object");
+    // The manifest is answered from memory as soon as the last hash is known; the file lands
+    // right after.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !pieces_file.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hashes are stored with the object"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     drop(entry);
     node.stop().await;
 
@@ -192,13 +201,18 @@ async fn a_slow_fill_gets_202_with_retry_after_and_then_the_manifest() {
         ..Behaviour::default()
     };
     origin.put_with("/slow.cab", content.clone(), slow);
-    let mut config = peering_config(storage.path(), &origin);
-    config.peering.manifest_wait = Duration::from_millis(100);
-    let node = TestNode::start(config).await;
-
-    let first = get(&manifest_url(&node, "/slow.cab"), &[]).await;
+    let node = TestNode::start(peering_config(storage.path(), &origin)).await;
+    // The node would hold the request up to manifest_wait (30 s); the client asks for 100 ms,
+    // and is told to come back in a second.
+    let asked = tokio::time::Instant::now();
+    let first = get(
+        &format!("{}&wait=0.1", manifest_url(&node, "/slow.cab")),
+        &[],
+    )
+    .await;
+    assert!(asked.elapsed() < Duration::from_secs(2));
     assert_eq!(first.status, 202);
-    assert_eq!(first.header("retry-after").as_deref(), Some("5"));
+    assert_eq!(first.header("retry-after").as_deref(), Some("1"));
     let pending: Value = serde_json::from_slice(first.bytes()).unwrap();
     assert_eq!(pending["status"], "filling");
 

@@ -35,6 +35,14 @@ const ORIGIN_IP: &str = "127.0.0.10";
 
 /// A node with 256 KiB pieces that fetches from origins on [`ORIGIN_IP`].
 fn start_node(origin: &MockOrigin) -> KillableNode {
+    start_node_with(origin, |_| {})
+}
+
+/// Like [`start_node`], with `tweak` applied to the node's config.
+fn start_node_with(
+    origin: &MockOrigin,
+    tweak: impl FnOnce(&mut cache_node::config::Config),
+) -> KillableNode {
     KillableNode::start_with(&origin.base_url(), &std::env::temp_dir(), |config| {
         config.peering.piece_size = "256KiB".into();
         for allowed in &mut config.origin {
@@ -42,6 +50,7 @@ fn start_node(origin: &MockOrigin) -> KillableNode {
                 allowed.host = ORIGIN_IP.into();
             }
         }
+        tweak(config);
     })
 }
 
@@ -656,4 +665,49 @@ async fn get_hands_its_download_to_the_daemon_which_then_serves_it() {
     let snap: serde_json::Value = serde_json::from_slice(&snap.stdout).unwrap();
     assert_eq!(snap["FilesDownloaded"], 1);
     assert_eq!(snap["CacheSizeBytes"], CONTENT_LEN as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_still_filling_is_asked_again_after_retry_after_within_the_timeout() {
+    let origin = MockOrigin::start_on(ORIGIN_IP).await;
+    let content = pattern_bytes(2 * MIB, 57);
+    // About a second and a half to fill: 48 chunks of 64 KiB, 30 ms apart.
+    let slow = outpost_testkit::Behaviour {
+        chunk_delay: Some(Duration::from_millis(30)),
+        chunk_size: Some(64 * 1024),
+        ..outpost_testkit::Behaviour::default()
+    };
+    origin.put_with("/files/slow.bin", content.clone(), slow);
+    let url = format!("{}/files/slow.bin", origin.base_url());
+    // The node answers 202 (Retry-After: 1) after 100 ms of waiting for the fill.
+    let node = start_node_with(&origin, |config| {
+        config.peering.manifest_wait = Duration::from_millis(100);
+    });
+    let api = NodeApi::new(
+        &peer_client::cache_host::CacheHost::parse(&node.addr.to_string()).unwrap(),
+        None,
+        Duration::from_secs(2),
+    );
+    // No time to retry: the download would run without peers.
+    let hurried = api.manifest(&url, Duration::from_millis(400)).await;
+    assert!(
+        matches!(hurried, Err(peer_client::tracker::TrackerError::NotReady)),
+        "{hurried:?}"
+    );
+    // Time enough: 202s until the fill lands, then the manifest.
+    let started = Instant::now();
+    let manifest = api.manifest(&url, Duration::from_secs(20)).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "it had to wait and retry"
+    );
+    assert_eq!(manifest.size, content.len() as u64);
+    let expected: Vec<[u8; 32]> = content
+        .chunks(manifest.piece_size as usize)
+        .map(|piece| {
+            let digest = <sha2::Sha256 as sha2::Digest>::digest(piece);
+            digest.into()
+        })
+        .collect();
+    assert_eq!(manifest.pieces, expected);
 }

@@ -38,7 +38,9 @@ const MAX_ANNOUNCE_BODY: usize = 16 << 10;
 /// that failed is started again.
 const MANIFEST_RECHECK: Duration = Duration::from_millis(250);
 
-/// What a `202` manifest answer suggests as `Retry-After`, in seconds.
+/// The longest `Retry-After` a `202` manifest answer suggests, in seconds. It suggests as long
+/// as the request was held (at least 1 s, at most this): a client that asks to wait briefly
+/// may ask again soon.
 const MANIFEST_RETRY_AFTER_SECS: u64 = 5;
 
 /// The TCP source address of a client connection, put in each request's extensions by the
@@ -348,7 +350,15 @@ async fn manifest(node: &Arc<Node>, peering: &Peering, query: &str) -> Response<
         Ok(route) => route,
         Err(error) => return json_error(StatusCode::FORBIDDEN, &error.to_string()),
     };
-    let deadline = tokio::time::Instant::now() + peering.manifest_wait;
+    // A client may ask for a shorter wait (`wait=<seconds>`), so that the 202 reaches it before
+    // its own timeout and it can retry; never longer than `peering.manifest_wait`.
+    let wait = query_value(query, "wait")
+        .and_then(|secs| secs.parse::<f64>().ok())
+        .filter(|secs| secs.is_finite() && *secs >= 0.0)
+        .map_or(peering.manifest_wait, |secs| {
+            Duration::from_secs_f64(secs.min(peering.manifest_wait.as_secs_f64()))
+        });
+    let deadline = tokio::time::Instant::now() + wait;
     let whole_object = SliceSpan {
         first: 0,
         last: None,
@@ -410,7 +420,7 @@ async fn manifest(node: &Arc<Node>, peering: &Peering, query: &str) -> Response<
             });
             return with_retry_after(
                 json_response(StatusCode::ACCEPTED, &answer),
-                MANIFEST_RETRY_AFTER_SECS,
+                wait.as_secs().clamp(1, MANIFEST_RETRY_AFTER_SECS),
             );
         }
         if entry.is_removed() {

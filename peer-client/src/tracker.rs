@@ -25,6 +25,13 @@ use crate::partial::Validator;
 /// about 4.3 MB).
 const MAX_ANSWER_BYTES: usize = 32 << 20;
 
+/// How much earlier than the client's own deadline the node is asked to answer a manifest
+/// request, so its `202` arrives in time.
+const MANIFEST_ANSWER_MARGIN: Duration = Duration::from_millis(500);
+
+/// The pause before asking again after a `202` without a usable `Retry-After`.
+const DEFAULT_MANIFEST_RETRY: Duration = Duration::from_secs(5);
+
 /// Why a peering API call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TrackerError {
@@ -271,6 +278,17 @@ impl NodeApi {
         path_and_query: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), TrackerError> {
+        let (status, _, body) = self.call_with_headers(method, path_and_query, body).await?;
+        Ok((status, body))
+    }
+
+    /// Like [`NodeApi::call`], with the answer's headers.
+    async fn call_with_headers(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), TrackerError> {
         let uri: Uri = format!("{}{path_and_query}", self.base)
             .parse()
             .map_err(|error| TrackerError::BadAnswer(format!("bad request URI: {error}")))?;
@@ -286,35 +304,57 @@ impl NodeApi {
             .request(request)
             .await
             .map_err(|error| TrackerError::Unreachable(error.to_string()))?;
-        let status = response.status();
-        let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+        let (parts, body) = response.into_parts();
+        let body = http_body_util::Limited::new(body, MAX_ANSWER_BYTES)
             .collect()
             .await
             .map_err(|error| TrackerError::Unreachable(error.to_string()))?
             .to_bytes();
-        Ok((status, body))
+        Ok((parts.status, parts.headers, body))
     }
 
     /// The manifest of `url`, waiting at most `timeout`.
+    ///
+    /// Each request tells the node how long it may hold the answer (`wait`, a little less than
+    /// the time left), so a `202` (the content is still filling) arrives in time to retry after
+    /// its `Retry-After`, as long as `timeout` leaves room for it.
     pub async fn manifest(&self, url: &str, timeout: Duration) -> Result<Manifest, TrackerError> {
-        let query: String = form_urlencoded::Serializer::new(String::new())
-            .append_pair("url", url)
-            .finish();
-        let (status, body) = tokio::time::timeout(
-            timeout,
-            self.call(Method::GET, &format!("/manifest?{query}"), None),
-        )
-        .await
-        .map_err(|_| TrackerError::Timeout(timeout))??;
-        match status {
-            StatusCode::OK => {
-                let manifest: Manifest = serde_json::from_slice(&body)
-                    .map_err(|error| TrackerError::BadAnswer(error.to_string()))?;
-                manifest.check()?;
-                Ok(manifest)
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let wait = remaining.saturating_sub(MANIFEST_ANSWER_MARGIN);
+            let query: String = form_urlencoded::Serializer::new(String::new())
+                .append_pair("url", url)
+                .append_pair("wait", &format!("{:.3}", wait.as_secs_f64()))
+                .finish();
+            let answer = tokio::time::timeout(
+                remaining,
+                self.call_with_headers(Method::GET, &format!("/manifest?{query}"), None),
+            )
+            .await
+            .map_err(|_| TrackerError::Timeout(timeout))??;
+            let (status, headers, body) = answer;
+            match status {
+                StatusCode::OK => {
+                    let manifest: Manifest = serde_json::from_slice(&body)
+                        .map_err(|error| TrackerError::BadAnswer(error.to_string()))?;
+                    manifest.check()?;
+                    return Ok(manifest);
+                }
+                StatusCode::ACCEPTED => {
+                    let retry_after = headers
+                        .get(header::RETRY_AFTER)
+                        .and_then(|value| value.to_str().ok())
+                        .and_then(|value| value.trim().parse::<u64>().ok())
+                        .map_or(DEFAULT_MANIFEST_RETRY, Duration::from_secs);
+                    let retry_at = tokio::time::Instant::now() + retry_after;
+                    if retry_at + MANIFEST_ANSWER_MARGIN >= deadline {
+                        return Err(TrackerError::NotReady);
+                    }
+                    tokio::time::sleep_until(retry_at).await;
+                }
+                other => return Err(TrackerError::Status(other)),
             }
-            StatusCode::ACCEPTED => Err(TrackerError::NotReady),
-            other => Err(TrackerError::Status(other)),
         }
     }
 
