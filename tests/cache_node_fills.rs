@@ -905,3 +905,43 @@ async fn https_origins_are_tunnelled_and_no_proxy_hosts_go_direct() {
     assert_eq!(proxy.requests().len(), before);
     node.stop().await;
 }
+
+#[tokio::test]
+async fn an_origin_can_override_the_freshness_settings() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    // The subdomains (a Linux mirror, say) are checked on every request whatever the origin
+    // says; the main host keeps the global settings and honours max-age.
+    config.origin[1].revalidate_after = Some(Duration::ZERO);
+    config.origin[1].cache_control = Some("ignore".into());
+    let node = TestNode::start(config).await;
+    let mirror_url = format!(
+        "http://{}/dists/InRelease?cacheHostOrigin=mirror.{ORIGIN_HOST}",
+        node.addr
+    );
+    let main_url = node.mcc_url("/dists/InRelease");
+    let headers = with_headers(&[("cache-control", "max-age=3600")]);
+    origin.put_with(
+        "/dists/InRelease",
+        pattern_bytes(50_000, 44),
+        headers.clone(),
+    );
+    let first = get(&mirror_url, &[]).await;
+    let main_first = get(&main_url, &[]).await;
+    assert_eq!(first.bytes(), main_first.bytes());
+    node.settle().await;
+
+    let newer = pattern_bytes(50_000, 45);
+    origin.put_with("/dists/InRelease", newer.clone(), headers);
+    let mirror_again = get(&mirror_url, &[]).await;
+    assert_eq!(sha256_hex(mirror_again.bytes()), sha256_hex(&newer));
+    let main_again = get(&main_url, &[]).await;
+    assert_eq!(main_again.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(
+        main_again.bytes(),
+        main_first.bytes(),
+        "max-age still holds here"
+    );
+    node.stop().await;
+}

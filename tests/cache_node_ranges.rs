@@ -411,6 +411,7 @@ async fn an_upstream_that_points_back_at_the_node_is_a_quick_error_not_a_hang() 
     config.origin.push(cache_node::config::OriginConfig {
         host: "127.0.0.1".into(),
         upstream: None,
+        ..Default::default()
     });
     let node = TestNode::start(config).await;
     let started = std::time::Instant::now();

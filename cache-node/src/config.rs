@@ -222,6 +222,11 @@ pub struct OriginConfig {
     /// Base URL the node really connects to for this origin, for example `http://127.0.0.1:8000`
     /// or a parent cache. Unset means `http://<requested host>`.
     pub upstream: Option<String>,
+    /// This origin's `upstream.revalidate_after`; unset uses the global one.
+    #[serde(with = "humantime_serde")]
+    pub revalidate_after: Option<Duration>,
+    /// This origin's `upstream.cache_control` (`honor` or `ignore`); unset uses the global one.
+    pub cache_control: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -395,16 +400,8 @@ impl Config {
                 ))
             }
         };
-        let cache_control = match self.upstream.cache_control.as_str() {
-            "honor" => crate::freshness::CacheControlMode::Honor,
-            "ignore" => crate::freshness::CacheControlMode::Ignore,
-            other => {
-                return Err(invalid(
-                    "upstream.cache_control",
-                    format!("\"{other}\" is not a mode; use \"honor\" or \"ignore\""),
-                ))
-            }
-        };
+        let cache_control =
+            parse_cache_control("upstream.cache_control", &self.upstream.cache_control)?;
         let proxy = crate::outbound_proxy::ProxySettings::parse(
             &self.upstream.proxy,
             &self.upstream.no_proxy,
@@ -457,6 +454,9 @@ impl Config {
             if let Some(url) = &origin.upstream {
                 check_upstream_url(&format!("origin[{index}].upstream"), url)?;
             }
+            if let Some(mode) = &origin.cache_control {
+                parse_cache_control(&format!("origin[{index}].cache_control"), mode)?;
+            }
         }
         let peering = self.peering.validate()?;
         Ok(ValidConfig {
@@ -473,6 +473,18 @@ impl Config {
             proxy,
         })
     }
+}
+
+fn parse_cache_control(
+    key: &str,
+    value: &str,
+) -> Result<crate::freshness::CacheControlMode, ConfigError> {
+    crate::freshness::CacheControlMode::parse(value).ok_or_else(|| {
+        invalid(
+            key,
+            format!("\"{value}\" is not a mode; use \"honor\" or \"ignore\""),
+        )
+    })
 }
 
 fn parse_listen(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -621,6 +633,16 @@ mod tests {
             ),
             (
                 Box::new(|c| {
+                    c.origin.push(OriginConfig {
+                        host: "mirror.example".into(),
+                        cache_control: Some("sometimes".into()),
+                        ..Default::default()
+                    })
+                }),
+                "origin[0].cache_control:",
+            ),
+            (
+                Box::new(|c| {
                     c.upstream.proxy = "http://proxy.corp:3128".into();
                     c.upstream.no_proxy = "*".into();
                 }),
@@ -668,6 +690,7 @@ mod tests {
                     c.origin.push(OriginConfig {
                         host: "*".into(),
                         upstream: None,
+                        ..Default::default()
                     })
                 }),
                 "origin[0].host:",
@@ -677,6 +700,7 @@ mod tests {
                     c.origin.push(OriginConfig {
                         host: "a.example".into(),
                         upstream: Some("not a url".into()),
+                        ..Default::default()
                     })
                 }),
                 "origin[0].upstream:",

@@ -477,7 +477,7 @@ async fn discover(
             return Err(error);
         }
     };
-    let freshness = match freshness::judge(&origin.headers, node.cache_control) {
+    let freshness = match freshness::judge(&origin.headers, route.target.policy.cache_control) {
         Ok(freshness) => freshness,
         // The body is dropped unread, which closes that origin connection.
         Err(reason) => return Err(not_storable(node, key, reason)),
@@ -606,14 +606,14 @@ pub async fn revalidate_if_stale(
     route: &Route,
     entry: &Arc<ObjectEntry>,
 ) -> Revalidation {
-    if !entry.needs_revalidation(node.revalidate_after) {
+    if !entry.needs_revalidation(route.target.policy.revalidate_after) {
         return Revalidation::Fresh;
     }
     let _checking = entry.revalidation.lock().await;
     if entry.is_removed() {
         return Revalidation::Changed;
     }
-    if !entry.needs_revalidation(node.revalidate_after) {
+    if !entry.needs_revalidation(route.target.policy.revalidate_after) {
         return Revalidation::Fresh;
     }
     node.stats.revalidations.inc();
@@ -632,7 +632,7 @@ pub async fn revalidate_if_stale(
                 header_text(&origin.headers, header::ETAG).as_deref(),
                 header_text(&origin.headers, header::LAST_MODIFIED).as_deref(),
             );
-            match freshness::judge(&origin.headers, node.cache_control) {
+            match freshness::judge(&origin.headers, route.target.policy.cache_control) {
                 Ok(freshness) if same_version => Some(freshness),
                 Ok(_) => None,
                 // Still the same bytes, but the origin now forbids storing them.

@@ -21,6 +21,27 @@ pub enum CacheControlMode {
     Ignore,
 }
 
+impl CacheControlMode {
+    /// `"honor"` or `"ignore"`.
+    pub fn parse(text: &str) -> Option<CacheControlMode> {
+        match text {
+            "honor" => Some(CacheControlMode::Honor),
+            "ignore" => Some(CacheControlMode::Ignore),
+            _ => None,
+        }
+    }
+}
+
+/// What decides freshness for one origin: `upstream.revalidate_after` and
+/// `upstream.cache_control`, or the origin's own `[[origin]]` overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreshnessPolicy {
+    /// The lifetime of versions whose origin gives none.
+    pub revalidate_after: Duration,
+    /// Whether the origin's `Cache-Control` and `Expires` count.
+    pub cache_control: CacheControlMode,
+}
+
 /// How long a stored version may be served before the origin is asked whether it changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {

@@ -46,10 +46,6 @@ pub struct Node {
     pub idle_read_timeout: Duration,
     /// `upstream.merge_gap_slices`.
     pub merge_gap_slices: u64,
-    /// `upstream.revalidate_after`.
-    pub revalidate_after: Duration,
-    /// `upstream.cache_control`.
-    pub cache_control: crate::freshness::CacheControlMode,
     /// `log.summary_interval`.
     pub summary_interval: Duration,
     /// Content found not storable (no length, `no-store`, `private`), remembered for
@@ -140,8 +136,6 @@ impl Node {
             fsync: config.raw.storage.fsync,
             idle_read_timeout: config.raw.upstream.idle_read_timeout,
             merge_gap_slices: config.raw.upstream.merge_gap_slices,
-            revalidate_after: config.raw.upstream.revalidate_after,
-            cache_control: config.cache_control,
             summary_interval: config.raw.log.summary_interval,
             uncacheable: moka::sync::Cache::builder()
                 .max_capacity(UNCACHEABLE_KEYS)

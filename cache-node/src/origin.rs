@@ -16,6 +16,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Config, UpstreamConfig};
 use crate::error::OriginError;
+use crate::freshness::{CacheControlMode, FreshnessPolicy};
 use crate::outbound_proxy::{ProxySettings, UpstreamConnector};
 
 /// One allowlist pattern: an exact host or a `*.suffix` wildcard.
@@ -76,18 +77,33 @@ pub struct OriginTarget {
     /// Scheme and authority the node connects to, e.g. `http://127.0.0.1:8000`, plus an optional
     /// path prefix to put in front of the request path.
     pub upstream_base: String,
+    /// How long its stored versions stay fresh, and whether its `Cache-Control` counts.
+    pub policy: FreshnessPolicy,
 }
 
 /// The allowlist built from `[[origin]]` tables and `[server] default_upstream`.
 #[derive(Debug, Clone)]
 pub struct Allowlist {
-    entries: Vec<(HostPattern, Option<String>)>,
+    entries: Vec<AllowedOrigin>,
     default_upstream: Option<OriginTarget>,
+}
+
+/// One `[[origin]]` table, parsed.
+#[derive(Debug, Clone)]
+struct AllowedOrigin {
+    pattern: HostPattern,
+    upstream: Option<String>,
+    policy: FreshnessPolicy,
 }
 
 impl Allowlist {
     /// Builds the allowlist from a validated configuration.
     pub fn from_config(config: &Config) -> Allowlist {
+        let global = FreshnessPolicy {
+            revalidate_after: config.upstream.revalidate_after,
+            cache_control: CacheControlMode::parse(&config.upstream.cache_control)
+                .unwrap_or(CacheControlMode::Honor),
+        };
         let entries = config
             .origin
             .iter()
@@ -97,7 +113,19 @@ impl Allowlist {
                     .upstream
                     .as_ref()
                     .map(|url| url.trim_end_matches('/').to_owned());
-                Some((pattern, upstream))
+                let policy = FreshnessPolicy {
+                    revalidate_after: origin.revalidate_after.unwrap_or(global.revalidate_after),
+                    cache_control: origin
+                        .cache_control
+                        .as_deref()
+                        .and_then(CacheControlMode::parse)
+                        .unwrap_or(global.cache_control),
+                };
+                Some(AllowedOrigin {
+                    pattern,
+                    upstream,
+                    policy,
+                })
             })
             .collect();
         let default_upstream = config.server.default_upstream.as_ref().and_then(|url| {
@@ -106,6 +134,7 @@ impl Allowlist {
             Some(OriginTarget {
                 host,
                 upstream_base: url.trim_end_matches('/').to_owned(),
+                policy: global,
             })
         });
         Allowlist {
@@ -119,14 +148,18 @@ impl Allowlist {
     pub fn lookup(&self, raw_host: &str) -> Option<OriginTarget> {
         let host = normalise_host(raw_host)?;
         let bare_host = host.split(':').next().unwrap_or(&host);
-        let (_, upstream) = self
+        let allowed = self
             .entries
             .iter()
-            .find(|(pattern, _)| pattern.matches(bare_host))?;
-        let upstream_base = upstream.clone().unwrap_or_else(|| format!("http://{host}"));
+            .find(|allowed| allowed.pattern.matches(bare_host))?;
+        let upstream_base = allowed
+            .upstream
+            .clone()
+            .unwrap_or_else(|| format!("http://{host}"));
         Some(OriginTarget {
             host,
             upstream_base,
+            policy: allowed.policy,
         })
     }
 
@@ -374,10 +407,12 @@ mod tests {
                 OriginConfig {
                     host: "*.example.com".into(),
                     upstream: Some("http://127.0.0.1:9000/".into()),
+                    ..Default::default()
                 },
                 OriginConfig {
                     host: "plain.org".into(),
                     upstream: None,
+                    ..Default::default()
                 },
             ],
             ..Config::default()

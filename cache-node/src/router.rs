@@ -192,10 +192,12 @@ mod tests {
                 OriginConfig {
                     host: "*.delivery.mp.microsoft.com".into(),
                     upstream: Some("http://127.0.0.1:7000".into()),
+                    ..Default::default()
                 },
                 OriginConfig {
                     host: "deb.debian.org".into(),
                     upstream: None,
+                    ..Default::default()
                 },
             ],
             ..Config::default()

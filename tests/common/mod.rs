@@ -49,10 +49,12 @@ pub fn test_config(
         OriginConfig {
             host: ORIGIN_HOST.into(),
             upstream: Some(origin_base.into()),
+            ..Default::default()
         },
         OriginConfig {
             host: format!("*.{ORIGIN_HOST}"),
             upstream: Some(origin_base.into()),
+            ..Default::default()
         },
     ];
     config

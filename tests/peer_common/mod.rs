@@ -57,6 +57,7 @@ impl KillableNode {
         config.origin.push(OriginConfig {
             host: "127.0.0.1".into(),
             upstream: None,
+            ..Default::default()
         });
         tweak(&mut config);
         let valid = config.validate().expect("test node config is valid");
