@@ -305,6 +305,27 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Origin headers are untrusted: judging never panics, and `no-store` is never stored
+        /// whatever surrounds it.
+        #[test]
+        fn any_origin_headers_are_judged_and_no_store_always_wins(
+            cache_control in "[ -~]{0,60}",
+            expires in "[ -~]{0,40}",
+            age in "[ -~]{0,12}",
+            position in 0usize..4,
+        ) {
+            let mut pairs = vec![
+                ("cache-control", cache_control.as_str()),
+                ("expires", expires.as_str()),
+                ("age", age.as_str()),
+            ];
+            let _ = honor(&pairs);
+            pairs.insert(position.min(pairs.len()), ("cache-control", "no-store"));
+            proptest::prop_assert_eq!(honor(&pairs), Err(NotStorable::NoStore));
+        }
+    }
+
     #[test]
     fn stored_seconds_round_trip() {
         for freshness in [

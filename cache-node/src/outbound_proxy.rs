@@ -291,6 +291,19 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// A proxy setting from a config file or the environment never panics the parser.
+        #[test]
+        fn any_proxy_setting_parses_or_is_refused(
+            proxy in proptest::prelude::any::<String>(),
+            near_miss in "http://([a-z%0-9:]{0,8}@)?[a-z0-9.\\-]{0,12}(:[0-9]{0,6})?/?",
+            no_proxy in "[a-z0-9.*, ]{0,20}",
+        ) {
+            let _ = ProxySettings::parse(&proxy, &no_proxy);
+            let _ = ProxySettings::parse(&near_miss, &no_proxy);
+        }
+    }
+
     #[test]
     fn bad_proxy_urls_say_what_is_wrong() {
         for (value, expected) in [

@@ -467,6 +467,23 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// A source's Content-Range is untrusted: parsing never panics, and what it accepts is
+        /// consistent.
+        #[test]
+        fn any_content_range_parses_consistently_or_not_at_all(
+            value in proptest::prelude::any::<String>(),
+            near_miss in "bytes [0-9]{0,21}-[0-9]{0,21}/([0-9]{0,21}|\\*)",
+        ) {
+            for value in [value, near_miss] {
+                if let Some((first, last, total)) = parse_content_range(&value) {
+                    proptest::prop_assert!(first <= last, "{value:?}");
+                    proptest::prop_assert!(total.is_none_or(|total| last < total), "{value:?}");
+                }
+            }
+        }
+    }
+
     fn head(status: u16, pairs: &[(&str, &str)]) -> (StatusCode, HeaderMap) {
         let mut headers = HeaderMap::new();
         for (name, value) in pairs {

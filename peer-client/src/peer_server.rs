@@ -320,4 +320,21 @@ mod tests {
             assert_eq!(&parse_range(*value, 1000), expected, "{value:?}");
         }
     }
+
+    proptest::proptest! {
+        /// Whatever a peer sends, the answer is a refusal or a non-empty range inside the file.
+        #[test]
+        fn any_range_header_is_refused_or_inside_the_file(
+            value in proptest::prelude::any::<String>(),
+            near_miss in "bytes= ?[0-9]{0,21} ?-[0-9]{0,21}",
+            len in 0u64..u64::MAX,
+        ) {
+            for value in [value, near_miss] {
+                if let Ok(range) = parse_range(Some(&value), len) {
+                    proptest::prop_assert!(range.start < range.end, "{value:?}");
+                    proptest::prop_assert!(range.end <= len, "{value:?}");
+                }
+            }
+        }
+    }
 }
