@@ -310,8 +310,6 @@ pub struct ValidConfig {
     pub io_backend: crate::disk::BackendChoice,
     /// `server.workers`, with 0 resolved to the number of cores.
     pub workers: usize,
-    /// `upstream.cache_control`, parsed.
-    pub cache_control: crate::freshness::CacheControlMode,
     /// `upstream.proxy` and `upstream.no_proxy`, parsed; `None` connects directly.
     pub proxy: Option<crate::outbound_proxy::ProxySettings>,
     /// `[peering]`, parsed.
@@ -400,8 +398,7 @@ impl Config {
                 ))
             }
         };
-        let cache_control =
-            parse_cache_control("upstream.cache_control", &self.upstream.cache_control)?;
+        parse_cache_control("upstream.cache_control", &self.upstream.cache_control)?;
         let proxy = crate::outbound_proxy::ProxySettings::parse(
             &self.upstream.proxy,
             &self.upstream.no_proxy,
@@ -469,7 +466,6 @@ impl Config {
             slice_len,
             io_backend,
             workers,
-            cache_control,
             proxy,
         })
     }
