@@ -483,7 +483,35 @@ async fn the_admin_listener_reports_and_purges_with_the_token() {
     );
     assert!(text.contains(&backend_line), "{text}");
 
-    let purge_url = format!("{admin}/objects?origin={ORIGIN_HOST}&path=%2Fadmin.bin");
+    // One object, inspected: how much is stored, where, and how fresh.
+    let object_url = format!("{admin}/objects?origin={ORIGIN_HOST}&path=%2Fadmin.bin");
+    let inspected = get(&object_url, &[]).await;
+    assert_eq!(inspected.status, 200);
+    let report: serde_json::Value = serde_json::from_slice(inspected.bytes()).unwrap();
+    assert_eq!(report["key"], format!("{ORIGIN_HOST}/admin.bin"));
+    assert_eq!(report["length"], 200_000);
+    assert_eq!(report["stored_bytes"], 200_000);
+    assert_eq!(report["complete"], true);
+    assert_eq!(report["slices_stored"], report["slices"]);
+    assert_eq!(report["slices_filling"], 0);
+    assert!(report["age_secs"].as_u64().unwrap() < 60, "{report}");
+    assert_eq!(report["fresh_for_secs"], serde_json::Value::Null);
+    assert_eq!(
+        report["drive"].as_str().unwrap(),
+        storage.path().display().to_string()
+    );
+    let unknown = get(
+        &format!("{admin}/objects?origin={ORIGIN_HOST}&path=%2Fnope"),
+        &[],
+    )
+    .await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(
+        get(&format!("{admin}/objects?path=%2Fx"), &[]).await.status,
+        400
+    );
+
+    let purge_url = object_url;
     let refused = request(reqwest::Method::DELETE, &purge_url, &[]).await;
     assert_eq!(refused.status, 401, "state changes need the token");
     let wrong = request(

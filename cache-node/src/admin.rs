@@ -1,5 +1,5 @@
-//! The admin listener: `/health`, `/stats` (JSON), `/metrics` (Prometheus text), and
-//! `DELETE /objects` to purge one object. Reads are open to whoever can reach the listener;
+//! The admin listener: `/health`, `/stats` (JSON), `/metrics` (Prometheus text),
+//! `GET /objects` to inspect one object and `DELETE /objects` to purge it. Reads are open to whoever can reach the listener;
 //! anything that changes state needs `Authorization: Bearer <admin.token>`.
 
 use std::convert::Infallible;
@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use serde::Serialize;
 
 use crate::key::CacheKey;
 use crate::node::Node;
@@ -34,6 +35,12 @@ pub async fn handle(
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )
         }
+        (&Method::GET | &Method::HEAD, "/objects") => {
+            match object_key(request.uri().query().unwrap_or("")) {
+                Some(key) => inspect(&node, &key),
+                None => bad_object_query(),
+            }
+        }
         (&Method::DELETE, "/objects") => {
             if !authorised(&node, &request) {
                 let mut response =
@@ -50,7 +57,7 @@ pub async fn handle(
         }
         _ => text_response(
             StatusCode::NOT_FOUND,
-            "unknown admin path; try /health, /stats, /metrics or DELETE /objects",
+            "unknown admin path; try /health, /stats, /metrics or /objects?origin=<host>&path=<path>",
         ),
     };
     Ok(response)
@@ -84,8 +91,8 @@ fn authorised(node: &Node, request: &Request<Incoming>) -> bool {
             == 0
 }
 
-/// `DELETE /objects?origin=<host>&path=<path and query>` removes one object and its files.
-fn purge(node: &Node, query: &str) -> Response<ResponseBody> {
+/// The cache key `?origin=<host>&path=<path and query>` names; `None` without both.
+fn object_key(query: &str) -> Option<CacheKey> {
     let mut origin = None;
     let mut path = None;
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
@@ -95,13 +102,88 @@ fn purge(node: &Node, query: &str) -> Response<ResponseBody> {
             _ => {}
         }
     }
-    let (Some(origin), Some(path)) = (origin, path) else {
+    Some(CacheKey::new(&origin?, &path?))
+}
+
+fn bad_object_query() -> Response<ResponseBody> {
+    text_response(
+        StatusCode::BAD_REQUEST,
+        "use /objects?origin=<host>&path=<url-encoded path and query>",
+    )
+}
+
+/// What `GET /objects` says about one stored object.
+#[derive(Debug, Serialize)]
+struct ObjectReport<'a> {
+    key: &'a str,
+    content_id: String,
+    drive: String,
+    length: u64,
+    stored_bytes: u64,
+    complete: bool,
+    slices: u64,
+    slices_stored: u64,
+    slices_filling: u64,
+    etag: Option<&'a str>,
+    last_modified: Option<&'a str>,
+    content_type: Option<&'a str>,
+    stored_at_unix: u64,
+    /// Seconds since the origin last confirmed this version (the `Age` clients get).
+    age_secs: Option<u64>,
+    /// The lifetime the origin gave it; `null` means the configured `revalidate_after`.
+    fresh_for_secs: Option<u64>,
+}
+
+/// `GET /objects?origin=<host>&path=<path and query>`: whether one object is cached, how much
+/// of it, on which drive, and how fresh. `404` when it is not.
+fn inspect(node: &Node, key: &CacheKey) -> Response<ResponseBody> {
+    let Some(entry) = node.index.get(key) else {
         return text_response(
-            StatusCode::BAD_REQUEST,
-            "use DELETE /objects?origin=<host>&path=<url-encoded path and query>",
+            StatusCode::NOT_FOUND,
+            format!("not cached: {}", key.as_str()),
         );
     };
-    let key = CacheKey::new(&origin, &path);
+    let (slices_stored, slices_filling) = {
+        let table = entry.table();
+        (
+            table.present.iter().filter(|stored| **stored).count() as u64,
+            table.inflight.len() as u64,
+        )
+    };
+    let meta = &entry.meta;
+    let drive = node
+        .layout
+        .drives()
+        .nth(node.layout.drive_of(key))
+        .map(|drive| drive.root.display().to_string())
+        .unwrap_or_default();
+    let report = ObjectReport {
+        key: key.as_str(),
+        content_id: key.object_id(),
+        drive,
+        length: meta.length,
+        stored_bytes: entry.stored_bytes(),
+        complete: entry.is_complete(),
+        slices: meta.slice_count(),
+        slices_stored,
+        slices_filling,
+        etag: meta.etag.as_deref(),
+        last_modified: meta.last_modified.as_deref(),
+        content_type: meta.content_type.as_deref(),
+        stored_at_unix: meta.stored_at_unix,
+        age_secs: entry.age().map(|age| age.as_secs()),
+        fresh_for_secs: entry.freshness().to_secs(),
+    };
+    let mut body = serde_json::to_vec_pretty(&report).expect("the report serialises");
+    body.push(b'\n');
+    typed(body, "application/json")
+}
+
+/// `DELETE /objects?origin=<host>&path=<path and query>` removes one object and its files.
+fn purge(node: &Node, query: &str) -> Response<ResponseBody> {
+    let Some(key) = object_key(query) else {
+        return bad_object_query();
+    };
     match node.index.get(&key) {
         Some(entry) => {
             node.index.remove(&entry);

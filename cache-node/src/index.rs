@@ -95,6 +95,11 @@ impl ObjectEntry {
         self.validation().at = std::time::Instant::now().checked_sub(age);
     }
 
+    /// The freshness the origin gave this version at its last confirmation.
+    pub fn freshness(&self) -> Freshness {
+        self.validation().freshness
+    }
+
     /// How long ago the origin last confirmed this version (sent as `Age`); `None` when unknown.
     pub fn age(&self) -> Option<std::time::Duration> {
         self.validation().at.map(|at| at.elapsed())
