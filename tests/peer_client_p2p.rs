@@ -671,7 +671,7 @@ async fn get_hands_its_download_to_the_daemon_which_then_serves_it() {
 async fn a_manifest_still_filling_is_asked_again_after_retry_after_within_the_timeout() {
     let origin = MockOrigin::start_on(ORIGIN_IP).await;
     let content = pattern_bytes(2 * MIB, 57);
-    // About a second and a half to fill: 48 chunks of 64 KiB, 30 ms apart.
+    // About a second to fill: 32 chunks of 64 KiB, 30 ms apart.
     let slow = outpost_testkit::Behaviour {
         chunk_delay: Some(Duration::from_millis(30)),
         chunk_size: Some(64 * 1024),
