@@ -635,10 +635,12 @@ pub async fn revalidate_if_stale(
             match freshness::judge(&origin.headers, route.target.policy.cache_control) {
                 Ok(freshness) if same_version => Some(freshness),
                 Ok(_) => None,
-                // Still the same bytes, but the origin now forbids storing them.
+                // Maybe the same bytes, but the origin now forbids storing them: not a version
+                // change, so neither counted nor logged as one.
                 Err(reason) => {
                     not_storable(node, &entry.key, reason);
-                    None
+                    node.index.remove(entry);
+                    return Revalidation::Changed;
                 }
             }
         }
