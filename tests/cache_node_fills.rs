@@ -945,3 +945,57 @@ async fn an_origin_can_override_the_freshness_settings() {
     );
     node.stop().await;
 }
+
+#[tokio::test]
+async fn while_the_origin_does_not_answer_stale_hits_wait_out_one_timeout_not_one_each() {
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    config.upstream.revalidate_after = Duration::ZERO;
+    config.upstream.first_byte_timeout = Duration::from_secs(2);
+    let node = TestNode::start(config).await;
+    let a = pattern_bytes(100_000, 46);
+    let b = pattern_bytes(100_000, 47);
+    origin.put("/a.bin", a.clone());
+    origin.put("/b.bin", b.clone());
+    let _ = get(&node.mcc_url("/a.bin"), &[]).await;
+    let _ = get(&node.mcc_url("/b.bin"), &[]).await;
+    node.settle().await;
+
+    // The WAN goes quiet: the origin takes connections but never answers.
+    for path in ["/a.bin", "/b.bin"] {
+        origin.set_behaviour(
+            path,
+            Behaviour {
+                header_delay: Some(Duration::from_secs(60)),
+                ..Behaviour::default()
+            },
+        );
+    }
+    let started = tokio::time::Instant::now();
+    let first = get(&node.mcc_url("/a.bin"), &[]).await;
+    assert_eq!(first.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(sha256_hex(first.bytes()), sha256_hex(&a));
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "one check timed out"
+    );
+
+    // Every other stale hit of that origin is served at once, without asking it again.
+    let requests = origin.request_count();
+    let started = tokio::time::Instant::now();
+    for _ in 0..3 {
+        for (path, content) in [("/b.bin", &b), ("/a.bin", &a)] {
+            let stale = get(&node.mcc_url(path), &[]).await;
+            assert_eq!(stale.header("x-cache").as_deref(), Some("HIT"));
+            assert_eq!(sha256_hex(stale.bytes()), sha256_hex(content));
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "six stale hits took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(origin.request_count(), requests);
+    node.stop().await;
+}

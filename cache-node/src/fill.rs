@@ -616,6 +616,17 @@ pub async fn revalidate_if_stale(
     if !entry.needs_revalidation(route.target.policy.revalidate_after) {
         return Revalidation::Fresh;
     }
+    if node
+        .unreachable_origins
+        .contains_key(&route.target.upstream_base)
+    {
+        // The origin did not answer a moment ago: serve what is stored without waiting for
+        // another timeout.
+        return Revalidation::Unreachable(OriginError::Connect(format!(
+            "{} was unreachable moments ago",
+            route.target.upstream_base
+        )));
+    }
     node.stats.revalidations.inc();
     let validator = if_range_validator(&entry.meta);
     let answer = fetch_range(node, route, 0, Some(0), validator).await;
@@ -651,6 +662,13 @@ pub async fn revalidate_if_stale(
         Err(DiscoverError::Origin(error)) => {
             node.stats.origin_errors.inc();
             tracing::warn!(key = entry.key.as_str(), %error, "cannot revalidate; serving the stored version");
+            if matches!(
+                error,
+                OriginError::Connect(_) | OriginError::FirstByteTimeout(_)
+            ) {
+                node.unreachable_origins
+                    .insert(route.target.upstream_base.clone(), ());
+            }
             return Revalidation::Unreachable(error);
         }
     };

@@ -20,6 +20,10 @@ use crate::store::Layout;
 /// The most keys [`Node::uncacheable`] remembers.
 const UNCACHEABLE_KEYS: u64 = 65_536;
 
+/// How long an origin that could not be reached for a revalidation is not asked again for one
+/// (stored versions are served as they are meanwhile).
+pub const UNREACHABLE_ORIGIN_BACKOFF: Duration = Duration::from_secs(30);
+
 /// Shared state of one running cache node.
 pub struct Node {
     /// Which origins may be fetched, and where.
@@ -52,6 +56,10 @@ pub struct Node {
     /// `revalidate_after` so that later requests go straight to the origin instead of
     /// rediscovering it.
     pub uncacheable: moka::sync::Cache<CacheKey, crate::freshness::NotStorable>,
+    /// Origins (by upstream base URL) whose last revalidation could not connect or got no
+    /// answer in time, for [`UNREACHABLE_ORIGIN_BACKOFF`]: while the WAN is down, stale hits are
+    /// served at once instead of each waiting out a timeout.
+    pub unreachable_origins: moka::sync::Cache<String, ()>,
     /// `server.max_ranges`.
     pub max_ranges: usize,
     /// `admin.token`.
@@ -140,6 +148,10 @@ impl Node {
             uncacheable: moka::sync::Cache::builder()
                 .max_capacity(UNCACHEABLE_KEYS)
                 .time_to_live(config.raw.upstream.revalidate_after)
+                .build(),
+            unreachable_origins: moka::sync::Cache::builder()
+                .max_capacity(1024)
+                .time_to_live(UNREACHABLE_ORIGIN_BACKOFF)
                 .build(),
             max_ranges: config.raw.server.max_ranges,
             admin_token: config.raw.admin.token.clone(),
