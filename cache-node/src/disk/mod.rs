@@ -172,13 +172,24 @@ mod tests {
         );
         // Drop the (clean, synced) pages: the zero-copy path must then decline the window rather
         // than let sendfile block on the disk, and a read brings the pages back.
+        // DONTNEED is advice: pages still sitting in another CPU's LRU batch, or under
+        // writeback, are kept, so ask again (bounded) until the kernel has let them go.
         let file = std::fs::File::open(&path).unwrap();
-        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-        let cold = storage.open_for_send(path.clone(), 0, 11).await.unwrap();
-        assert!(
-            cold.is_none(),
-            "an evicted window is not sent with sendfile"
-        );
+        let mut attempts = 0;
+        loop {
+            file.sync_all().unwrap();
+            rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+            let cold = storage.open_for_send(path.clone(), 0, 11).await.unwrap();
+            if cold.is_none() {
+                break;
+            }
+            attempts += 1;
+            assert!(
+                attempts < 100,
+                "an evicted window is not sent with sendfile"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         storage
             .read_at(path.clone(), 0, 11, Vec::new())
             .await
