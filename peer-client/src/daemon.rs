@@ -533,19 +533,11 @@ impl Daemon {
             Event::Progress(progress) => {
                 let mut records = shared.records.lock().expect("never poisoned");
                 let record = &mut records[record_index];
-                let bytes_of = |kind: SourceKind| -> u64 {
-                    progress
-                        .sources
-                        .iter()
-                        .filter(|source| source.kind == kind)
-                        .map(|source| source.bytes)
-                        .sum()
-                };
                 record.file_size = progress.file_len.unwrap_or(0);
                 record.bytes_done = progress.done_bytes;
-                record.bytes_from_peers = bytes_of(SourceKind::Peer);
-                record.bytes_from_cache_server = bytes_of(SourceKind::CacheHost);
-                record.bytes_from_http = bytes_of(SourceKind::Origin);
+                record.bytes_from_peers = progress.bytes_from(SourceKind::Peer);
+                record.bytes_from_cache_server = progress.bytes_from(SourceKind::CacheHost);
+                record.bytes_from_http = progress.bytes_from(SourceKind::Origin);
                 record.percent_peer_caching = crate::progress::percent_of(
                     record.bytes_from_peers + record.bytes_from_cache_server,
                     progress.received_bytes,

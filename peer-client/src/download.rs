@@ -1381,14 +1381,6 @@ impl<'a> Engine<'a> {
         })?;
         let _ = std::fs::remove_file(&self.paths.state);
         self.emit(Event::Progress(progress.clone()));
-        let bytes_of = |kind: SourceKind| -> u64 {
-            progress
-                .sources
-                .iter()
-                .filter(|source| source.kind == kind)
-                .map(|source| source.bytes)
-                .sum()
-        };
         let requests_of = |kind: SourceKind| -> u64 {
             self.sources
                 .slots
@@ -1410,15 +1402,15 @@ impl<'a> Engine<'a> {
             .and_then(|(_, slot)| slot.source.cache_host().map(CacheHost::to_string))
             .unwrap_or_default();
         let total = progress.received_bytes;
-        let from_cache = bytes_of(SourceKind::CacheHost);
-        let from_peers = bytes_of(SourceKind::Peer);
+        let from_cache = progress.bytes_from(SourceKind::CacheHost);
+        let from_peers = progress.bytes_from(SourceKind::Peer);
         let duration = self.started.elapsed();
         Ok(Status {
             file_size: progress.file_len.unwrap_or(0),
             total_bytes_downloaded: total,
             bytes_from_cache_server: from_cache,
             bytes_from_peers: from_peers,
-            bytes_from_http: bytes_of(SourceKind::Origin),
+            bytes_from_http: progress.bytes_from(SourceKind::Origin),
             percent_peer_caching: progress::percent_of(from_cache + from_peers, total),
             download_duration: progress::format_duration(duration),
             status: "Complete".into(),

@@ -33,6 +33,17 @@ pub struct Progress {
     pub sources: Vec<SourceProgress>,
 }
 
+impl Progress {
+    /// Bytes received so far from every source of `kind`.
+    pub fn bytes_from(&self, kind: SourceKind) -> u64 {
+        self.sources
+            .iter()
+            .filter(|source| source.kind == kind)
+            .map(|source| source.bytes)
+            .sum()
+    }
+}
+
 /// Something that happened during a download.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum Event {
