@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// Downloads `url` with curl to /dev/null and returns (seconds, bytes).
+#[allow(dead_code)] // not every benchmark downloads with curl
 pub fn curl_download(url: &str) -> (f64, u64) {
     let output = Command::new("curl")
         .args([
@@ -102,6 +103,27 @@ impl LancacheNginx {
             root = root.display()
         );
         Self::start_with(prefix, port, server)
+    }
+
+    /// The master's process id and its workers', for resource sampling.
+    #[allow(dead_code)] // only the abuse benchmark samples nginx
+    pub fn process_ids(&self) -> Vec<u32> {
+        let master = self.child.id();
+        let mut ids = vec![master];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // The parent pid is the second field after the parenthesised command name.
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if parent == Some(master) {
+                ids.push(pid);
+            }
+        }
+        ids
     }
 
     /// Starts nginx with the shared `http` settings and `server` (which listens on `port`).

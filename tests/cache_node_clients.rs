@@ -157,21 +157,24 @@ async fn warm_hits_are_byte_exact_over_http1_sendfile_and_http2() {
     curl_range("--http1.1", 0, 5_000_002).await;
     node.settle().await;
     let before = node.stats().await["zero_copy_bytes"].as_u64().unwrap();
-    let mut large_windows = 0;
+    // Bytes of the HTTP/1.1 windows large enough for zero-copy (32 KiB and up).
+    let mut large_window_bytes = 0;
     for (first, last) in cases {
         let expected = sha256_hex(&content[first as usize..=last as usize]);
         let http1 = curl_range("--http1.1", first, last).await;
         assert_eq!(sha256_hex(&http1), expected, "HTTP/1.1 -r {first}-{last}");
         let http2 = curl_range("--http2-prior-knowledge", first, last).await;
         assert_eq!(sha256_hex(&http2), expected, "HTTP/2 -r {first}-{last}");
-        if last - first >= 32 * 1024 {
-            large_windows += 1;
+        if last - first + 1 >= 32 * 1024 {
+            large_window_bytes += last - first + 1;
         }
     }
     let zero_copy = node.stats().await["zero_copy_bytes"].as_u64().unwrap() - before;
+    // The object is warm in the page cache, so nearly all of those bytes go out with sendfile;
+    // only the unaligned ends of a window may be copied.
     assert!(
-        large_windows > 0 && zero_copy > 5_000_000,
-        "the HTTP/1.1 hits went out with sendfile ({zero_copy} bytes)"
+        zero_copy >= large_window_bytes * 9 / 10 && zero_copy <= large_window_bytes,
+        "the HTTP/1.1 hits went out with sendfile ({zero_copy} of {large_window_bytes} bytes)"
     );
     assert_eq!(origin.max_fetches_of_any_byte("/zc.bin"), 1);
     node.stop().await;

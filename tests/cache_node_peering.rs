@@ -474,16 +474,26 @@ async fn announcements_expire_unless_renewed_and_bounds_refuse_with_retry_after(
 
     let query = format!("content_id={content_id}&mode=3");
     assert_eq!(peers_from(&node, "127.0.0.9", &query).await.len(), 2);
-    // The announcements were not renewed: they go (bounded wait on the node's real clock).
+    // 127.0.0.2 renews its announcement every 500 ms; 127.0.0.3 does not. The unrenewed one goes
+    // (bounded wait on the node's real clock) while the renewed one stays listed throughout.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !peers_from(&node, "127.0.0.9", &query).await.is_empty() {
+    loop {
+        assert_eq!(announce_from(&node, "127.0.0.2", holding.clone()).await.0, 200);
+        let listed = peers_from(&node, "127.0.0.9", &query).await;
+        assert!(
+            listed.iter().any(|address| address.starts_with("127.0.0.2:")),
+            "a renewed announcement never expires: {listed:?}"
+        );
+        if listed.len() == 1 {
+            break;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "announcements never expired"
+            "the unrenewed announcement never expired: {listed:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // And their room is free again.
+    // And the expired one's room is free again.
     assert_eq!(announce_from(&node, "127.0.0.4", holding).await.0, 200);
     node.stop().await;
 }

@@ -366,9 +366,17 @@ async fn origins_outside_the_allowlist_and_other_methods_are_refused() {
         "cacheHostOrigin is never sent upstream"
     );
 
-    // An origin 404 is passed on, not cached as content.
+    // An origin 404 is passed on, saying so, and not cached as content: once the object
+    // appears, the next request gets the real bytes.
     let missing = get(&node.mcc_url("/missing.bin"), &[]).await;
     assert_eq!(missing.status, 404);
+    assert_eq!(missing.bytes(), b"origin answered 404\n");
+    assert_ne!(missing.header("x-cache").as_deref(), Some("HIT"));
+    let appeared = pattern_bytes(70_000, 9);
+    origin.put("/missing.bin", appeared.clone());
+    let found = get(&node.mcc_url("/missing.bin"), &[]).await;
+    assert_eq!(found.status, 200);
+    assert_eq!(found.bytes(), &appeared[..]);
     let stats = node.stats().await;
     assert!(stats["requests"].as_u64().unwrap() >= 5);
     node.stop().await;

@@ -325,25 +325,8 @@ impl NodeProcess {
     }
 }
 
-/// Serialises a config to TOML by hand (the config crate has no writer), covering the keys the
-/// tests set.
+/// Serialises the whole config to TOML, every section and per-origin setting included, so a
+/// spawned node runs with exactly the config the test built.
 pub fn config_to_toml(config: &Config) -> String {
-    let mut text = format!(
-        "[server]\nlisten = \"{}\"\nshutdown_grace = \"2s\"\n\n[admin]\nlisten = \"{}\"\ntoken = \"{}\"\n\n[storage]\npath = \"{}\"\nmax_size = \"{}\"\nslice_size = \"{}\"\nfsync = {}\nio_backend = \"{}\"\n\n[upstream]\nidle_read_timeout = \"5s\"\nfirst_byte_timeout = \"5s\"\n",
-        config.server.listen,
-        config.admin.listen,
-        config.admin.token,
-        config.storage.path.display(),
-        config.storage.max_size,
-        config.storage.slice_size,
-        config.storage.fsync,
-        config.storage.io_backend,
-    );
-    for origin in &config.origin {
-        text.push_str(&format!("\n[[origin]]\nhost = \"{}\"\n", origin.host));
-        if let Some(upstream) = &origin.upstream {
-            text.push_str(&format!("upstream = \"{upstream}\"\n"));
-        }
-    }
-    text
+    toml::to_string(config).expect("every config serialises to TOML")
 }
