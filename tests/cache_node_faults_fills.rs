@@ -22,12 +22,11 @@ use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-/// Runs the tests of this file one at a time.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Runs the tests of this file one at a time (the lock works across their runtimes, and a
+/// failed test does not poison it).
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
 }
 
 /// Waits (bounded) until `condition` holds.
@@ -192,7 +191,7 @@ fn stat(stats: &serde_json::Value, name: &str) -> u64 {
 /// turns under `fill.max_concurrent`, and memory stays within the budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_abandoned_cold_downloads_cost_a_few_slices_each_within_the_fill_caps() {
-    let _serial = serial();
+    let _serial = serial().await;
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let node = TestNode::start(config_with(&origin, storage.path(), |config| {
@@ -301,7 +300,7 @@ async fn forty_abandoned_cold_downloads_cost_a_few_slices_each_within_the_fill_c
 /// another address and the same address's hits are served at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_over_its_cold_fill_cap_gets_503_while_others_are_served() {
-    let _serial = serial();
+    let _serial = serial().await;
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let node = TestNode::start(config_with(&origin, storage.path(), |config| {
@@ -383,7 +382,7 @@ async fn a_client_over_its_cold_fill_cap_gets_503_while_others_are_served() {
 /// nobody reads them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifest_requests_count_take_client_slots_and_prefill_to_the_end() {
-    let _serial = serial();
+    let _serial = serial().await;
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let node = TestNode::start(config_with(&origin, storage.path(), |config| {
@@ -502,7 +501,7 @@ impl cache_node::disk::Storage for SlowDisk {
 /// most `fill.max_memory`, and the origin waits instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fills_against_a_slow_disk_hold_no_more_than_the_memory_budget() {
-    let _serial = serial();
+    let _serial = serial().await;
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let valid = config_with(&origin, storage.path(), |config| {
@@ -596,7 +595,7 @@ async fn stream_and_compare(url: &str, content: &[u8]) {
 /// the connection is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revalidation_answered_with_the_whole_object_reads_only_its_headers() {
-    let _serial = serial();
+    let _serial = serial().await;
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let node = TestNode::start(config_with(&origin, storage.path(), |config| {
@@ -649,7 +648,7 @@ async fn a_revalidation_answered_with_the_whole_object_reads_only_its_headers() 
         "bodies were read: {sent} bytes for {revalidations} checks"
     );
     assert!(
-        peak.saturating_sub(baseline) < 48 * MIB,
+        peak.saturating_sub(baseline) < 16 * MIB,
         "resident memory grew by {} MiB",
         peak.saturating_sub(baseline) / MIB
     );
@@ -661,7 +660,7 @@ async fn a_revalidation_answered_with_the_whole_object_reads_only_its_headers() 
 /// never stored nor served as the plain file: every request is relayed with `Content-Encoding`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_encoded_answer_is_relayed_with_its_content_encoding_and_never_stored() {
-    let _serial = serial();
+    let _serial = serial().await;
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let node = TestNode::start(config_with(&origin, storage.path(), |_| {})).await;
@@ -726,7 +725,7 @@ async fn an_encoded_answer_is_relayed_with_its_content_encoding_and_never_stored
 /// response ever mixes versions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validator_less_versions_at_the_same_length_are_never_mixed() {
-    let _serial = serial();
+    let _serial = serial().await;
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let node = TestNode::start(config_with(&origin, storage.path(), |_| {})).await;
@@ -785,7 +784,7 @@ async fn validator_less_versions_at_the_same_length_are_never_mixed() {
 /// version check, and its bytes were stored beside the old version's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_without_the_stored_etag_is_another_version() {
-    let _serial = serial();
+    let _serial = serial().await;
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let node = TestNode::start(config_with(&origin, storage.path(), |_| {})).await;
@@ -825,7 +824,7 @@ async fn an_answer_without_the_stored_etag_is_another_version() {
 /// `Content-Range`, is refused: nothing of it is served as the asked bytes or stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_206_with_wrong_offsets_or_a_contradicting_length_is_never_served_or_stored() {
-    let _serial = serial();
+    let _serial = serial().await;
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let node = TestNode::start(config_with(&origin, storage.path(), |_| {})).await;
@@ -890,7 +889,7 @@ async fn a_206_with_wrong_offsets_or_a_contradicting_length_is_never_served_or_s
 /// whole body from byte 0, keeps the missing slices up to what was asked, and stops there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origin_that_ignores_range_on_a_later_fill_gives_the_right_bytes_and_stops_there() {
-    let _serial = serial();
+    let _serial = serial().await;
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let node = TestNode::start(config_with(&origin, storage.path(), |config| {
@@ -952,7 +951,7 @@ async fn an_origin_that_ignores_range_on_a_later_fill_gives_the_right_bytes_and_
 /// served is right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_runs_fetch_across_stored_slices_with_one_request_and_serve_the_right_bytes() {
-    let _serial = serial();
+    let _serial = serial().await;
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let node = TestNode::start(config_with(&origin, storage.path(), |config| {
@@ -993,7 +992,7 @@ async fn merged_runs_fetch_across_stored_slices_with_one_request_and_serve_the_r
 /// next request completes the object correctly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_mid_body_keeps_only_complete_slices_and_the_next_request_heals() {
-    let _serial = serial();
+    let _serial = serial().await;
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let node = TestNode::start(config_with(&origin, storage.path(), |_| {})).await;
@@ -1061,6 +1060,9 @@ struct RawAnswer {
     endless: bool,
 }
 
+/// How a raw origin answers a path and a `Range` (`first`, optional `last`).
+type Answering = dyn Fn(&str, Option<(u64, Option<u64>)>) -> RawAnswer + Send + Sync;
+
 /// An origin on a raw socket, for answers hyper would not let a server send: more bytes than
 /// declared, bodies that never end. Counts the body bytes it wrote.
 struct RawOrigin {
@@ -1108,11 +1110,7 @@ impl Drop for RawOrigin {
 
 /// Serves requests on one connection until it closes; bodies are written in 16 KiB pieces, and
 /// an endless one stops after 256 MiB at most.
-async fn serve_raw(
-    mut stream: TcpStream,
-    answer: Arc<dyn Fn(&str, Option<(u64, Option<u64>)>) -> RawAnswer + Send + Sync>,
-    written: Arc<AtomicU64>,
-) {
+async fn serve_raw(mut stream: TcpStream, answer: Arc<Answering>, written: Arc<AtomicU64>) {
     let mut received = Vec::new();
     let mut buffer = vec![0u8; 16 << 10];
     loop {
@@ -1161,7 +1159,7 @@ async fn serve_raw(
 /// stores it, and hangs up instead of reading on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_chunked_body_yields_exactly_the_asked_range_and_is_cut_off() {
-    let _serial = serial();
+    let _serial = serial().await;
     let content = pattern_bytes(1_000_000, 270);
     let served = content.clone();
     let origin = RawOrigin::start(move |_path, range| {
@@ -1230,7 +1228,7 @@ async fn an_endless_chunked_body_yields_exactly_the_asked_range_and_is_cut_off()
 /// only, and the extra bytes never become another object's answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_longer_than_declared_is_cut_at_its_length_and_smuggles_nothing() {
-    let _serial = serial();
+    let _serial = serial().await;
     let first = pattern_bytes(300_000, 280);
     let second = pattern_bytes(200_000, 281);
     let (first_served, second_served) = (first.clone(), second.clone());
