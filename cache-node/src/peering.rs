@@ -404,7 +404,9 @@ async fn manifest(
                 // another request. Fetch it again whole.
                 Err(fill::FillRefused::NoValidator) => {
                     node.index.remove(&entry);
-                    continue;
+                    if tokio::time::Instant::now() < deadline {
+                        continue;
+                    }
                 }
                 Err(refused) => return refused_manifest(node, refused),
             }
