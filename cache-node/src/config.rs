@@ -56,6 +56,8 @@ pub struct Config {
     pub origin: Vec<OriginConfig>,
     /// Piece manifests and the peer tracker for peer-clients.
     pub peering: crate::peering::PeeringConfig,
+    /// Bounds on origin fills: memory, concurrency, per-client caps.
+    pub fill: crate::fill_limits::FillConfig,
 }
 
 /// `[server]`: the client-facing listener.
@@ -314,6 +316,8 @@ pub struct ValidConfig {
     pub proxy: Option<crate::outbound_proxy::ProxySettings>,
     /// `[peering]`, parsed.
     pub peering: crate::peering::PeeringSettings,
+    /// `[fill]`, parsed.
+    pub fill: crate::fill_limits::FillSettings,
 }
 
 impl Config {
@@ -456,6 +460,7 @@ impl Config {
             }
         }
         let peering = self.peering.validate()?;
+        let fill = self.fill.validate(slice_len)?;
         Ok(ValidConfig {
             peering,
             raw: self,
@@ -467,6 +472,7 @@ impl Config {
             io_backend,
             workers,
             proxy,
+            fill,
         })
     }
 }

@@ -41,6 +41,10 @@ pub enum OriginError {
     /// The origin answered with a status that is not cacheable content (404, 500, ...).
     #[error("origin answered {0}")]
     Status(u16),
+    /// The fill stopped early because no client wanted the rest of its bytes; they are fetched
+    /// again when someone asks for them.
+    #[error("fill stopped: no client wanted the rest")]
+    Stopped,
 }
 
 impl OriginError {

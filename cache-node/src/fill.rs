@@ -15,19 +15,35 @@
 //! - **Failure.** If the origin stops early, lies about the range, or turns out to have changed
 //!   the content, every unfinished slice of the fill is failed: its readers end their responses
 //!   with an error (never a clean end), and nothing of it is stored.
-//!
-//! A fill is a spawned task: it continues when the client that started it disconnects.
+//! - **Demand.** A response registers a [`Demand`] on the slices it will read. A fill is a
+//!   spawned task and outlives the client that started it, but only so far: entering each new
+//!   slice it checks that some response (or a prefill) still wants one of its remaining slices,
+//!   and otherwise stops, dropping the origin response and releasing the rest of its claims, so a
+//!   client that asks for a whole object and leaves costs the slice it was reading, not the
+//!   object. Objects up to `fill.finish_objects_up_to` are finished anyway.
+//! - **Limits.** Every fill waits for a turn and reserves memory for each slice before taking
+//!   its bytes; requests that start fills take a slot of their client address
+//!   (see [`crate::fill_limits`]).
+//! - **Versions.** Slices of one object fetched by different requests are only put together when
+//!   the object has a validator the origin checks (`If-Range` with a strong ETag or
+//!   Last-Modified). A validator-less object keeps what its first fill brought, and missing slices
+//!   are refused ([`FillRefused::NoValidator`]) rather than spliced in from another request.
+//! - **Encodings.** An answer with a `Content-Encoding` is never stored: its bytes are not the
+//!   resource's. The request is relayed instead, header and all.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 
 use crate::error::OriginError;
+use crate::fill_limits::{ClientSlot, FillSlot, MemoryReservation};
+pub use crate::fill_limits::{FillRefused, Requester};
 use crate::freshness::{self, Freshness, NotStorable};
 use crate::index::{ObjectEntry, SliceTable};
 use crate::key::CacheKey;
@@ -46,9 +62,13 @@ const REPLAYED_HEADERS: [header::HeaderName; 4] = [
 ];
 
 /// How many bytes of finished slices of one fill may wait for their disk write before the fill
-/// stops reading from the origin. This bounds memory when the disk is slower than the network,
-/// while letting short bursts of a fast origin run ahead of the disk.
+/// stops reading from the origin, so one fill against a slow disk cannot take the whole memory
+/// budget (`fill.max_memory`) from the others while letting short bursts run ahead of the disk.
 const PENDING_WRITE_BYTES_PER_FILL: u64 = 64 * 1024 * 1024;
+
+/// The most body bytes a revalidation reads (to let the pooled connection be reused). It asks for
+/// one byte; an origin that ignores the range and sends the object has its connection dropped.
+const REVALIDATION_BODY_MAX: u64 = 64 << 10;
 
 #[derive(Debug)]
 enum BufferState {
@@ -70,6 +90,12 @@ pub struct SliceBuffer {
     expected_len: u64,
     inner: Mutex<BufferInner>,
     changed: watch::Sender<()>,
+    /// How many live [`Demand`]s include this slice.
+    wanted: AtomicUsize,
+    /// A prefill asked for this slice: its fill finishes it even when nobody reads it.
+    prefill: AtomicBool,
+    /// The fill memory this slice holds, from its first byte until it is on disk (or failed).
+    memory: Mutex<Option<MemoryReservation>>,
 }
 
 /// What a reader gets from a slice buffer.
@@ -94,7 +120,40 @@ impl SliceBuffer {
                 state: BufferState::Filling,
             }),
             changed: watch::channel(()).0,
+            wanted: AtomicUsize::new(0),
+            prefill: AtomicBool::new(false),
+            memory: Mutex::new(None),
         }
+    }
+
+    /// True while some response or a prefill wants this slice.
+    fn is_wanted(&self) -> bool {
+        self.wanted.load(Ordering::Acquire) > 0 || self.prefill.load(Ordering::Acquire)
+    }
+
+    fn hold_memory(&self, reservation: MemoryReservation) {
+        *self
+            .memory
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(reservation);
+    }
+
+    fn holds_memory(&self) -> bool {
+        self.memory
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_some()
+    }
+
+    /// Returns the slice's fill memory to the budget: its bytes are on disk, or were dropped.
+    /// Readers still streaming them keep the bytes alive until they are done.
+    fn release_memory(&self) {
+        drop(
+            self.memory
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take(),
+        );
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BufferInner> {
@@ -124,8 +183,12 @@ impl SliceBuffer {
             let mut inner = self.lock();
             if matches!(inner.state, BufferState::Filling) {
                 inner.state = BufferState::Failed(error);
+                // Nothing of a failed slice is ever served in full, so its bytes can go now:
+                // readers see the failure once they run out of chunks.
+                inner.chunks = Vec::new();
             }
         }
+        self.release_memory();
         self.changed.send_replace(());
     }
 
@@ -224,14 +287,56 @@ impl SliceReader {
     }
 }
 
+/// A response's interest in slices being filled: while it lives, the fills of those slices keep
+/// going even after the client that started them left. Dropping it withdraws the interest.
+/// It holds the buffers weakly, so a slice's bytes go as soon as it is on disk and read.
+#[derive(Debug, Default)]
+pub struct Demand {
+    buffers: Vec<Weak<SliceBuffer>>,
+}
+
+impl Demand {
+    /// Adds interest in every slice of `first..=last` being filled now, and marks them for a
+    /// prefill when asked. The caller holds the entry's table lock, so a fill deciding whether to
+    /// stop sees this demand or has already released the slices.
+    fn register(&mut self, table: &SliceTable, first: u64, last: u64, prefill: bool) {
+        for index in first..=last {
+            if let Some(buffer) = table.inflight.get(&index) {
+                if prefill {
+                    buffer.prefill.store(true, Ordering::Release);
+                }
+                buffer.wanted.fetch_add(1, Ordering::AcqRel);
+                self.buffers.push(Arc::downgrade(buffer));
+            }
+        }
+    }
+
+    /// Takes over `other`'s interest.
+    pub fn merge(&mut self, mut other: Demand) {
+        self.buffers.append(&mut other.buffers);
+    }
+}
+
+impl Drop for Demand {
+    fn drop(&mut self) {
+        for buffer in self.buffers.drain(..) {
+            if let Some(buffer) = buffer.upgrade() {
+                buffer.wanted.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
 /// Why an object could not be looked up or discovered.
 #[derive(Debug, Clone)]
 pub enum DiscoverError {
     /// The origin failed or answered with something other than content.
     Origin(OriginError),
-    /// The content cannot be stored (no length, or the origin's `Cache-Control` forbids it);
-    /// requests for it are passed through uncached.
+    /// The content cannot be stored (no length, a `Content-Encoding`, or the origin's
+    /// `Cache-Control` forbids it); requests for it are passed through uncached.
     NotStorable(NotStorable),
+    /// The request may not start a fill now (its client has too many running).
+    Refused(FillRefused),
 }
 
 type DiscoveryOutcome = Result<Arc<ObjectEntry>, DiscoverError>;
@@ -253,46 +358,30 @@ pub struct SliceSpan {
 }
 
 /// Returns the current entry for the route's key, discovering the object from the origin if the
-/// index does not know it. Concurrent callers for one key share one discovery.
+/// index does not know it. Concurrent callers for one key share one discovery. The caller that
+/// started the discovery also gets the [`Demand`] on the slices it claimed, so the fill keeps
+/// going for it until it registers its own.
 pub async fn lookup_or_discover(
     node: &Arc<Node>,
     route: &Route,
     span: SliceSpan,
-) -> DiscoveryOutcome {
+    requester: &Requester,
+) -> Result<(Arc<ObjectEntry>, Demand), DiscoverError> {
     let key = route.cache_key();
-    let mut receiver = {
-        let mut pending = node
-            .discoveries
-            .pending
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(entry) = node.index.get(&key) {
-            return Ok(entry);
-        }
-        if let Some(reason) = node.uncacheable.get(&key) {
-            return Err(DiscoverError::NotStorable(reason));
-        }
-        match pending.get(&key) {
-            Some(receiver) => receiver.clone(),
-            None => {
-                let (sender, receiver) = watch::channel(None);
-                pending.insert(key.clone(), receiver.clone());
-                let node = node.clone();
-                let route = route.clone();
-                let key = key.clone();
-                tokio::spawn(async move {
-                    let outcome = discover(&node, &route, &key, span).await;
-                    // The entry is in the index before the pending marker goes, so a new request
-                    // always finds one or the other.
-                    let mut pending = node
-                        .discoveries
-                        .pending
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    pending.remove(&key);
-                    sender.send_replace(Some(outcome));
-                });
-                receiver
+    let mut client_slot: Option<Arc<ClientSlot>> = None;
+    let (mut receiver, own_demand) = loop {
+        match look_up_or_start(node, route, &key, span, &mut client_slot) {
+            Lookup::Found(entry) => return Ok((entry, Demand::default())),
+            Lookup::NotStorable(reason) => return Err(DiscoverError::NotStorable(reason)),
+            Lookup::Waiting(receiver, own_demand) => break (receiver, own_demand),
+            // A discovery is a cold fill of this client's: take its slot first (maybe waiting),
+            // outside the lock, then look again.
+            Lookup::NeedsSlot => {
+                let slot = requester
+                    .slot(&node.fill_limits)
+                    .await
+                    .map_err(DiscoverError::Refused)?;
+                client_slot = Some(slot);
             }
         }
     };
@@ -301,7 +390,13 @@ pub async fn lookup_or_discover(
         .await
         .map(|outcome| outcome.clone().expect("waited for Some"));
     match waited {
-        Ok(outcome) => outcome,
+        Ok(outcome) => {
+            // The demand was sent before the outcome was published.
+            let demand = own_demand
+                .and_then(|mut receiver| receiver.try_recv().ok())
+                .unwrap_or_default();
+            outcome.map(|entry| (entry, demand))
+        }
         Err(_) => {
             // The discovery task died without answering (a panic). Drop its marker so the next
             // request starts a fresh discovery instead of waiting on a dead channel.
@@ -323,6 +418,66 @@ pub async fn lookup_or_discover(
     }
 }
 
+/// What [`look_up_or_start`] found.
+enum Lookup {
+    Found(Arc<ObjectEntry>),
+    NotStorable(NotStorable),
+    /// A discovery is running; the demand receiver is there when this caller started it.
+    Waiting(
+        watch::Receiver<Option<DiscoveryOutcome>>,
+        Option<oneshot::Receiver<Demand>>,
+    ),
+    /// A discovery must start, and the caller has no client slot for it yet.
+    NeedsSlot,
+}
+
+/// Under the discoveries lock: the indexed entry, the uncacheable verdict, the running
+/// discovery, or a new discovery started with `client_slot` (taken from it).
+fn look_up_or_start(
+    node: &Arc<Node>,
+    route: &Route,
+    key: &CacheKey,
+    span: SliceSpan,
+    client_slot: &mut Option<Arc<ClientSlot>>,
+) -> Lookup {
+    let mut pending = node
+        .discoveries
+        .pending
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(entry) = node.index.get(key) {
+        return Lookup::Found(entry);
+    }
+    if let Some(reason) = node.uncacheable.get(key) {
+        return Lookup::NotStorable(reason);
+    }
+    if let Some(receiver) = pending.get(key) {
+        return Lookup::Waiting(receiver.clone(), None);
+    }
+    let Some(slot) = client_slot.take() else {
+        return Lookup::NeedsSlot;
+    };
+    let (sender, receiver) = watch::channel(None);
+    let (demand_sender, demand_receiver) = oneshot::channel();
+    pending.insert(key.clone(), receiver.clone());
+    let node = node.clone();
+    let route = route.clone();
+    let key = key.clone();
+    tokio::spawn(async move {
+        let outcome = discover(&node, &route, &key, span, slot, demand_sender).await;
+        // The entry is in the index before the pending marker goes, so a new request always
+        // finds one or the other.
+        let mut pending = node
+            .discoveries
+            .pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        pending.remove(&key);
+        sender.send_replace(Some(outcome));
+    });
+    Lookup::Waiting(receiver, Some(demand_receiver))
+}
+
 /// A validated origin response carrying object bytes.
 struct OriginBody {
     length: u64,
@@ -339,6 +494,18 @@ fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> 
         .get(name)
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned)
+}
+
+/// True when the body carries a `Content-Encoding` other than `identity`.
+fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|value| value.to_str().unwrap_or("unreadable").split(','))
+        .any(|coding| {
+            let coding = coding.trim();
+            !coding.is_empty() && !coding.eq_ignore_ascii_case("identity")
+        })
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -367,6 +534,13 @@ async fn fetch_range(
         .map_err(DiscoverError::Origin)?;
     let (parts, body) = response.into_parts();
     let protocol = |message: String| DiscoverError::Origin(OriginError::Protocol(message));
+    if matches!(parts.status, StatusCode::OK | StatusCode::PARTIAL_CONTENT)
+        && is_encoded(&parts.headers)
+    {
+        // The body is dropped unread, which closes that origin connection.
+        node.stats.encoded_responses.inc();
+        return Err(DiscoverError::NotStorable(NotStorable::Encoded));
+    }
     match parts.status {
         StatusCode::PARTIAL_CONTENT => {
             let content_range = header_text(&parts.headers, header::CONTENT_RANGE)
@@ -462,7 +636,10 @@ async fn discover(
     route: &Route,
     key: &CacheKey,
     span: SliceSpan,
+    client_slot: Arc<ClientSlot>,
+    demand_sender: oneshot::Sender<Demand>,
 ) -> DiscoveryOutcome {
+    let fill_slot = node.fill_limits.start_fill(Some(client_slot)).await;
     let first_byte = span.first * node.slice_len;
     let last_byte = span
         .last
@@ -496,10 +673,26 @@ async fn discover(
         tracing::warn!(key = key.as_str(), %error, "could not store object metadata");
     }
     let entry = Arc::new(ObjectEntry::new(meta));
-    let owned = claim_slices(&entry, origin.body_start, origin.body_end);
+    let (owned, demand) = {
+        let mut table = entry.table();
+        let owned = claim_in(&mut table, &entry.meta, origin.body_start, origin.body_end);
+        let mut demand = Demand::default();
+        if let (Some(&first), Some(&last)) = (owned.keys().next(), owned.keys().next_back()) {
+            demand.register(&table, first, last, false);
+        }
+        (owned, demand)
+    };
+    // The requester that started this discovery keeps the fill going until it registers its
+    // own demand; if it left meanwhile, the demand is dropped here.
+    let _ = demand_sender.send(demand);
     node.index.insert(entry.clone());
     if let Some(body) = origin.body.take() {
-        spawn_fill(node.clone(), entry.clone(), body, origin.body_start, owned);
+        let node = node.clone();
+        let entry = entry.clone();
+        let body_start = origin.body_start;
+        tokio::spawn(async move {
+            stream_into_slices(&node, &entry, body, body_start, owned, fill_slot).await;
+        });
     }
     Ok(entry)
 }
@@ -519,59 +712,95 @@ fn not_storable(node: &Node, key: &CacheKey, reason: NotStorable) -> DiscoverErr
 /// Claims every slice overlapping absolute bytes `start..end` that is neither stored nor being
 /// filled, creating its buffer. Returns the claimed buffers by slice index.
 fn claim_slices(entry: &ObjectEntry, start: u64, end: u64) -> BTreeMap<u64, Arc<SliceBuffer>> {
+    claim_in(&mut entry.table(), &entry.meta, start, end)
+}
+
+/// [`claim_slices`] with the entry's table already locked.
+fn claim_in(
+    table: &mut SliceTable,
+    meta: &ObjectMeta,
+    start: u64,
+    end: u64,
+) -> BTreeMap<u64, Arc<SliceBuffer>> {
     let mut owned = BTreeMap::new();
     if start >= end {
         return owned;
     }
-    let slice_len = entry.meta.slice_len;
-    let mut table = entry.table();
+    let slice_len = meta.slice_len;
     for index in start / slice_len..=(end - 1) / slice_len {
-        let stored = table.present.get(index as usize).copied().unwrap_or(true);
-        if stored || table.inflight.contains_key(&index) {
+        if is_stored(table, index) || table.inflight.contains_key(&index) {
             continue;
         }
-        let buffer = Arc::new(SliceBuffer::new(entry.meta.slice_length(index)));
+        let buffer = Arc::new(SliceBuffer::new(meta.slice_length(index)));
         table.inflight.insert(index, buffer.clone());
         owned.insert(index, buffer);
     }
     owned
 }
 
+/// True when slice `index` is on disk (an index past the end counts as stored: nothing to fill).
+fn is_stored(table: &SliceTable, index: u64) -> bool {
+    table.present.get(index as usize).copied().unwrap_or(true)
+}
+
+/// True when slices of this version fetched by separate requests are known to be of one version:
+/// the origin checks a strong ETag or a Last-Modified sent as `If-Range`. Objects of one slice
+/// never need splicing.
+pub fn splices_safely(meta: &ObjectMeta) -> bool {
+    if_range_validator(meta).is_some() || meta.slice_count() <= 1
+}
+
 /// Makes sure every slice in `first..=last` is stored or being filled, starting fills for the
 /// missing ones: one upstream request per run of missing slices, where runs separated by at most
-/// `merge_gap_slices` stored slices count as one run.
-pub fn ensure_filling(
+/// `merge_gap_slices` stored slices count as one run. Returns the caller's [`Demand`] on the
+/// slices being filled; hold it while reading them.
+///
+/// Starting fills takes a slot of the requester's client (waiting up to `fill.client_wait`).
+/// Missing slices of a validator-less object are refused: they could come from another version.
+pub async fn ensure_filling(
     node: &Arc<Node>,
     route: &Route,
     entry: &Arc<ObjectEntry>,
     first: u64,
     last: u64,
-) {
-    let missing: Vec<u64> = {
-        let table = entry.table();
+    requester: &Requester,
+) -> Result<Demand, FillRefused> {
+    let missing = |table: &SliceTable| -> Vec<u64> {
         (first..=last)
-            .filter(|index| {
-                !table.present.get(*index as usize).copied().unwrap_or(true)
-                    && !table.inflight.contains_key(index)
-            })
+            .filter(|index| !is_stored(table, *index) && !table.inflight.contains_key(index))
             .collect()
     };
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for index in missing {
-        match runs.last_mut() {
-            Some((_, run_last)) if index - *run_last <= node.merge_gap_slices + 1 => {
-                *run_last = index
-            }
-            _ => runs.push((index, index)),
-        }
+    let mut demand = Demand::default();
+    if missing(&entry.table()).is_empty() {
+        demand.register(&entry.table(), first, last, requester.prefill);
+        return Ok(demand);
     }
-    for (run_first, run_last) in runs {
+    if !splices_safely(&entry.meta) {
+        return Err(FillRefused::NoValidator);
+    }
+    let client_slot = requester.slot(&node.fill_limits).await?;
+    let mut fills = Vec::new();
+    {
+        let mut table = entry.table();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for index in missing(&table) {
+            match runs.last_mut() {
+                Some((_, run_last)) if index - *run_last <= node.merge_gap_slices + 1 => {
+                    *run_last = index
+                }
+                _ => runs.push((index, index)),
+            }
+        }
         let slice_len = entry.meta.slice_len;
-        let start = run_first * slice_len;
-        let end = (run_last * slice_len + slice_len).min(entry.meta.length);
-        let owned = claim_slices(entry, start, end);
-        // Trim the request to the slices actually claimed: another request may have claimed
-        // the edges since the missing list was taken.
+        for (run_first, run_last) in runs {
+            let start = run_first * slice_len;
+            let end = (run_last * slice_len + slice_len).min(entry.meta.length);
+            let owned = claim_in(&mut table, &entry.meta, start, end);
+            fills.push(owned);
+        }
+        demand.register(&table, first, last, requester.prefill);
+    }
+    for owned in fills {
         let (Some(&claimed_first), Some(&claimed_last)) =
             (owned.keys().next(), owned.keys().next_back())
         else {
@@ -580,10 +809,22 @@ pub fn ensure_filling(
         let node = node.clone();
         let route = route.clone();
         let entry = entry.clone();
+        let client_slot = client_slot.clone();
         tokio::spawn(async move {
-            run_fill(node, route, entry, claimed_first, claimed_last, owned).await;
+            let fill_slot = node.fill_limits.start_fill(Some(client_slot)).await;
+            run_fill(
+                node,
+                route,
+                entry,
+                claimed_first,
+                claimed_last,
+                owned,
+                fill_slot,
+            )
+            .await;
         });
     }
+    Ok(demand)
 }
 
 /// What checking a stored version against the origin found.
@@ -634,9 +875,15 @@ pub async fn revalidate_if_stale(
     let confirmed = match answer {
         Ok(mut origin) => {
             if let Some(body) = origin.body.take() {
-                // A byte (or, from an origin ignoring Range, the whole object): drain it within
-                // the idle timeout so the pooled connection can be reused, or drop it.
-                let _ = tokio::time::timeout(node.idle_read_timeout, body.collect()).await;
+                // The byte asked for is drained (within the idle timeout) so the pooled
+                // connection can be reused. From an origin that ignores Range the answer is the
+                // whole object: only its headers are needed, and dropping the body unread
+                // closes the connection instead of holding the object in memory.
+                if origin.body_end - origin.body_start <= REVALIDATION_BODY_MAX {
+                    let limited =
+                        http_body_util::Limited::new(body, REVALIDATION_BODY_MAX as usize);
+                    let _ = tokio::time::timeout(node.idle_read_timeout, limited.collect()).await;
+                }
             }
             let same_version = entry.meta.same_version(
                 origin.length,
@@ -659,6 +906,10 @@ pub async fn revalidate_if_stale(
         Err(
             DiscoverError::Origin(OriginError::Status(400..=499)) | DiscoverError::NotStorable(_),
         ) => None,
+        // Never produced by a plain range request; served as stored.
+        Err(DiscoverError::Refused(refused)) => {
+            return Revalidation::Unreachable(OriginError::Protocol(refused.to_string()))
+        }
         Err(DiscoverError::Origin(error)) => {
             node.stats.origin_errors.inc();
             tracing::warn!(key = entry.key.as_str(), %error, "cannot revalidate; serving the stored version");
@@ -701,8 +952,13 @@ async fn run_fill(
     entry: Arc<ObjectEntry>,
     first_slice: u64,
     last_slice: u64,
-    owned: BTreeMap<u64, Arc<SliceBuffer>>,
+    mut owned: BTreeMap<u64, Arc<SliceBuffer>>,
+    fill_slot: FillSlot,
 ) {
+    // The turn may have taken a while: the clients that asked may have left meanwhile.
+    if !keeps_going(&node, &entry, &mut owned, first_slice) {
+        return;
+    }
     let slice_len = entry.meta.slice_len;
     let first_byte = first_slice * slice_len;
     let last_byte = (last_slice * slice_len + slice_len).min(entry.meta.length) - 1;
@@ -717,12 +973,13 @@ async fn run_fill(
             );
             match origin.body.take() {
                 Some(body) if same_version => {
-                    // An origin that ignores Range sends everything: keep all of it.
-                    let mut owned = owned;
+                    // An origin that ignores Range sends everything: keep what comes before the
+                    // run too (it has to be read anyway), up to the end of the run.
                     if origin.body_start < first_byte {
-                        owned.extend(claim_slices(&entry, origin.body_start, origin.body_end));
+                        owned.extend(claim_slices(&entry, origin.body_start, first_byte));
                     }
-                    stream_into_slices(&node, &entry, body, origin.body_start, owned).await;
+                    stream_into_slices(&node, &entry, body, origin.body_start, owned, fill_slot)
+                        .await;
                     return;
                 }
                 _ if !same_version => {
@@ -739,23 +996,53 @@ async fn run_fill(
         }
         Err(DiscoverError::Origin(error)) => error,
         Err(DiscoverError::NotStorable(reason)) => {
-            OriginError::Protocol(format!("origin content is no longer storable ({reason})"))
+            // What the origin sends now may not be stored (an encoding, no-store...): the stored
+            // version goes, and requests are relayed from now on.
+            tracing::info!(
+                key = entry.key.as_str(),
+                %reason,
+                "origin content is no longer storable; dropping the stored version"
+            );
+            not_storable(&node, &entry.key, reason);
+            node.index.remove(&entry);
+            OriginError::VersionChanged
         }
+        Err(DiscoverError::Refused(refused)) => OriginError::Protocol(refused.to_string()),
     };
     node.stats.origin_errors.inc();
     fail_slices(&entry, owned.into_iter(), failure);
 }
 
-fn spawn_fill(
-    node: Arc<Node>,
-    entry: Arc<ObjectEntry>,
-    body: Incoming,
-    body_start: u64,
-    owned: BTreeMap<u64, Arc<SliceBuffer>>,
-) {
-    tokio::spawn(async move {
-        stream_into_slices(&node, &entry, body, body_start, owned).await;
-    });
+/// Decides, as a fill enters slice `index`, whether it goes on: yes for small objects, and while
+/// some response or a prefill wants one of the slices it still owns from `index` on. Otherwise
+/// its remaining claims are released (a later request fills them) and the fill stops. The
+/// decision and the release happen under the table lock that demands register under, so a new
+/// reader either keeps the fill going or finds the slices missing and fills them itself.
+fn keeps_going(
+    node: &Node,
+    entry: &ObjectEntry,
+    owned: &mut BTreeMap<u64, Arc<SliceBuffer>>,
+    index: u64,
+) -> bool {
+    if entry.meta.length <= node.fill_limits.finish_objects_up_to {
+        return true;
+    }
+    let mut table = entry.table();
+    if owned.range(index..).any(|(_, buffer)| buffer.is_wanted()) {
+        return true;
+    }
+    for (index, buffer) in std::mem::take(owned) {
+        buffer.fail(OriginError::Stopped);
+        release_claim(&mut table, index, &buffer);
+    }
+    drop(table);
+    node.stats.fills_stopped.inc();
+    tracing::debug!(
+        key = entry.key.as_str(),
+        slice = index,
+        "no client wants the rest of this fill; stopping"
+    );
+    false
 }
 
 /// Removes `buffer`'s claim on slice `index`, if the table still holds that very buffer (a newer
@@ -784,13 +1071,17 @@ fn fail_slices(
     }
 }
 
-/// Streams an origin body into the owned slice buffers, storing each finished slice.
+/// Streams an origin body into the owned slice buffers, storing each finished slice. Entering
+/// each slice after the first, it checks that someone still wants the rest ([`keeps_going`]);
+/// before taking a slice's first byte it reserves the slice's memory, waiting (and so leaving
+/// the origin's bytes in the socket) while the budget is spent.
 async fn stream_into_slices(
     node: &Arc<Node>,
     entry: &Arc<ObjectEntry>,
     mut body: Incoming,
     body_start: u64,
     mut owned: BTreeMap<u64, Arc<SliceBuffer>>,
+    fill_slot: FillSlot,
 ) {
     let slice_len = entry.meta.slice_len;
     let Some(&last_owned) = owned.keys().next_back() else {
@@ -800,9 +1091,10 @@ async fn stream_into_slices(
     let write_slots = Arc::new(Semaphore::new(
         (PENDING_WRITE_BYTES_PER_FILL / slice_len).max(2) as usize,
     ));
+    let first_slice = body_start / slice_len;
     let mut offset = body_start;
     let idle_timeout = node.idle_read_timeout;
-    let failure = loop {
+    let failure = 'stream: loop {
         if offset >= stop_at {
             break None;
         }
@@ -824,6 +1116,12 @@ async fn stream_into_slices(
         node.stats.origin_bytes.inc_by(data.len() as u64);
         while !data.is_empty() && offset < stop_at {
             let index = offset / slice_len;
+            if offset == index * slice_len
+                && index != first_slice
+                && !keeps_going(node, entry, &mut owned, index)
+            {
+                break 'stream None;
+            }
             let slice_end = ((index + 1) * slice_len).min(entry.meta.length);
             let take = (slice_end - offset).min(data.len() as u64) as usize;
             let part = data.split_to(take);
@@ -831,6 +1129,13 @@ async fn stream_into_slices(
             let Some(buffer) = owned.get(&index) else {
                 continue;
             };
+            if !buffer.holds_memory() {
+                let reservation = node
+                    .fill_limits
+                    .reserve_memory(entry.meta.slice_length(index))
+                    .await;
+                buffer.hold_memory(reservation);
+            }
             if buffer.append(part) {
                 let buffer = owned.remove(&index).expect("buffer is owned");
                 let permit = write_slots
@@ -847,6 +1152,10 @@ async fn stream_into_slices(
             }
         }
     };
+    // The turn ends here, and dropping the body closes an origin connection that still had
+    // bytes to send (the rest of an object nobody wants, or an origin that sends too much).
+    drop(body);
+    drop(fill_slot);
     if let Some(error) = failure {
         node.stats.origin_errors.inc();
         tracing::warn!(key = entry.key.as_str(), %error, "fill failed; unfinished slices are dropped");
@@ -857,6 +1166,16 @@ async fn stream_into_slices(
 /// Writes a finished slice to disk and marks it stored. On a disk error the slice is released
 /// (its readers already have the bytes) and will be fetched again by a later request.
 async fn persist_slice(
+    node: &Arc<Node>,
+    entry: &Arc<ObjectEntry>,
+    index: u64,
+    buffer: &Arc<SliceBuffer>,
+) {
+    persist_into_store(node, entry, index, buffer).await;
+    buffer.release_memory();
+}
+
+async fn persist_into_store(
     node: &Arc<Node>,
     entry: &Arc<ObjectEntry>,
     index: u64,

@@ -14,6 +14,7 @@
 //! - [`key`]: content identity (cache keys).
 //! - [`index`]: the in-memory object index (moka), bounded by bytes on disk.
 //! - [`fill`]: fetching missing slices once and streaming them to every waiting client.
+//! - [`fill_limits`]: the memory, concurrency and per-client bounds every fill runs under.
 //! - [`freshness`]: what the origin's `Cache-Control` and `Expires` allow: storing, and for how long
 //!   a stored version is served before it is checked again.
 //! - [`store`]: the on-disk layout and crash recovery.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod fill;
+pub mod fill_limits;
 pub mod freshness;
 pub mod index;
 pub mod key;

@@ -66,6 +66,8 @@ pub struct Node {
     pub admin_token: String,
     /// Piece manifests and the tracker; `None` when `peering.enabled` is off.
     pub peering: Option<crate::peering::Peering>,
+    /// The memory, concurrency and per-client bounds of fills (`[fill]`).
+    pub fill_limits: Arc<crate::fill_limits::FillLimits>,
 }
 
 impl std::fmt::Debug for Node {
@@ -131,6 +133,8 @@ impl Node {
             backend = storage.backend_name(),
             "cache store opened"
         );
+        let stats = Stats::new(backend_name);
+        let fill_limits = crate::fill_limits::FillLimits::new(&config.fill, stats.fills.clone());
         Ok(Arc::new(Node {
             allowlist: Allowlist::from_config(&config.raw),
             client: UpstreamClient::new(&config.raw.upstream, config.proxy.clone()),
@@ -139,7 +143,7 @@ impl Node {
             storage,
             layout,
             read_buffers: crate::disk::pool::BufferPool::new(),
-            stats: Stats::new(backend_name),
+            stats,
             slice_len: config.slice_len,
             fsync: config.raw.storage.fsync,
             idle_read_timeout: config.raw.upstream.idle_read_timeout,
@@ -156,6 +160,7 @@ impl Node {
             max_ranges: config.raw.server.max_ranges,
             admin_token: config.raw.admin.token.clone(),
             peering: crate::peering::Peering::start(&config.peering),
+            fill_limits,
         }))
     }
 

@@ -283,7 +283,7 @@ pub async fn handle(node: Arc<Node>, request: Request<Incoming>) -> Response<Res
         return response;
     }
     let response = match (path.as_str(), client) {
-        ("/_outpost/v1/manifest", _) => manifest(&node, peering, &query).await,
+        ("/_outpost/v1/manifest", _) => manifest(&node, peering, &query, client).await,
         ("/_outpost/v1/peers", Some(client)) => peers(&node, peering, &query, client),
         (_, Some(client)) => announce(&node, peering, request, client).await,
         (_, None) => json_error(
@@ -329,7 +329,12 @@ fn query_value(query: &str, name: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-async fn manifest(node: &Arc<Node>, peering: &Peering, query: &str) -> Response<ResponseBody> {
+async fn manifest(
+    node: &Arc<Node>,
+    peering: &Peering,
+    query: &str,
+    client: Option<SocketAddr>,
+) -> Response<ResponseBody> {
     let Some(url) = query_value(query, "url") else {
         return json_error(
             StatusCode::BAD_REQUEST,
@@ -363,20 +368,27 @@ async fn manifest(node: &Arc<Node>, peering: &Peering, query: &str) -> Response<
         first: 0,
         last: None,
     };
+    // A manifest needs every piece: its fills are prefills, which finish without readers. They
+    // run under the same memory, concurrency and per-client bounds as a GET's.
+    let requester = fill::Requester::prefill(client.map(|addr| addr.ip()));
     loop {
-        let entry = match fill::lookup_or_discover(node, &route, whole_object).await {
-            Ok(entry) => entry,
-            Err(DiscoverError::NotStorable(reason)) => {
-                return json_error(
-                    StatusCode::NOT_FOUND,
-                    &format!("the node may not store this content ({reason}); it has no manifest"),
-                )
-            }
-            Err(DiscoverError::Origin(error)) => {
-                let status = crate::serve::origin_failure_status(&error);
-                return json_error(status, &error.to_string());
-            }
-        };
+        let (entry, _discovery_demand) =
+            match fill::lookup_or_discover(node, &route, whole_object, &requester).await {
+                Ok(found) => found,
+                Err(DiscoverError::NotStorable(reason)) => {
+                    return json_error(
+                        StatusCode::NOT_FOUND,
+                        &format!(
+                            "the node may not store this content ({reason}); it has no manifest"
+                        ),
+                    )
+                }
+                Err(DiscoverError::Origin(error)) => {
+                    let status = crate::serve::origin_failure_status(&error);
+                    return json_error(status, &error.to_string());
+                }
+                Err(DiscoverError::Refused(refused)) => return refused_manifest(node, refused),
+            };
         // A manifest describes the version the origin has now, as a GET would serve it. A
         // changed version was dropped: the next lookup discovers the new one, which is confirmed
         // by that discovery, so this repeats at most once.
@@ -386,7 +398,18 @@ async fn manifest(node: &Arc<Node>, peering: &Peering, query: &str) -> Response<
         let mut changed = entry.pieces.subscribe();
         let slice_count = entry.meta.slice_count();
         if slice_count > 0 && !entry.is_removed() {
-            fill::ensure_filling(node, &route, &entry, 0, slice_count - 1);
+            match fill::ensure_filling(node, &route, &entry, 0, slice_count - 1, &requester).await {
+                Ok(_prefill) => {}
+                // Part of a validator-less object is stored; the rest cannot be added from
+                // another request. Fetch it again whole.
+                Err(fill::FillRefused::NoValidator) => {
+                    node.index.remove(&entry);
+                    if tokio::time::Instant::now() < deadline {
+                        continue;
+                    }
+                }
+                Err(refused) => return refused_manifest(node, refused),
+            }
         }
         match pieces::collect(node, &entry, peering.piece_len).await {
             Ok(hashes) => {
@@ -430,6 +453,16 @@ async fn manifest(node: &Arc<Node>, peering: &Peering, query: &str) -> Response<
         let pause = MANIFEST_RECHECK.min(deadline - now);
         let _ = tokio::time::timeout(pause, changed.changed()).await;
     }
+}
+
+/// The answer to a manifest request that may not start its fills now.
+fn refused_manifest(node: &Node, refused: fill::FillRefused) -> Response<ResponseBody> {
+    node.stats.refused_requests.inc();
+    node.stats.fill_refusals.inc();
+    with_retry_after(
+        json_error(StatusCode::SERVICE_UNAVAILABLE, &refused.to_string()),
+        MANIFEST_RETRY_AFTER_SECS,
+    )
 }
 
 async fn announce(

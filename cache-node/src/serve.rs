@@ -21,7 +21,9 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::error::{OriginError, ServeError};
-use crate::fill::{self, BufferRead, DiscoverError, SliceBuffer, SliceSpan};
+use crate::fill::{
+    self, BufferRead, Demand, DiscoverError, FillRefused, Requester, SliceBuffer, SliceSpan,
+};
 use crate::index::ObjectEntry;
 use crate::node::Node;
 use crate::range::{self, ByteRange, ByteRangeSpec, MultipartPlan, RangeOutcome};
@@ -212,6 +214,9 @@ pub async fn handle(
         .headers()
         .get(header::HOST)
         .and_then(|value| value.to_str().ok());
+    // Every request on the client listener counts, the node's own API included: a manifest
+    // request starts fills like a GET does.
+    node.stats.requests.inc();
     if router::is_api_request(
         &node.allowlist,
         request.version(),
@@ -220,7 +225,12 @@ pub async fn handle(
     ) {
         return Ok(crate::peering::handle(node, request).await);
     }
-    node.stats.requests.inc();
+    let requester = Requester::client(
+        request
+            .extensions()
+            .get::<crate::peering::ClientAddr>()
+            .map(|addr| addr.0.ip()),
+    );
     let request_id = NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed);
     let method = request.method().clone();
     if method != Method::GET && method != Method::HEAD {
@@ -254,7 +264,7 @@ pub async fn handle(
         mode = route.mode.as_str(),
         cache = tracing::field::Empty,
     );
-    let response = serve_routed(&node, &route, &method, request.headers(), spans)
+    let response = serve_routed(&node, &route, &method, request.headers(), spans, &requester)
         .instrument(span.clone())
         .await;
     span.in_scope(|| {
@@ -323,6 +333,7 @@ async fn serve_routed(
     method: &Method,
     headers: &HeaderMap,
     spans: Option<SpanQueue>,
+    requester: &Requester,
 ) -> Response<ResponseBody> {
     // Only GET defines range handling (RFC 9110 §14.2); a Range on HEAD is ignored.
     let range_specs = if *method == Method::GET {
@@ -332,13 +343,16 @@ async fn serve_routed(
     };
     let span = discovery_span(method, range_specs.as_deref(), node.slice_len);
     for attempt in 0..=VERSION_CHANGE_RETRIES {
-        let entry = match fill::lookup_or_discover(node, route, span).await {
-            Ok(entry) => entry,
-            Err(DiscoverError::NotStorable(_)) => {
-                return pass_through(node, route, method, headers).await
-            }
-            Err(DiscoverError::Origin(error)) => return origin_failure_response(node, &error),
-        };
+        // The discovery's demand keeps its fill going until `respond` has registered its own.
+        let (entry, _discovery_demand) =
+            match fill::lookup_or_discover(node, route, span, requester).await {
+                Ok(found) => found,
+                Err(DiscoverError::NotStorable(_)) => {
+                    return pass_through(node, route, method, headers).await
+                }
+                Err(DiscoverError::Origin(error)) => return origin_failure_response(node, &error),
+                Err(DiscoverError::Refused(refused)) => return refused_response(node, refused),
+            };
         match fill::revalidate_if_stale(node, route, &entry).await {
             fill::Revalidation::Changed if attempt < VERSION_CHANGE_RETRIES => continue,
             // Served as stored: current, or the origin cannot be asked (stale-if-error).
@@ -352,11 +366,33 @@ async fn serve_routed(
             range_specs.as_deref(),
             &entry,
             spans.clone(),
+            requester,
         )
         .await;
         match answer {
-            Err(OriginError::VersionChanged) if attempt < VERSION_CHANGE_RETRIES => continue,
-            Err(error) => return origin_failure_response(node, &error),
+            Err(NotAnswered::Origin(OriginError::VersionChanged))
+                if attempt < VERSION_CHANGE_RETRIES =>
+            {
+                continue
+            }
+            Err(NotAnswered::Origin(error)) => return origin_failure_response(node, &error),
+            // A validator-less object cannot be completed from another request. Asked for
+            // whole, it is fetched again whole, in one request; a range of it is relayed.
+            Err(NotAnswered::Refused {
+                refused: FillRefused::NoValidator,
+                whole_object,
+            }) => {
+                if whole_object && attempt < VERSION_CHANGE_RETRIES {
+                    tracing::debug!(
+                        key = entry.key.as_str(),
+                        "no validator: fetching the object again whole"
+                    );
+                    node.index.remove(&entry);
+                    continue;
+                }
+                return pass_through(node, route, method, headers).await;
+            }
+            Err(NotAnswered::Refused { refused, .. }) => return refused_response(node, refused),
             Ok(response) => return response,
         }
     }
@@ -371,6 +407,40 @@ pub(crate) fn origin_failure_status(error: &OriginError) -> StatusCode {
             StatusCode::GATEWAY_TIMEOUT
         }
         _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// `Retry-After` of a `503` for a client over `fill.max_per_client`, in seconds.
+const CLIENT_BUSY_RETRY_AFTER_SECS: u64 = 2;
+
+/// The answer to a request that may not start the fills it needs now.
+fn refused_response(node: &Node, refused: FillRefused) -> Response<ResponseBody> {
+    node.stats.refused_requests.inc();
+    node.stats.fill_refusals.inc();
+    tracing::info!(%refused, "fill refused");
+    let mut response = text_response(StatusCode::SERVICE_UNAVAILABLE, refused.to_string());
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(CLIENT_BUSY_RETRY_AFTER_SECS),
+    );
+    response
+}
+
+/// Why `respond` gave no answer; nothing was committed.
+enum NotAnswered {
+    /// The origin failed (or changed the content) before the first byte.
+    Origin(OriginError),
+    /// The fills the answer needs may not be started.
+    Refused {
+        refused: FillRefused,
+        /// The request asked for the whole object (no range applies).
+        whole_object: bool,
+    },
+}
+
+impl From<OriginError> for NotAnswered {
+    fn from(error: OriginError) -> Self {
+        NotAnswered::Origin(error)
     }
 }
 
@@ -409,6 +479,7 @@ fn object_headers(headers: &mut HeaderMap, meta: &ObjectMeta) {
 }
 
 /// The answer for a known object. Returns `Err` only before anything was committed.
+#[allow(clippy::too_many_arguments)]
 async fn respond(
     node: &Arc<Node>,
     route: &Route,
@@ -417,7 +488,8 @@ async fn respond(
     range_specs: Option<&[ByteRangeSpec]>,
     entry: &Arc<ObjectEntry>,
     spans: Option<SpanQueue>,
-) -> Result<Response<ResponseBody>, OriginError> {
+    requester: &Requester,
+) -> Result<Response<ResponseBody>, NotAnswered> {
     let meta = &entry.meta;
     let mut response = Response::new(ResponseBody::empty());
     object_headers(response.headers_mut(), meta);
@@ -473,6 +545,7 @@ async fn respond(
         _ => Selection::Full,
     };
 
+    let whole_object = matches!(selection, Selection::Full);
     let headers = response.headers_mut();
     let (status, segments, body_length): (StatusCode, Vec<Segment>, u64) = match selection {
         Selection::Full => {
@@ -556,14 +629,23 @@ async fn respond(
     if *method == Method::HEAD {
         return Ok(response);
     }
+    let mut demand = Demand::default();
+    for (first, last) in &needed {
+        match fill::ensure_filling(node, route, entry, *first, *last, requester).await {
+            Ok(more) => demand.merge(more),
+            Err(refused) => {
+                return Err(NotAnswered::Refused {
+                    refused,
+                    whole_object,
+                })
+            }
+        }
+    }
     match cache_status {
         "HIT" => node.stats.hit_requests.inc(),
         "MISS" => node.stats.miss_requests.inc(),
         _ => node.stats.partial_requests.inc(),
     };
-    for (first, last) in &needed {
-        fill::ensure_filling(node, route, entry, *first, *last);
-    }
     // Commit to this answer only once the first needed slice is known to be coming.
     if let Some((first_slice, _)) = needed.first() {
         let first_buffer = entry.table().inflight.get(first_slice).cloned();
@@ -572,21 +654,18 @@ async fn respond(
         }
     }
     let (sender, receiver) = mpsc::channel(BODY_CHANNEL_DEPTH);
-    let producer_node = node.clone();
-    let producer_route = route.clone();
-    let producer_entry = entry.clone();
-    let zero_copy = spans.is_some();
+    let mut producer = BodyProducer {
+        node: node.clone(),
+        route: route.clone(),
+        entry: entry.clone(),
+        zero_copy: spans.is_some(),
+        sender,
+        requester: requester.clone(),
+        demand,
+    };
     tokio::spawn(
         async move {
-            produce_body(
-                &producer_node,
-                &producer_route,
-                &producer_entry,
-                segments,
-                zero_copy,
-                &sender,
-            )
-            .await;
+            producer.produce(segments).await;
         }
         .in_current_span(),
     );
@@ -622,60 +701,18 @@ fn slice_source(entry: &ObjectEntry, index: u64) -> SliceSource {
     }
 }
 
-/// Streams the segments of a response into the body channel. Returns when done, when the
-/// client went away (the channel closed), or after sending an error.
-async fn produce_body(
-    node: &Arc<Node>,
-    route: &Route,
-    entry: &Arc<ObjectEntry>,
-    segments: Vec<Segment>,
+/// What streams one response's body: the object, where its bytes go, and the response's
+/// [`Demand`] on the slices being filled, which keeps their fills going while it lives.
+struct BodyProducer {
+    node: Arc<Node>,
+    route: Route,
+    entry: Arc<ObjectEntry>,
+    /// Stored windows may go out as [`Chunk::File`].
     zero_copy: bool,
-    sender: &mpsc::Sender<BodyItem>,
-) {
-    for segment in segments {
-        let range = match segment {
-            Segment::Framing(bytes) => {
-                if sender
-                    .send(Ok((Chunk::Bytes(bytes), ByteSource::Other)))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                continue;
-            }
-            Segment::Object(range) => range,
-        };
-        let slice_len = entry.meta.slice_len;
-        let last_slice = range.last / slice_len;
-        for index in range.first / slice_len..=last_slice {
-            let slice_start = index * slice_len;
-            let window_start = range.first.max(slice_start) - slice_start;
-            let window_end =
-                (range.last + 1).min(slice_start + entry.meta.slice_length(index)) - slice_start;
-            let sent = send_slice(
-                node,
-                route,
-                entry,
-                index,
-                last_slice,
-                window_start,
-                window_end,
-                zero_copy,
-                sender,
-            )
-            .await;
-            match sent {
-                Ok(()) => {}
-                Err(SendError::ClientGone) => return,
-                Err(SendError::Serve(error)) => {
-                    tracing::warn!(%error, source = ?error.source_kind(), slice = index, "response aborted");
-                    let _ = sender.send(Err(error)).await;
-                    return;
-                }
-            }
-        }
-    }
+    sender: mpsc::Sender<BodyItem>,
+    /// Who asked, for refills of slices that went missing.
+    requester: Requester,
+    demand: Demand,
 }
 
 enum SendError {
@@ -683,88 +720,144 @@ enum SendError {
     Serve(ServeError),
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn send_slice(
-    node: &Arc<Node>,
-    route: &Route,
-    entry: &Arc<ObjectEntry>,
-    index: u64,
-    last_slice: u64,
-    window_start: u64,
-    window_end: u64,
-    zero_copy: bool,
-    sender: &mpsc::Sender<BodyItem>,
-) -> Result<(), SendError> {
-    for attempt in 0..2 {
-        match slice_source(entry, index) {
-            SliceSource::Disk => {
-                let path = node
-                    .layout
-                    .slice_path(&entry.key, entry.meta.generation, index);
-                let length = (window_end - window_start) as usize;
-                if zero_copy && length >= ZERO_COPY_MIN {
-                    match node
+impl BodyProducer {
+    /// Streams the segments of a response into the body channel. Returns when done, when the
+    /// client went away (the channel closed), or after sending an error. The demand goes with
+    /// it, so fills nobody else reads stop at their next slice.
+    async fn produce(&mut self, segments: Vec<Segment>) {
+        for segment in segments {
+            let range = match segment {
+                Segment::Framing(bytes) => {
+                    if self
+                        .sender
+                        .send(Ok((Chunk::Bytes(bytes), ByteSource::Other)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                Segment::Object(range) => range,
+            };
+            let slice_len = self.entry.meta.slice_len;
+            let last_slice = range.last / slice_len;
+            for index in range.first / slice_len..=last_slice {
+                let slice_start = index * slice_len;
+                let window_start = range.first.max(slice_start) - slice_start;
+                let window_end = (range.last + 1)
+                    .min(slice_start + self.entry.meta.slice_length(index))
+                    - slice_start;
+                match self
+                    .send_slice(index, last_slice, window_start, window_end)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(SendError::ClientGone) => return,
+                    Err(SendError::Serve(error)) => {
+                        tracing::warn!(%error, source = ?error.source_kind(), slice = index, "response aborted");
+                        let _ = self.sender.send(Err(error)).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_slice(
+        &mut self,
+        index: u64,
+        last_slice: u64,
+        window_start: u64,
+        window_end: u64,
+    ) -> Result<(), SendError> {
+        let (node, entry, sender) = (&self.node, &self.entry, &self.sender);
+        for attempt in 0..2 {
+            match slice_source(entry, index) {
+                SliceSource::Disk => {
+                    let path = node
+                        .layout
+                        .slice_path(&entry.key, entry.meta.generation, index);
+                    let length = (window_end - window_start) as usize;
+                    if self.zero_copy && length >= ZERO_COPY_MIN {
+                        match node
+                            .storage
+                            .open_for_send(path.clone(), window_start, length)
+                            .await
+                        {
+                            Ok(Some(file)) => {
+                                return send_file_window(file, window_start, length, sender).await
+                            }
+                            // Not in the page cache: read it below without blocking the worker.
+                            Ok(None) => {}
+                            Err(_) if entry.is_removed() => {
+                                return Err(SendError::Serve(ServeError::Vanished))
+                            }
+                            Err(error) => return Err(SendError::Serve(ServeError::Disk(error))),
+                        }
+                    }
+                    let buffer = node.read_buffers.take();
+                    let bytes = match node
                         .storage
-                        .open_for_send(path.clone(), window_start, length)
+                        .read_at(path, window_start, length, buffer)
                         .await
                     {
-                        Ok(Some(file)) => {
-                            return send_file_window(file, window_start, length, sender).await
-                        }
-                        // Not in the page cache: read it below without blocking the worker.
-                        Ok(None) => {}
+                        Ok(buffer) => node.read_buffers.into_bytes(buffer),
                         Err(_) if entry.is_removed() => {
                             return Err(SendError::Serve(ServeError::Vanished))
                         }
                         Err(error) => return Err(SendError::Serve(ServeError::Disk(error))),
-                    }
+                    };
+                    return sender
+                        .send(Ok((Chunk::Bytes(bytes), ByteSource::Disk)))
+                        .await
+                        .map_err(|_| SendError::ClientGone);
                 }
-                let buffer = node.read_buffers.take();
-                let bytes = match node
-                    .storage
-                    .read_at(path, window_start, length, buffer)
-                    .await
-                {
-                    Ok(buffer) => node.read_buffers.into_bytes(buffer),
-                    Err(_) if entry.is_removed() => {
-                        return Err(SendError::Serve(ServeError::Vanished))
-                    }
-                    Err(error) => return Err(SendError::Serve(ServeError::Disk(error))),
-                };
-                return sender
-                    .send(Ok((Chunk::Bytes(bytes), ByteSource::Disk)))
-                    .await
-                    .map_err(|_| SendError::ClientGone);
-            }
-            SliceSource::Fill(buffer) => {
-                let mut reader = buffer.reader(window_start, window_end);
-                loop {
-                    match reader.next().await {
-                        BufferRead::Data(bytes) => {
-                            if sender
-                                .send(Ok((Chunk::Bytes(bytes), ByteSource::Fill)))
-                                .await
-                                .is_err()
-                            {
-                                return Err(SendError::ClientGone);
+                SliceSource::Fill(buffer) => {
+                    let mut reader = buffer.reader(window_start, window_end);
+                    loop {
+                        match reader.next().await {
+                            BufferRead::Data(bytes) => {
+                                if sender
+                                    .send(Ok((Chunk::Bytes(bytes), ByteSource::Fill)))
+                                    .await
+                                    .is_err()
+                                {
+                                    return Err(SendError::ClientGone);
+                                }
+                            }
+                            BufferRead::End => return Ok(()),
+                            BufferRead::Failed(error) => {
+                                return Err(SendError::Serve(ServeError::Origin(error)))
                             }
                         }
-                        BufferRead::End => return Ok(()),
-                        BufferRead::Failed(error) => {
-                            return Err(SendError::Serve(ServeError::Origin(error)))
+                    }
+                }
+                SliceSource::Missing if attempt == 0 && !entry.is_removed() => {
+                    // An earlier fill of this slice failed or its write was lost: fetch the rest
+                    // of the response's slices again.
+                    match fill::ensure_filling(
+                        &self.node,
+                        &self.route,
+                        &self.entry,
+                        index,
+                        last_slice,
+                        &self.requester,
+                    )
+                    .await
+                    {
+                        Ok(more) => self.demand.merge(more),
+                        Err(refused) => {
+                            tracing::info!(%refused, slice = index, "cannot refill a missing slice");
+                            break;
                         }
                     }
                 }
+                SliceSource::Missing => break,
             }
-            SliceSource::Missing if attempt == 0 && !entry.is_removed() => {
-                // An earlier fill of this slice failed or its write was lost: fetch the rest of
-                // the response's slices again.
-                fill::ensure_filling(node, route, entry, index, last_slice);
-            }
-            SliceSource::Missing => break,
         }
+        Err(SendError::Serve(ServeError::Vanished))
     }
-    Err(SendError::Serve(ServeError::Vanished))
 }
 
 /// Sends a window of an opened slice file as file chunks of at most [`sendfile::FRAME_MAX`]
@@ -794,9 +887,10 @@ async fn send_file_window(
     Ok(())
 }
 
-/// Serves a request for content the node may not store (the origin sent no length, or its
-/// `Cache-Control` says `no-store` or `private`) by relaying the origin's answer. A GET's `Range`
-/// and `If-Range` go along, so a ranged request still gets only its range.
+/// Serves a request for content the node may not store (the origin sent no length or a
+/// `Content-Encoding`, its `Cache-Control` says `no-store` or `private`, or the request needs
+/// slices of a validator-less object that are not stored) by relaying the origin's answer. A
+/// GET's `Range` and `If-Range` go along, so a ranged request still gets only its range.
 async fn pass_through(
     node: &Arc<Node>,
     route: &Route,
@@ -826,8 +920,12 @@ async fn pass_through(
                 },
             });
             *response.status_mut() = parts.status;
+            // The representation's headers go along unchanged: a `Content-Encoding` dropped
+            // here would hand the client compressed bytes as if they were the file.
             for name in [
                 header::CONTENT_TYPE,
+                header::CONTENT_ENCODING,
+                header::VARY,
                 header::CONTENT_LENGTH,
                 header::CONTENT_RANGE,
                 header::ETAG,

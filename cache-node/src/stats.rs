@@ -75,6 +75,14 @@ pub struct Stats {
     objects: Gauge<u64, AtomicU64>,
     drive_used_bytes: DriveGauges,
     drive_max_bytes: DriveGauges,
+    /// Fills in flight, fills waiting for a turn and fill memory (see [`crate::fill_limits`]).
+    pub fills: crate::fill_limits::FillGauges,
+    /// Fills stopped before the end of their run because no client wanted the rest.
+    pub fills_stopped: Counter,
+    /// Requests answered `503` because their client had `fill.max_per_client` cold fills running.
+    pub fill_refusals: Counter,
+    /// Origin answers with a `Content-Encoding`, relayed with it and never stored.
+    pub encoded_responses: Counter,
 }
 
 /// A gauge per cache drive, labelled `drive="<path>"`.
@@ -135,6 +143,18 @@ pub struct StatsSnapshot {
     pub disk_backend: String,
     /// Each cache drive's path, `used_bytes`, `max_bytes` and `objects` (filled in by the node).
     pub drives: Vec<crate::index::DriveUsage>,
+    /// Fills talking to origins now (at most `fill.max_concurrent`).
+    pub fills_in_flight: u64,
+    /// Fills waiting for a turn.
+    pub fills_waiting: u64,
+    /// Bytes fills hold in memory (at most `fill.max_memory`).
+    pub fill_memory_bytes: u64,
+    /// Fills stopped early because no client wanted the rest.
+    pub fills_stopped: u64,
+    /// Requests refused because their client had `fill.max_per_client` cold fills running.
+    pub fill_refusals: u64,
+    /// Origin answers with a `Content-Encoding`, relayed and not stored.
+    pub encoded_responses: u64,
 }
 
 /// The traffic of one interval between two snapshots, for the periodic summary log line.
@@ -213,6 +233,10 @@ impl Stats {
             objects: Gauge::default(),
             drive_used_bytes: DriveGauges::default(),
             drive_max_bytes: DriveGauges::default(),
+            fills: crate::fill_limits::FillGauges::default(),
+            fills_stopped: Counter::default(),
+            fill_refusals: Counter::default(),
+            encoded_responses: Counter::default(),
         };
         let stats = &stats_without_registry;
         let counters: [(&str, &str, &Counter, Option<Unit>); 20] = [
@@ -369,6 +393,41 @@ impl Stats {
             stats.drive_max_bytes.clone(),
         );
         registry.register(
+            "fills_in_flight",
+            "Fills talking to origins now",
+            stats.fills.in_flight.clone(),
+        );
+        registry.register(
+            "fills_waiting",
+            "Fills waiting for a turn (fill.max_concurrent)",
+            stats.fills.waiting.clone(),
+        );
+        registry.register_with_unit(
+            "fill_memory",
+            "Bytes fills hold in memory (fill.max_memory)",
+            Unit::Bytes,
+            stats.fills.memory_bytes.clone(),
+        );
+        for (name, help, counter) in [
+            (
+                "fills_stopped",
+                "Fills stopped early because no client wanted the rest",
+                &stats.fills_stopped,
+            ),
+            (
+                "fill_refusals",
+                "Requests refused because their client had fill.max_per_client cold fills running",
+                &stats.fill_refusals,
+            ),
+            (
+                "encoded_responses",
+                "Origin answers with a Content-Encoding, relayed and not stored",
+                &stats.encoded_responses,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
             "disk_backend",
             "The disk I/O backend in use",
             prometheus_client::metrics::info::Info::new(vec![(
@@ -454,6 +513,12 @@ impl Stats {
             objects: self.objects.get(),
             disk_backend: disk_backend.to_owned(),
             drives: Vec::new(),
+            fills_in_flight: self.fills.in_flight.get(),
+            fills_waiting: self.fills.waiting.get(),
+            fill_memory_bytes: self.fills.memory_bytes.get(),
+            fills_stopped: self.fills_stopped.get(),
+            fill_refusals: self.fill_refusals.get(),
+            encoded_responses: self.encoded_responses.get(),
         }
     }
 
@@ -516,6 +581,9 @@ mod tests {
             text.contains("outpost_disk_backend_info{backend=\"portable\"} 1"),
             "{text}"
         );
+        assert!(text.contains("outpost_fills_in_flight 0"), "{text}");
+        assert!(text.contains("outpost_fill_memory_bytes 0"), "{text}");
+        assert!(text.contains("outpost_fills_stopped_total 0"), "{text}");
         assert!(text.contains("# EOF"), "{text}");
     }
 }

@@ -69,19 +69,21 @@ impl ObjectMeta {
         self.slice_len.min(self.length.saturating_sub(start))
     }
 
-    /// True when `other` describes the same version: same length and same validators.
+    /// True when `other` describes the same version: same length and same validators. The ETag
+    /// decides when this version has one, else the Last-Modified. An answer without the
+    /// validator this version has is another version: nothing vouches that it is this one.
     pub fn same_version(
         &self,
         length: u64,
         etag: Option<&str>,
         last_modified: Option<&str>,
     ) -> bool {
-        self.length == length
-            && (self.etag.is_none() || etag.is_none() || self.etag.as_deref() == etag)
-            && (self.etag.is_some()
-                || self.last_modified.is_none()
-                || last_modified.is_none()
-                || self.last_modified.as_deref() == last_modified)
+        let same_validator = match (&self.etag, &self.last_modified) {
+            (Some(stored), _) => etag == Some(stored.as_str()),
+            (None, Some(stored)) => last_modified == Some(stored.as_str()),
+            (None, None) => true,
+        };
+        self.length == length && same_validator
     }
 }
 
@@ -453,6 +455,15 @@ mod tests {
         dated.last_modified = Some("x".into());
         assert!(dated.same_version(10, None, Some("x")));
         assert!(!dated.same_version(10, None, Some("y")));
+        // Leaving out the validator this version has is a change, not a match.
+        assert!(!object.same_version(10, None, None));
+        assert!(!object.same_version(10, None, Some("x")));
+        assert!(!dated.same_version(10, None, None));
+        // A version stored without validators can only be compared by length.
+        let mut bare = dated.clone();
+        bare.last_modified = None;
+        assert!(bare.same_version(10, None, None));
+        assert!(!bare.same_version(11, None, None));
     }
 
     fn drives(dir: &Path, sizes: &[(&str, u64)]) -> Vec<DriveSpec> {

@@ -9,7 +9,8 @@
 //!   records every request it sees, counts how many times each byte of each object has been sent,
 //!   and can misbehave on demand ([`Behaviour`]): ignore ranges, delay headers, throttle the body,
 //!   abort mid-body, lie about the length, use chunked framing, answer with an error status,
-//!   or corrupt bytes while keeping the ETag.
+//!   corrupt bytes while keeping the ETag, leave out its validators, or answer a range with
+//!   other bytes or a `Content-Length` that contradicts its `Content-Range`.
 //! - [`proxy`]: [`MockProxy`], a forward HTTP proxy (absolute-form requests and `CONNECT`
 //!   tunnels, optional `Proxy-Authorization`), as a corporate proxy in front of the WAN.
 //! - This file: content helpers shared by tests, [`pattern_bytes`] (fast deterministic

@@ -86,6 +86,16 @@ pub struct Behaviour {
     pub corrupt_range: Option<Range<u64>>,
     /// Extra response headers on every answer for this object (`Cache-Control`, `Expires`...).
     pub headers: Vec<(&'static str, String)>,
+    /// Send neither `ETag` nor `Last-Modified`: an origin without validators, whose `If-Range`
+    /// can never match (such a request gets the whole object).
+    pub omit_validators: bool,
+    /// Answer a range request with the range that starts this many bytes later (or clipped to
+    /// the end), declared as such in `Content-Range`: a 206 for other bytes than asked.
+    pub shift_range: Option<u64>,
+    /// Declare a 206's `Content-Length` this many bytes off the length its `Content-Range`
+    /// gives; the body has the declared length (the range's bytes, cut short or followed by an
+    /// abort when there are not enough).
+    pub content_length_delta: Option<i64>,
 }
 
 /// One request as the origin received it.
@@ -838,11 +848,23 @@ fn plan_object_response(
         // the strong ETag (or of the fixed date) keeps the range, anything else gets the whole
         // current object. Weak ETags never match because If-Range requires strong comparison.
         let validator = validator.trim();
-        if validator != snapshot.etag && validator != MOCK_LAST_MODIFIED {
+        if snapshot.behaviour.omit_validators
+            || (validator != snapshot.etag && validator != MOCK_LAST_MODIFIED)
+        {
             return ObjectResponsePlan::Full;
         }
     }
     let object_length = snapshot.content.len() as u64;
+    let range = match (range, snapshot.behaviour.shift_range) {
+        (SingleByteRange::FromTo { first, last }, Some(shift)) => SingleByteRange::FromTo {
+            first: (first + shift).min(object_length.saturating_sub(1)),
+            last: last + shift,
+        },
+        (SingleByteRange::From { first }, Some(shift)) => SingleByteRange::From {
+            first: (first + shift).min(object_length.saturating_sub(1)),
+        },
+        (range, _) => range,
+    };
     if object_length == 0 {
         return ObjectResponsePlan::Unsatisfiable;
     }
@@ -878,14 +900,16 @@ fn build_object_response(
     let mut response = Response::new(MockResponseBody::empty());
     let headers = response.headers_mut();
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    headers.insert(
-        header::ETAG,
-        HeaderValue::from_str(&snapshot.etag).expect("mock origin: ETag is valid header text"),
-    );
-    headers.insert(
-        header::LAST_MODIFIED,
-        HeaderValue::from_static(MOCK_LAST_MODIFIED),
-    );
+    if !behaviour.omit_validators {
+        headers.insert(
+            header::ETAG,
+            HeaderValue::from_str(&snapshot.etag).expect("mock origin: ETag is valid header text"),
+        );
+        headers.insert(
+            header::LAST_MODIFIED,
+            HeaderValue::from_static(MOCK_LAST_MODIFIED),
+        );
+    }
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(MOCK_CONTENT_TYPE),
@@ -914,11 +938,16 @@ fn build_object_response(
                 header_value_from_string(format!("bytes {first}-{last}/{declared_total_length}")),
             );
             let range_content = snapshot.content.slice(first as usize..=last as usize);
+            let range_length = last - first + 1;
+            let declared_length = match behaviour.content_length_delta {
+                Some(delta) => range_length.saturating_add_signed(delta),
+                None => range_length,
+            };
             (
                 StatusCode::PARTIAL_CONTENT,
                 range_content,
                 first,
-                Some(last - first + 1),
+                Some(declared_length),
             )
         }
         ObjectResponsePlan::Unsatisfiable => {

@@ -750,3 +750,63 @@ async fn large_objects_stream_intact_and_are_counted_once() {
     assert_eq!(origin.fetch_count_segments("/big"), vec![(0..64 << 20, 1)]);
     assert_eq!(origin.bytes_sent(), 64 << 20);
 }
+
+#[tokio::test]
+async fn validators_can_be_left_out_and_206s_can_lie_about_offsets_and_length() {
+    let origin = MockOrigin::start().await;
+    let content = pattern_bytes(10_000, 19);
+    let knobs = [
+        (
+            "/bare",
+            Behaviour {
+                omit_validators: true,
+                ..Behaviour::default()
+            },
+        ),
+        (
+            "/shifted",
+            Behaviour {
+                shift_range: Some(100),
+                ..Behaviour::default()
+            },
+        ),
+        (
+            "/short",
+            Behaviour {
+                content_length_delta: Some(-10),
+                ..Behaviour::default()
+            },
+        ),
+    ];
+    for (path, behaviour) in knobs {
+        origin.put_with(path, content.clone(), behaviour);
+    }
+
+    let bare = get(&origin, "/bare", &[("range", "bytes=0-99")]).await;
+    assert_eq!(bare.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(bare.header("etag"), None);
+    assert_eq!(bare.header("last-modified"), None);
+    assert_eq!(bare.complete_body(), &content[..100]);
+    // Without validators no If-Range can match: the whole object comes back.
+    let etag = etag_for_content(&content);
+    let bare = get(
+        &origin,
+        "/bare",
+        &[("range", "bytes=0-99"), ("if-range", &etag)],
+    )
+    .await;
+    assert_eq!(bare.status, StatusCode::OK);
+    assert_eq!(bare.complete_body(), &content);
+
+    let shifted = get(&origin, "/shifted", &[("range", "bytes=1000-1999")]).await;
+    assert_eq!(
+        shifted.header("content-range"),
+        Some("bytes 1100-2099/10000")
+    );
+    assert_eq!(shifted.complete_body(), &content[1100..2100]);
+
+    let short = get(&origin, "/short", &[("range", "bytes=1000-1999")]).await;
+    assert_eq!(short.header("content-range"), Some("bytes 1000-1999/10000"));
+    assert_eq!(short.header("content-length"), Some("990"));
+    assert_eq!(short.complete_body(), &content[1000..1990]);
+}
