@@ -66,6 +66,11 @@ pub struct Node {
     pub admin_token: String,
     /// Piece manifests and the tracker; `None` when `peering.enabled` is off.
     pub peering: Option<crate::peering::Peering>,
+    /// The client listener's connection caps and timeouts (`[server]`), resolved when the node
+    /// opened (after the open-file limit was raised).
+    pub connection_limits: crate::connections::ConnectionLimits,
+    /// Failed admin-token attempts per client address, for throttling them.
+    pub admin_auth: crate::admin::AuthThrottle,
 }
 
 impl std::fmt::Debug for Node {
@@ -156,6 +161,8 @@ impl Node {
             max_ranges: config.raw.server.max_ranges,
             admin_token: config.raw.admin.token.clone(),
             peering: crate::peering::Peering::start(&config.peering),
+            connection_limits: crate::connections::ConnectionLimits::client(&config.raw.server),
+            admin_auth: crate::admin::AuthThrottle::default(),
         }))
     }
 
