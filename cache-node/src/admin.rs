@@ -140,7 +140,7 @@ fn authorise(node: &Node, request: &Request<Incoming>) -> Result<(), AuthRefusal
         .extensions()
         .get::<crate::peering::ClientAddr>()
         .map_or(IpAddr::from([0, 0, 0, 0]), |addr| addr.0.ip());
-    let client = ClientKey::of(client);
+    let client = ClientKey::network(client);
     let edge = &node.stats.edge;
     if let Some(retry_after) = node.admin_auth.throttled_for(client) {
         edge.admin_auth_throttled.inc();
@@ -374,8 +374,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_address_is_throttled_after_its_burst_then_drains_at_the_refill_rate() {
         let throttle = AuthThrottle::default();
-        let attacker = ClientKey::of("10.0.0.9".parse().unwrap());
-        let admin = ClientKey::of("10.0.0.1".parse().unwrap());
+        let attacker = ClientKey::network("10.0.0.9".parse().unwrap());
+        let admin = ClientKey::network("10.0.0.1".parse().unwrap());
         for attempt in 1..=AUTH_FAILURE_BURST {
             assert_eq!(throttle.throttled_for(attacker), None, "attempt {attempt}");
             assert_eq!(throttle.record_failure(attacker), attempt);
@@ -398,13 +398,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_flood_from_many_addresses_stays_bounded_and_keeps_the_worst_throttled() {
         let throttle = AuthThrottle::default();
-        let worst = ClientKey::of("10.1.0.1".parse().unwrap());
+        let worst = ClientKey::network("10.1.0.1".parse().unwrap());
         for _ in 0..AUTH_FAILURE_BURST {
             throttle.record_failure(worst);
         }
         for index in 0..(AUTH_TRACKED_ADDRESSES as u32 + 100) {
             let address = std::net::Ipv4Addr::from(0x0b00_0000 + index);
-            throttle.record_failure(ClientKey::of(address.into()));
+            throttle.record_failure(ClientKey::network(address.into()));
         }
         assert!(throttle.lock().len() <= AUTH_TRACKED_ADDRESSES);
         assert!(throttle.throttled_for(worst).is_some());

@@ -86,7 +86,7 @@ pub struct ServerConfig {
     /// oldest idle ones are closed for new ones, or new ones are refused when none is idle. 0
     /// means half of the open-file limit the node runs with.
     pub max_connections: usize,
-    /// The most client connections one client address (an IPv6 /64) may hold open; over it the
+    /// The most client connections one client address may hold open; over it the
     /// address's oldest idle connection is closed, or the new one refused when none is idle.
     pub max_connections_per_client: usize,
 }

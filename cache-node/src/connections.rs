@@ -12,7 +12,7 @@
 //!   for its next request, so it cannot give idle connections a longer wait than slow headers,
 //!   and HTTP/2 has nothing like it; the watchdog covers both protocols the same way.)
 //! - **Caps.** A [`ConnectionTable`] counts a listener's connections, in all and per client
-//!   address (an IPv4 address or an IPv6 /64, see [`ClientKey`]). Over
+//!   address ([`ClientKey::address`]). Over
 //!   `server.max_connections_per_client` the address's oldest idle connection is closed to make
 //!   room; at `server.max_connections` the oldest idle connections of any address are, a batch at
 //!   a time. When nothing is idle the new connection is refused: closed at once. A connection is
@@ -174,14 +174,22 @@ pub fn raise_fd_limit() -> io::Result<FdLimit> {
     })
 }
 
-/// Who a connection counts against: an IPv4 address, or the /64 of an IPv6 address (a LAN host
-/// has a whole /64 to pick addresses from). IPv4-mapped IPv6 addresses count as IPv4.
+/// Who a connection (or a failed admin token) counts against: a client address, IPv4-mapped
+/// IPv6 addresses counting as IPv4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientKey(IpAddr);
 
 impl ClientKey {
-    /// The key of a client address.
-    pub fn of(address: IpAddr) -> ClientKey {
+    /// The key of one address. Connection caps count per address, not per IPv6 /64: every host
+    /// of an IPv6 office LAN shares one /64, and would share one cap.
+    pub fn address(address: IpAddr) -> ClientKey {
+        ClientKey(address.to_canonical())
+    }
+
+    /// The key of an address's network: the address itself for IPv4, its /64 for IPv6, where
+    /// one host can pick addresses from a whole /64. For throttles a single host must not evade
+    /// by changing addresses.
+    pub fn network(address: IpAddr) -> ClientKey {
         match address.to_canonical() {
             IpAddr::V6(v6) => {
                 let prefix = u128::from(v6) & !((1u128 << 64) - 1);
@@ -194,10 +202,7 @@ impl ClientKey {
 
 impl std::fmt::Display for ClientKey {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            IpAddr::V6(prefix) => write!(formatter, "{prefix}/64"),
-            v4 => write!(formatter, "{v4}"),
-        }
+        std::fmt::Display::fmt(&self.0, formatter)
     }
 }
 
@@ -336,12 +341,19 @@ impl TableInner {
             Some(ids) => Box::new(ids.iter().filter_map(|id| self.connections.get(id))),
             None => Box::new(self.connections.values()),
         };
-        let mut idle: Vec<(u64, &Arc<ConnectionState>)> = candidates
+        // Idle the longest first; among connections idle since the same millisecond, the one
+        // admitted first (ids grow in admission order).
+        let mut idle: Vec<((u64, u64), &Arc<ConnectionState>)> = candidates
             .filter(|state| state.is_idle() && !state.shed_requested.load(Ordering::Acquire))
-            .map(|state| (state.idle_since_ms.load(Ordering::Acquire), state))
+            .map(|state| {
+                (
+                    (state.idle_since_ms.load(Ordering::Acquire), state.id),
+                    state,
+                )
+            })
             .collect();
         if idle.len() > count {
-            idle.select_nth_unstable_by_key(count, |(since, _)| *since);
+            idle.select_nth_unstable_by_key(count, |(age, _)| *age);
             idle.truncate(count);
         }
         idle.into_iter().map(|(_, state)| state.clone()).collect()
@@ -387,7 +399,7 @@ impl ConnectionTable {
     /// the connection at once). Over a cap, idle connections are shed, oldest first: first of
     /// the same client, then of anyone.
     pub fn admit(self: &Arc<Self>, client: IpAddr) -> Option<ConnectionGuard> {
-        let key = ClientKey::of(client);
+        let key = ClientKey::address(client);
         let limits = &self.limits;
         let mut inner = self.lock();
         let client_ids = inner.per_client.get(&key).cloned().unwrap_or_default();
@@ -642,24 +654,20 @@ mod tests {
     }
 
     #[test]
-    fn clients_are_addresses_or_ipv6_prefixes() {
+    fn clients_are_addresses_or_their_ipv6_networks() {
+        let address = ClientKey::address;
+        let network = ClientKey::network;
+        assert_eq!(address(ip("10.0.0.1")), address(ip("::ffff:10.0.0.1")));
+        assert_ne!(address(ip("10.0.0.1")), address(ip("10.0.0.2")));
+        assert_ne!(address(ip("fd00:1:2:3::1")), address(ip("fd00:1:2:3::2")));
+        assert_eq!(network(ip("10.0.0.1")), network(ip("::ffff:10.0.0.1")));
+        assert_ne!(network(ip("10.0.0.1")), network(ip("10.0.0.2")));
         assert_eq!(
-            ClientKey::of(ip("10.0.0.1")),
-            ClientKey::of(ip("::ffff:10.0.0.1"))
+            network(ip("fd00:1:2:3::1")),
+            network(ip("fd00:1:2:3:ffff:ffff:ffff:ffff"))
         );
-        assert_ne!(ClientKey::of(ip("10.0.0.1")), ClientKey::of(ip("10.0.0.2")));
-        assert_eq!(
-            ClientKey::of(ip("fd00:1:2:3::1")),
-            ClientKey::of(ip("fd00:1:2:3:ffff:ffff:ffff:ffff"))
-        );
-        assert_ne!(
-            ClientKey::of(ip("fd00:1:2:3::1")),
-            ClientKey::of(ip("fd00:1:2:4::1"))
-        );
-        assert_eq!(
-            ClientKey::of(ip("fd00:1:2:3::1")).to_string(),
-            "fd00:1:2:3::/64"
-        );
+        assert_ne!(network(ip("fd00:1:2:3::1")), network(ip("fd00:1:2:4::1")));
+        assert_eq!(network(ip("fd00:1:2:3::1")).to_string(), "fd00:1:2:3::");
     }
 
     #[test]
