@@ -20,16 +20,44 @@ use tokio::time::Instant;
 /// The most any wait in these tests may take on a loaded two-core machine.
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// Tests in this file run in one process, and one of them counts the process's file
+/// descriptors: it holds this lock for writing, every other test for reading.
+static DESCRIPTORS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// What a scene keeps alive: the node's storage and its hold on [`DESCRIPTORS`].
+struct Held {
+    _storage: tempfile::TempDir,
+    _descriptors: Box<dyn std::any::Any + Send>,
+}
+
 /// A mock origin and a node in front of it, with `tweak` applied to the node's config.
-async fn scene(
+async fn scene(tweak: impl FnOnce(&mut Config, &MockOrigin)) -> (MockOrigin, Held, TestNode) {
+    let shared = Box::new(DESCRIPTORS.read().await);
+    scene_holding(shared, tweak).await
+}
+
+/// Like [`scene`], alone in the process (for counting file descriptors).
+async fn exclusive_scene(
     tweak: impl FnOnce(&mut Config, &MockOrigin),
-) -> (MockOrigin, tempfile::TempDir, TestNode) {
+) -> (MockOrigin, Held, TestNode) {
+    let exclusive = Box::new(DESCRIPTORS.write().await);
+    scene_holding(exclusive, tweak).await
+}
+
+async fn scene_holding(
+    descriptors: Box<dyn std::any::Any + Send>,
+    tweak: impl FnOnce(&mut Config, &MockOrigin),
+) -> (MockOrigin, Held, TestNode) {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
     tweak(&mut config, &origin);
     let node = TestNode::start(config).await;
-    (origin, storage, node)
+    let held = Held {
+        _storage: storage,
+        _descriptors: descriptors,
+    };
+    (origin, held, node)
 }
 
 /// A TCP connection to `addr` from the loopback address `source` (any of 127.0.0.0/8).
@@ -75,14 +103,14 @@ async fn slow_connections_in_order(source: &str, node: &TestNode, count: usize) 
 }
 
 /// True when the node has closed `stream`: a read returns end-of-file or a reset, and nothing
-/// else (the node sends no byte to a connection that never finished a request).
+/// else (a connection the node closes for a timeout, to make room, or at once, gets no answer).
 async fn wait_closed(stream: &mut TcpStream, deadline: Instant) -> bool {
     let mut buffer = [0u8; 64];
     match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
         Err(_) => false,
         Ok(Ok(0)) | Ok(Err(_)) => true,
         Ok(Ok(read)) => panic!(
-            "the node sent {:?} to a connection that never finished a request",
+            "the node answered {:?} on a connection it should have closed unanswered",
             String::from_utf8_lossy(&buffer[..read])
         ),
     }
@@ -162,7 +190,7 @@ async fn raw_exchange(source: &str, addr: SocketAddr, request: &str) -> RawAnswe
 async fn slow_headers_are_cut_at_the_header_timeout_and_their_descriptors_come_back() {
     const SLOW: usize = 300;
     let header_read_timeout = Duration::from_secs(2);
-    let (origin, _storage, node) = scene(|config, _| {
+    let (origin, _held, node) = exclusive_scene(|config, _| {
         config.server.header_read_timeout = header_read_timeout;
         config.server.max_connections = 2 * SLOW;
         config.server.max_connections_per_client = 2 * SLOW;
@@ -221,6 +249,12 @@ async fn slow_headers_are_cut_at_the_header_timeout_and_their_descriptors_come_b
         released <= baseline + 16,
         "{released} fds open, baseline {baseline}"
     );
+    eprintln!(
+        "slowloris: {SLOW} connections; fds baseline {baseline}, held {held}, after the header \
+         timeout {after_timeout} (the test's ends only), released {released}; all closed {:?} \
+         after opening",
+        opened.elapsed()
+    );
     assert_eq!(
         origin
             .requests()
@@ -236,7 +270,7 @@ async fn slow_headers_are_cut_at_the_header_timeout_and_their_descriptors_come_b
 /// and the admin listener cuts slow headers too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_close_after_the_idle_timeout() {
-    let (origin, _storage, node) = scene(|config, _| {
+    let (origin, _held, node) = scene(|config, _| {
         config.server.header_read_timeout = Duration::from_secs(1);
         config.server.idle_timeout = Duration::from_secs(3);
     })
@@ -281,7 +315,7 @@ async fn idle_keep_alive_connections_close_after_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_connection_cap_the_oldest_idle_connection_makes_room() {
     const CAP: usize = 64;
-    let (origin, _storage, node) = scene(|config, _| {
+    let (origin, _held, node) = scene(|config, _| {
         config.server.max_connections = CAP;
         config.server.header_read_timeout = Duration::from_secs(60);
     })
@@ -309,7 +343,7 @@ async fn at_the_connection_cap_the_oldest_idle_connection_makes_room() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_connection_busy_new_ones_are_refused_and_the_busy_ones_finish() {
     const CAP: usize = 4;
-    let (origin, _storage, node) = scene(|config, _| {
+    let (origin, _held, node) = scene(|config, _| {
         config.server.max_connections = CAP;
     })
     .await;
@@ -358,7 +392,7 @@ async fn with_every_connection_busy_new_ones_are_refused_and_the_busy_ones_finis
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_over_its_cap_makes_room_from_its_own_idle_connections() {
     const PER_CLIENT: usize = 16;
-    let (origin, _storage, node) = scene(|config, _| {
+    let (origin, _held, node) = scene(|config, _| {
         config.server.max_connections_per_client = PER_CLIENT;
         config.server.header_read_timeout = Duration::from_secs(60);
     })
@@ -367,6 +401,10 @@ async fn an_address_over_its_cap_makes_room_from_its_own_idle_connections() {
     origin.put("/good.bin", content.clone());
     let edge = node.node.stats.edge.clone();
     let neighbour = slow_header_connections("127.0.0.3", node.addr, PER_CLIENT).await;
+    wait_until("the node holds the neighbour's connections", || {
+        edge.connections_open.get() == PER_CLIENT as u64
+    })
+    .await;
     let mut attacker = slow_connections_in_order("127.0.0.2", &node, PER_CLIENT).await;
     attacker.extend(slow_header_connections("127.0.0.2", node.addr, 4).await);
     let deadline = Instant::now() + PATIENCE;
@@ -404,7 +442,7 @@ async fn an_address_over_its_cap_makes_room_from_its_own_idle_connections() {
 /// never another local service or the node's own admin port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allowed_host_reaches_only_its_default_and_listed_ports() {
-    let (origin, _storage, node) = scene(|config, origin| {
+    let (origin, _held, node) = scene(|config, origin| {
         config.origin.push(OriginConfig {
             host: "localhost".into(),
             ..Default::default()
@@ -482,7 +520,7 @@ async fn an_allowed_host_reaches_only_its_default_and_listed_ports() {
 /// headers and malformed hosts get 400, and none reaches the origin or becomes a cache key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_targets_and_hosts_get_400_and_never_reach_the_origin() {
-    let (origin, _storage, node) = scene(|_, _| {}).await;
+    let (origin, _held, node) = scene(|_, _| {}).await;
     let content = pattern_bytes(10_000, 47);
     origin.put("/a.bin", content.clone());
     let close = "Connection: close\r\n\r\n";
@@ -541,7 +579,7 @@ fn get_request(path_and_query: &str) -> String {
 /// Item 9: four addresses announcing without end, and renewing, never lock a real peer out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_addresses_announcing_without_end_never_lock_out_a_real_peer() {
-    let (_origin, _storage, node) = scene(|config, _| {
+    let (_origin, _held, node) = scene(|config, _| {
         config.peering.max_contents = 64;
         config.peering.max_contents_per_address = 16;
     })
@@ -595,7 +633,7 @@ async fn four_addresses_announcing_without_end_never_lock_out_a_real_peer() {
 /// throttled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_admin_tokens_are_throttled_per_address_and_the_right_one_still_works() {
-    let (origin, _storage, node) = scene(|config, _| {
+    let (origin, _held, node) = scene(|config, _| {
         config.admin.token = "the-real-token-0123456789".into();
     })
     .await;
@@ -680,7 +718,7 @@ async fn wrong_admin_tokens_are_throttled_per_address_and_the_right_one_still_wo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_or_an_empty_token_disables_the_endpoints_that_change_state() {
     for token in ["change-me", ""] {
-        let (origin, _storage, node) = scene(|config, _| {
+        let (origin, _held, node) = scene(|config, _| {
             config.admin.token = token.into();
         })
         .await;
@@ -720,7 +758,7 @@ async fn the_shipped_or_an_empty_token_disables_the_endpoints_that_change_state(
 /// and the periodic sweep that drops announcements nobody touches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_peering_api_refuses_what_it_must_and_sweeps_what_expires() {
-    let (origin, _storage, node) = scene(|config, _| {
+    let (origin, _held, node) = scene(|config, _| {
         config.peering.announce_ttl = Duration::from_secs(1);
         config.peering.max_peers_returned = 2;
     })

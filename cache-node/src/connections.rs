@@ -329,10 +329,11 @@ struct TableInner {
 impl TableInner {
     /// Tells `victim` to close; it leaves the table when its task ends.
     fn shed(&mut self, victim: &ConnectionState, counters: &EdgeCounters) {
+        // Counted before the victim can close, so whoever sees it closed sees it counted.
+        counters.connections_shed.inc();
+        self.shedding += 1;
         victim.shed_requested.store(true, Ordering::Release);
         victim.shed.notify_one();
-        self.shedding += 1;
-        counters.connections_shed.inc();
     }
 
     /// The `count` connections idle the longest among `ids` (all when `None`), not yet shed.
