@@ -57,6 +57,14 @@ const UNLIMITED_FD_TARGET: u64 = 1 << 20;
 /// room for many new connections rather than one.
 const SHED_BATCH_DIVISOR: usize = 64;
 
+/// Connections being shed close on their own tasks, a moment after the accept that shed them;
+/// meanwhile at most this fraction (1/N) of the cap (and at least [`MIN_SHED_ALLOWANCE`]) may be
+/// open beyond it, so a flood cannot outrun the closing and reach the open-file limit.
+const SHED_ALLOWANCE_DIVISOR: usize = 16;
+
+/// The least room over the cap for connections still closing.
+const MIN_SHED_ALLOWANCE: usize = 16;
+
 /// The admin listener's cap: a scraper and a few people, never a crowd.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
@@ -390,6 +398,12 @@ impl ConnectionTable {
         self.lock().connections.len()
     }
 
+    /// True while connections told to close have not closed yet: an accept loop should let them
+    /// run before it accepts more.
+    pub fn is_shedding(&self) -> bool {
+        self.lock().shedding > 0
+    }
+
     fn lock(&self) -> MutexGuard<'_, TableInner> {
         self.inner
             .lock()
@@ -403,11 +417,18 @@ impl ConnectionTable {
         let key = ClientKey::address(client);
         let limits = &self.limits;
         let mut inner = self.lock();
+        let ceiling = limits.max_connections
+            + (limits.max_connections / SHED_ALLOWANCE_DIVISOR).max(MIN_SHED_ALLOWANCE);
+        if inner.connections.len() >= ceiling {
+            drop(inner);
+            self.refuse(key, "server.max_connections, while shed connections close");
+            return None;
+        }
         let client_ids = inner.per_client.get(&key).cloned().unwrap_or_default();
         if inner.live_of(&client_ids) >= limits.max_connections_per_client {
             let Some(victim) = inner.oldest_idle(Some(&client_ids), 1).pop() else {
                 drop(inner);
-                self.refuse(key, "server.max_connections_per_client");
+                self.refuse(key, "server.max_connections_per_client, none idle");
                 return None;
             };
             inner.shed(&victim, &self.counters);
@@ -417,7 +438,7 @@ impl ConnectionTable {
             let victims = inner.oldest_idle(None, batch);
             if victims.is_empty() {
                 drop(inner);
-                self.refuse(key, "server.max_connections");
+                self.refuse(key, "server.max_connections, none idle");
                 return None;
             }
             for victim in &victims {
@@ -455,7 +476,7 @@ impl ConnectionTable {
                 max_connections = self.limits.max_connections,
                 max_connections_per_client = self.limits.max_connections_per_client,
                 refused_so_far = self.counters.connections_refused.get(),
-                "connection refused: the cap is reached and no connection is idle"
+                "connection refused at a connection cap (nothing idle to close, or still closing)"
             );
         }
     }
@@ -722,6 +743,35 @@ mod tests {
         assert!(table.admit(ip("10.0.0.6")).is_none());
         assert_eq!(counters.connections_shed.get(), 2);
         assert_eq!(counters.connections_refused.get(), 1);
+    }
+
+    #[test]
+    fn connections_still_closing_may_overrun_the_cap_only_a_little() {
+        let counters = EdgeCounters::default();
+        let table = ConnectionTable::new(limits(100, 1000), counters.clone());
+        let mut open: Vec<ConnectionGuard> = (0..100u32)
+            .map(|n| {
+                table
+                    .admit(IpAddr::from((0x0a00_0000 + n).to_be_bytes()))
+                    .unwrap()
+            })
+            .collect();
+        // Each newcomer sheds one idle connection, which has not closed yet.
+        for n in 0..MIN_SHED_ALLOWANCE as u32 {
+            open.push(
+                table
+                    .admit(IpAddr::from((0x0b00_0000 + n).to_be_bytes()))
+                    .unwrap(),
+            );
+        }
+        assert!(table.is_shedding());
+        assert_eq!(counters.connections_shed.get(), MIN_SHED_ALLOWANCE as u64);
+        assert!(table.admit(ip("10.9.9.9")).is_none(), "at the ceiling");
+        assert_eq!(counters.connections_refused.get(), 1);
+        // The first shed one closes: room again.
+        assert!(open[0].state().shed_requested.load(Ordering::Acquire));
+        open.remove(0);
+        assert!(table.admit(ip("10.9.9.9")).is_some());
     }
 
     #[test]

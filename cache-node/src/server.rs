@@ -40,7 +40,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ValidConfig;
-use crate::connections::{ConnectionTable, TrackedBody, WatchedIo};
+use crate::connections::{ConnectionGuard, ConnectionTable, TrackedBody, WatchedIo};
 use crate::error::DiskError;
 use crate::node::Node;
 use crate::peering::ClientAddr;
@@ -161,26 +161,28 @@ pub async fn run_node(
     // The admin listener's own caps, and counters that stay out of the client listener's.
     let admin_connections =
         ConnectionTable::new(node.connection_limits.admin(), EdgeCounters::default());
-    let accept_admin = accept_until(&admin_listener, &stop, |stream, peer| {
-        let Some(admitted) = admin_connections.admit(peer.ip()) else {
-            return;
-        };
-        let state = admitted.state().clone();
-        let node = admin_node.clone();
-        let service = service_fn(move |mut request: Request<Incoming>| {
-            let in_flight = state.start_request();
-            request.extensions_mut().insert(ClientAddr(peer));
-            let node = node.clone();
-            async move {
-                let response = admin::handle(node, request).await?;
-                Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
-            }
-        });
-        let io = TokioIo::new(WatchedIo::new(stream, admitted.state().clone()));
-        let connection = builder.serve_connection(io, service).into_owned();
-        let connection = admin_graceful.watch(connection);
-        tokio::spawn(admitted.supervise(connection));
-    });
+    let accept_admin = accept_until(
+        &admin_listener,
+        &stop,
+        &admin_connections,
+        |stream, peer, admitted| {
+            let state = admitted.state().clone();
+            let node = admin_node.clone();
+            let service = service_fn(move |mut request: Request<Incoming>| {
+                let in_flight = state.start_request();
+                request.extensions_mut().insert(ClientAddr(peer));
+                let node = node.clone();
+                async move {
+                    let response = admin::handle(node, request).await?;
+                    Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
+                }
+            });
+            let io = TokioIo::new(WatchedIo::new(stream, admitted.state().clone()));
+            let connection = builder.serve_connection(io, service).into_owned();
+            let connection = admin_graceful.watch(connection);
+            tokio::spawn(admitted.supervise(connection));
+        },
+    );
     tokio::pin!(shutdown);
     tokio::select! {
         () = accept_admin => {}
@@ -231,17 +233,27 @@ async fn log_traffic_summaries(node: Arc<Node>, stop: CancellationToken) {
     }
 }
 
-/// Accepts connections until `stop` is cancelled, handing each to `on_accept` with the client's
+/// Accepts connections until `stop` is cancelled, admits each into `connections` (closing it at
+/// once when the table says no), and hands the admitted ones to `on_accept` with the client's
 /// address.
 async fn accept_until(
     listener: &TcpListener,
     stop: &CancellationToken,
-    mut on_accept: impl FnMut(TcpStream, SocketAddr),
+    connections: &Arc<ConnectionTable>,
+    mut on_accept: impl FnMut(TcpStream, SocketAddr, ConnectionGuard),
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => on_accept(stream, peer),
+                Ok((stream, peer)) => {
+                    if let Some(admitted) = connections.admit(peer.ip()) {
+                        on_accept(stream, peer, admitted);
+                    }
+                    // Let the connections this accept shed close before accepting more.
+                    if connections.is_shedding() {
+                        tokio::task::yield_now().await;
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, "accept failed; retrying shortly");
                     tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
@@ -316,40 +328,42 @@ impl Worker {
         builder.http1().writev(true);
         let node = &self.node;
         let connections = &self.connections;
-        accept_until(&listener, &self.stop, |stream, peer| {
-            let Some(admitted) = connections.admit(peer.ip()) else {
-                return;
-            };
-            let _ = stream.set_nodelay(true);
-            let client_addr = ClientAddr(peer);
-            let spans = SpanQueue::default();
-            let state = admitted.state().clone();
-            let io = TokioIo::new(WatchedIo::new(
-                ZeroCopyStream::new(stream, spans.clone()),
-                state.clone(),
-            ));
-            let node = node.clone();
-            let service = service_fn(move |mut request: Request<Incoming>| {
-                let in_flight = state.start_request();
-                request.extensions_mut().insert(client_addr);
+        accept_until(
+            &listener,
+            &self.stop,
+            connections,
+            |stream, peer, admitted| {
+                let _ = stream.set_nodelay(true);
+                let client_addr = ClientAddr(peer);
+                let spans = SpanQueue::default();
+                let state = admitted.state().clone();
+                let io = TokioIo::new(WatchedIo::new(
+                    ZeroCopyStream::new(stream, spans.clone()),
+                    state.clone(),
+                ));
                 let node = node.clone();
-                let spans = spans.clone();
-                async move {
-                    let response = match refuse_malformed(&node, &request) {
-                        Some(refusal) => refusal,
-                        None => serve::handle(node, request, Some(spans)).await?,
-                    };
-                    Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
-                }
-            });
-            let connection = builder.serve_connection(io, service).into_owned();
-            let connection = graceful.watch(connection);
-            tokio::spawn(async move {
-                if let Some(Err(error)) = admitted.supervise(connection).await {
-                    tracing::debug!(error = %error, "client connection ended with an error");
-                }
-            });
-        })
+                let service = service_fn(move |mut request: Request<Incoming>| {
+                    let in_flight = state.start_request();
+                    request.extensions_mut().insert(client_addr);
+                    let node = node.clone();
+                    let spans = spans.clone();
+                    async move {
+                        let response = match refuse_malformed(&node, &request) {
+                            Some(refusal) => refusal,
+                            None => serve::handle(node, request, Some(spans)).await?,
+                        };
+                        Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
+                    }
+                });
+                let connection = builder.serve_connection(io, service).into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Some(Err(error)) = admitted.supervise(connection).await {
+                        tracing::debug!(error = %error, "client connection ended with an error");
+                    }
+                });
+            },
+        )
         .await;
         drop(listener);
         let deadline = tokio::time::Instant::now() + self.shutdown_grace;
