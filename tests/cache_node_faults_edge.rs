@@ -759,6 +759,7 @@ async fn the_shipped_or_an_empty_token_disables_the_endpoints_that_change_state(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_peering_api_refuses_what_it_must_and_sweeps_what_expires() {
     let (origin, _held, node) = scene(|config, _| {
+        config.server.header_read_timeout = Duration::from_secs(2);
         config.peering.announce_ttl = Duration::from_secs(1);
         config.peering.max_peers_returned = 2;
     })
@@ -830,6 +831,25 @@ async fn the_peering_api_refuses_what_it_must_and_sweeps_what_expires() {
         assert_eq!(answer.status, 400, "{bad}: {}", answer.text());
         assert!(json_of(&answer)["error"].is_string());
     }
+    // A body that stops short is not waited for longer than headers are.
+    let mut trickle = connect_from("127.0.0.2", node.addr).await;
+    let started = Instant::now();
+    trickle
+        .write_all(
+            format!("POST {announce} HTTP/1.1\r\nHost: cache\r\nContent-Length: 100\r\n\r\n{{\"content_id\"")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, trickle.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     let tracker = &node.node.peering.as_ref().unwrap().tracker;
     assert_eq!(tracker.counts(), (0, 0), "nothing refused was recorded");
 

@@ -455,15 +455,29 @@ async fn announce(
     request: Request<Incoming>,
     client: SocketAddr,
 ) -> Response<ResponseBody> {
-    let body = match Limited::new(request.into_body(), MAX_ANNOUNCE_BODY)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) => {
+    // A body sent a byte at a time would hold the connection busy, out of the edge's timeouts:
+    // it gets as long as headers do.
+    let body_timeout = node.connection_limits.header_read_timeout;
+    let collected = tokio::time::timeout(
+        body_timeout,
+        Limited::new(request.into_body(), MAX_ANNOUNCE_BODY).collect(),
+    )
+    .await;
+    let body = match collected {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) => {
             return json_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("announcement body unreadable or over {MAX_ANNOUNCE_BODY} bytes: {error}"),
+            )
+        }
+        Err(_) => {
+            return json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "the announcement body did not arrive within {} (server.header_read_timeout)",
+                    humantime::format_duration(body_timeout)
+                ),
             )
         }
     };
