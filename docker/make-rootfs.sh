@@ -25,14 +25,15 @@ ldd "$binary" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1
     mkdir -p "$out$(dirname "$library")"
     cp -L "$library" "$out$library"
   done
-# The image's default config is the shipped one with container paths and addresses. An admin
-# mounts their own over it; CACHE_NODE__* variables override either.
+# The image's default config is the shipped one with container paths and the client port 80. The
+# admin listener stays on the container's loopback (the health check runs inside): exposing it is
+# the admin's choice (CACHE_NODE__ADMIN__LISTEN, see docker/compose.yaml). An admin mounts their
+# own config over it; CACHE_NODE__* variables override either.
 sed -e 's|^listen = "0.0.0.0:8080"|listen = "0.0.0.0:80"|' \
-    -e 's|^listen = "127.0.0.1:9090"|listen = "0.0.0.0:9090"|' \
     -e 's|^path = "cache-data"|path = "/var/cache/outpost"|' \
     -e 's|^format = "text"|format = "json"|' \
     "$here/../conf/cache-node.toml" > "$out/etc/outpost/cache-node.toml"
-for expected in 'listen = "0.0.0.0:80"' 'listen = "0.0.0.0:9090"' 'path = "/var/cache/outpost"' 'format = "json"'; do
+for expected in 'listen = "0.0.0.0:80"' 'listen = "127.0.0.1:9090"' 'path = "/var/cache/outpost"' 'format = "json"'; do
   grep -qx "$expected" "$out/etc/outpost/cache-node.toml" || {
     echo "make-rootfs.sh: conf/cache-node.toml changed; cannot set $expected" >&2
     exit 1

@@ -415,13 +415,26 @@ async fn an_upstream_that_points_back_at_the_node_is_a_quick_error_not_a_hang() 
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
-    // The node's own address allowed as an origin: Host-header requests for it come back here.
+    let listeners = cache_node::server::bind_client_listeners(
+        "127.0.0.1:0".parse().unwrap(),
+        config.server.workers,
+    )
+    .unwrap();
+    // The node's own address and port allowed as an origin: Host-header requests for it come
+    // back here.
     config.origin.push(cache_node::config::OriginConfig {
         host: "127.0.0.1".into(),
         upstream: None,
+        ports: vec![listeners[0].local_addr().unwrap().port()],
         ..Default::default()
     });
-    let node = TestNode::start(config).await;
+    let valid = config.validate().unwrap();
+    let node = TestNode::start_on(
+        cache_node::node::Node::open(&valid).unwrap(),
+        &valid,
+        listeners,
+    )
+    .await;
     let started = std::time::Instant::now();
     let looped = get(&format!("http://{}/loop.bin", node.addr), &[]).await;
     assert!(

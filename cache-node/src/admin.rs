@@ -1,14 +1,27 @@
 //! The admin listener: `/health`, `/stats` (JSON), `/metrics` (Prometheus text),
 //! `GET /objects` to inspect one object and `DELETE /objects` to purge it. Reads are open to whoever can reach the listener;
 //! anything that changes state needs `Authorization: Bearer <admin.token>`.
+//!
+//! The token is guarded three ways:
+//! - With no usable token (empty, or the shipped `change-me` that every copy of the image
+//!   knows), the endpoints that change state are disabled: they answer 403 saying how to set one.
+//!   The node still starts, so it runs on the shipped defaults.
+//! - Tokens are compared in constant time.
+//! - Each client address (an IPv6 /64) may fail [`AUTH_FAILURE_BURST`] times in a row; then it
+//!   gets 429 without its token being looked at, and one more try every
+//!   [`AUTH_FAILURE_REFILL`], so guessing runs at one try a second instead of thousands.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
 
+use crate::connections::ClientKey;
 use crate::key::CacheKey;
 use crate::node::Node;
 use crate::origin::normalise_host;
@@ -41,17 +54,10 @@ pub async fn handle(
                 None => bad_object_query(),
             }
         }
-        (&Method::DELETE, "/objects") => {
-            if !authorised(&node, &request) {
-                let mut response =
-                    text_response(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return Ok(response);
-            }
-            purge(&node, request.uri().query().unwrap_or(""))
-        }
+        (&Method::DELETE, "/objects") => match authorise(&node, &request) {
+            Ok(()) => purge(&node, request.uri().query().unwrap_or("")),
+            Err(refusal) => refusal.response(),
+        },
         (_, "/health" | "/stats" | "/metrics" | "/objects") => {
             text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         }
@@ -71,8 +77,91 @@ fn typed(body: Vec<u8>, content_type: &'static str) -> Response<ResponseBody> {
     response
 }
 
+/// The token the shipped config file carries. Everyone has a copy, so it protects nothing.
+pub const SHIPPED_TOKEN: &str = "change-me";
+
+/// True when `token` can protect the endpoints that change state: not empty, not the shipped one.
+pub fn token_is_usable(token: &str) -> bool {
+    let token = token.trim();
+    !token.is_empty() && token != SHIPPED_TOKEN
+}
+
+/// Why the endpoints that change state are disabled, for the start-up log and the 403 answer.
+pub const TOKEN_UNSET_MESSAGE: &str = "admin endpoints that change state (DELETE /objects) are disabled: admin.token is empty or the shipped \"change-me\"; set CACHE_NODE__ADMIN__TOKEN (or [admin] token) to a long random secret, e.g. $(openssl rand -hex 24), and restart the node";
+
+/// Why a request to an endpoint that changes state was not let through.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum AuthRefusal {
+    /// No usable `admin.token` is configured (403).
+    #[error("{TOKEN_UNSET_MESSAGE}")]
+    Disabled,
+    /// The address failed too often; it may try again after this long (429).
+    #[error("too many wrong tokens from {client}; try again in {} s", retry_after.as_secs().max(1))]
+    Throttled {
+        client: ClientKey,
+        retry_after: Duration,
+    },
+    /// The token is missing or wrong (401).
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+}
+
+impl AuthRefusal {
+    fn response(&self) -> Response<ResponseBody> {
+        let status = match self {
+            AuthRefusal::Disabled => StatusCode::FORBIDDEN,
+            AuthRefusal::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AuthRefusal::Unauthorized => StatusCode::UNAUTHORIZED,
+        };
+        let mut response = text_response(status, self.to_string());
+        let headers = response.headers_mut();
+        match self {
+            AuthRefusal::Throttled { retry_after, .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after.as_secs().max(1)),
+                );
+            }
+            AuthRefusal::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            AuthRefusal::Disabled => {}
+        }
+        response
+    }
+}
+
+/// Lets a request to an endpoint that changes state through, or says why not.
+fn authorise(node: &Node, request: &Request<Incoming>) -> Result<(), AuthRefusal> {
+    if !token_is_usable(&node.admin_token) {
+        return Err(AuthRefusal::Disabled);
+    }
+    let client = request
+        .extensions()
+        .get::<crate::peering::ClientAddr>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |addr| addr.0.ip());
+    let client = ClientKey::network(client);
+    let edge = &node.stats.edge;
+    if let Some(retry_after) = node.admin_auth.throttled_for(client) {
+        edge.admin_auth_throttled.inc();
+        return Err(AuthRefusal::Throttled {
+            client,
+            retry_after,
+        });
+    }
+    if presents_token(request, &node.admin_token) {
+        return Ok(());
+    }
+    edge.admin_auth_failures.inc();
+    let failures = node.admin_auth.record_failure(client);
+    if failures == AUTH_FAILURE_BURST {
+        tracing::warn!(%client, failures, "admin: wrong tokens from one address; throttling it");
+    }
+    Err(AuthRefusal::Unauthorized)
+}
+
 /// Compares the bearer token in constant time, so its length-prefix cannot be probed by timing.
-fn authorised(node: &Node, request: &Request<Incoming>) -> bool {
+fn presents_token(request: &Request<Incoming>, expected: &str) -> bool {
     let Some(presented) = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -81,7 +170,7 @@ fn authorised(node: &Node, request: &Request<Incoming>) -> bool {
     else {
         return false;
     };
-    let expected = node.admin_token.as_bytes();
+    let expected = expected.as_bytes();
     let presented = presented.trim().as_bytes();
     presented.len() == expected.len()
         && presented
@@ -89,6 +178,80 @@ fn authorised(node: &Node, request: &Request<Incoming>) -> bool {
             .zip(expected)
             .fold(0u8, |difference, (a, b)| difference | (a ^ b))
             == 0
+}
+
+/// Wrong tokens one address may send in a row before it is throttled.
+pub const AUTH_FAILURE_BURST: u32 = 10;
+
+/// A throttled address earns one more try per this long.
+pub const AUTH_FAILURE_REFILL: Duration = Duration::from_secs(1);
+
+/// The most addresses whose failures are remembered; past it the ones with the fewest are
+/// forgotten first, so a flood from many addresses cannot grow the map.
+const AUTH_TRACKED_ADDRESSES: usize = 4096;
+
+/// Failed token attempts per client address: a leaky bucket per address that fills by one per
+/// failure and drains by one per [`AUTH_FAILURE_REFILL`]; a full bucket means 429.
+#[derive(Debug, Default)]
+pub struct AuthThrottle {
+    buckets: Mutex<HashMap<ClientKey, FailureBucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FailureBucket {
+    /// Failures not yet drained, as of `updated`.
+    level: f64,
+    updated: tokio::time::Instant,
+}
+
+impl FailureBucket {
+    fn level_at(&self, now: tokio::time::Instant) -> f64 {
+        let drained =
+            now.duration_since(self.updated).as_secs_f64() / AUTH_FAILURE_REFILL.as_secs_f64();
+        (self.level - drained).max(0.0)
+    }
+}
+
+impl AuthThrottle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientKey, FailureBucket>> {
+        self.buckets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// How long `client` must wait before its token is looked at again, or `None` when it may
+    /// try now.
+    pub fn throttled_for(&self, client: ClientKey) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        let level = self.lock().get(&client)?.level_at(now);
+        let burst = f64::from(AUTH_FAILURE_BURST);
+        (level > burst - 1.0).then(|| AUTH_FAILURE_REFILL.mul_f64(level - (burst - 1.0)))
+    }
+
+    /// Counts a failure of `client`; returns how many failures it has not yet drained.
+    pub fn record_failure(&self, client: ClientKey) -> u32 {
+        let now = tokio::time::Instant::now();
+        let mut buckets = self.lock();
+        if buckets.len() >= AUTH_TRACKED_ADDRESSES && !buckets.contains_key(&client) {
+            buckets.retain(|_, bucket| bucket.level_at(now) > 0.0);
+            if buckets.len() >= AUTH_TRACKED_ADDRESSES {
+                let least = buckets
+                    .iter()
+                    .min_by(|a, b| a.1.level_at(now).total_cmp(&b.1.level_at(now)))
+                    .map(|(key, _)| *key);
+                if let Some(least) = least {
+                    buckets.remove(&least);
+                }
+            }
+        }
+        let bucket = buckets.entry(client).or_insert(FailureBucket {
+            level: 0.0,
+            updated: now,
+        });
+        bucket.level = bucket.level_at(now) + 1.0;
+        bucket.updated = now;
+        bucket.level.ceil() as u32
+    }
 }
 
 /// The cache key `?origin=<host>&path=<path and query>` names; `None` without both.
@@ -193,5 +356,57 @@ fn purge(node: &Node, query: &str) -> Response<ResponseBody> {
             StatusCode::NOT_FOUND,
             format!("not cached: {}", key.as_str()),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_and_shipped_tokens_are_not_usable() {
+        for unusable in ["", "   ", "change-me", " change-me "] {
+            assert!(!token_is_usable(unusable), "{unusable:?}");
+        }
+        assert!(token_is_usable("5f0c3a9e1b7d"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_is_throttled_after_its_burst_then_drains_at_the_refill_rate() {
+        let throttle = AuthThrottle::default();
+        let attacker = ClientKey::network("10.0.0.9".parse().unwrap());
+        let admin = ClientKey::network("10.0.0.1".parse().unwrap());
+        for attempt in 1..=AUTH_FAILURE_BURST {
+            assert_eq!(throttle.throttled_for(attacker), None, "attempt {attempt}");
+            assert_eq!(throttle.record_failure(attacker), attempt);
+        }
+        assert_eq!(throttle.throttled_for(attacker), Some(AUTH_FAILURE_REFILL));
+        // Another address is not affected.
+        assert_eq!(throttle.throttled_for(admin), None);
+        tokio::time::advance(AUTH_FAILURE_REFILL / 2).await;
+        assert_eq!(
+            throttle.throttled_for(attacker),
+            Some(AUTH_FAILURE_REFILL / 2)
+        );
+        tokio::time::advance(AUTH_FAILURE_REFILL / 2).await;
+        // One more try per refill period, and a failure throttles again at once.
+        assert_eq!(throttle.throttled_for(attacker), None);
+        throttle.record_failure(attacker);
+        assert_eq!(throttle.throttled_for(attacker), Some(AUTH_FAILURE_REFILL));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_from_many_addresses_stays_bounded_and_keeps_the_worst_throttled() {
+        let throttle = AuthThrottle::default();
+        let worst = ClientKey::network("10.1.0.1".parse().unwrap());
+        for _ in 0..AUTH_FAILURE_BURST {
+            throttle.record_failure(worst);
+        }
+        for index in 0..(AUTH_TRACKED_ADDRESSES as u32 + 100) {
+            let address = std::net::Ipv4Addr::from(0x0b00_0000 + index);
+            throttle.record_failure(ClientKey::network(address.into()));
+        }
+        assert!(throttle.lock().len() <= AUTH_TRACKED_ADDRESSES);
+        assert!(throttle.throttled_for(worst).is_some());
     }
 }

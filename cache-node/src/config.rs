@@ -77,6 +77,20 @@ pub struct ServerConfig {
     /// Worker threads serving clients, each with its own runtime and `SO_REUSEPORT` listener.
     /// 0 means one per CPU core.
     pub workers: usize,
+    /// How long a client has to send a request's complete headers, from the connection's opening
+    /// or the first byte of a later request. Slower connections are closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// The most client connections open at once (each listener counts its own); at the cap the
+    /// oldest idle ones are closed for new ones, or new ones are refused when none is idle. 0
+    /// means half of the open-file limit the node runs with.
+    pub max_connections: usize,
+    /// The most client connections one client address may hold open; over it the
+    /// address's oldest idle connection is closed, or the new one refused when none is idle.
+    pub max_connections_per_client: usize,
 }
 
 /// `[admin]`: the admin listener.
@@ -229,6 +243,10 @@ pub struct OriginConfig {
     pub revalidate_after: Option<Duration>,
     /// This origin's `upstream.cache_control` (`honor` or `ignore`); unset uses the global one.
     pub cache_control: Option<String>,
+    /// Ports clients may name for this origin besides 80 and 443, for example `[8080]` for a
+    /// mirror on `mirror.lan:8080`. Any other port is refused with 403, so an allowed host name
+    /// never reaches another service on the same machine.
+    pub ports: Vec<u16>,
 }
 
 impl Default for ServerConfig {
@@ -239,6 +257,10 @@ impl Default for ServerConfig {
             max_ranges: 32,
             shutdown_grace: Duration::from_secs(10),
             workers: 0,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 0,
+            max_connections_per_client: 256,
         }
     }
 }
@@ -350,12 +372,8 @@ impl Config {
     pub fn validate(self) -> Result<ValidConfig, ConfigError> {
         let server_listen = parse_listen("server.listen", &self.server.listen)?;
         let admin_listen = parse_listen("admin.listen", &self.admin.listen)?;
-        if self.admin.token.trim().is_empty() {
-            return Err(invalid(
-                "admin.token",
-                "is empty; set a long random secret, e.g. CACHE_NODE__ADMIN__TOKEN=$(openssl rand -hex 24)",
-            ));
-        }
+        // An empty (or the shipped) admin.token does not stop the node: the admin endpoints that
+        // change state are disabled instead, and say how to enable them (crate::admin).
         let slice_len = parse_block_size("storage.slice_size", &self.storage.slice_size)?;
         let first_drive = DriveConfig {
             path: self.storage.path.clone(),
@@ -411,6 +429,12 @@ impl Config {
         if self.server.max_ranges == 0 {
             return Err(invalid("server.max_ranges", "must be at least 1, e.g. 32"));
         }
+        if self.server.max_connections_per_client == 0 {
+            return Err(invalid(
+                "server.max_connections_per_client",
+                "must be at least 1, e.g. 256",
+            ));
+        }
         let workers = match self.server.workers {
             0 => std::thread::available_parallelism().map_or(1, |cores| cores.get()),
             workers if workers > MAX_WORKERS => {
@@ -431,6 +455,11 @@ impl Config {
                 "upstream.idle_read_timeout",
                 self.upstream.idle_read_timeout,
             ),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.idle_timeout", self.server.idle_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(name, "must be longer than zero, e.g. \"30s\""));
@@ -457,6 +486,12 @@ impl Config {
             }
             if let Some(mode) = &origin.cache_control {
                 parse_cache_control(&format!("origin[{index}].cache_control"), mode)?;
+            }
+            if origin.ports.contains(&0) {
+                return Err(invalid(
+                    &format!("origin[{index}].ports"),
+                    "0 is not a port; list ports from 1 to 65535, e.g. [8080]",
+                ));
             }
         }
         let peering = self.peering.validate()?;
@@ -592,12 +627,15 @@ mod tests {
     }
 
     #[test]
-    fn defaults_validate_once_a_token_is_set() {
+    fn defaults_validate_with_or_without_a_token() {
         let valid = valid_base().validate().unwrap();
         assert_eq!(valid.slice_len, 1 << 20);
         assert_eq!(valid.max_size_bytes, 10 << 30);
-        let missing_token = Config::default().validate().unwrap_err();
-        assert!(missing_token.to_string().starts_with("admin.token:"));
+        // Without a token the node runs with its state-changing admin endpoints disabled.
+        let without_token = Config::default().validate().unwrap();
+        assert!(!crate::admin::token_is_usable(
+            &without_token.raw.admin.token
+        ));
     }
 
     #[test]
@@ -710,6 +748,28 @@ mod tests {
             (
                 Box::new(|c| c.upstream.idle_read_timeout = Duration::ZERO),
                 "upstream.idle_read_timeout:",
+            ),
+            (
+                Box::new(|c| c.server.header_read_timeout = Duration::ZERO),
+                "server.header_read_timeout:",
+            ),
+            (
+                Box::new(|c| c.server.idle_timeout = Duration::ZERO),
+                "server.idle_timeout:",
+            ),
+            (
+                Box::new(|c| c.server.max_connections_per_client = 0),
+                "server.max_connections_per_client:",
+            ),
+            (
+                Box::new(|c| {
+                    c.origin.push(OriginConfig {
+                        host: "mirror.lan".into(),
+                        ports: vec![8080, 0],
+                        ..Default::default()
+                    })
+                }),
+                "origin[0].ports:",
             ),
         ];
         for (mutate, expected_prefix) in cases {

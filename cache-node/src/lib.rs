@@ -7,6 +7,8 @@
 //! A request flows through these modules in this order:
 //!
 //! - [`server`]: listeners, hyper connections, graceful shutdown.
+//! - [`connections`]: the edge: connection caps (global and per client), header and idle
+//!   timeouts, the open-file limit.
 //! - [`serve`]: the client request handler (conditionals, ranges, body streaming).
 //! - [`router`]: which origin a request is for (MCC, Host-header, proxy, reverse-proxy modes).
 //! - [`origin`]: the allowlist and the pooled HTTP/HTTPS client for origins.
@@ -30,6 +32,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod connections;
 pub mod disk;
 pub mod error;
 pub mod fill;

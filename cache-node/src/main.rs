@@ -37,10 +37,22 @@ fn main() -> anyhow::Result<()> {
     if arguments.health_check {
         return health_check(config.admin_listen);
     }
-    if config.raw.admin.token == "change-me" {
-        tracing::warn!(
-            "admin.token is still the shipped \"change-me\"; set CACHE_NODE__ADMIN__TOKEN"
-        );
+    if !cache_node::admin::token_is_usable(&config.raw.admin.token) {
+        tracing::warn!("{}", cache_node::admin::TOKEN_UNSET_MESSAGE);
+    }
+    // Before the node opens: the connection cap of `server.max_connections = 0` is derived from
+    // the limit in force.
+    match cache_node::connections::raise_fd_limit() {
+        Ok(limit) => tracing::info!(
+            before = limit.before,
+            open_files = limit.after,
+            "open-file limit (RLIMIT_NOFILE)"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            open_files = cache_node::connections::soft_fd_limit(),
+            "cannot raise the open-file limit (RLIMIT_NOFILE); keeping it"
+        ),
     }
     if config.raw.origin.is_empty() && config.raw.server.default_upstream.is_none() {
         tracing::warn!("no [[origin]] is configured: every request will be refused with 403");

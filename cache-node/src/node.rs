@@ -68,6 +68,11 @@ pub struct Node {
     pub peering: Option<crate::peering::Peering>,
     /// The memory, concurrency and per-client bounds of fills (`[fill]`).
     pub fill_limits: Arc<crate::fill_limits::FillLimits>,
+    /// The client listener's connection caps and timeouts (`[server]`), resolved when the node
+    /// opened (after the open-file limit was raised).
+    pub connection_limits: crate::connections::ConnectionLimits,
+    /// Failed admin-token attempts per client address, for throttling them.
+    pub admin_auth: crate::admin::AuthThrottle,
 }
 
 impl std::fmt::Debug for Node {
@@ -161,6 +166,8 @@ impl Node {
             admin_token: config.raw.admin.token.clone(),
             peering: crate::peering::Peering::start(&config.peering),
             fill_limits,
+            connection_limits: crate::connections::ConnectionLimits::client(&config.raw.server),
+            admin_auth: crate::admin::AuthThrottle::default(),
         }))
     }
 

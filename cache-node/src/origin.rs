@@ -94,6 +94,27 @@ struct AllowedOrigin {
     pattern: HostPattern,
     upstream: Option<String>,
     policy: FreshnessPolicy,
+    /// Ports clients may name besides [`DEFAULT_ORIGIN_PORTS`].
+    ports: Vec<u16>,
+}
+
+/// Why a host a client named is not an allowed origin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// Not a well-formed host (a second port, empty labels, stray characters).
+    #[error("{0:?} is not a well-formed host")]
+    Malformed(String),
+    /// No `[[origin]]` matches the host name.
+    #[error("origin {0:?} is not allowed by this cache")]
+    NotAllowed(String),
+    /// The host is allowed, but not on this port: only 80, 443 and the `[[origin]]`'s `ports`.
+    #[error("origin {host:?} is allowed on ports 80 and 443 (and those its [[origin]] lists in `ports`), not on port {port}")]
+    PortNotAllowed {
+        /// The host name without the port.
+        host: String,
+        /// The port the client named.
+        port: u16,
+    },
 }
 
 impl Allowlist {
@@ -125,6 +146,7 @@ impl Allowlist {
                     pattern,
                     upstream,
                     policy,
+                    ports: origin.ports.clone(),
                 })
             })
             .collect();
@@ -144,19 +166,36 @@ impl Allowlist {
     }
 
     /// Looks up a host named by a client (with or without a port). Returns `None` when the host
-    /// is not allowed.
+    /// is not allowed; [`Allowlist::resolve`] says why.
     pub fn lookup(&self, raw_host: &str) -> Option<OriginTarget> {
-        let host = normalise_host(raw_host)?;
-        let bare_host = host.split(':').next().unwrap_or(&host);
+        self.resolve(raw_host).ok()
+    }
+
+    /// Looks up a host named by a client. The host name must match an `[[origin]]` and the port
+    /// (80 when none is named) must be 80, 443 or one of that origin's `ports`, whether or not
+    /// the origin has an `upstream`: without one the port is where the node would connect, and
+    /// with one it would only multiply the cache keys of the same content.
+    pub fn resolve(&self, raw_host: &str) -> Result<OriginTarget, LookupError> {
+        let named = NamedHost::parse(raw_host)
+            .ok_or_else(|| LookupError::Malformed(raw_host.to_owned()))?;
         let allowed = self
             .entries
             .iter()
-            .find(|allowed| allowed.pattern.matches(bare_host))?;
+            .find(|allowed| allowed.pattern.matches(&named.name))
+            .ok_or_else(|| LookupError::NotAllowed(named.canonical()))?;
+        let port = named.effective_port();
+        if !DEFAULT_ORIGIN_PORTS.contains(&port) && !allowed.ports.contains(&port) {
+            return Err(LookupError::PortNotAllowed {
+                host: named.name,
+                port,
+            });
+        }
+        let host = named.canonical();
         let upstream_base = allowed
             .upstream
             .clone()
             .unwrap_or_else(|| format!("http://{host}"));
-        Some(OriginTarget {
+        Ok(OriginTarget {
             host,
             upstream_base,
             policy: allowed.policy,
@@ -169,29 +208,96 @@ impl Allowlist {
     }
 }
 
-/// Lower-cases a host, removes a trailing dot and a default `:80` port, and refuses anything that
-/// is not a plausible host name or IP literal (so it can be used safely in a cache key and URL).
-pub fn normalise_host(raw_host: &str) -> Option<String> {
-    let lowered = raw_host.trim().to_ascii_lowercase();
-    let (name, port) = match lowered.rsplit_once(':') {
-        Some((name, port)) if !name.contains(':') || name.ends_with(']') => (name, Some(port)),
-        _ => (lowered.as_str(), None),
-    };
-    let name = name.trim_end_matches('.');
-    let name_ok = !name.is_empty()
-        && name.bytes().all(|byte| {
-            byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'[' | b']' | b':')
-        });
-    if !name_ok {
-        return None;
+/// The ports a client may name for any allowed origin without the `[[origin]]` listing them.
+pub const DEFAULT_ORIGIN_PORTS: [u16; 2] = [80, 443];
+
+/// The longest host name accepted (RFC 1035's 253 characters, without the trailing dot).
+const MAX_HOST_NAME_LEN: usize = 253;
+
+/// A host as a client named it, parsed: a lower-case name (or bracketed IPv6 literal) and the
+/// port, if one was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedHost {
+    /// The lower-case host name without its trailing dot, or `[v6 literal]`.
+    pub name: String,
+    /// The port the client named, if any (never 0).
+    pub port: Option<u16>,
+}
+
+impl NamedHost {
+    /// Parses `name`, `name.`, `name:port`, `[v6]` or `[v6]:port`. Refuses anything else: a
+    /// second port (`host:80:80`), empty labels (`host..`, `.host`, `a..b`), a port that is not a
+    /// number from 1 to 65535, and characters that have no place in a host. A refused host must
+    /// never become a new cache key or upstream URL.
+    pub fn parse(raw_host: &str) -> Option<NamedHost> {
+        let lowered = raw_host.trim().to_ascii_lowercase();
+        let (name, port) = if lowered.starts_with('[') {
+            let end = lowered.find(']')?;
+            let literal = &lowered[1..end];
+            literal.parse::<std::net::Ipv6Addr>().ok()?;
+            let port = match &lowered[end + 1..] {
+                "" => None,
+                rest => Some(rest.strip_prefix(':')?),
+            };
+            (lowered[..=end].to_owned(), port)
+        } else {
+            let (name, port) = match lowered.split_once(':') {
+                Some((name, port)) => (name, Some(port)),
+                None => (lowered.as_str(), None),
+            };
+            let name = name.strip_suffix('.').unwrap_or(name);
+            let labels_ok = !name.is_empty()
+                && name.len() <= MAX_HOST_NAME_LEN
+                && name.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label
+                            .bytes()
+                            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_'))
+                });
+            if !labels_ok {
+                return None;
+            }
+            (name.to_owned(), port)
+        };
+        let port = match port {
+            None => None,
+            Some(digits) => {
+                if digits.is_empty()
+                    || digits.len() > 5
+                    || !digits.bytes().all(|b| b.is_ascii_digit())
+                {
+                    return None;
+                }
+                match digits.parse::<u16>() {
+                    Ok(0) | Err(_) => return None,
+                    Ok(port) => Some(port),
+                }
+            }
+        };
+        Some(NamedHost { name, port })
     }
-    match port {
-        None | Some("80") => Some(name.to_owned()),
-        Some(port) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
-            Some(format!("{name}:{port}"))
+
+    /// The port a connection to this host would use: the named one, else 80.
+    pub fn effective_port(&self) -> u16 {
+        self.port.unwrap_or(80)
+    }
+
+    /// The canonical form used in cache keys and upstream URLs: the name, and the port unless it
+    /// is 80.
+    pub fn canonical(&self) -> String {
+        match self.port {
+            None | Some(80) => self.name.clone(),
+            Some(port) => format!("{}:{port}", self.name),
         }
-        Some(_) => None,
     }
+}
+
+/// Lower-cases a host, removes a trailing dot and a default `:80` port, and refuses anything that
+/// is not a plausible host name or IP literal with at most one port (so it can be used safely in
+/// a cache key and URL). See [`NamedHost::parse`].
+pub fn normalise_host(raw_host: &str) -> Option<String> {
+    NamedHost::parse(raw_host).map(|host| host.canonical())
 }
 
 type HttpsConnector = hyper_rustls::HttpsConnector<UpstreamConnector>;
@@ -394,6 +500,19 @@ mod tests {
             ("exa/mple.com", None),
             ("", None),
             ("a b", None),
+            ("example.com:80:80", None),
+            ("example.com..", None),
+            ("example..com", None),
+            (".example.com", None),
+            ("example.com:", None),
+            ("example.com:0", None),
+            ("example.com:08080", Some("example.com:8080")),
+            ("example.com:0080", Some("example.com")),
+            ("[::1]", Some("[::1]")),
+            ("[::1]:80", Some("[::1]")),
+            ("[::1]x", None),
+            ("[not-v6]:80", None),
+            ("::1", None),
         ];
         for (raw, expected) in table {
             assert_eq!(normalise_host(raw).as_deref(), *expected, "{raw:?}");

@@ -43,6 +43,10 @@ const MANIFEST_RECHECK: Duration = Duration::from_millis(250);
 /// may ask again soon.
 const MANIFEST_RETRY_AFTER_SECS: u64 = 5;
 
+/// `peering.max_contents_per_address` may be at most this fraction (1/N) of
+/// `peering.max_contents`: no fewer addresses than this can fill the tracker by themselves.
+const MIN_ADDRESSES_TO_FILL_TRACKER: usize = 4;
+
 /// The TCP source address of a client connection, put in each request's extensions by the
 /// server so the tracker can see who is asking.
 #[derive(Debug, Clone, Copy)]
@@ -69,7 +73,8 @@ pub struct PeeringConfig {
     pub max_contents: usize,
     /// The most peers the tracker holds per content id.
     pub max_peers_per_content: usize,
-    /// The most content ids one source address may announce.
+    /// The most content ids one source address may announce: a small share of `max_contents`
+    /// (at most a quarter). An address over it loses its least recently renewed announcement.
     pub max_contents_per_address: usize,
     /// The most peers one query returns.
     pub max_peers_returned: usize,
@@ -89,7 +94,7 @@ impl Default for PeeringConfig {
             lan_prefix_v6: 64,
             max_contents: 4096,
             max_peers_per_content: 64,
-            max_contents_per_address: 1024,
+            max_contents_per_address: 256,
             max_peers_returned: 32,
             manifest_wait: Duration::from_secs(30),
         }
@@ -147,6 +152,18 @@ impl PeeringConfig {
             if value == 0 {
                 return Err(invalid(key, format!("must be at least 1, e.g. {example}")));
             }
+        }
+        let largest_share = (self.max_contents / MIN_ADDRESSES_TO_FILL_TRACKER).max(1);
+        if self.max_contents_per_address > largest_share {
+            return Err(invalid(
+                "peering.max_contents_per_address",
+                format!(
+                    "{} is more than 1/{MIN_ADDRESSES_TO_FILL_TRACKER} of peering.max_contents ({}): a few addresses could fill the tracker; use at most {largest_share}, e.g. {}",
+                    self.max_contents_per_address,
+                    self.max_contents,
+                    (self.max_contents / 16).max(1)
+                ),
+            ));
         }
         Ok(PeeringSettings {
             raw: self.clone(),
@@ -471,15 +488,29 @@ async fn announce(
     request: Request<Incoming>,
     client: SocketAddr,
 ) -> Response<ResponseBody> {
-    let body = match Limited::new(request.into_body(), MAX_ANNOUNCE_BODY)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) => {
+    // A body sent a byte at a time would hold the connection busy, out of the edge's timeouts:
+    // it gets as long as headers do.
+    let body_timeout = node.connection_limits.header_read_timeout;
+    let collected = tokio::time::timeout(
+        body_timeout,
+        Limited::new(request.into_body(), MAX_ANNOUNCE_BODY).collect(),
+    )
+    .await;
+    let body = match collected {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) => {
             return json_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("announcement body unreadable or over {MAX_ANNOUNCE_BODY} bytes: {error}"),
+            )
+        }
+        Err(_) => {
+            return json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "the announcement body did not arrive within {} (server.header_read_timeout)",
+                    humantime::format_duration(body_timeout)
+                ),
             )
         }
     };
@@ -529,8 +560,12 @@ async fn announce(
     };
     let ttl = peering.tracker.limits().announce_ttl;
     match peering.tracker.announce(announcement) {
-        Ok(()) => {
+        Ok(announced) => {
             node.stats.peer_announcements.inc();
+            node.stats
+                .edge
+                .tracker_evictions
+                .inc_by(announced.evicted as u64);
             json_response(
                 StatusCode::OK,
                 &AnnounceAnswer {
@@ -625,6 +660,10 @@ mod tests {
             (
                 Box::new(|c| c.max_peers_per_content = 0),
                 "peering.max_peers_per_content:",
+            ),
+            (
+                Box::new(|c| c.max_contents_per_address = 1025),
+                "peering.max_contents_per_address: 1025 is more than 1/4",
             ),
         ];
         for (mutate, expected_prefix) in cases {

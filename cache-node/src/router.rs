@@ -14,10 +14,10 @@
 //! ways; the prefix is refused in reverse-proxy mode, so an API path and a content path can
 //! never be the same request.
 
-use http::Uri;
+use http::{header, HeaderMap, Uri};
 
 use crate::key::{split_cache_host_origin, CacheKey};
-use crate::origin::{Allowlist, OriginTarget};
+use crate::origin::{Allowlist, LookupError, NamedHost, OriginTarget};
 
 /// The path prefix reserved for the node's own API. It never reaches an origin in reverse-proxy
 /// mode; under an origin named by proxy, MCC or Host-header mode it is ordinary content.
@@ -78,6 +78,95 @@ pub enum RouteError {
     /// The path is under [`API_PREFIX`], which reverse-proxy mode never forwards (404).
     #[error("paths under {API_PREFIX} are reserved for the cache node's API")]
     Reserved,
+    /// The named origin is allowed, but not on the port the request named (403).
+    #[error("origin {host:?} is allowed on ports 80 and 443 (and those its [[origin]] lists in `ports`), not on port {port}")]
+    PortNotAllowed {
+        /// The host name without the port.
+        host: String,
+        /// The port the request named.
+        port: u16,
+    },
+}
+
+impl From<LookupError> for RouteError {
+    fn from(error: LookupError) -> RouteError {
+        match error {
+            // A malformed host is refused before routing with 400 (see [`check_request`]); a
+            // caller that routes without that check still never builds a key or URL from it.
+            LookupError::Malformed(host) | LookupError::NotAllowed(host) => {
+                RouteError::NotAllowed(host)
+            }
+            LookupError::PortNotAllowed { host, port } => RouteError::PortNotAllowed { host, port },
+        }
+    }
+}
+
+/// Why a request is malformed before any routing (400). None of these may reach an origin or
+/// become a cache key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    /// The request-target is neither origin-form (`/path`) nor absolute-form
+    /// (`http://host/path`): asterisk-form (`*`), authority-form (`host:port`) or another scheme.
+    #[error("request-target {0:?} is neither a path (/...) nor an absolute http:// URL")]
+    RequestTarget(String),
+    /// More than one `Host` header (RFC 9112 §3.2: a server must answer 400).
+    #[error("more than one Host header")]
+    DuplicateHost,
+    /// A `Host` header, `:authority`, absolute-form authority or `cacheHostOrigin` that is not a
+    /// well-formed host (a second port, empty labels, stray characters).
+    #[error("{0:?} is not a well-formed host")]
+    MalformedHost(String),
+}
+
+/// Checks the parts of a request routing relies on, before routing: the request-target's form,
+/// a single `Host` header, and well-formed hosts wherever the request names one.
+pub fn check_request(
+    version: http::Version,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(), BadRequest> {
+    let bad_target = || BadRequest::RequestTarget(uri.to_string());
+    if version >= http::Version::HTTP_2 {
+        // hyper builds an HTTP/2 request's URI from its pseudo-headers; `:path` must be a path.
+        if !uri.path().starts_with('/') {
+            return Err(bad_target());
+        }
+    } else {
+        match (uri.scheme_str(), uri.authority()) {
+            // Origin-form.
+            (None, None) if uri.path().starts_with('/') => {}
+            // Absolute-form.
+            (Some(scheme), Some(_))
+                if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") => {}
+            _ => return Err(bad_target()),
+        }
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(BadRequest::DuplicateHost);
+    }
+    let well_formed = |host: &str| {
+        NamedHost::parse(host)
+            .map(|_| ())
+            .ok_or_else(|| BadRequest::MalformedHost(host.to_owned()))
+    };
+    if let Some(value) = host_header {
+        let text = value.to_str().map_err(|_| {
+            BadRequest::MalformedHost(String::from_utf8_lossy(value.as_bytes()).into_owned())
+        })?;
+        // An empty Host is allowed when the request-target names no host (RFC 9112 §3.2).
+        if !text.trim().is_empty() {
+            well_formed(text)?;
+        }
+    }
+    if let Some(authority) = uri.authority() {
+        well_formed(authority.as_str())?;
+    }
+    if let Some(named) = split_cache_host_origin(uri.query().unwrap_or("")).1 {
+        well_formed(&named)?;
+    }
+    Ok(())
 }
 
 /// The origin-form URI and host of a request of any HTTP version: on HTTP/2 the `:authority`
@@ -148,13 +237,15 @@ pub fn route(
     } else {
         format!("{path}?{remaining_query}")
     };
-    let lookup = |named: &str, mode: RouteMode| match allowlist.lookup(named) {
-        Some(target) => Ok(Route {
-            target,
-            path_and_query: path_and_query.clone(),
-            mode,
-        }),
-        None => Err(RouteError::NotAllowed(named.to_owned())),
+    let lookup = |named: &str, mode: RouteMode| {
+        allowlist
+            .resolve(named)
+            .map(|target| Route {
+                target,
+                path_and_query: path_and_query.clone(),
+                mode,
+            })
+            .map_err(RouteError::from)
     };
     if let Some(authority) = uri.authority() {
         return lookup(authority.as_str(), RouteMode::Proxy);
@@ -162,11 +253,15 @@ pub fn route(
     if let Some(origin_host) = cache_host_origin {
         return lookup(&origin_host, RouteMode::Mcc);
     }
-    if let Some(host) = host_header {
-        if let Ok(found) = lookup(host, RouteMode::HostHeader) {
-            return Ok(found);
-        }
-    }
+    // A Host that is not an allowed origin is usually the node's own name: the request may still
+    // be for the default upstream.
+    let host_refusal = match host_header {
+        Some(host) => match lookup(host, RouteMode::HostHeader) {
+            Ok(found) => return Ok(found),
+            Err(refusal) => Some(refusal),
+        },
+        None => None,
+    };
     match allowlist.default_upstream() {
         Some(_) if path.starts_with(API_PREFIX) => Err(RouteError::Reserved),
         Some(target) => Ok(Route {
@@ -174,10 +269,7 @@ pub fn route(
             path_and_query,
             mode: RouteMode::Reverse,
         }),
-        None => match host_header {
-            Some(host) => Err(RouteError::NotAllowed(host.to_owned())),
-            None => Err(RouteError::NoOrigin),
-        },
+        None => Err(host_refusal.unwrap_or(RouteError::NoOrigin)),
     }
 }
 
@@ -369,6 +461,145 @@ mod tests {
                 "http://mirror.example:8080".into(),
                 "/pool/a.deb".into()
             ))
+        );
+    }
+
+    #[test]
+    fn only_origin_form_and_absolute_form_targets_pass() {
+        let check = |version: http::Version, target: &str| {
+            check_request(version, &target.parse().unwrap(), &HeaderMap::new())
+        };
+        for good in [
+            "/",
+            "/a/b?c=d",
+            "http://deb.debian.org/x",
+            "HTTP://deb.debian.org",
+            "https://deb.debian.org/x",
+        ] {
+            assert_eq!(check(http::Version::HTTP_11, good), Ok(()), "{good}");
+        }
+        for bad in ["*", "deb.debian.org:80", "ftp://deb.debian.org/x"] {
+            assert!(
+                matches!(
+                    check(http::Version::HTTP_11, bad),
+                    Err(BadRequest::RequestTarget(_))
+                ),
+                "{bad} should be refused"
+            );
+        }
+        assert_eq!(check(http::Version::HTTP_2, "http://cache.local/x"), Ok(()));
+        assert!(check(http::Version::HTTP_2, "*").is_err());
+    }
+
+    #[test]
+    fn duplicate_and_malformed_hosts_are_bad_requests() {
+        let with_hosts = |hosts: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for host in hosts {
+                headers.append(header::HOST, host.parse().unwrap());
+            }
+            headers
+        };
+        let uri: Uri = "/x".parse().unwrap();
+        let check = |headers: &HeaderMap| check_request(http::Version::HTTP_11, &uri, headers);
+        assert_eq!(check(&with_hosts(&["deb.debian.org"])), Ok(()));
+        assert_eq!(check(&with_hosts(&["deb.debian.org."])), Ok(()));
+        assert_eq!(check(&with_hosts(&[""])), Ok(()));
+        assert_eq!(
+            check(&with_hosts(&["deb.debian.org", "evil.example"])),
+            Err(BadRequest::DuplicateHost)
+        );
+        assert_eq!(
+            check(&with_hosts(&["deb.debian.org", "deb.debian.org"])),
+            Err(BadRequest::DuplicateHost)
+        );
+        for bad in [
+            "deb.debian.org:80:80",
+            "deb.debian.org..",
+            ".deb.debian.org",
+            "deb..debian.org",
+            "deb.debian.org:",
+            "deb.debian.org:0",
+            "deb.debian.org:65536",
+            "deb.debian.org:+80",
+            "deb.debian.org/x",
+            "[::1",
+        ] {
+            assert_eq!(
+                check(&with_hosts(&[bad])),
+                Err(BadRequest::MalformedHost(bad.into())),
+                "{bad}"
+            );
+        }
+        let mcc: Uri = "/x?cacheHostOrigin=deb.debian.org:80:80".parse().unwrap();
+        assert!(matches!(
+            check_request(http::Version::HTTP_11, &mcc, &HeaderMap::new()),
+            Err(BadRequest::MalformedHost(_))
+        ));
+    }
+
+    #[test]
+    fn other_ports_of_an_allowed_host_are_refused_unless_listed() {
+        let mut config = Config {
+            origin: vec![
+                OriginConfig {
+                    host: "localhost".into(),
+                    ..Default::default()
+                },
+                OriginConfig {
+                    host: "mirror.lan".into(),
+                    ports: vec![8080],
+                    ..Default::default()
+                },
+            ],
+            ..Config::default()
+        };
+        let list = Allowlist::from_config(&config);
+        assert_eq!(
+            routed(&list, "/stats", Some("localhost:9090")),
+            Err(RouteError::PortNotAllowed {
+                host: "localhost".into(),
+                port: 9090
+            })
+        );
+        assert_eq!(
+            routed(&list, "/x?cacheHostOrigin=localhost:19099", None),
+            Err(RouteError::PortNotAllowed {
+                host: "localhost".into(),
+                port: 19099
+            })
+        );
+        assert_eq!(
+            routed(&list, "http://localhost:25/x", None),
+            Err(RouteError::PortNotAllowed {
+                host: "localhost".into(),
+                port: 25
+            })
+        );
+        for allowed in [
+            "localhost",
+            "localhost:80",
+            "localhost:443",
+            "localhost:080",
+        ] {
+            assert!(routed(&list, "/x", Some(allowed)).is_ok(), "{allowed}");
+        }
+        assert_eq!(
+            routed(&list, "/x", Some("mirror.lan:8080")).unwrap().2,
+            "http://mirror.lan:8080"
+        );
+        assert!(routed(&list, "/x", Some("mirror.lan:8081")).is_err());
+        // A malformed host never routes, even without the check before routing.
+        assert_eq!(
+            routed(&list, "/x", Some("localhost:80:80")),
+            Err(RouteError::NotAllowed("localhost:80:80".into()))
+        );
+        // The default upstream's port is the admin's choice, not a client's.
+        config.server.default_upstream = Some("http://127.0.0.1:9999".into());
+        let list = Allowlist::from_config(&config);
+        assert_eq!(
+            routed(&list, "/x", Some("cache.local:8080")).unwrap().2,
+            "http://127.0.0.1:9999"
         );
     }
 }

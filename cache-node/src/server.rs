@@ -15,14 +15,22 @@
 //! Client sockets are [`ZeroCopyStream`]s, so stored slices go out with `sendfile` (see
 //! [`crate::sendfile`]). The admin listener runs on the caller's runtime.
 //!
+//! Every accepted connection, on either listener, is first admitted by its listener's
+//! [`ConnectionTable`] (the caps), then served under a watchdog (the header and idle timeouts;
+//! see [`crate::connections`]). Requests whose target or `Host` routing cannot trust are
+//! answered 400 here, before the request handler sees them ([`router::check_request`]).
+//!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind `127.0.0.1:0` and
 //! run many nodes in one process.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -32,10 +40,14 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ValidConfig;
+use crate::connections::{ConnectionGuard, ConnectionTable, TrackedBody, WatchedIo};
 use crate::error::DiskError;
 use crate::node::Node;
+use crate::peering::ClientAddr;
 use crate::sendfile::{SpanQueue, ZeroCopyStream};
-use crate::{admin, serve};
+use crate::serve::{text_response, ResponseBody};
+use crate::stats::EdgeCounters;
+use crate::{admin, router, serve};
 
 /// Pending connections each listener queues before the kernel refuses more.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -113,12 +125,21 @@ pub async fn run_node(
     if !node.summary_interval.is_zero() {
         tokio::spawn(log_traffic_summaries(node.clone(), stop.clone()));
     }
+    let client_connections = ConnectionTable::new(node.connection_limits, node.stats.edge.clone());
+    tracing::info!(
+        max_connections = node.connection_limits.max_connections,
+        max_connections_per_client = node.connection_limits.max_connections_per_client,
+        header_read_timeout = ?node.connection_limits.header_read_timeout,
+        idle_timeout = ?node.connection_limits.idle_timeout,
+        "client connection limits"
+    );
     let mut workers_done = Vec::new();
     for (index, listener) in client_listeners.into_iter().enumerate() {
         let (done, finished) = oneshot::channel::<()>();
         let worker = Worker {
             node: node.clone(),
             listener,
+            connections: client_connections.clone(),
             stop: stop.clone(),
             shutdown_grace,
         };
@@ -137,17 +158,31 @@ pub async fn run_node(
     let admin_graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     let admin_node = node.clone();
-    let accept_admin = accept_until(&admin_listener, &stop, |stream| {
-        let node = admin_node.clone();
-        let service = service_fn(move |request| admin::handle(node.clone(), request));
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = admin_graceful.watch(connection);
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-    });
+    // The admin listener's own caps, and counters that stay out of the client listener's.
+    let admin_connections =
+        ConnectionTable::new(node.connection_limits.admin(), EdgeCounters::default());
+    let accept_admin = accept_until(
+        &admin_listener,
+        &stop,
+        &admin_connections,
+        |stream, peer, admitted| {
+            let state = admitted.state().clone();
+            let node = admin_node.clone();
+            let service = service_fn(move |mut request: Request<Incoming>| {
+                let in_flight = state.start_request();
+                request.extensions_mut().insert(ClientAddr(peer));
+                let node = node.clone();
+                async move {
+                    let response = admin::handle(node, request).await?;
+                    Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
+                }
+            });
+            let io = TokioIo::new(WatchedIo::new(stream, admitted.state().clone()));
+            let connection = builder.serve_connection(io, service).into_owned();
+            let connection = admin_graceful.watch(connection);
+            tokio::spawn(admitted.supervise(connection));
+        },
+    );
     tokio::pin!(shutdown);
     tokio::select! {
         () = accept_admin => {}
@@ -198,16 +233,27 @@ async fn log_traffic_summaries(node: Arc<Node>, stop: CancellationToken) {
     }
 }
 
-/// Accepts connections until `stop` is cancelled, handing each to `on_accept`.
+/// Accepts connections until `stop` is cancelled, admits each into `connections` (closing it at
+/// once when the table says no), and hands the admitted ones to `on_accept` with the client's
+/// address.
 async fn accept_until(
     listener: &TcpListener,
     stop: &CancellationToken,
-    mut on_accept: impl FnMut(TcpStream),
+    connections: &Arc<ConnectionTable>,
+    mut on_accept: impl FnMut(TcpStream, SocketAddr, ConnectionGuard),
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => on_accept(stream),
+                Ok((stream, peer)) => {
+                    if let Some(admitted) = connections.admit(peer.ip()) {
+                        on_accept(stream, peer, admitted);
+                    }
+                    // Let the connections this accept shed close before accepting more.
+                    if connections.is_shedding() {
+                        tokio::task::yield_now().await;
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, "accept failed; retrying shortly");
                     tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
@@ -218,10 +264,23 @@ async fn accept_until(
     }
 }
 
+/// The 400 answer to a request that [`router::check_request`] refuses, if it does.
+fn refuse_malformed(node: &Node, request: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+    let refusal =
+        router::check_request(request.version(), request.uri(), request.headers()).err()?;
+    node.stats.requests.inc();
+    node.stats.refused_requests.inc();
+    node.stats.edge.bad_requests.inc();
+    tracing::info!(uri = %request.uri(), %refusal, "refused a malformed request");
+    Some(text_response(StatusCode::BAD_REQUEST, refusal.to_string()))
+}
+
 /// One serving thread: its runtime, its listener, and a share of the node.
 struct Worker {
     node: Arc<Node>,
     listener: std::net::TcpListener,
+    /// The client listener's table, shared by every worker.
+    connections: Arc<ConnectionTable>,
     stop: CancellationToken,
     shutdown_grace: Duration,
 }
@@ -268,26 +327,43 @@ impl Worker {
         // Queue body frames instead of flattening them, so placeholders reach the socket intact.
         builder.http1().writev(true);
         let node = &self.node;
-        accept_until(&listener, &self.stop, |stream| {
-            let _ = stream.set_nodelay(true);
-            let client_addr = stream.peer_addr().ok().map(crate::peering::ClientAddr);
-            let spans = SpanQueue::default();
-            let io = TokioIo::new(ZeroCopyStream::new(stream, spans.clone()));
-            let node = node.clone();
-            let service = service_fn(move |mut request: hyper::Request<_>| {
-                if let Some(client_addr) = client_addr {
+        let connections = &self.connections;
+        accept_until(
+            &listener,
+            &self.stop,
+            connections,
+            |stream, peer, admitted| {
+                let _ = stream.set_nodelay(true);
+                let client_addr = ClientAddr(peer);
+                let spans = SpanQueue::default();
+                let state = admitted.state().clone();
+                let io = TokioIo::new(WatchedIo::new(
+                    ZeroCopyStream::new(stream, spans.clone()),
+                    state.clone(),
+                ));
+                let node = node.clone();
+                let service = service_fn(move |mut request: Request<Incoming>| {
+                    let in_flight = state.start_request();
                     request.extensions_mut().insert(client_addr);
-                }
-                serve::handle(node.clone(), request, Some(spans.clone()))
-            });
-            let connection = builder.serve_connection(io, service).into_owned();
-            let connection = graceful.watch(connection);
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(error = %error, "client connection ended with an error");
-                }
-            });
-        })
+                    let node = node.clone();
+                    let spans = spans.clone();
+                    async move {
+                        let response = match refuse_malformed(&node, &request) {
+                            Some(refusal) => refusal,
+                            None => serve::handle(node, request, Some(spans)).await?,
+                        };
+                        Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
+                    }
+                });
+                let connection = builder.serve_connection(io, service).into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Some(Err(error)) = admitted.supervise(connection).await {
+                        tracing::debug!(error = %error, "client connection ended with an error");
+                    }
+                });
+            },
+        )
         .await;
         drop(listener);
         let deadline = tokio::time::Instant::now() + self.shutdown_grace;

@@ -83,6 +83,9 @@ pub struct Stats {
     pub fill_refusals: Counter,
     /// Origin answers with a `Content-Encoding`, relayed with it and never stored.
     pub encoded_responses: Counter,
+    /// The defences at the edge: connection caps and timeouts, malformed requests, the
+    /// tracker's quotas and the admin token's throttle.
+    pub edge: EdgeCounters,
 }
 
 /// A gauge per cache drive, labelled `drive="<path>"`.
@@ -155,6 +158,9 @@ pub struct StatsSnapshot {
     pub fill_refusals: u64,
     /// Origin answers with a `Content-Encoding`, relayed and not stored.
     pub encoded_responses: u64,
+    /// The edge defences' counters, at the top level of the document.
+    #[serde(flatten)]
+    pub edge: EdgeSnapshot,
 }
 
 /// The traffic of one interval between two snapshots, for the periodic summary log line.
@@ -237,6 +243,7 @@ impl Stats {
             fills_stopped: Counter::default(),
             fill_refusals: Counter::default(),
             encoded_responses: Counter::default(),
+            edge: EdgeCounters::default(),
         };
         let stats = &stats_without_registry;
         let counters: [(&str, &str, &Counter, Option<Unit>); 20] = [
@@ -435,6 +442,7 @@ impl Stats {
                 disk_backend.to_owned(),
             )]),
         );
+        stats.edge.register(&mut registry);
         Stats {
             registry,
             ..stats_without_registry
@@ -519,6 +527,7 @@ impl Stats {
             fills_stopped: self.fills_stopped.get(),
             fill_refusals: self.fill_refusals.get(),
             encoded_responses: self.encoded_responses.get(),
+            edge: self.edge.snapshot(),
         }
     }
 
@@ -527,6 +536,123 @@ impl Stats {
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
+    }
+}
+
+/// Counters of the defences at the edge, shared by every worker (the handles share their atomics).
+#[derive(Debug, Clone, Default)]
+pub struct EdgeCounters {
+    /// Client connections open now.
+    pub connections_open: Gauge<u64, AtomicU64>,
+    /// Client connections closed at once because a cap was reached and none could be shed.
+    pub connections_refused: Counter,
+    /// Idle client connections closed to make room for new ones.
+    pub connections_shed: Counter,
+    /// Client connections closed because a request's headers did not arrive in
+    /// `server.header_read_timeout`.
+    pub header_timeouts: Counter,
+    /// Keep-alive connections closed after `server.idle_timeout` without a request.
+    pub idle_timeouts: Counter,
+    /// Requests refused with 400 before routing: a request-target that is not a path or an
+    /// absolute URL, more than one `Host`, a malformed host.
+    pub bad_requests: Counter,
+    /// Tracker announcements evicted to make room, from the addresses holding the most.
+    pub tracker_evictions: Counter,
+    /// Admin requests with a missing or wrong token.
+    pub admin_auth_failures: Counter,
+    /// Admin requests refused with 429 because their address failed too often.
+    pub admin_auth_throttled: Counter,
+}
+
+/// [`EdgeCounters`] in the `/stats` document.
+#[derive(Debug, Serialize)]
+pub struct EdgeSnapshot {
+    /// Client connections open now.
+    pub connections_open: u64,
+    /// Client connections refused at a cap.
+    pub connections_refused: u64,
+    /// Idle client connections shed for new ones.
+    pub connections_shed: u64,
+    /// Connections closed for slow request headers.
+    pub connection_header_timeouts: u64,
+    /// Keep-alive connections closed when idle.
+    pub connection_idle_timeouts: u64,
+    /// Requests refused with 400 before routing.
+    pub bad_requests: u64,
+    /// Tracker announcements evicted.
+    pub tracker_evictions: u64,
+    /// Admin requests with a missing or wrong token.
+    pub admin_auth_failures: u64,
+    /// Admin requests throttled with 429.
+    pub admin_auth_throttled: u64,
+}
+
+impl EdgeCounters {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            self.connections_open.clone(),
+        );
+        let counters: [(&str, &str, &Counter); 8] = [
+            (
+                "connections_refused",
+                "Client connections refused because a connection cap was reached",
+                &self.connections_refused,
+            ),
+            (
+                "connections_shed",
+                "Idle client connections closed to make room for new ones",
+                &self.connections_shed,
+            ),
+            (
+                "connection_header_timeouts",
+                "Client connections closed because request headers were too slow",
+                &self.header_timeouts,
+            ),
+            (
+                "connection_idle_timeouts",
+                "Keep-alive client connections closed after server.idle_timeout",
+                &self.idle_timeouts,
+            ),
+            (
+                "bad_requests",
+                "Requests refused with 400 before routing (request-target, Host)",
+                &self.bad_requests,
+            ),
+            (
+                "tracker_evictions",
+                "Tracker announcements evicted from the addresses holding the most",
+                &self.tracker_evictions,
+            ),
+            (
+                "admin_auth_failures",
+                "Admin requests with a missing or wrong token",
+                &self.admin_auth_failures,
+            ),
+            (
+                "admin_auth_throttled",
+                "Admin requests refused with 429 after too many failed tokens",
+                &self.admin_auth_throttled,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+    }
+
+    fn snapshot(&self) -> EdgeSnapshot {
+        EdgeSnapshot {
+            connections_open: self.connections_open.get(),
+            connections_refused: self.connections_refused.get(),
+            connections_shed: self.connections_shed.get(),
+            connection_header_timeouts: self.header_timeouts.get(),
+            connection_idle_timeouts: self.idle_timeouts.get(),
+            bad_requests: self.bad_requests.get(),
+            tracker_evictions: self.tracker_evictions.get(),
+            admin_auth_failures: self.admin_auth_failures.get(),
+            admin_auth_throttled: self.admin_auth_throttled.get(),
+        }
     }
 }
 

@@ -18,10 +18,18 @@
 //!   `max_contents_per_address` announcements per source address, and [`MAX_PIECE_RANGES`] piece
 //!   ranges per announcement, so a misbehaving client cannot exhaust the node's memory. A peer is
 //!   one source address per content: a second port on the same address replaces the first.
+//! - **Fair shares.** A bound must not let a few addresses lock everyone else out, so the two
+//!   that an address can fill by itself evict rather than refuse. An address at
+//!   `max_contents_per_address` (a small share of `max_contents`) loses its own least recently
+//!   renewed announcement to its new one. When `max_contents` is reached, the address holding
+//!   the most announcements loses its least recently renewed one, again and again until a
+//!   content id is free: an address announcing little keeps its announcements while any address
+//!   holds more, however often the others renew. Only `max_peers_per_content` still refuses
+//!   (503): a content that many peers hold is served by them and by the node.
 //!
 //! Time is tokio's clock, so tests drive expiry with a paused clock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -84,15 +92,17 @@ pub struct Announcement {
 /// Why an announcement was refused. The peer may try again after the TTL.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AnnounceError {
-    /// `max_contents` content ids are tracked already.
-    #[error("the tracker holds the most content ids it may ({0})")]
-    TooManyContents(usize),
     /// `max_peers_per_content` peers hold this content already.
     #[error("the tracker holds the most peers it may for this content ({0})")]
     ContentFull(usize),
-    /// This source address announced `max_contents_per_address` contents already.
-    #[error("this address announced the most contents it may ({0})")]
-    AddressFull(usize),
+}
+
+/// What an accepted announcement cost others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Announced {
+    /// Announcements evicted to make room for it (the announcer's own oldest at its share, or
+    /// those of the addresses holding the most when the tracker is full).
+    pub evicted: usize,
 }
 
 /// Which peers a query may see.
@@ -123,6 +133,8 @@ pub struct PeerInfo {
 
 #[derive(Debug, Clone)]
 struct PeerRecord {
+    /// When it was last announced or renewed, in the tracker's renewal order.
+    renewal: RenewalStamp,
     port: u16,
     group_id: Option<String>,
     pieces: Vec<PieceRange>,
@@ -140,34 +152,88 @@ impl PeerRecord {
     }
 }
 
+/// A position in the order of renewals: a larger stamp was renewed later.
+type RenewalStamp = u64;
+
 #[derive(Debug, Default)]
 struct TrackerInner {
     contents: HashMap<ContentId, HashMap<IpAddr, PeerRecord>>,
-    /// How many contents each source address has an announcement for.
-    per_address: HashMap<IpAddr, usize>,
+    /// Each source address's announcements, least recently renewed first.
+    per_address: HashMap<IpAddr, BTreeMap<RenewalStamp, ContentId>>,
+    /// Source addresses by how many announcements they hold, to find the one holding the most.
+    by_count: BTreeSet<(usize, IpAddr)>,
     peers: usize,
+    next_renewal: RenewalStamp,
     last_sweep: Option<Instant>,
 }
 
 impl TrackerInner {
+    fn address_count(&self, ip: IpAddr) -> usize {
+        self.per_address.get(&ip).map_or(0, BTreeMap::len)
+    }
+
+    /// Moves `ip` in [`TrackerInner::by_count`] from `before` announcements to its count now.
+    fn recount(&mut self, ip: IpAddr, before: usize) {
+        self.by_count.remove(&(before, ip));
+        let now = self.address_count(ip);
+        if now > 0 {
+            self.by_count.insert((now, ip));
+        } else {
+            self.per_address.remove(&ip);
+        }
+    }
+
+    /// Records `record` for `ip`, replacing (renewing) the one it had for `content_id`.
+    fn put(&mut self, content_id: ContentId, ip: IpAddr, mut record: PeerRecord) {
+        record.renewal = self.next_renewal;
+        self.next_renewal += 1;
+        let before = self.address_count(ip);
+        let stamps = self.per_address.entry(ip).or_default();
+        stamps.insert(record.renewal, content_id);
+        let replaced = self
+            .contents
+            .entry(content_id)
+            .or_default()
+            .insert(ip, record);
+        match replaced {
+            Some(old) => {
+                stamps.remove(&old.renewal);
+            }
+            None => self.peers += 1,
+        }
+        self.recount(ip, before);
+    }
+
     fn remove_peer(&mut self, content_id: &ContentId, ip: IpAddr) -> bool {
         let Some(peers) = self.contents.get_mut(content_id) else {
             return false;
         };
-        if peers.remove(&ip).is_none() {
+        let Some(record) = peers.remove(&ip) else {
             return false;
-        }
+        };
         if peers.is_empty() {
             self.contents.remove(content_id);
         }
         self.peers -= 1;
-        if let Some(count) = self.per_address.get_mut(&ip) {
-            *count -= 1;
-            if *count == 0 {
-                self.per_address.remove(&ip);
-            }
+        let before = self.address_count(ip);
+        if let Some(stamps) = self.per_address.get_mut(&ip) {
+            stamps.remove(&record.renewal);
         }
+        self.recount(ip, before);
         true
+    }
+
+    /// Removes the least recently renewed announcement of `ip`; returns its content id.
+    fn evict_oldest_of(&mut self, ip: IpAddr) -> Option<ContentId> {
+        let content_id = *self.per_address.get(&ip)?.first_key_value()?.1;
+        self.remove_peer(&content_id, ip).then_some(content_id)
+    }
+
+    /// Removes the least recently renewed announcement of the address holding the most (ties:
+    /// the highest address).
+    fn evict_from_largest_holder(&mut self) -> Option<ContentId> {
+        let (_, ip) = *self.by_count.last()?;
+        self.evict_oldest_of(ip)
     }
 
     fn expire_content(&mut self, content_id: &ContentId, now: Instant) {
@@ -273,8 +339,10 @@ impl Tracker {
     }
 
     /// Records or renews an announcement. An announcement holding no piece and not complete
-    /// withdraws the peer instead.
-    pub fn announce(&self, announcement: Announcement) -> Result<(), AnnounceError> {
+    /// withdraws the peer instead. A new announcement evicts others at the fair-share bounds
+    /// (see the module's "Fair shares"), and is refused only when its content has
+    /// `max_peers_per_content` peers.
+    pub fn announce(&self, announcement: Announcement) -> Result<Announced, AnnounceError> {
         let now = Instant::now();
         let ip = announcement.address.ip().to_canonical();
         let content_id = announcement.content_id;
@@ -282,9 +350,10 @@ impl Tracker {
         inner.expire_content(&content_id, now);
         if announcement.pieces.is_empty() && !announcement.complete {
             inner.remove_peer(&content_id, ip);
-            return Ok(());
+            return Ok(Announced::default());
         }
         let record = PeerRecord {
+            renewal: 0,
             port: announcement.address.port(),
             group_id: announcement.group_id,
             pieces: announcement.pieces,
@@ -296,47 +365,56 @@ impl Tracker {
             .contents
             .get(&content_id)
             .is_some_and(|peers| peers.contains_key(&ip));
+        let mut announced = Announced::default();
         if !renewal {
-            self.check_room(&mut inner, &content_id, ip, now)?;
-            *inner.per_address.entry(ip).or_default() += 1;
-            inner.peers += 1;
+            announced.evicted = self.make_room(&mut inner, &content_id, ip, now)?;
         }
-        inner
-            .contents
-            .entry(content_id)
-            .or_default()
-            .insert(ip, record);
-        Ok(())
+        inner.put(content_id, ip, record);
+        Ok(announced)
     }
 
-    /// Checks the bounds before a new peer record is added, sweeping expired peers first when a
-    /// bound is reached.
-    fn check_room(
+    /// Makes room for a new peer record of `ip` for `content_id`, sweeping expired peers first
+    /// when a bound is reached; returns how many live announcements it evicted.
+    fn make_room(
         &self,
         inner: &mut TrackerInner,
         content_id: &ContentId,
         ip: IpAddr,
         now: Instant,
-    ) -> Result<(), AnnounceError> {
+    ) -> Result<usize, AnnounceError> {
         let limits = &self.limits;
-        let full = |inner: &TrackerInner| {
-            let content_peers = inner.contents.get(content_id).map_or(0, HashMap::len);
-            if content_peers >= limits.max_peers_per_content {
-                Err(AnnounceError::ContentFull(limits.max_peers_per_content))
-            } else if content_peers == 0 && inner.contents.len() >= limits.max_contents {
-                Err(AnnounceError::TooManyContents(limits.max_contents))
-            } else if inner.per_address.get(&ip).copied().unwrap_or(0)
-                >= limits.max_contents_per_address
-            {
-                Err(AnnounceError::AddressFull(limits.max_contents_per_address))
-            } else {
-                Ok(())
-            }
+        let content_peers =
+            |inner: &TrackerInner| inner.contents.get(content_id).map_or(0, HashMap::len);
+        let contents_full = |inner: &TrackerInner| {
+            content_peers(inner) == 0 && inner.contents.len() >= limits.max_contents
         };
-        if full(inner).is_err() {
+        if content_peers(inner) >= limits.max_peers_per_content || contents_full(inner) {
             inner.sweep_if_due(now);
         }
-        full(inner)
+        if content_peers(inner) >= limits.max_peers_per_content {
+            return Err(AnnounceError::ContentFull(limits.max_peers_per_content));
+        }
+        let mut evicted = 0;
+        // Over its share, an address makes room out of its own announcements.
+        while inner.address_count(ip) >= limits.max_contents_per_address {
+            if inner.evict_oldest_of(ip).is_none() {
+                break;
+            }
+            evicted += 1;
+        }
+        // A full tracker takes from whoever holds the most, until a content id is free. Each
+        // eviction removes a record some announcement added, so this costs, over time, no more
+        // than the announcements did.
+        while contents_full(inner) {
+            if inner.evict_from_largest_holder().is_none() {
+                break;
+            }
+            evicted += 1;
+        }
+        if evicted > 0 {
+            tracing::debug!(%ip, evicted, "tracker: evicted announcements to make room");
+        }
+        Ok(evicted)
     }
 
     /// The peers of `content_id` that `requester` may see in `scope`, best first, at most `limit`.
@@ -586,7 +664,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn bounds_hold_until_peers_expire_and_renewals_always_pass() {
+    async fn a_full_content_refuses_new_peers_until_one_leaves_and_renewals_always_pass() {
         let tracker = Tracker::new(limits());
         for host in 2..=4 {
             tracker
@@ -602,39 +680,139 @@ mod tests {
             .announce(announce("127.0.0.2:9999", content(1)))
             .unwrap();
         assert_eq!(tracker.counts(), (1, 3));
-        // One address may announce two contents.
-        tracker
-            .announce(announce("127.0.0.2:7680", content(2)))
-            .unwrap();
-        assert_eq!(
-            tracker.announce(announce("127.0.0.2:7680", content(3))),
-            Err(AnnounceError::AddressFull(2))
-        );
-        tracker
-            .announce(announce("127.0.0.7:7680", content(3)))
-            .unwrap();
-        tracker
-            .announce(announce("127.0.0.8:7680", content(4)))
-            .unwrap();
-        assert_eq!(
-            tracker.announce(announce("127.0.0.9:7680", content(5))),
-            Err(AnnounceError::TooManyContents(4))
-        );
         // Withdrawing frees room at once; expiry frees the rest.
-        let mut withdraw = announce("127.0.0.8:7680", content(4));
+        let mut withdraw = announce("127.0.0.4:7680", content(1));
         withdraw.pieces.clear();
         tracker.announce(withdraw).unwrap();
         tracker
-            .announce(announce("127.0.0.9:7680", content(5)))
+            .announce(announce("127.0.0.5:7680", content(1)))
             .unwrap();
         tokio::time::advance(Duration::from_secs(61)).await;
         tracker
-            .announce(announce("127.0.0.5:7680", content(6)))
+            .announce(announce("127.0.0.6:7680", content(2)))
             .unwrap();
+        tracker.sweep();
         assert_eq!(
             tracker.counts(),
             (1, 1),
-            "the full sweep dropped every expired peer"
+            "the sweep dropped every expired peer"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_over_its_share_loses_its_least_recently_renewed_announcement() {
+        let tracker = Tracker::new(limits());
+        let requester: IpAddr = "127.0.0.9".parse().unwrap();
+        tracker
+            .announce(announce("127.0.0.2:1", content(1)))
+            .unwrap();
+        tracker
+            .announce(announce("127.0.0.2:1", content(2)))
+            .unwrap();
+        // Renewing content 1 makes content 2 the least recently renewed.
+        tracker
+            .announce(announce("127.0.0.2:1", content(1)))
+            .unwrap();
+        assert_eq!(
+            tracker.announce(announce("127.0.0.2:1", content(3))),
+            Ok(Announced { evicted: 1 })
+        );
+        let holds = |id: u8| {
+            !tracker
+                .peers(&content(id), requester, &Scope::Any, 10)
+                .is_empty()
+        };
+        assert!(holds(1) && !holds(2) && holds(3));
+        assert_eq!(tracker.counts(), (2, 2));
+    }
+
+    /// The attack of issue 10: a few addresses announce as fast as they can and renew forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_few_addresses_announcing_without_end_never_lock_out_a_real_peer() {
+        let limits = PeeringConfig::default();
+        let tracker = Tracker::new(limits.clone());
+        let requester: IpAddr = "10.9.9.9".parse().unwrap();
+        let real_peer = "10.0.0.50:7680";
+        let attacker = |index: u32| format!("10.66.0.{}:7680", index % 4 + 1);
+        let fake = |index: u32| {
+            let mut id = [0xee; 32];
+            id[..4].copy_from_slice(&index.to_be_bytes());
+            ContentId(id)
+        };
+        // 4 addresses × 1,024 announcements filled the tracker before; now each address keeps
+        // its share and the rest are its own evictions.
+        let mut evicted = 0;
+        for index in 0..4 * 1024 {
+            evicted += tracker
+                .announce(announce(&attacker(index), fake(index)))
+                .unwrap()
+                .evicted;
+        }
+        let share = limits.max_contents_per_address;
+        assert_eq!(tracker.counts(), (4 * share, 4 * share));
+        assert_eq!(evicted, 4 * 1024 - 4 * share);
+        tracker.announce(announce(real_peer, content(1))).unwrap();
+        // The attackers go on announcing new content and renewing what they hold.
+        for index in 4 * 1024..8 * 1024 {
+            tracker
+                .announce(announce(&attacker(index), fake(index)))
+                .unwrap();
+            tracker
+                .announce(announce(&attacker(index), fake(index - 4)))
+                .unwrap();
+        }
+        let found = tracker.peers(&content(1), requester, &Scope::Any, 10);
+        assert_eq!(addresses(&found), [real_peer]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_tracker_takes_room_from_the_largest_holders_not_the_newcomer() {
+        let limits = PeeringConfig {
+            max_contents: 64,
+            max_contents_per_address: 16,
+            ..PeeringConfig::default()
+        };
+        let tracker = Tracker::new(limits);
+        let requester: IpAddr = "10.9.9.9".parse().unwrap();
+        let fake = |address: u8, index: u8| {
+            ContentId([
+                address, index, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                0, 0, 0, 0, 0, 0, 0, 0xee,
+            ])
+        };
+        // Sixteen attacker addresses fill all 64 content ids, four each, and renew them.
+        for round in 0..2 {
+            for address in 1..=16u8 {
+                for index in 0..4 {
+                    let outcome = tracker
+                        .announce(announce(
+                            &format!("10.66.0.{address}:1"),
+                            fake(address, index),
+                        ))
+                        .unwrap();
+                    assert_eq!(outcome.evicted, 0, "round {round}");
+                }
+            }
+        }
+        assert_eq!(tracker.counts(), (64, 64));
+        // Two real peers get in, each evicting an attacker's least recently renewed entry.
+        for (host, id) in [(50, 1), (51, 2)] {
+            assert_eq!(
+                tracker.announce(announce(&format!("10.0.0.{host}:7680"), content(id))),
+                Ok(Announced { evicted: 1 })
+            );
+        }
+        assert_eq!(tracker.counts(), (64, 64));
+        // New attacker content keeps coming: it is taken from the attackers, who hold more.
+        for index in 4..40 {
+            tracker
+                .announce(announce("10.66.0.1:1", fake(1, index)))
+                .unwrap();
+        }
+        for (host, id) in [(50, 1), (51, 2)] {
+            let found = tracker.peers(&content(id), requester, &Scope::Any, 10);
+            assert_eq!(addresses(&found), [format!("10.0.0.{host}:7680")]);
+        }
+        assert_eq!(tracker.counts(), (64, 64));
     }
 }

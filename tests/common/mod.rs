@@ -119,6 +119,16 @@ impl TestNode {
             valid.workers,
         )
         .unwrap();
+        Self::start_on(node, valid, client_listeners).await
+    }
+
+    /// Starts an already opened node on client listeners bound beforehand (for a config that
+    /// must name the node's own port).
+    pub async fn start_on(
+        node: Arc<Node>,
+        valid: &ValidConfig,
+        client_listeners: Vec<std::net::TcpListener>,
+    ) -> TestNode {
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = client_listeners[0].local_addr().unwrap();
         let admin_addr = admin_listener.local_addr().unwrap();

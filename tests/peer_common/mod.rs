@@ -31,8 +31,8 @@ pub struct KillableNode {
 }
 
 impl KillableNode {
-    /// Starts a node whose `[[origin]]` list allows `127.0.0.1` (any port, fetched directly) and
-    /// `tests/common`'s origin host (mapped to `origin_base`).
+    /// Starts a node whose `[[origin]]` list allows `127.0.0.1` (on `origin_base`'s port,
+    /// fetched directly) and `tests/common`'s origin host (mapped to `origin_base`).
     pub fn start(origin_base: &str) -> KillableNode {
         Self::start_in(origin_base, &std::env::temp_dir())
     }
@@ -54,9 +54,15 @@ impl KillableNode {
         let mut config = test_config(storage.path(), origin_base, NODE_SLICE, "4GiB");
         // The portable backend: a killed node must leave no io_uring thread behind.
         config.storage.io_backend = "portable".into();
+        // Fetched directly, so the allowlist must name the origin's port too.
+        let origin_port = origin_base
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|uri| uri.port_u16());
         config.origin.push(OriginConfig {
             host: "127.0.0.1".into(),
             upstream: None,
+            ports: origin_port.into_iter().collect(),
             ..Default::default()
         });
         tweak(&mut config);
