@@ -41,6 +41,15 @@ pub enum OriginError {
     /// The origin answered with a status that is not cacheable content (404, 500, ...).
     #[error("origin answered {0}")]
     Status(u16),
+    /// The origin declared an object longer than `storage.max_object_size`; nothing of it is
+    /// stored.
+    #[error("origin declares {length} bytes, more than storage.max_object_size ({max} bytes)")]
+    TooLarge {
+        /// The length the origin declared.
+        length: u64,
+        /// `storage.max_object_size`.
+        max: u64,
+    },
 }
 
 impl OriginError {
@@ -103,6 +112,12 @@ pub enum ServeError {
     /// A stored slice vanished (evicted or replaced by a new version) while a response needed it.
     #[error("cached content was evicted or replaced while being served")]
     Vanished,
+    /// A stored slice did not match its piece hashes; the stored object was dropped.
+    #[error("stored slice {slice} failed its integrity check; the stored object was dropped")]
+    Integrity {
+        /// The slice that failed.
+        slice: u64,
+    },
 }
 
 impl ServeError {
@@ -110,7 +125,7 @@ impl ServeError {
     pub fn source_kind(&self) -> Option<ErrorSource> {
         match self {
             ServeError::Origin(_) => Some(ErrorSource::Origin),
-            ServeError::Disk(_) => Some(ErrorSource::Disk),
+            ServeError::Disk(_) | ServeError::Integrity { .. } => Some(ErrorSource::Disk),
             ServeError::Vanished => None,
         }
     }

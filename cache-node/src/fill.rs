@@ -477,6 +477,9 @@ async fn discover(
             return Err(error);
         }
     };
+    // Nothing is sized from a declared length above storage.max_object_size.
+    node.check_object_size(key, origin.length)
+        .map_err(DiscoverError::Origin)?;
     let freshness = match freshness::judge(&origin.headers, route.target.policy.cache_control) {
         Ok(freshness) => freshness,
         // The body is dropped unread, which closes that origin connection.
@@ -526,7 +529,7 @@ fn claim_slices(entry: &ObjectEntry, start: u64, end: u64) -> BTreeMap<u64, Arc<
     let slice_len = entry.meta.slice_len;
     let mut table = entry.table();
     for index in start / slice_len..=(end - 1) / slice_len {
-        let stored = table.present.get(index as usize).copied().unwrap_or(true);
+        let stored = table.present.get(index).unwrap_or(true);
         if stored || table.inflight.contains_key(&index) {
             continue;
         }
@@ -551,8 +554,7 @@ pub fn ensure_filling(
         let table = entry.table();
         (first..=last)
             .filter(|index| {
-                !table.present.get(*index as usize).copied().unwrap_or(true)
-                    && !table.inflight.contains_key(index)
+                !table.present.get(*index).unwrap_or(true) && !table.inflight.contains_key(index)
             })
             .collect()
     };
