@@ -26,6 +26,7 @@ use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
 use tokio::sync::mpsc;
 
+use crate::disk::full::RefusedWrite;
 use crate::disk::SharedStorage;
 use crate::fill::SliceBuffer;
 use crate::freshness::Freshness;
@@ -35,6 +36,13 @@ use crate::store::{Layout, ObjectMeta};
 /// moka weights are `u32`, so objects are weighed in units of this many bytes; that still allows
 /// objects of up to 16 TiB.
 const WEIGHT_UNIT_BYTES: u64 = 4096;
+
+/// Locks `mutex`, ignoring poisoning (the data are plain figures).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// A clock that ticks on every lookup, for the least-recently-used order of
 /// [`DriveIndex::shrink_to`] (moka keeps its own order but does not expose it).
@@ -328,6 +336,10 @@ struct DriveIndex {
     removing_bytes: Arc<AtomicU64>,
     /// `storage.slice_size`, for the margin freed below the effective size.
     slice_len: u64,
+    /// The background deleter's queue: removed entries with the stored bytes to uncount.
+    removals: mpsc::UnboundedSender<(Arc<ObjectEntry>, u64)>,
+    /// When the deleter last freed space on the drive.
+    last_freed: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 /// One drive's figures, for `/stats`.
@@ -421,12 +433,18 @@ impl Index {
     }
 
     /// Reacts to a write under `path` that failed for lack of space: the drive holding `path`
-    /// gets an effective size of what it holds now (if that is lower), and its least recently
-    /// used objects that are not being filled are evicted down to a margin below it. `None`
-    /// when `path` is on no drive of the store.
-    pub fn disk_full(&self, path: &std::path::Path) -> Option<DiskFullOutcome> {
+    /// gets an effective size of what it holds (if that is lower): its stored bytes, plus the
+    /// writes still in flight, which may yet land. Its least recently used objects that are not
+    /// being filled are then evicted down to a margin below that. A write submitted before the
+    /// drive last freed space says nothing about the disk now (an eviction may have made room
+    /// since), so it changes nothing. `None` when `path` is on no drive of the store.
+    pub fn disk_full(
+        &self,
+        path: &std::path::Path,
+        refused: RefusedWrite,
+    ) -> Option<DiskFullOutcome> {
         let drive_position = self.layout.drive_of_path(path)?;
-        Some(self.drives[drive_position].disk_full())
+        Some(self.drives[drive_position].disk_full(refused))
     }
 
     /// Bytes stored on disk by all indexed objects, on every drive.
@@ -494,17 +512,23 @@ impl DriveIndex {
             mpsc::unbounded_channel::<(Arc<ObjectEntry>, u64)>();
         let deleter_used_bytes = used_bytes.clone();
         let deleter_removing_bytes = removing_bytes.clone();
+        let last_freed = Arc::new(Mutex::new(None));
+        let deleter_last_freed = last_freed.clone();
         tokio::spawn(async move {
             while let Some((entry, stored_bytes)) = removal_receiver.recv().await {
                 let directory = layout.generation_dir(&entry.key, entry.meta.generation);
                 if let Err(error) = storage.remove_dir_all(directory).await {
                     tracing::warn!(key = entry.key.as_str(), %error, "could not delete evicted object");
                 }
+                if stored_bytes > 0 {
+                    *lock(&deleter_last_freed) = Some(std::time::Instant::now());
+                }
                 deleter_used_bytes.fetch_sub(stored_bytes, Ordering::Relaxed);
                 deleter_removing_bytes.fetch_sub(stored_bytes, Ordering::Relaxed);
             }
         });
         let listener_removing_bytes = removing_bytes.clone();
+        let removals = removal_sender.clone();
         let cache = moka::sync::Cache::builder()
             .max_capacity((max_bytes / WEIGHT_UNIT_BYTES).max(1))
             .eviction_policy(EvictionPolicy::lru())
@@ -538,6 +562,8 @@ impl DriveIndex {
             effective_max_bytes: AtomicU64::new(max_bytes),
             removing_bytes,
             slice_len,
+            removals,
+            last_freed,
         }
     }
 
@@ -576,6 +602,9 @@ impl DriveIndex {
             let mut table = entry.table();
             if entry.is_removed() {
                 table.inflight.remove(&index);
+                // The write landed after the directory was deleted (and recreated it): delete it
+                // again, so a purge or eviction in mid-write leaves nothing behind.
+                let _ = self.removals.send((entry.clone(), 0));
                 return false;
             }
             if table.present.insert(index) {
@@ -590,7 +619,9 @@ impl DriveIndex {
         self.reweigh(entry);
         let effective_max = self.effective_max_bytes.load(Ordering::Relaxed);
         if effective_max < self.max_bytes && self.live_bytes() > effective_max {
-            self.shrink_to(effective_max.saturating_sub(self.margin(effective_max)));
+            // The object just written is in use: others make room.
+            let target = effective_max.saturating_sub(self.margin(effective_max));
+            self.shrink_to(target, Some(entry));
         }
         true
     }
@@ -624,14 +655,26 @@ impl DriveIndex {
         (effective_max / 16).max(2 * self.slice_len)
     }
 
-    fn disk_full(&self) -> DiskFullOutcome {
+    fn disk_full(&self, refused: RefusedWrite) -> DiskFullOutcome {
+        let current = self.effective_max_bytes.load(Ordering::Relaxed);
+        if lock(&self.last_freed).is_some_and(|freed| freed > refused.submitted) {
+            return DiskFullOutcome {
+                previous_max_bytes: current,
+                effective_max_bytes: current,
+                evicted_objects: 0,
+                evicted_bytes: 0,
+            };
+        }
         // Everything counted in `used_bytes` is still on the disk (removed objects included, until
-        // their directories are gone), and the disk is full: that is what the drive holds.
+        // their directories are gone), and the disk is full: that, with what the writes in flight
+        // may still add, is what the drive holds.
         let used = self.used_bytes.load(Ordering::Relaxed);
-        let previous = self.effective_max_bytes.fetch_min(used, Ordering::Relaxed);
-        let effective = previous.min(used);
-        let (evicted_objects, evicted_bytes) =
-            self.shrink_to(effective.saturating_sub(self.margin(effective)));
+        let holds = used.saturating_add(refused.other_pending_bytes);
+        let previous = self.effective_max_bytes.fetch_min(holds, Ordering::Relaxed);
+        let effective = previous.min(holds);
+        // The disk is full now: room is made below what it holds for sure.
+        let target = used.min(effective).saturating_sub(self.margin(effective));
+        let (evicted_objects, evicted_bytes) = self.shrink_to(target, None);
         DiskFullOutcome {
             previous_max_bytes: previous,
             effective_max_bytes: effective,
@@ -640,9 +683,9 @@ impl DriveIndex {
         }
     }
 
-    /// Evicts the least recently used entries that are not being filled until the live bytes
-    /// are at most `target`. Returns how many objects and bytes went.
-    fn shrink_to(&self, target: u64) -> (u64, u64) {
+    /// Evicts the least recently used entries that are not being filled (nor `spared`) until
+    /// the live bytes are at most `target`. Returns how many objects and bytes went.
+    fn shrink_to(&self, target: u64, spared: Option<&Arc<ObjectEntry>>) -> (u64, u64) {
         let mut live = self.live_bytes();
         if live <= target {
             return (0, 0);
@@ -651,7 +694,11 @@ impl DriveIndex {
         let entries: Vec<Arc<ObjectEntry>> = self.cache.iter().map(|(_, entry)| entry).collect();
         let mut candidates: Vec<(u64, Arc<ObjectEntry>)> = entries
             .into_iter()
-            .filter(|entry| entry.stored_bytes() > 0 && entry.table().inflight.is_empty())
+            .filter(|entry| {
+                entry.stored_bytes() > 0
+                    && !spared.is_some_and(|spared| Arc::ptr_eq(spared, entry))
+                    && entry.table().inflight.is_empty()
+            })
             .map(|entry| (entry.last_used.load(Ordering::Relaxed), entry))
             .collect();
         candidates.sort_by_key(|(last_used, _)| *last_used);
@@ -680,6 +727,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
+    use std::time::Instant;
 
     #[test]
     fn a_slice_set_merges_and_splits_runs() {
@@ -761,6 +809,14 @@ mod tests {
         Arc::new(ObjectEntry::with_present(meta, &present))
     }
 
+    /// A write refused now, with no other write in flight.
+    fn refused_now() -> RefusedWrite {
+        RefusedWrite {
+            submitted: Instant::now(),
+            other_pending_bytes: 0,
+        }
+    }
+
     /// An index of slices of 1 KiB on one unbounded drive in `dir`.
     fn index_in(dir: &std::path::Path) -> (Layout, Index) {
         let layout = Layout::create(dir).unwrap();
@@ -786,9 +842,8 @@ mod tests {
             .insert(8, Arc::new(SliceBuffer::new(1)));
         assert_eq!(index.effective_max_bytes(), u64::MAX);
 
-        let outcome = index
-            .disk_full(&layout.slice_path(&objects[3].key, 1, 0))
-            .unwrap();
+        let failed_write = layout.slice_path(&objects[3].key, 1, 0);
+        let outcome = index.disk_full(&failed_write, refused_now()).unwrap();
         // 32 KiB stored: the margin is 2 slices (a sixteenth is less), so one 8 KiB object goes,
         // the least recently used one that is not being filled: object 1.
         assert_eq!(outcome.effective_max_bytes, 32 * 1024);
@@ -802,14 +857,100 @@ mod tests {
         assert_eq!(index.drive_usage()[0].effective_max_bytes, 32 * 1024);
 
         // A second failure before the deletion landed lowers nothing and evicts nothing more.
-        let again = index
-            .disk_full(&layout.slice_path(&objects[3].key, 1, 0))
-            .unwrap();
+        let submitted_before_the_deletion = Instant::now();
+        let again = index.disk_full(&failed_write, refused_now()).unwrap();
         assert_eq!(again.effective_max_bytes, 32 * 1024);
         assert_eq!(again.evicted_objects, 0);
+        let deleted = async {
+            while index.used_bytes() > 24 * 1024 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), deleted)
+            .await
+            .expect("the evicted object is deleted");
+        // Nor does a write submitted before the space was freed, whenever it reports.
+        let stale = index
+            .disk_full(
+                &failed_write,
+                RefusedWrite {
+                    submitted: submitted_before_the_deletion,
+                    other_pending_bytes: 0,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            (stale.effective_max_bytes, stale.evicted_objects),
+            (32 * 1024, 0)
+        );
+        // A write refused after that means the disk holds less than thought: object 2, the
+        // least recently used of those not being filled, goes.
+        let fresh = index.disk_full(&failed_write, refused_now()).unwrap();
+        assert_eq!(fresh.effective_max_bytes, 24 * 1024);
+        assert_eq!(fresh.evicted_objects, 1);
+        assert!(objects[2].is_removed());
         assert!(index
-            .disk_full(std::path::Path::new("/elsewhere"))
+            .disk_full(std::path::Path::new("/elsewhere"), refused_now())
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn writes_still_in_flight_count_as_held_when_the_disk_refuses_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, index) = index_in(dir.path());
+        let filling = entry(&layout, "/filling", 4);
+        index.insert(filling.clone());
+        filling
+            .table()
+            .inflight
+            .insert(4, Arc::new(SliceBuffer::new(1)));
+        // Three more KiB were submitted before the refused write and may still land.
+        let refused = RefusedWrite {
+            submitted: Instant::now(),
+            other_pending_bytes: 3 * 1024,
+        };
+        let outcome = index
+            .disk_full(&layout.slice_path(&filling.key, 1, 5), refused)
+            .unwrap();
+        assert_eq!(outcome.effective_max_bytes, 7 * 1024);
+        assert_eq!(outcome.evicted_objects, 0, "an object being filled stays");
+        // The earlier writes land: still within the effective size, nothing is evicted.
+        for index_of_slice in [0, 1, 2] {
+            assert!(index.forget_slice(&filling, index_of_slice));
+        }
+        assert!(index.mark_slice_stored(&filling, 0));
+        assert!(!filling.is_removed());
+    }
+
+    #[tokio::test]
+    async fn below_a_lowered_size_each_stored_slice_makes_room_from_other_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, index) = index_in(dir.path());
+        let old = entry(&layout, "/old", 4);
+        let new = entry(&layout, "/new", 4);
+        index.insert(old.clone());
+        index.insert(new.clone());
+        assert!(index.forget_slice(&new, 3));
+        // /old was used last, so /new is the least recently used one.
+        index.get(&old.key).unwrap();
+        // Both are being filled when the disk refuses a write at 7 KiB: nothing can go yet.
+        let buffer = Arc::new(SliceBuffer::new(1));
+        old.table().inflight.insert(4, buffer.clone());
+        new.table().inflight.insert(3, buffer);
+        let outcome = index
+            .disk_full(&layout.slice_path(&new.key, 1, 3), refused_now())
+            .unwrap();
+        assert_eq!(
+            (outcome.effective_max_bytes, outcome.evicted_objects),
+            (7 * 1024, 0)
+        );
+        old.table().inflight.clear();
+        // /new's slice lands after all, past the effective size: /old makes room, not /new,
+        // which is in use.
+        assert!(index.mark_slice_stored(&new, 3));
+        assert!(old.is_removed());
+        assert!(!new.is_removed());
+        assert!(new.is_complete());
     }
 
     #[tokio::test]

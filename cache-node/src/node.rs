@@ -176,20 +176,20 @@ impl Node {
     fn reporting_full_disk(storage: SharedStorage, node: std::sync::Weak<Node>) -> SharedStorage {
         Arc::new(disk::full::ReportsFullDisk::new(
             storage,
-            Arc::new(move |path: &std::path::Path| {
+            Arc::new(move |path: &std::path::Path, refused| {
                 if let Some(node) = node.upgrade() {
-                    node.disk_full(path);
+                    node.disk_full(path, refused);
                 }
             }),
         ))
     }
 
-    /// A write under `path` failed because the filesystem is full: the drive's effective size is
-    /// lowered to what it holds and its least recently used objects make room (see
+    /// A write under `path` failed because the filesystem is full: the drive's effective size
+    /// is lowered to what it holds and its least recently used objects make room (see
     /// [`Index::disk_full`]).
-    pub fn disk_full(&self, path: &std::path::Path) {
+    pub fn disk_full(&self, path: &std::path::Path, refused: disk::full::RefusedWrite) {
         self.stats.disk_full_events.inc();
-        let Some(outcome) = self.index.disk_full(path) else {
+        let Some(outcome) = self.index.disk_full(path, refused) else {
             return;
         };
         if outcome.effective_max_bytes < outcome.previous_max_bytes || outcome.evicted_objects > 0 {

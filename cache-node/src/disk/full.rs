@@ -4,19 +4,33 @@
 //! piece hashes) without the cache logic above the trait having to look for the error.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 
 use super::{DiskFuture, SharedStorage, Storage};
 
 /// What to call with the path of a write that failed because the disk is full.
-pub type OnFull = Arc<dyn Fn(&Path) + Send + Sync>;
+pub type OnFull = Arc<dyn Fn(&Path, RefusedWrite) + Send + Sync>;
+
+/// What is known about a write the disk refused for lack of space, to judge what the disk holds.
+#[derive(Debug, Clone, Copy)]
+pub struct RefusedWrite {
+    /// When it was submitted: space freed since then may already have made room.
+    pub submitted: Instant,
+    /// Bytes of the other writes still in flight when it failed: those submitted earlier may
+    /// yet land, so the disk may hold that much more than is counted.
+    pub other_pending_bytes: u64,
+}
 
 /// Forwards everything to `inner` and calls `on_full` after a write fails with `ENOSPC`.
 pub struct ReportsFullDisk {
     inner: SharedStorage,
     on_full: OnFull,
+    /// Bytes of the writes submitted and not finished.
+    pending_bytes: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ReportsFullDisk {
@@ -31,7 +45,11 @@ impl std::fmt::Debug for ReportsFullDisk {
 impl ReportsFullDisk {
     /// Wraps `inner`.
     pub fn new(inner: SharedStorage, on_full: OnFull) -> ReportsFullDisk {
-        ReportsFullDisk { inner, on_full }
+        ReportsFullDisk {
+            inner,
+            on_full,
+            pending_bytes: Arc::default(),
+        }
     }
 }
 
@@ -51,13 +69,22 @@ impl Storage for ReportsFullDisk {
     }
 
     fn write_file_atomic(&self, path: PathBuf, chunks: Vec<Bytes>, sync: bool) -> DiskFuture<()> {
+        let submitted = Instant::now();
+        let length: u64 = chunks.iter().map(|chunk| chunk.len() as u64).sum();
+        let pending_bytes = self.pending_bytes.clone();
+        pending_bytes.fetch_add(length, Ordering::Relaxed);
         let write = self.inner.write_file_atomic(path.clone(), chunks, sync);
         let on_full = self.on_full.clone();
         Box::pin(async move {
             let written = write.await;
+            let other_pending_bytes = pending_bytes.fetch_sub(length, Ordering::Relaxed) - length;
             if let Err(error) = &written {
                 if error.is_disk_full() {
-                    on_full(&path);
+                    let refused = RefusedWrite {
+                        submitted,
+                        other_pending_bytes,
+                    };
+                    on_full(&path, refused);
                 }
             }
             written
@@ -110,7 +137,9 @@ mod tests {
         let sink = reported.clone();
         let storage = ReportsFullDisk::new(
             Arc::new(Refusing),
-            Arc::new(move |path: &Path| sink.lock().unwrap().push(path.to_path_buf())),
+            Arc::new(move |path: &Path, _: RefusedWrite| {
+                sink.lock().unwrap().push(path.to_path_buf())
+            }),
         );
         assert_eq!(storage.backend_name(), "refusing");
         let full = storage
@@ -122,5 +151,19 @@ mod tests {
             .await
             .is_err());
         assert_eq!(*reported.lock().unwrap(), vec![PathBuf::from("/d/full")]);
+        // A write refused while another is in flight says how many bytes may still land.
+        let pending = Arc::new(Mutex::new(Vec::new()));
+        let sink = pending.clone();
+        let storage = ReportsFullDisk::new(
+            Arc::new(Refusing),
+            Arc::new(move |_: &Path, refused: RefusedWrite| {
+                sink.lock().unwrap().push(refused.other_pending_bytes)
+            }),
+        );
+        let earlier =
+            storage.write_file_atomic("/d/a".into(), vec![Bytes::from(vec![0; 10])], false);
+        let later = storage.write_file_atomic("/d/b".into(), vec![Bytes::from(vec![0; 3])], false);
+        assert!(later.await.is_err() && earlier.await.is_err());
+        assert_eq!(*pending.lock().unwrap(), vec![10, 0]);
     }
 }
