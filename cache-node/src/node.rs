@@ -231,11 +231,12 @@ impl Node {
     }
 
     /// A read of slice `index` of `entry`, which the index has as stored, failed with `error`.
-    /// Unless the entry was removed meanwhile (its directory is being deleted) or the runtime is
-    /// stopping, the slice is forgotten so that it is filled again: a missing or short slice is
-    /// a miss, never a truncated hit. Returns true when the caller should fill it.
+    /// When the file is missing, short or damaged (and the entry was not removed meanwhile, which
+    /// deletes its files), the slice is forgotten so that it is filled again: a lost slice is a
+    /// miss, never a truncated hit. Returns true when the caller should fill it. An error of the
+    /// moment (no file descriptor left) forgets nothing: the caller fails the response.
     pub fn slice_lost(&self, entry: &Arc<ObjectEntry>, index: u64, error: &DiskError) -> bool {
-        if entry.is_removed() || matches!(error, DiskError::Cancelled) {
+        if entry.is_removed() || !error.is_missing_or_damaged() {
             return false;
         }
         if self.index.forget_slice(entry, index) {
