@@ -308,10 +308,7 @@ fn inspect(node: &Node, key: &CacheKey) -> Response<ResponseBody> {
     };
     let (slices_stored, slices_filling) = {
         let table = entry.table();
-        (
-            table.present.iter().filter(|stored| **stored).count() as u64,
-            table.inflight.len() as u64,
-        )
+        (table.present.len(), table.inflight.len() as u64)
     };
     let meta = &entry.meta;
     let drive = node

@@ -123,7 +123,21 @@ pub struct StorageConfig {
     /// to [`MAX_EXTRA_DRIVES`]. Each object lives on one drive, chosen by hashing its key with
     /// the drives' sizes as weights.
     pub extra_drives: Vec<DriveConfig>,
+    /// The longest object the node stores, for example `"1TiB"`. An origin answer declaring a
+    /// longer object (its `Content-Range` total or `Content-Length`) is refused with 502 before
+    /// anything is sized from it, and stored objects declaring more are deleted at start-up.
+    /// At most [`MAX_OBJECT_SIZE_LIMIT`] bytes (1 EiB).
+    pub max_object_size: String,
+    /// The share of the slices read from disk for hits that are read whole and checked against
+    /// their piece hashes before any byte of them is sent, from `0.0` (never) to `1.0` (every
+    /// one). Checked slices leave through a buffer instead of `sendfile`. A mismatch drops the
+    /// stored object (counted in `integrity_failures`) and cuts that response.
+    pub verify_hits: f64,
 }
+
+/// The largest `storage.max_object_size`: 1 EiB keeps every offset and slice computation far
+/// from overflowing a `u64`.
+pub const MAX_OBJECT_SIZE_LIMIT: u64 = 1 << 60;
 
 /// `[[storage.extra_drives]]`: one more cache drive.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -283,6 +297,8 @@ impl Default for StorageConfig {
             fsync: true,
             io_backend: "auto".to_owned(),
             extra_drives: Vec::new(),
+            max_object_size: "1TiB".to_owned(),
+            verify_hits: 0.01,
         }
     }
 }
@@ -340,6 +356,10 @@ pub struct ValidConfig {
     pub peering: crate::peering::PeeringSettings,
     /// `[fill]`, parsed.
     pub fill: crate::fill_limits::FillSettings,
+    /// `storage.max_object_size` in bytes.
+    pub max_object_size_bytes: u64,
+    /// `storage.verify_hits`, checked to be within 0.0..=1.0.
+    pub verify_hits: f64,
 }
 
 impl Config {
@@ -496,6 +516,24 @@ impl Config {
         }
         let peering = self.peering.validate()?;
         let fill = self.fill.validate(slice_len)?;
+        let max_object_size_bytes = parse_size(&self.storage.max_object_size)
+            .map_err(|message| invalid("storage.max_object_size", message))?;
+        if max_object_size_bytes > MAX_OBJECT_SIZE_LIMIT {
+            return Err(invalid(
+                "storage.max_object_size",
+                format!(
+                    "\"{}\" is more than 1048576TiB (1 EiB); use e.g. \"1TiB\"",
+                    self.storage.max_object_size
+                ),
+            ));
+        }
+        let verify_hits = self.storage.verify_hits;
+        if !(0.0..=1.0).contains(&verify_hits) {
+            return Err(invalid(
+                "storage.verify_hits",
+                format!("{verify_hits} is not a share between 0.0 and 1.0; use e.g. 0.01"),
+            ));
+        }
         Ok(ValidConfig {
             peering,
             raw: self,
@@ -508,6 +546,8 @@ impl Config {
             workers,
             proxy,
             fill,
+            max_object_size_bytes,
+            verify_hits,
         })
     }
 }
@@ -640,7 +680,6 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        type Mutation = Box<dyn Fn(&mut Config)>;
         let cases: Vec<(Mutation, &str)> = vec![
             (
                 Box::new(|c| c.storage.max_size = "10 GB".into()),
@@ -772,6 +811,13 @@ mod tests {
                 "origin[0].ports:",
             ),
         ];
+        assert_each_refused(cases);
+    }
+
+    type Mutation = Box<dyn Fn(&mut Config)>;
+
+    /// Applies each mutation to a valid config and checks the error starts with its prefix.
+    fn assert_each_refused(cases: Vec<(Mutation, &str)>) {
         for (mutate, expected_prefix) in cases {
             let mut config = valid_base();
             mutate(&mut config);
@@ -843,5 +889,38 @@ upstream = "http://127.0.0.1:9"
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/cache-node.toml");
         let config = Config::load_with_env(Some(&path), Some(HashMap::new())).unwrap();
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn the_object_size_limit_and_the_hit_check_rate_are_validated() {
+        let valid = valid_base().validate().unwrap();
+        assert_eq!(valid.max_object_size_bytes, 1 << 40);
+        assert!((valid.verify_hits - 0.01).abs() < 1e-12);
+        let mut largest = valid_base();
+        largest.storage.max_object_size = "1048576TiB".into();
+        assert_eq!(largest.validate().unwrap().max_object_size_bytes, 1 << 60);
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|c| c.storage.max_object_size = "1 TB".into()),
+                "storage.max_object_size: \"1 TB\" is not a size",
+            ),
+            (
+                Box::new(|c| c.storage.max_object_size = "1048577TiB".into()),
+                "storage.max_object_size: \"1048577TiB\" is more than",
+            ),
+            (
+                Box::new(|c| c.storage.verify_hits = 1.5),
+                "storage.verify_hits:",
+            ),
+            (
+                Box::new(|c| c.storage.verify_hits = -0.1),
+                "storage.verify_hits:",
+            ),
+            (
+                Box::new(|c| c.storage.verify_hits = f64::NAN),
+                "storage.verify_hits:",
+            ),
+        ];
+        assert_each_refused(cases);
     }
 }

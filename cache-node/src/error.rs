@@ -45,6 +45,15 @@ pub enum OriginError {
     /// again when someone asks for them.
     #[error("fill stopped: no client wanted the rest")]
     Stopped,
+    /// The origin declared an object longer than `storage.max_object_size`; nothing of it is
+    /// stored.
+    #[error("origin declares {length} bytes, more than storage.max_object_size ({max} bytes)")]
+    TooLarge {
+        /// The length the origin declared.
+        length: u64,
+        /// `storage.max_object_size`.
+        max: u64,
+    },
 }
 
 impl OriginError {
@@ -93,6 +102,19 @@ impl DiskError {
     pub fn is_disk_full(&self) -> bool {
         matches!(self, DiskError::Io { source, .. } if source.raw_os_error() == Some(28))
     }
+
+    /// True when the file read is gone, shorter than it should be, or unreadable where it lies
+    /// (`EIO`): writing it again helps. Errors of the moment (no file descriptor left, an
+    /// interrupted call, a runtime stopping) are not: they say nothing about the file.
+    pub fn is_missing_or_damaged(&self) -> bool {
+        match self {
+            DiskError::ShortRead { .. } => true,
+            DiskError::Io { source, .. } => {
+                source.kind() == io::ErrorKind::NotFound || source.raw_os_error() == Some(5)
+            }
+            DiskError::Cancelled => false,
+        }
+    }
 }
 
 /// Why a response to a client could not be produced or had to be cut short.
@@ -107,6 +129,12 @@ pub enum ServeError {
     /// A stored slice vanished (evicted or replaced by a new version) while a response needed it.
     #[error("cached content was evicted or replaced while being served")]
     Vanished,
+    /// A stored slice did not match its piece hashes; the stored object was dropped.
+    #[error("stored slice {slice} failed its integrity check; the stored object was dropped")]
+    Integrity {
+        /// The slice that failed.
+        slice: u64,
+    },
 }
 
 impl ServeError {
@@ -114,8 +142,28 @@ impl ServeError {
     pub fn source_kind(&self) -> Option<ErrorSource> {
         match self {
             ServeError::Origin(_) => Some(ErrorSource::Origin),
-            ServeError::Disk(_) => Some(ErrorSource::Disk),
+            ServeError::Disk(_) | ServeError::Integrity { .. } => Some(ErrorSource::Disk),
             ServeError::Vanished => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_missing_short_or_damaged_files_count_as_lost() {
+        let io = |error: io::Error| DiskError::io("read", "/s", error);
+        assert!(DiskError::ShortRead { path: "/s".into() }.is_missing_or_damaged());
+        assert!(io(io::ErrorKind::NotFound.into()).is_missing_or_damaged());
+        assert!(io(io::Error::from_raw_os_error(5)).is_missing_or_damaged());
+        assert!(
+            !io(io::Error::from_raw_os_error(24)).is_missing_or_damaged(),
+            "EMFILE"
+        );
+        assert!(!io(io::ErrorKind::Interrupted.into()).is_missing_or_damaged());
+        assert!(!DiskError::Cancelled.is_missing_or_damaged());
+        assert!(io(io::Error::from_raw_os_error(28)).is_disk_full());
     }
 }

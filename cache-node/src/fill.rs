@@ -654,6 +654,9 @@ async fn discover(
             return Err(error);
         }
     };
+    // Nothing is sized from a declared length above storage.max_object_size.
+    node.check_object_size(key, origin.length)
+        .map_err(DiscoverError::Origin)?;
     let freshness = match freshness::judge(&origin.headers, route.target.policy.cache_control) {
         Ok(freshness) => freshness,
         // The body is dropped unread, which closes that origin connection.
@@ -740,7 +743,7 @@ fn claim_in(
 
 /// True when slice `index` is on disk (an index past the end counts as stored: nothing to fill).
 fn is_stored(table: &SliceTable, index: u64) -> bool {
-    table.present.get(index as usize).copied().unwrap_or(true)
+    table.present.get(index).unwrap_or(true)
 }
 
 /// True when slices of this version fetched by separate requests are known to be of one version:

@@ -7,8 +7,17 @@
 //! on disk, and which are being filled right now. When moka evicts an entry, or the node drops a
 //! version because the origin changed it, the entry is marked removed and its directory deleted
 //! by a background task, so eviction really frees the disk.
+//!
+//! Per-object state follows what is stored or in flight, never the length an origin declared:
+//! stored slices are a [`SliceSet`] of runs, so a complete object and an object holding one
+//! slice of a declared terabyte cost the same few bytes.
+//!
+//! A drive whose filesystem runs out of space before `max_size` (a write fails with `ENOSPC`)
+//! gets an *effective* size: [`Index::disk_full`] lowers it to what the drive held at that
+//! moment and evicts the least recently used objects down to a margin below it, so the objects
+//! being filled find room instead of fetching their missing slices again on every request.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -17,6 +26,7 @@ use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
 use tokio::sync::mpsc;
 
+use crate::disk::full::RefusedWrite;
 use crate::disk::SharedStorage;
 use crate::fill::SliceBuffer;
 use crate::freshness::Freshness;
@@ -27,11 +37,139 @@ use crate::store::{Layout, ObjectMeta};
 /// objects of up to 16 TiB.
 const WEIGHT_UNIT_BYTES: u64 = 4096;
 
+/// Locks `mutex`, ignoring poisoning (the data are plain figures).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A clock that ticks on every lookup, for the least-recently-used order of
+/// [`DriveIndex::shrink_to`] (moka keeps its own order but does not expose it).
+static USE_CLOCK: AtomicU64 = AtomicU64::new(1);
+
+/// The slices of one object that are complete on disk, as sorted, disjoint, non-adjacent runs.
+/// Its size follows how fragmented the stored part is, never how long the object claims to be.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SliceSet {
+    /// How many slices the object has; indexes at or beyond it are not slices of the object.
+    slice_count: u64,
+    /// Run start → run end (exclusive).
+    runs: BTreeMap<u64, u64>,
+    /// How many slices the runs hold.
+    len: u64,
+}
+
+impl SliceSet {
+    /// An empty set for an object of `slice_count` slices.
+    pub fn new(slice_count: u64) -> SliceSet {
+        SliceSet {
+            slice_count,
+            ..SliceSet::default()
+        }
+    }
+
+    /// Like `slice::get`: `Some(stored)` for a slice of the object, `None` beyond its end.
+    pub fn get(&self, index: u64) -> Option<bool> {
+        (index < self.slice_count).then(|| self.contains(index))
+    }
+
+    /// True when slice `index` is stored.
+    pub fn contains(&self, index: u64) -> bool {
+        self.run_containing(index).is_some()
+    }
+
+    fn run_containing(&self, index: u64) -> Option<(u64, u64)> {
+        self.runs
+            .range(..=index)
+            .next_back()
+            .filter(|(_, end)| **end > index)
+            .map(|(start, end)| (*start, *end))
+    }
+
+    /// Marks slice `index` stored; false when it already was or is not a slice of the object.
+    pub fn insert(&mut self, index: u64) -> bool {
+        if index >= self.slice_count || self.contains(index) {
+            return false;
+        }
+        let mut start = index;
+        let mut end = index + 1;
+        if let Some((&before_start, &before_end)) = self.runs.range(..index).next_back() {
+            if before_end == index {
+                start = before_start;
+            }
+        }
+        if let Some(after_end) = self.runs.get(&end).copied() {
+            self.runs.remove(&end);
+            end = after_end;
+        }
+        self.runs.insert(start, end);
+        self.len += 1;
+        true
+    }
+
+    /// Marks slice `index` missing; false when it was not stored.
+    pub fn remove(&mut self, index: u64) -> bool {
+        let Some((start, end)) = self.run_containing(index) else {
+            return false;
+        };
+        self.runs.remove(&start);
+        if start < index {
+            self.runs.insert(start, index);
+        }
+        if index + 1 < end {
+            self.runs.insert(index + 1, end);
+        }
+        self.len -= 1;
+        true
+    }
+
+    /// How many slices are stored.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when no slice is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// True when every slice of the object is stored.
+    pub fn is_full(&self) -> bool {
+        self.len == self.slice_count
+    }
+
+    /// How many of the slices `first..=last` are stored, in time proportional to the runs.
+    pub fn count_in(&self, first: u64, last: u64) -> u64 {
+        if first > last {
+            return 0;
+        }
+        let from = self
+            .runs
+            .range(..=first)
+            .next_back()
+            .map_or(first, |(start, _)| *start);
+        self.runs
+            .range(from..=last)
+            .map(|(start, end)| {
+                let overlap_start = (*start).max(first);
+                let overlap_end = (*end).min(last.saturating_add(1));
+                overlap_end.saturating_sub(overlap_start)
+            })
+            .sum()
+    }
+
+    /// The stored runs, as `start..end` ranges in order.
+    pub fn runs(&self) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
+        self.runs.iter().map(|(start, end)| *start..*end)
+    }
+}
+
 /// Which slices of an object are stored and which are being filled.
 #[derive(Debug)]
 pub struct SliceTable {
-    /// `present[i]` is true when slice `i` is complete on disk.
-    pub present: Vec<bool>,
+    /// The slices complete on disk.
+    pub present: SliceSet,
     /// Slices being filled from the origin right now, with the buffer readers stream from.
     pub inflight: HashMap<u64, Arc<SliceBuffer>>,
 }
@@ -52,6 +190,8 @@ pub struct ObjectEntry {
     validated: Mutex<Validation>,
     /// Held while this version is being revalidated, so concurrent requests wait for one check.
     pub revalidation: tokio::sync::Mutex<()>,
+    /// [`USE_CLOCK`] at the last lookup, for eviction when a disk fills before `max_size`.
+    last_used: AtomicU64,
 }
 
 /// When the origin last confirmed a version, and for how long a confirmation holds.
@@ -117,11 +257,10 @@ impl ObjectEntry {
 
     /// Creates an entry whose listed slices are already on disk (after a restart).
     pub fn with_present(meta: ObjectMeta, present_slices: &[u64]) -> ObjectEntry {
-        let mut present = vec![false; meta.slice_count() as usize];
+        let mut present = SliceSet::new(meta.slice_count());
         let mut stored_bytes = 0;
         for &index in present_slices {
-            if let Some(flag) = present.get_mut(index as usize) {
-                *flag = true;
+            if present.insert(index) {
                 stored_bytes += meta.slice_length(index);
             }
         }
@@ -141,6 +280,7 @@ impl ObjectEntry {
                 freshness,
             }),
             revalidation: tokio::sync::Mutex::new(()),
+            last_used: AtomicU64::new(0),
         }
     }
 
@@ -163,7 +303,12 @@ impl ObjectEntry {
 
     /// True when every slice is on disk.
     pub fn is_complete(&self) -> bool {
-        self.table().present.iter().all(|present| *present)
+        self.table().present.is_full()
+    }
+
+    fn touch(&self) {
+        self.last_used
+            .store(USE_CLOCK.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
     }
 
     fn weight(&self) -> u32 {
@@ -183,6 +328,18 @@ struct DriveIndex {
     cache: moka::sync::Cache<CacheKey, Arc<ObjectEntry>>,
     used_bytes: Arc<AtomicU64>,
     max_bytes: u64,
+    /// The size the drive's filesystem really allows: `max_bytes` until a write fails with
+    /// `ENOSPC`, then what the drive held at that moment (until the node restarts).
+    effective_max_bytes: AtomicU64,
+    /// The part of `used_bytes` that belongs to removed entries whose directories the
+    /// background task has not deleted yet.
+    removing_bytes: Arc<AtomicU64>,
+    /// `storage.slice_size`, for the margin freed below the effective size.
+    slice_len: u64,
+    /// The background deleter's queue: removed entries with the stored bytes to uncount.
+    removals: mpsc::UnboundedSender<(Arc<ObjectEntry>, u64)>,
+    /// When the deleter last freed space on the drive.
+    last_freed: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 /// One drive's figures, for `/stats`.
@@ -196,6 +353,22 @@ pub struct DriveUsage {
     pub max_bytes: u64,
     /// Objects stored on it.
     pub objects: u64,
+    /// The size its filesystem really allows: `max_bytes`, or less after a write failed with
+    /// `ENOSPC`.
+    pub effective_max_bytes: u64,
+}
+
+/// What [`Index::disk_full`] did about a full drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskFullOutcome {
+    /// The drive's effective size before.
+    pub previous_max_bytes: u64,
+    /// Its effective size now.
+    pub effective_max_bytes: u64,
+    /// Objects evicted to make room.
+    pub evicted_objects: u64,
+    /// Their stored bytes.
+    pub evicted_bytes: u64,
 }
 
 impl std::fmt::Debug for Index {
@@ -211,11 +384,13 @@ impl std::fmt::Debug for Index {
 impl Index {
     /// Creates an empty index over the layout's drives, each bounded by its size. Removed
     /// entries have their directory deleted through `storage` by a background task on the
-    /// current tokio runtime.
-    pub fn new(layout: Layout, storage: SharedStorage) -> Index {
+    /// current tokio runtime. `slice_len` sizes the room freed when a drive turns out full.
+    pub fn new(layout: Layout, storage: SharedStorage, slice_len: u64) -> Index {
         let drives = layout
             .drives()
-            .map(|drive| DriveIndex::new(drive.max_bytes, layout.clone(), storage.clone()))
+            .map(|drive| {
+                DriveIndex::new(drive.max_bytes, layout.clone(), storage.clone(), slice_len)
+            })
             .collect();
         Index { drives, layout }
     }
@@ -226,11 +401,14 @@ impl Index {
 
     /// Looks up the current version of `key`.
     pub fn get(&self, key: &CacheKey) -> Option<Arc<ObjectEntry>> {
-        self.drive(key).cache.get(key)
+        let entry = self.drive(key).cache.get(key)?;
+        entry.touch();
+        Some(entry)
     }
 
     /// Installs a new entry (a new object, or one recovered at start-up).
     pub fn insert(&self, entry: Arc<ObjectEntry>) {
+        entry.touch();
         self.drive(&entry.key).insert(entry);
     }
 
@@ -246,6 +424,29 @@ impl Index {
         self.drive(&entry.key).mark_slice_stored(entry, index)
     }
 
+    /// Records that slice `index` of `entry`, which the index had as stored, turned out missing
+    /// or damaged on disk: it is no longer served from disk, and the next request fills it
+    /// again. Returns false when it was not marked stored (another reader got there first) or
+    /// the entry is gone.
+    pub fn forget_slice(&self, entry: &Arc<ObjectEntry>, index: u64) -> bool {
+        self.drive(&entry.key).forget_slice(entry, index)
+    }
+
+    /// Reacts to a write under `path` that failed for lack of space: the drive holding `path`
+    /// gets an effective size of what it holds (if that is lower): its stored bytes, plus the
+    /// writes still in flight, which may yet land. Its least recently used objects that are not
+    /// being filled are then evicted down to a margin below that. A write submitted before the
+    /// drive last freed space says nothing about the disk now (an eviction may have made room
+    /// since), so it changes nothing. `None` when `path` is on no drive of the store.
+    pub fn disk_full(
+        &self,
+        path: &std::path::Path,
+        refused: RefusedWrite,
+    ) -> Option<DiskFullOutcome> {
+        let drive_position = self.layout.drive_of_path(path)?;
+        Some(self.drives[drive_position].disk_full(refused))
+    }
+
     /// Bytes stored on disk by all indexed objects, on every drive.
     pub fn used_bytes(&self) -> u64 {
         self.drives
@@ -259,6 +460,13 @@ impl Index {
         self.drives
             .iter()
             .fold(0u64, |sum, drive| sum.saturating_add(drive.max_bytes))
+    }
+
+    /// The bound in force: the sum of the drives' effective sizes (see [`Index::disk_full`]).
+    pub fn effective_max_bytes(&self) -> u64 {
+        self.drives.iter().fold(0u64, |sum, drive| {
+            sum.saturating_add(drive.effective_max_bytes.load(Ordering::Relaxed))
+        })
     }
 
     /// How many slices are being filled right now, across all objects. Entries are collected
@@ -290,25 +498,37 @@ impl Index {
                 used_bytes: drive.used_bytes.load(Ordering::Relaxed),
                 max_bytes: drive.max_bytes,
                 objects: drive.object_count(),
+                effective_max_bytes: drive.effective_max_bytes.load(Ordering::Relaxed),
             })
             .collect()
     }
 }
 
 impl DriveIndex {
-    fn new(max_bytes: u64, layout: Layout, storage: SharedStorage) -> DriveIndex {
+    fn new(max_bytes: u64, layout: Layout, storage: SharedStorage, slice_len: u64) -> DriveIndex {
         let used_bytes = Arc::new(AtomicU64::new(0));
-        let (removal_sender, mut removal_receiver) = mpsc::unbounded_channel::<Arc<ObjectEntry>>();
+        let removing_bytes = Arc::new(AtomicU64::new(0));
+        let (removal_sender, mut removal_receiver) =
+            mpsc::unbounded_channel::<(Arc<ObjectEntry>, u64)>();
         let deleter_used_bytes = used_bytes.clone();
+        let deleter_removing_bytes = removing_bytes.clone();
+        let last_freed = Arc::new(Mutex::new(None));
+        let deleter_last_freed = last_freed.clone();
         tokio::spawn(async move {
-            while let Some(entry) = removal_receiver.recv().await {
+            while let Some((entry, stored_bytes)) = removal_receiver.recv().await {
                 let directory = layout.generation_dir(&entry.key, entry.meta.generation);
                 if let Err(error) = storage.remove_dir_all(directory).await {
                     tracing::warn!(key = entry.key.as_str(), %error, "could not delete evicted object");
                 }
-                deleter_used_bytes.fetch_sub(entry.stored_bytes(), Ordering::Relaxed);
+                if stored_bytes > 0 {
+                    *lock(&deleter_last_freed) = Some(std::time::Instant::now());
+                }
+                deleter_used_bytes.fetch_sub(stored_bytes, Ordering::Relaxed);
+                deleter_removing_bytes.fetch_sub(stored_bytes, Ordering::Relaxed);
             }
         });
+        let listener_removing_bytes = removing_bytes.clone();
+        let removals = removal_sender.clone();
         let cache = moka::sync::Cache::builder()
             .max_capacity((max_bytes / WEIGHT_UNIT_BYTES).max(1))
             .eviction_policy(EvictionPolicy::lru())
@@ -319,22 +539,31 @@ impl DriveIndex {
                 if cause == RemovalCause::Replaced {
                     return;
                 }
-                {
+                // Once `removed` is set (under the table lock), the entry's stored bytes no
+                // longer change, so this figure is what the deleter will subtract.
+                let stored_bytes = {
                     let _table = entry.table();
                     entry.removed.store(true, Ordering::Release);
-                }
+                    entry.stored_bytes()
+                };
+                listener_removing_bytes.fetch_add(stored_bytes, Ordering::Relaxed);
                 tracing::debug!(
                     key = entry.key.as_str(),
                     ?cause,
                     "object removed from index"
                 );
-                let _ = removal_sender.send(entry);
+                let _ = removal_sender.send((entry, stored_bytes));
             })
             .build();
         DriveIndex {
             cache,
             used_bytes,
             max_bytes,
+            effective_max_bytes: AtomicU64::new(max_bytes),
+            removing_bytes,
+            slice_len,
+            removals,
+            last_freed,
         }
     }
 
@@ -356,25 +585,8 @@ impl DriveIndex {
         self.cache.run_pending_tasks();
     }
 
-    fn mark_slice_stored(&self, entry: &Arc<ObjectEntry>, index: u64) -> bool {
-        {
-            let mut table = entry.table();
-            if entry.is_removed() {
-                table.inflight.remove(&index);
-                return false;
-            }
-            if let Some(flag) = table.present.get_mut(index as usize) {
-                if !*flag {
-                    *flag = true;
-                    let slice_length = entry.meta.slice_length(index);
-                    entry
-                        .stored_bytes
-                        .fetch_add(slice_length, Ordering::Relaxed);
-                    self.used_bytes.fetch_add(slice_length, Ordering::Relaxed);
-                }
-            }
-            table.inflight.remove(&index);
-        }
+    /// Puts `entry` again so moka re-weighs it, if it is still the current version.
+    fn reweigh(&self, entry: &Arc<ObjectEntry>) {
         let _ = self
             .cache
             .entry(entry.key.clone())
@@ -383,11 +595,378 @@ impl DriveIndex {
                 _ => Op::Nop,
             });
         self.cache.run_pending_tasks();
+    }
+
+    fn mark_slice_stored(&self, entry: &Arc<ObjectEntry>, index: u64) -> bool {
+        {
+            let mut table = entry.table();
+            if entry.is_removed() {
+                table.inflight.remove(&index);
+                // The write landed after the directory was deleted (and recreated it): delete it
+                // again, so a purge or eviction in mid-write leaves nothing behind.
+                let _ = self.removals.send((entry.clone(), 0));
+                return false;
+            }
+            if table.present.insert(index) {
+                let slice_length = entry.meta.slice_length(index);
+                entry
+                    .stored_bytes
+                    .fetch_add(slice_length, Ordering::Relaxed);
+                self.used_bytes.fetch_add(slice_length, Ordering::Relaxed);
+            }
+            table.inflight.remove(&index);
+        }
+        self.reweigh(entry);
+        let effective_max = self.effective_max_bytes.load(Ordering::Relaxed);
+        if effective_max < self.max_bytes && self.live_bytes() > effective_max {
+            // The object just written is in use: others make room.
+            let target = effective_max.saturating_sub(self.margin(effective_max));
+            self.shrink_to(target, Some(entry));
+        }
         true
+    }
+
+    fn forget_slice(&self, entry: &Arc<ObjectEntry>, index: u64) -> bool {
+        {
+            let mut table = entry.table();
+            if entry.is_removed() || !table.present.remove(index) {
+                return false;
+            }
+            let slice_length = entry.meta.slice_length(index);
+            entry
+                .stored_bytes
+                .fetch_sub(slice_length, Ordering::Relaxed);
+            self.used_bytes.fetch_sub(slice_length, Ordering::Relaxed);
+        }
+        self.reweigh(entry);
+        true
+    }
+
+    /// Stored bytes of the entries still indexed (not counting removed ones awaiting deletion).
+    fn live_bytes(&self) -> u64 {
+        self.used_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.removing_bytes.load(Ordering::Relaxed))
+    }
+
+    /// The room freed below an effective size, so that the fills under way can land without
+    /// evicting again at every slice: a sixteenth of it, and at least two slices.
+    fn margin(&self, effective_max: u64) -> u64 {
+        (effective_max / 16).max(2 * self.slice_len)
+    }
+
+    fn disk_full(&self, refused: RefusedWrite) -> DiskFullOutcome {
+        let current = self.effective_max_bytes.load(Ordering::Relaxed);
+        if lock(&self.last_freed).is_some_and(|freed| freed > refused.submitted) {
+            return DiskFullOutcome {
+                previous_max_bytes: current,
+                effective_max_bytes: current,
+                evicted_objects: 0,
+                evicted_bytes: 0,
+            };
+        }
+        // Everything counted in `used_bytes` is still on the disk (removed objects included, until
+        // their directories are gone), and the disk is full: that, with what the writes in flight
+        // may still add, is what the drive holds.
+        let used = self.used_bytes.load(Ordering::Relaxed);
+        let holds = used.saturating_add(refused.other_pending_bytes);
+        let previous = self.effective_max_bytes.fetch_min(holds, Ordering::Relaxed);
+        let effective = previous.min(holds);
+        // The disk is full now: room is made below what it holds for sure.
+        let target = used.min(effective).saturating_sub(self.margin(effective));
+        let (evicted_objects, evicted_bytes) = self.shrink_to(target, None);
+        DiskFullOutcome {
+            previous_max_bytes: previous,
+            effective_max_bytes: effective,
+            evicted_objects,
+            evicted_bytes,
+        }
+    }
+
+    /// Evicts the least recently used entries that are not being filled (nor `spared`) until
+    /// the live bytes are at most `target`. Returns how many objects and bytes went.
+    fn shrink_to(&self, target: u64, spared: Option<&Arc<ObjectEntry>>) -> (u64, u64) {
+        let mut live = self.live_bytes();
+        if live <= target {
+            return (0, 0);
+        }
+        // Collected first, so no table lock is taken inside a moka call.
+        let entries: Vec<Arc<ObjectEntry>> = self.cache.iter().map(|(_, entry)| entry).collect();
+        let mut candidates: Vec<(u64, Arc<ObjectEntry>)> = entries
+            .into_iter()
+            .filter(|entry| {
+                entry.stored_bytes() > 0
+                    && !spared.is_some_and(|spared| Arc::ptr_eq(spared, entry))
+                    && entry.table().inflight.is_empty()
+            })
+            .map(|entry| (entry.last_used.load(Ordering::Relaxed), entry))
+            .collect();
+        candidates.sort_by_key(|(last_used, _)| *last_used);
+        let (mut objects, mut bytes) = (0, 0);
+        for (_, entry) in candidates {
+            if live <= target {
+                break;
+            }
+            let stored = entry.stored_bytes();
+            self.remove(&entry);
+            live = live.saturating_sub(stored);
+            objects += 1;
+            bytes += stored;
+        }
+        (objects, bytes)
     }
 
     fn object_count(&self) -> u64 {
         self.cache.run_pending_tasks();
         self.cache.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+    use std::time::Instant;
+
+    #[test]
+    fn a_slice_set_merges_and_splits_runs() {
+        let mut set = SliceSet::new(10);
+        assert_eq!(set.get(10), None, "beyond the object");
+        assert!(!set.insert(10));
+        for index in [3, 5, 4, 0, 9] {
+            assert!(set.insert(index));
+        }
+        assert!(!set.insert(4), "already stored");
+        assert_eq!(set.runs().collect::<Vec<_>>(), vec![0..1, 3..6, 9..10]);
+        assert_eq!(set.len(), 5);
+        assert_eq!(set.count_in(2, 4), 2);
+        assert_eq!(set.count_in(0, 9), 5);
+        assert_eq!(set.count_in(6, 8), 0);
+        assert!(set.remove(4));
+        assert!(!set.remove(4));
+        assert_eq!(
+            set.runs().collect::<Vec<_>>(),
+            vec![0..1, 3..4, 5..6, 9..10]
+        );
+        assert_eq!(set.get(4), Some(false));
+        assert_eq!(set.get(5), Some(true));
+        assert!(!set.is_full());
+    }
+
+    #[test]
+    fn a_slice_set_for_an_enormous_declared_length_costs_only_its_runs() {
+        // 2^60 bytes in 64 KiB slices: a Vec<bool> would need 16 TiB.
+        let mut set = SliceSet::new(1 << 44);
+        assert!(set.insert(0));
+        assert!(set.insert((1 << 44) - 1));
+        assert_eq!(set.count_in(0, (1 << 44) - 1), 2);
+        assert!(!set.is_full());
+        let mut full = SliceSet::new(3);
+        (0..3).for_each(|index| assert!(full.insert(index)));
+        assert!(full.is_full());
+        assert_eq!(full.runs().count(), 1);
+    }
+
+    proptest! {
+        #[test]
+        fn a_slice_set_behaves_like_a_set_of_indexes(
+            operations in proptest::collection::vec((any::<bool>(), 0u64..40), 0..200),
+            first in 0u64..45,
+            span in 0u64..45,
+        ) {
+            let mut set = SliceSet::new(40);
+            let mut model = BTreeSet::new();
+            for (insert, index) in operations {
+                if insert {
+                    prop_assert_eq!(set.insert(index), model.insert(index));
+                } else {
+                    prop_assert_eq!(set.remove(index), model.remove(&index));
+                }
+            }
+            prop_assert_eq!(set.len(), model.len() as u64);
+            for index in 0..40 {
+                prop_assert_eq!(set.contains(index), model.contains(&index));
+            }
+            let last = first + span;
+            prop_assert_eq!(
+                set.count_in(first, last),
+                model.range(first..=last).count() as u64
+            );
+            // Runs are disjoint and never adjacent: the representation is canonical.
+            let runs: Vec<_> = set.runs().collect();
+            for pair in runs.windows(2) {
+                prop_assert!(pair[0].end < pair[1].start);
+            }
+        }
+    }
+
+    fn entry(layout: &Layout, name: &str, slices: u64) -> Arc<ObjectEntry> {
+        let key = CacheKey::new("h.example", name);
+        let meta = ObjectMeta::for_tests(key.as_str(), slices * 1024, 1024);
+        std::fs::create_dir_all(layout.generation_dir(&key, 1)).unwrap();
+        let present: Vec<u64> = (0..slices).collect();
+        Arc::new(ObjectEntry::with_present(meta, &present))
+    }
+
+    /// A write refused now, with no other write in flight.
+    fn refused_now() -> RefusedWrite {
+        RefusedWrite {
+            submitted: Instant::now(),
+            other_pending_bytes: 0,
+        }
+    }
+
+    /// An index of slices of 1 KiB on one unbounded drive in `dir`.
+    fn index_in(dir: &std::path::Path) -> (Layout, Index) {
+        let layout = Layout::create(dir).unwrap();
+        let storage: SharedStorage = Arc::new(crate::disk::portable::PortableStorage::new());
+        (layout.clone(), Index::new(layout, storage, 1024))
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_lowers_the_effective_size_and_evicts_the_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, index) = index_in(dir.path());
+        let objects: Vec<_> = (0..4)
+            .map(|number| entry(&layout, &format!("/{number}"), 8))
+            .collect();
+        for object in &objects {
+            index.insert(object.clone());
+        }
+        // Object 0 was used last; object 3 is being filled.
+        index.get(&objects[0].key).unwrap();
+        objects[3]
+            .table()
+            .inflight
+            .insert(8, Arc::new(SliceBuffer::new(1)));
+        assert_eq!(index.effective_max_bytes(), u64::MAX);
+
+        let failed_write = layout.slice_path(&objects[3].key, 1, 0);
+        let outcome = index.disk_full(&failed_write, refused_now()).unwrap();
+        // 32 KiB stored: the margin is 2 slices (a sixteenth is less), so one 8 KiB object goes,
+        // the least recently used one that is not being filled: object 1.
+        assert_eq!(outcome.effective_max_bytes, 32 * 1024);
+        assert_eq!(
+            (outcome.evicted_objects, outcome.evicted_bytes),
+            (1, 8 * 1024)
+        );
+        assert!(objects[1].is_removed());
+        assert!(!objects[0].is_removed() && !objects[3].is_removed());
+        assert_eq!(index.effective_max_bytes(), 32 * 1024);
+        assert_eq!(index.drive_usage()[0].effective_max_bytes, 32 * 1024);
+
+        // A second failure before the deletion landed lowers nothing and evicts nothing more.
+        let submitted_before_the_deletion = Instant::now();
+        let again = index.disk_full(&failed_write, refused_now()).unwrap();
+        assert_eq!(again.effective_max_bytes, 32 * 1024);
+        assert_eq!(again.evicted_objects, 0);
+        let deleted = async {
+            while index.used_bytes() > 24 * 1024 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), deleted)
+            .await
+            .expect("the evicted object is deleted");
+        // Nor does a write submitted before the space was freed, whenever it reports.
+        let stale = index
+            .disk_full(
+                &failed_write,
+                RefusedWrite {
+                    submitted: submitted_before_the_deletion,
+                    other_pending_bytes: 0,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            (stale.effective_max_bytes, stale.evicted_objects),
+            (32 * 1024, 0)
+        );
+        // A write refused after that means the disk holds less than thought: object 2, the
+        // least recently used of those not being filled, goes.
+        let fresh = index.disk_full(&failed_write, refused_now()).unwrap();
+        assert_eq!(fresh.effective_max_bytes, 24 * 1024);
+        assert_eq!(fresh.evicted_objects, 1);
+        assert!(objects[2].is_removed());
+        assert!(index
+            .disk_full(std::path::Path::new("/elsewhere"), refused_now())
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn writes_still_in_flight_count_as_held_when_the_disk_refuses_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, index) = index_in(dir.path());
+        let filling = entry(&layout, "/filling", 4);
+        index.insert(filling.clone());
+        filling
+            .table()
+            .inflight
+            .insert(4, Arc::new(SliceBuffer::new(1)));
+        // Three more KiB were submitted before the refused write and may still land.
+        let refused = RefusedWrite {
+            submitted: Instant::now(),
+            other_pending_bytes: 3 * 1024,
+        };
+        let outcome = index
+            .disk_full(&layout.slice_path(&filling.key, 1, 5), refused)
+            .unwrap();
+        assert_eq!(outcome.effective_max_bytes, 7 * 1024);
+        assert_eq!(outcome.evicted_objects, 0, "an object being filled stays");
+        // The earlier writes land: still within the effective size, nothing is evicted.
+        for index_of_slice in [0, 1, 2] {
+            assert!(index.forget_slice(&filling, index_of_slice));
+        }
+        assert!(index.mark_slice_stored(&filling, 0));
+        assert!(!filling.is_removed());
+    }
+
+    #[tokio::test]
+    async fn below_a_lowered_size_each_stored_slice_makes_room_from_other_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, index) = index_in(dir.path());
+        let old = entry(&layout, "/old", 4);
+        let new = entry(&layout, "/new", 4);
+        index.insert(old.clone());
+        index.insert(new.clone());
+        assert!(index.forget_slice(&new, 3));
+        // /old was used last, so /new is the least recently used one.
+        index.get(&old.key).unwrap();
+        // Both are being filled when the disk refuses a write at 7 KiB: nothing can go yet.
+        let buffer = Arc::new(SliceBuffer::new(1));
+        old.table().inflight.insert(4, buffer.clone());
+        new.table().inflight.insert(3, buffer);
+        let outcome = index
+            .disk_full(&layout.slice_path(&new.key, 1, 3), refused_now())
+            .unwrap();
+        assert_eq!(
+            (outcome.effective_max_bytes, outcome.evicted_objects),
+            (7 * 1024, 0)
+        );
+        old.table().inflight.clear();
+        // /new's slice lands after all, past the effective size: /old makes room, not /new,
+        // which is in use.
+        assert!(index.mark_slice_stored(&new, 3));
+        assert!(old.is_removed());
+        assert!(!new.is_removed());
+        assert!(new.is_complete());
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_slice_is_no_longer_stored_nor_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, index) = index_in(dir.path());
+        let object = entry(&layout, "/lost", 4);
+        index.insert(object.clone());
+        assert!(object.is_complete());
+        assert!(index.forget_slice(&object, 2));
+        assert!(!index.forget_slice(&object, 2), "only once");
+        assert!(!object.is_complete());
+        assert_eq!(object.stored_bytes(), 3 * 1024);
+        assert_eq!(index.used_bytes(), 3 * 1024);
+        assert!(index.mark_slice_stored(&object, 2));
+        assert!(object.is_complete());
+        assert_eq!(index.used_bytes(), 4 * 1024);
     }
 }

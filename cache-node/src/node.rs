@@ -31,7 +31,7 @@ pub struct Node {
     /// The pooled origin client.
     pub client: UpstreamClient,
     /// The object index.
-    pub index: Index,
+    pub index: Arc<Index>,
     /// Pending discoveries of unknown objects.
     pub discoveries: Discoveries,
     /// The disk backend.
@@ -73,6 +73,10 @@ pub struct Node {
     pub connection_limits: crate::connections::ConnectionLimits,
     /// Failed admin-token attempts per client address, for throttling them.
     pub admin_auth: crate::admin::AuthThrottle,
+    /// `storage.max_object_size` in bytes.
+    pub max_object_size: u64,
+    /// `storage.verify_hits`.
+    pub verify_hits: f64,
 }
 
 impl std::fmt::Debug for Node {
@@ -111,15 +115,19 @@ impl Node {
         storage: SharedStorage,
     ) -> Result<Arc<Node>, DiskError> {
         let backend_name = storage.backend_name();
-        let index = Index::new(layout.clone(), storage.clone());
-        let recovered = layout.recover()?;
+        let index = Arc::new(Index::new(
+            layout.clone(),
+            storage.clone(),
+            config.slice_len,
+        ));
+        // Content stored with another slice size, or declaring more than the limit, is deleted.
+        let recovered = layout.recover(crate::store::RecoveryLimits {
+            slice_len: config.slice_len,
+            max_object_size: config.max_object_size_bytes,
+        })?;
         let mut recovered_bytes = 0;
         let recovered_objects = recovered.len();
         for object in recovered {
-            // Content stored with another slice size cannot be read with this one.
-            if object.meta.slice_len != config.slice_len {
-                continue;
-            }
             let age = crate::store::unix_now().saturating_sub(object.meta.stored_at_unix);
             let entry = Arc::new(ObjectEntry::with_present(
                 object.meta,
@@ -128,6 +136,9 @@ impl Node {
             entry.mark_validated_ago(Duration::from_secs(age));
             if let Some(piece_len) = object.pieces_file {
                 entry.pieces.mark_on_disk(piece_len);
+                // The files may have changed while the node was down: they are compared with
+                // the hashes before they back a manifest.
+                entry.pieces.require_check();
             }
             recovered_bytes += entry.stored_bytes();
             index.insert(entry);
@@ -140,12 +151,12 @@ impl Node {
         );
         let stats = Stats::new(backend_name);
         let fill_limits = crate::fill_limits::FillLimits::new(&config.fill, stats.fills.clone());
-        Ok(Arc::new(Node {
+        Ok(Arc::new_cyclic(|node: &std::sync::Weak<Node>| Node {
+            storage: Self::reporting_full_disk(storage, node.clone()),
             allowlist: Allowlist::from_config(&config.raw),
             client: UpstreamClient::new(&config.raw.upstream, config.proxy.clone()),
             index,
             discoveries: Discoveries::default(),
-            storage,
             layout,
             read_buffers: crate::disk::pool::BufferPool::new(),
             stats,
@@ -168,7 +179,100 @@ impl Node {
             fill_limits,
             connection_limits: crate::connections::ConnectionLimits::client(&config.raw.server),
             admin_auth: crate::admin::AuthThrottle::default(),
+            max_object_size: config.max_object_size_bytes,
+            verify_hits: config.verify_hits,
         }))
+    }
+
+    /// `storage` with every write refused for lack of space reported to [`Node::disk_full`].
+    fn reporting_full_disk(storage: SharedStorage, node: std::sync::Weak<Node>) -> SharedStorage {
+        Arc::new(disk::full::ReportsFullDisk::new(
+            storage,
+            Arc::new(move |path: &std::path::Path, refused| {
+                if let Some(node) = node.upgrade() {
+                    node.disk_full(path, refused);
+                }
+            }),
+        ))
+    }
+
+    /// A write under `path` failed because the filesystem is full: the drive's effective size
+    /// is lowered to what it holds and its least recently used objects make room (see
+    /// [`Index::disk_full`]).
+    pub fn disk_full(&self, path: &std::path::Path, refused: disk::full::RefusedWrite) {
+        self.stats.disk_full_events.inc();
+        let Some(outcome) = self.index.disk_full(path, refused) else {
+            return;
+        };
+        if outcome.effective_max_bytes < outcome.previous_max_bytes || outcome.evicted_objects > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                previous_max_bytes = outcome.previous_max_bytes,
+                effective_max_bytes = outcome.effective_max_bytes,
+                evicted_objects = outcome.evicted_objects,
+                evicted_bytes = outcome.evicted_bytes,
+                "disk full below storage.max_size: the drive's effective size is lowered (until restart) and the least recently used objects are evicted"
+            );
+        }
+    }
+
+    /// Refuses a discovered object whose declared length is above `storage.max_object_size`,
+    /// before anything is sized from it.
+    pub fn check_object_size(&self, key: &CacheKey, length: u64) -> Result<(), OriginError> {
+        if length <= self.max_object_size {
+            return Ok(());
+        }
+        self.stats.objects_refused_too_large.inc();
+        tracing::warn!(
+            key = key.as_str(),
+            length,
+            max_object_size = self.max_object_size,
+            "origin declares an object longer than storage.max_object_size; refused"
+        );
+        Err(OriginError::TooLarge {
+            length,
+            max: self.max_object_size,
+        })
+    }
+
+    /// True when a slice read from disk for a hit should be checked against its piece hashes
+    /// (`storage.verify_hits`).
+    pub fn sample_hit_check(&self) -> bool {
+        self.verify_hits >= 1.0
+            || (self.verify_hits > 0.0 && rand::random::<f64>() < self.verify_hits)
+    }
+
+    /// A read of slice `index` of `entry`, which the index has as stored, failed with `error`.
+    /// When the file is missing, short or damaged (and the entry was not removed meanwhile, which
+    /// deletes its files), the slice is forgotten so that it is filled again: a lost slice is a
+    /// miss, never a truncated hit. Returns true when the caller should fill it. An error of the
+    /// moment (no file descriptor left) forgets nothing: the caller fails the response.
+    pub fn slice_lost(&self, entry: &Arc<ObjectEntry>, index: u64, error: &DiskError) -> bool {
+        if entry.is_removed() || !error.is_missing_or_damaged() {
+            return false;
+        }
+        if self.index.forget_slice(entry, index) {
+            self.stats.slices_lost.inc();
+            tracing::warn!(
+                key = entry.key.as_str(),
+                slice = index,
+                %error,
+                "stored slice missing or unreadable; it is filled again"
+            );
+        }
+        !entry.is_removed()
+    }
+
+    /// Slice `slice` of `entry` does not match its piece hashes: the whole stored version is
+    /// dropped (its files deleted), so it is fetched again and hashed anew.
+    pub fn integrity_failure(&self, entry: &Arc<ObjectEntry>, slice: u64) {
+        self.stats.integrity_failures.inc();
+        tracing::warn!(
+            key = entry.key.as_str(),
+            slice,
+            "stored slice does not match its piece hashes; the stored version is dropped"
+        );
+        self.index.remove(entry);
     }
 
     /// Sends one request for the route's content upstream (counted in `origin_requests`).
@@ -201,6 +305,8 @@ impl Node {
 
     /// Copies index figures into the gauges, and returns each drive's.
     pub fn refresh_gauges(&self) -> Vec<crate::index::DriveUsage> {
+        self.stats
+            .set_effective_max_bytes(self.index.effective_max_bytes());
         let drives = self.index.drive_usage();
         self.stats.set_cache_gauges(
             self.index.used_bytes(),

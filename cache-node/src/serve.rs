@@ -611,10 +611,8 @@ async fn respond(
         let (stored, total) = needed
             .iter()
             .fold((0, 0), |(stored, total), (first, last)| {
-                let present = (*first..=*last)
-                    .filter(|index| table.present.get(*index as usize).copied().unwrap_or(false))
-                    .count();
-                (stored + present, total + (last - first + 1) as usize)
+                let present = table.present.count_in(*first, *last);
+                (stored + present, total + (last - first + 1))
             });
         if stored == total {
             "HIT"
@@ -692,7 +690,7 @@ enum SliceSource {
 
 fn slice_source(entry: &ObjectEntry, index: u64) -> SliceSource {
     let table = entry.table();
-    if table.present.get(index as usize).copied().unwrap_or(false) {
+    if table.present.contains(index) {
         SliceSource::Disk
     } else if let Some(buffer) = table.inflight.get(&index) {
         SliceSource::Fill(buffer.clone())
@@ -764,6 +762,11 @@ impl BodyProducer {
         }
     }
 
+    /// Sends bytes `window_start..window_end` of slice `index`, from disk, from its fill, or by
+    /// starting a fill. A slice the index has as stored that turns out missing or short on disk
+    /// is forgotten and filled again, and this response streams it from that fill: a lost slice
+    /// is a miss, never a truncated hit. A slice that fails its piece-hash check ends the
+    /// response.
     async fn send_slice(
         &mut self,
         index: u64,
@@ -771,54 +774,44 @@ impl BodyProducer {
         window_start: u64,
         window_end: u64,
     ) -> Result<(), SendError> {
-        let (node, entry, sender) = (&self.node, &self.entry, &self.sender);
-        for attempt in 0..2 {
-            match slice_source(entry, index) {
+        // One fill per slice and response: a slice that is missing again after it was filled
+        // once (its write failed, or the object went away) ends the response.
+        let mut filled = false;
+        for _ in 0..3 {
+            let refill_to = match slice_source(&self.entry, index) {
                 SliceSource::Disk => {
-                    let path = node
-                        .layout
-                        .slice_path(&entry.key, entry.meta.generation, index);
-                    let length = (window_end - window_start) as usize;
-                    if self.zero_copy && length >= ZERO_COPY_MIN {
-                        match node
-                            .storage
-                            .open_for_send(path.clone(), window_start, length)
-                            .await
-                        {
-                            Ok(Some(file)) => {
-                                return send_file_window(file, window_start, length, sender).await
-                            }
-                            // Not in the page cache: read it below without blocking the worker.
-                            Ok(None) => {}
-                            Err(_) if entry.is_removed() => {
-                                return Err(SendError::Serve(ServeError::Vanished))
-                            }
-                            Err(error) => return Err(SendError::Serve(ServeError::Disk(error))),
-                        }
-                    }
-                    let buffer = node.read_buffers.take();
-                    let bytes = match node
-                        .storage
-                        .read_at(path, window_start, length, buffer)
-                        .await
-                    {
-                        Ok(buffer) => node.read_buffers.into_bytes(buffer),
-                        Err(_) if entry.is_removed() => {
-                            return Err(SendError::Serve(ServeError::Vanished))
-                        }
-                        Err(error) => return Err(SendError::Serve(ServeError::Disk(error))),
+                    let window = SliceWindow {
+                        index,
+                        start: window_start,
+                        end: window_end,
                     };
-                    return sender
-                        .send(Ok((Chunk::Bytes(bytes), ByteSource::Disk)))
-                        .await
-                        .map_err(|_| SendError::ClientGone);
+                    let sent =
+                        send_stored(&self.node, &self.entry, window, self.zero_copy, &self.sender)
+                            .await;
+                    let error = match sent {
+                        Ok(()) => return Ok(()),
+                        Err(StoredError::ClientGone) => return Err(SendError::ClientGone),
+                        Err(StoredError::Mismatch(slice)) => {
+                            return Err(SendError::Serve(ServeError::Integrity { slice }))
+                        }
+                        Err(StoredError::Disk(error)) => error,
+                    };
+                    if filled || !self.node.slice_lost(&self.entry, index, &error) {
+                        return Err(SendError::Serve(if self.entry.is_removed() {
+                            ServeError::Vanished
+                        } else {
+                            ServeError::Disk(error)
+                        }));
+                    }
+                    index
                 }
                 SliceSource::Fill(buffer) => {
                     let mut reader = buffer.reader(window_start, window_end);
                     loop {
                         match reader.next().await {
                             BufferRead::Data(bytes) => {
-                                if sender
+                                if self
+                                    .sender
                                     .send(Ok((Chunk::Bytes(bytes), ByteSource::Fill)))
                                     .await
                                     .is_err()
@@ -833,30 +826,108 @@ impl BodyProducer {
                         }
                     }
                 }
-                SliceSource::Missing if attempt == 0 && !entry.is_removed() => {
-                    // An earlier fill of this slice failed or its write was lost: fetch the rest
-                    // of the response's slices again.
-                    match fill::ensure_filling(
-                        &self.node,
-                        &self.route,
-                        &self.entry,
-                        index,
-                        last_slice,
-                        &self.requester,
-                    )
-                    .await
-                    {
-                        Ok(more) => self.demand.merge(more),
-                        Err(refused) => {
-                            tracing::info!(%refused, slice = index, "cannot refill a missing slice");
-                            break;
-                        }
-                    }
-                }
+                // An earlier fill of this slice failed or its write was lost: fetch the rest of
+                // the response's slices again.
+                SliceSource::Missing if !filled && !self.entry.is_removed() => last_slice,
                 SliceSource::Missing => break,
+            };
+            filled = true;
+            match fill::ensure_filling(
+                &self.node,
+                &self.route,
+                &self.entry,
+                index,
+                refill_to,
+                &self.requester,
+            )
+            .await
+            {
+                Ok(more) => self.demand.merge(more),
+                Err(refused) => {
+                    tracing::info!(%refused, slice = index, "cannot refill a missing slice");
+                    break;
+                }
             }
         }
         Err(SendError::Serve(ServeError::Vanished))
+    }
+}
+
+/// Why a window of a stored slice could not be sent.
+enum StoredError {
+    ClientGone,
+    /// The slice could not be read: missing, short, or an I/O error.
+    Disk(crate::error::DiskError),
+    /// The slice failed its piece-hash check; the object was dropped.
+    Mismatch(u64),
+}
+
+/// A window of one slice: slice-relative bytes `start..end`.
+#[derive(Debug, Clone, Copy)]
+struct SliceWindow {
+    index: u64,
+    start: u64,
+    end: u64,
+}
+
+/// Sends a window of a stored slice. A sampled share of slices (`storage.verify_hits`) is read
+/// whole and checked against its piece hashes before any of it is sent; the others leave with
+/// `sendfile` when the connection allows it, or through a pooled buffer.
+async fn send_stored(
+    node: &Arc<Node>,
+    entry: &Arc<ObjectEntry>,
+    window: SliceWindow,
+    zero_copy: bool,
+    sender: &mpsc::Sender<BodyItem>,
+) -> Result<(), StoredError> {
+    let send_bytes = |bytes: Bytes| async move {
+        sender
+            .send(Ok((Chunk::Bytes(bytes), ByteSource::Disk)))
+            .await
+            .map_err(|_| StoredError::ClientGone)
+    };
+    if node.sample_hit_check() {
+        match crate::pieces::verify_slice(node, entry, window.index).await {
+            Ok(Some(slice)) => {
+                return send_bytes(slice.slice(window.start as usize..window.end as usize)).await
+            }
+            // The hashes are not known (peering off, or not yet recorded): sent unchecked.
+            Ok(None) => {}
+            Err(crate::pieces::VerifyError::Disk(error)) => return Err(StoredError::Disk(error)),
+            Err(crate::pieces::VerifyError::Mismatch { slice }) => {
+                return Err(StoredError::Mismatch(slice))
+            }
+        }
+    }
+    let path = node
+        .layout
+        .slice_path(&entry.key, entry.meta.generation, window.index);
+    let length = (window.end - window.start) as usize;
+    if zero_copy && length >= ZERO_COPY_MIN {
+        match node
+            .storage
+            .open_for_send(path.clone(), window.start, length)
+            .await
+        {
+            Ok(Some(file)) => {
+                return send_file_window(file, window.start, length, sender)
+                    .await
+                    .map_err(|_| StoredError::ClientGone)
+            }
+            // Not in the page cache (or shorter than the window): read it below without
+            // blocking the worker.
+            Ok(None) => {}
+            Err(error) => return Err(StoredError::Disk(error)),
+        }
+    }
+    let buffer = node.read_buffers.take();
+    match node
+        .storage
+        .read_at(path, window.start, length, buffer)
+        .await
+    {
+        Ok(buffer) => send_bytes(node.read_buffers.into_bytes(buffer)).await,
+        Err(error) => Err(StoredError::Disk(error)),
     }
 }
 

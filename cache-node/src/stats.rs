@@ -86,6 +86,17 @@ pub struct Stats {
     /// The defences at the edge: connection caps and timeouts, malformed requests, the
     /// tracker's quotas and the admin token's throttle.
     pub edge: EdgeCounters,
+    /// Discoveries refused because the origin declared more than `storage.max_object_size`.
+    pub objects_refused_too_large: Counter,
+    /// Stored slices that did not match their piece hashes (each dropped its object).
+    pub integrity_failures: Counter,
+    /// Stored slices compared with their piece hashes (sampled hits, manifest checks).
+    pub slices_verified: Counter,
+    /// Stored slices found missing or short when read (each was filled again).
+    pub slices_lost: Counter,
+    /// Writes that failed because the filesystem was full.
+    pub disk_full_events: Counter,
+    cache_effective_max_bytes: Gauge<u64, AtomicU64>,
 }
 
 /// A gauge per cache drive, labelled `drive="<path>"`.
@@ -161,6 +172,19 @@ pub struct StatsSnapshot {
     /// The edge defences' counters, at the top level of the document.
     #[serde(flatten)]
     pub edge: EdgeSnapshot,
+    /// Discoveries refused for declaring more than `storage.max_object_size`.
+    pub objects_refused_too_large: u64,
+    /// Stored slices that failed their piece-hash check.
+    pub integrity_failures: u64,
+    /// Stored slices checked against their piece hashes.
+    pub slices_verified: u64,
+    /// Stored slices found missing or short when read.
+    pub slices_lost: u64,
+    /// Writes that failed because the filesystem was full.
+    pub disk_full_events: u64,
+    /// The size the drives really allow together: `cache_max_bytes`, or less after a write
+    /// failed for lack of space (see each drive's `effective_max_bytes`).
+    pub cache_effective_max_bytes: u64,
 }
 
 /// The traffic of one interval between two snapshots, for the periodic summary log line.
@@ -244,6 +268,12 @@ impl Stats {
             fill_refusals: Counter::default(),
             encoded_responses: Counter::default(),
             edge: EdgeCounters::default(),
+            objects_refused_too_large: Counter::default(),
+            integrity_failures: Counter::default(),
+            slices_verified: Counter::default(),
+            slices_lost: Counter::default(),
+            disk_full_events: Counter::default(),
+            cache_effective_max_bytes: Gauge::default(),
         };
         let stats = &stats_without_registry;
         let counters: [(&str, &str, &Counter, Option<Unit>); 20] = [
@@ -399,6 +429,42 @@ impl Stats {
             Unit::Bytes,
             stats.drive_max_bytes.clone(),
         );
+        let store_counters: [(&str, &str, &Counter); 5] = [
+            (
+                "objects_refused_too_large",
+                "Discoveries refused because the origin declared more than storage.max_object_size",
+                &stats.objects_refused_too_large,
+            ),
+            (
+                "integrity_failures",
+                "Stored slices that did not match their piece hashes",
+                &stats.integrity_failures,
+            ),
+            (
+                "slices_verified",
+                "Stored slices compared with their piece hashes",
+                &stats.slices_verified,
+            ),
+            (
+                "slices_lost",
+                "Stored slices found missing or short when read",
+                &stats.slices_lost,
+            ),
+            (
+                "disk_full_events",
+                "Writes that failed because the filesystem was full",
+                &stats.disk_full_events,
+            ),
+        ];
+        for (name, help, counter) in store_counters {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register_with_unit(
+            "cache_effective_max",
+            "The size the cache drives really allow together: cache_max, or less after a full filesystem",
+            Unit::Bytes,
+            stats.cache_effective_max_bytes.clone(),
+        );
         registry.register(
             "fills_in_flight",
             "Fills talking to origins now",
@@ -485,6 +551,11 @@ impl Stats {
         }
     }
 
+    /// Updates the gauge of the size the drives really allow (see [`crate::index::Index::disk_full`]).
+    pub fn set_effective_max_bytes(&self, effective_max_bytes: u64) {
+        self.cache_effective_max_bytes.set(effective_max_bytes);
+    }
+
     /// The `/stats` document.
     pub fn snapshot(&self, disk_backend: &str) -> StatsSnapshot {
         let hit_bytes = self.hit_bytes.get();
@@ -528,6 +599,12 @@ impl Stats {
             fill_refusals: self.fill_refusals.get(),
             encoded_responses: self.encoded_responses.get(),
             edge: self.edge.snapshot(),
+            objects_refused_too_large: self.objects_refused_too_large.get(),
+            integrity_failures: self.integrity_failures.get(),
+            slices_verified: self.slices_verified.get(),
+            slices_lost: self.slices_lost.get(),
+            disk_full_events: self.disk_full_events.get(),
+            cache_effective_max_bytes: self.cache_effective_max_bytes.get(),
         }
     }
 
@@ -688,6 +765,7 @@ mod tests {
             used_bytes: 10,
             max_bytes: 20,
             objects: 1,
+            effective_max_bytes: 20,
         };
         stats.set_cache_gauges(10, 20, 1, &[drive]);
         let snapshot = stats.snapshot("portable");
@@ -711,5 +789,34 @@ mod tests {
         assert!(text.contains("outpost_fill_memory_bytes 0"), "{text}");
         assert!(text.contains("outpost_fills_stopped_total 0"), "{text}");
         assert!(text.contains("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn the_store_defences_are_counted_in_both_views() {
+        let stats = Stats::new("portable");
+        stats.objects_refused_too_large.inc();
+        stats.integrity_failures.inc();
+        stats.slices_verified.inc_by(3);
+        stats.slices_lost.inc();
+        stats.disk_full_events.inc_by(2);
+        stats.set_effective_max_bytes(4096);
+        let snapshot = stats.snapshot("portable");
+        assert_eq!(snapshot.objects_refused_too_large, 1);
+        assert_eq!(snapshot.integrity_failures, 1);
+        assert_eq!(snapshot.slices_verified, 3);
+        assert_eq!(snapshot.slices_lost, 1);
+        assert_eq!(snapshot.disk_full_events, 2);
+        assert_eq!(snapshot.cache_effective_max_bytes, 4096);
+        let text = stats.prometheus_text();
+        for line in [
+            "outpost_objects_refused_too_large_total 1",
+            "outpost_integrity_failures_total 1",
+            "outpost_slices_verified_total 3",
+            "outpost_slices_lost_total 1",
+            "outpost_disk_full_events_total 2",
+            "outpost_cache_effective_max_bytes 4096",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
     }
 }

@@ -15,6 +15,13 @@
 //! generation directory is started and the old one deleted, so slices of two versions can never
 //! be read as one. Every file is written under a temporary name and renamed into place, so after a
 //! crash a slice file is either absent or complete. Only this module knows these paths.
+//!
+//! Recovery trusts nothing it reads: a `meta.json` that does not parse, names a key that does not
+//! hash to the directory it sits in, declares a length above `storage.max_object_size` or a slice
+//! length that is not a sane power of two is logged and its directory deleted before anything is
+//! sized from it. Objects stored with another `storage.slice_size` cannot be read with the
+//! current one, so they are deleted too (they would otherwise hold disk space that `max_size`
+//! does not count).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -87,6 +94,25 @@ impl ObjectMeta {
     }
 }
 
+#[cfg(test)]
+impl ObjectMeta {
+    /// Generation 1 of `key`, `length` bytes in slices of `slice_len`, without validators.
+    pub(crate) fn for_tests(key: &str, length: u64, slice_len: u64) -> ObjectMeta {
+        ObjectMeta {
+            key: key.to_owned(),
+            generation: 1,
+            length,
+            slice_len,
+            etag: None,
+            last_modified: None,
+            content_type: None,
+            extra_headers: vec![],
+            stored_at_unix: 0,
+            fresh_for_secs: None,
+        }
+    }
+}
+
 /// Seconds since the Unix epoch, for `stored_at_unix`.
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -133,6 +159,81 @@ pub struct RecoveredObject {
 
 /// The name of the piece hash file in a generation directory (see [`crate::pieces`]).
 const PIECES_FILE: &str = "pieces.sha256";
+
+/// The largest `meta.json` recovery reads; the node writes a few hundred bytes, plus the origin
+/// headers it replays.
+const MAX_META_FILE_BYTES: u64 = 256 << 10;
+
+/// The slice lengths any configuration allows (`storage.slice_size`).
+const SLICE_LEN_RANGE: std::ops::RangeInclusive<u64> = 64 << 10..=64 << 20;
+
+/// What recovery accepts: the current configuration's slice length and largest object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveryLimits {
+    /// `storage.slice_size`: objects stored with another slice length are deleted.
+    pub slice_len: u64,
+    /// `storage.max_object_size`: objects declaring more are deleted.
+    pub max_object_size: u64,
+}
+
+impl RecoveryLimits {
+    /// Limits that accept any sane object stored with `slice_len` (for tools and tests).
+    pub fn any_size(slice_len: u64) -> RecoveryLimits {
+        RecoveryLimits {
+            slice_len,
+            max_object_size: u64::MAX,
+        }
+    }
+}
+
+/// Why recovery deleted a generation directory instead of serving it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Rejected {
+    /// `meta.json` is missing, unreadable, too large, not valid JSON, or describes something
+    /// impossible (a slice length that no configuration allows, a generation that is not the
+    /// directory's name).
+    CorruptMeta(String),
+    /// `meta.json` names a key whose object id is not the directory it sits in.
+    KeyMismatch(String),
+    /// The declared length is above `storage.max_object_size`.
+    TooLarge(u64),
+    /// Stored with another `storage.slice_size`.
+    OtherSliceSize(u64),
+    /// An older version of the same key (or an equally old one with a lower generation).
+    Superseded,
+}
+
+/// Counts of what recovery deleted on one drive, for its log lines.
+#[derive(Debug, Default)]
+struct RecoveryTally {
+    moved: u64,
+    corrupt: u64,
+    other_slice_size: u64,
+}
+
+impl RecoveryTally {
+    /// One warning per kind of deletion that happened on the drive at `root`.
+    fn log(&self, root: &Path) {
+        for (count, what) in [
+            (
+                self.moved,
+                "objects dropped: they now belong on another drive (the drive list changed)",
+            ),
+            (
+                self.other_slice_size,
+                "stored versions deleted: stored with another storage.slice_size, which this one cannot read",
+            ),
+            (
+                self.corrupt,
+                "stored versions deleted: their metadata could not be trusted (see the lines above)",
+            ),
+        ] {
+            if count > 0 {
+                tracing::warn!(drive = %root.display(), count, "{what}");
+            }
+        }
+    }
+}
 
 impl Layout {
     /// A store on the one drive `root`, unbounded (for tools and tests).
@@ -227,40 +328,136 @@ impl Layout {
             .join(slice_index.to_string())
     }
 
+    /// The drive (its position in [`Layout::drives`]) whose directory holds `path`, if any: the
+    /// longest drive root `path` starts with.
+    pub fn drive_of_path(&self, path: &Path) -> Option<usize> {
+        self.drives
+            .iter()
+            .enumerate()
+            .filter(|(_, drive)| path.starts_with(&drive.spec.root))
+            .max_by_key(|(_, drive)| drive.spec.root.as_os_str().len())
+            .map(|(position, _)| position)
+    }
+
     /// Walks the store, deleting leftovers (temporary files, generations without metadata,
     /// superseded generations, slices of the wrong length) and returning what can be served.
     /// This runs once before the node accepts connections, so it uses blocking calls.
     /// Objects found on a drive other than the one their key now maps to (the drive list
-    /// changed) are deleted too.
-    pub fn recover(&self) -> Result<Vec<RecoveredObject>, DiskError> {
+    /// changed), objects of another slice length, and objects whose metadata is corrupt, names a
+    /// key that does not hash to its directory or declares more than `limits` allow are deleted
+    /// too (see the module documentation).
+    pub fn recover(&self, limits: RecoveryLimits) -> Result<Vec<RecoveredObject>, DiskError> {
         let mut recovered = Vec::new();
         for (drive_index, drive) in self.drives.iter().enumerate() {
-            let mut moved = 0u64;
+            let mut tally = RecoveryTally::default();
             for shard in read_dir_paths(&drive.objects_root)? {
+                if !shard.is_dir() {
+                    let _ = fs::remove_file(&shard);
+                    continue;
+                }
                 for object_dir in read_dir_paths(&shard)? {
-                    if let Some(object) = recover_object(&object_dir)? {
+                    if !object_dir.is_dir() {
+                        let _ = fs::remove_file(&object_dir);
+                        continue;
+                    }
+                    if let Some(object) = recover_object(&object_dir, limits, &mut tally)? {
                         let key = CacheKey::from_text(object.meta.key.clone());
                         if self.drive_of(&key) == drive_index {
                             recovered.push(object);
                         } else {
-                            moved += 1;
+                            tally.moved += 1;
                             remove_dir_quietly(&object_dir);
                         }
                     }
                     // Remove the key's directory if nothing in it survived.
                     let _ = fs::remove_dir(&object_dir);
                 }
+                let _ = fs::remove_dir(&shard);
             }
-            if moved > 0 {
-                tracing::warn!(
-                    drive = %drive.spec.root.display(),
-                    objects = moved,
-                    "dropped objects that now belong on another drive (the drive list changed)"
-                );
-            }
+            tally.log(&drive.spec.root);
         }
         Ok(recovered)
     }
+}
+
+/// Reads and checks the metadata of one generation directory of `object_dir`.
+fn read_trusted_meta(
+    object_dir: &Path,
+    generation_dir: &Path,
+    limits: RecoveryLimits,
+) -> Result<ObjectMeta, Rejected> {
+    use std::io::Read;
+    let path = generation_dir.join("meta.json");
+    let mut bytes = Vec::new();
+    fs::File::open(&path)
+        .and_then(|file| file.take(MAX_META_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|error| Rejected::CorruptMeta(format!("unreadable: {error}")))?;
+    if bytes.len() as u64 > MAX_META_FILE_BYTES {
+        return Err(Rejected::CorruptMeta(format!(
+            "longer than {MAX_META_FILE_BYTES} bytes"
+        )));
+    }
+    let meta: ObjectMeta = serde_json::from_slice(&bytes)
+        .map_err(|error| Rejected::CorruptMeta(format!("not valid metadata: {error}")))?;
+    let directory_name = |path: &Path| {
+        path.file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    if directory_name(generation_dir) != format!("{:016x}", meta.generation) {
+        return Err(Rejected::CorruptMeta(format!(
+            "generation {:016x} is not its directory's name",
+            meta.generation
+        )));
+    }
+    let object_id = CacheKey::from_text(meta.key.clone()).object_id();
+    let shard_name = object_dir.parent().map(directory_name).unwrap_or_default();
+    if directory_name(object_dir) != object_id || shard_name != object_id[..2] {
+        return Err(Rejected::KeyMismatch(meta.key));
+    }
+    if !meta.slice_len.is_power_of_two() || !SLICE_LEN_RANGE.contains(&meta.slice_len) {
+        return Err(Rejected::CorruptMeta(format!(
+            "slice length {} is not a power of two between 64KiB and 64MiB",
+            meta.slice_len
+        )));
+    }
+    if meta.length > limits.max_object_size {
+        return Err(Rejected::TooLarge(meta.length));
+    }
+    if meta.slice_len != limits.slice_len {
+        return Err(Rejected::OtherSliceSize(meta.slice_len));
+    }
+    Ok(meta)
+}
+
+/// Deletes a generation directory recovery will not serve, with a log line saying why.
+fn reject_generation(generation_dir: &Path, reason: &Rejected, tally: &mut RecoveryTally) {
+    let path = generation_dir.display();
+    match reason {
+        Rejected::CorruptMeta(problem) => {
+            tally.corrupt += 1;
+            tracing::warn!(%path, problem, "corrupt meta.json; stored version deleted");
+        }
+        Rejected::KeyMismatch(key) => {
+            tally.corrupt += 1;
+            tracing::warn!(
+                %path,
+                key,
+                "meta.json names a key that does not hash to its directory; stored version deleted"
+            );
+        }
+        Rejected::TooLarge(length) => {
+            tally.corrupt += 1;
+            tracing::warn!(
+                %path,
+                length,
+                "stored version declares more than storage.max_object_size; deleted"
+            );
+        }
+        Rejected::OtherSliceSize(_) => tally.other_slice_size += 1,
+        Rejected::Superseded => {}
+    }
+    remove_dir_quietly(generation_dir);
 }
 
 fn read_dir_paths(directory: &Path) -> Result<Vec<PathBuf>, DiskError> {
@@ -274,31 +471,43 @@ fn read_dir_paths(directory: &Path) -> Result<Vec<PathBuf>, DiskError> {
         .collect())
 }
 
-/// Recovers the newest complete generation of one key, deleting every other generation.
-fn recover_object(object_dir: &Path) -> Result<Option<RecoveredObject>, DiskError> {
+/// Recovers the newest trusted generation of one key, deleting every other generation. Of two
+/// versions stored in the same second, the one with the higher generation number is kept, so the
+/// choice does not depend on the order the directory lists them in.
+fn recover_object(
+    object_dir: &Path,
+    limits: RecoveryLimits,
+    tally: &mut RecoveryTally,
+) -> Result<Option<RecoveredObject>, DiskError> {
     let mut best: Option<(ObjectMeta, PathBuf)> = None;
     for generation_dir in read_dir_paths(object_dir)? {
-        let meta = fs::read(generation_dir.join("meta.json"))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<ObjectMeta>(&bytes).ok())
-            .filter(|meta| {
-                meta.slice_len > 0
-                    && generation_dir
-                        .file_name()
-                        .map(|name| name.to_string_lossy().into_owned())
-                        == Some(format!("{:016x}", meta.generation))
-            });
-        let Some(meta) = meta else {
-            remove_dir_quietly(&generation_dir);
+        if !generation_dir.is_dir() {
+            let _ = fs::remove_file(&generation_dir);
             continue;
+        }
+        let meta = match read_trusted_meta(object_dir, &generation_dir, limits) {
+            Ok(meta) => meta,
+            // A crash between creating the directory and writing meta.json leaves a generation
+            // without metadata: an ordinary leftover, deleted without a warning.
+            Err(Rejected::CorruptMeta(_)) if !generation_dir.join("meta.json").exists() => {
+                remove_dir_quietly(&generation_dir);
+                continue;
+            }
+            Err(reason) => {
+                reject_generation(&generation_dir, &reason, tally);
+                continue;
+            }
+        };
+        let newer = |kept: &ObjectMeta| {
+            (meta.stored_at_unix, meta.generation) > (kept.stored_at_unix, kept.generation)
         };
         match &best {
-            Some((kept, _)) if kept.stored_at_unix >= meta.stored_at_unix => {
-                remove_dir_quietly(&generation_dir);
+            Some((kept, _)) if !newer(kept) => {
+                reject_generation(&generation_dir, &Rejected::Superseded, tally);
             }
             _ => {
                 if let Some((_, superseded)) = best.replace((meta, generation_dir)) {
-                    remove_dir_quietly(&superseded);
+                    reject_generation(&superseded, &Rejected::Superseded, tally);
                 }
             }
         }
@@ -372,18 +581,22 @@ fn remove_dir_quietly(path: &Path) {
 mod tests {
     use super::*;
 
+    /// The smallest slice length a configuration allows.
+    const SLICE: u64 = 64 << 10;
+
+    fn limits() -> RecoveryLimits {
+        RecoveryLimits {
+            slice_len: SLICE,
+            max_object_size: 1 << 40,
+        }
+    }
+
     fn meta(key: &CacheKey, generation: u64, length: u64, stored_at_unix: u64) -> ObjectMeta {
         ObjectMeta {
-            key: key.as_str().to_owned(),
             generation,
-            length,
-            slice_len: 4,
             etag: Some("\"a\"".into()),
-            last_modified: None,
-            content_type: None,
-            extra_headers: vec![],
             stored_at_unix,
-            fresh_for_secs: None,
+            ..ObjectMeta::for_tests(key.as_str(), length, SLICE)
         }
     }
 
@@ -398,30 +611,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::create(dir.path()).unwrap();
         let key = CacheKey::new("h.example", "/f");
-        let old = meta(&key, 1, 10, 100);
-        let new = meta(&key, 2, 10, 200);
+        // Two and a half slices.
+        let length = 2 * SLICE + SLICE / 2;
+        let whole = vec![b'a'; SLICE as usize];
+        let last = vec![b'c'; (SLICE / 2) as usize];
+        let old = meta(&key, 1, length, 100);
+        let new = meta(&key, 2, length, 200);
         write_meta(&layout, &key, &old);
         write_meta(&layout, &key, &new);
-        fs::write(layout.slice_path(&key, 1, 0), b"oldd").unwrap();
-        fs::write(layout.slice_path(&key, 2, 0), b"abcd").unwrap();
+        fs::write(layout.slice_path(&key, 1, 0), &whole).unwrap();
+        fs::write(layout.slice_path(&key, 2, 0), &whole).unwrap();
         fs::write(layout.slice_path(&key, 2, 1), b"ef").unwrap(); // short: dropped
-        fs::write(layout.slice_path(&key, 2, 2), b"ij").unwrap(); // last slice, right length
-        fs::write(layout.slice_path(&key, 2, 7), b"zzzz").unwrap(); // out of range
+        fs::write(layout.slice_path(&key, 2, 2), &last).unwrap(); // last slice, right length
+        fs::write(layout.slice_path(&key, 2, 7), &whole).unwrap(); // out of range
         fs::write(layout.generation_dir(&key, 2).join(".tmp-1-00ff"), b"ef").unwrap();
-        let hashes = crate::pieces::encode_file(4, &[[7; 32]; 3]);
+        let hashes = crate::pieces::encode_file(SLICE, &[[7; 32]; 3]);
         fs::write(layout.pieces_path(&key, 2), hashes).unwrap();
         // A piece file whose length does not fit its object is deleted.
         fs::write(layout.pieces_path(&key, 1), [0u8; 9]).unwrap();
         // A generation directory with no metadata (a crash before meta.json landed).
         let orphan = layout.generation_dir(&key, 3);
         fs::create_dir_all(&orphan).unwrap();
-        fs::write(orphan.join("0"), b"abcd").unwrap();
+        fs::write(orphan.join("0"), &whole).unwrap();
 
-        let recovered = layout.recover().unwrap();
+        let recovered = layout.recover(limits()).unwrap();
         assert_eq!(recovered.len(), 1);
         assert_eq!(recovered[0].meta, new);
         assert_eq!(recovered[0].present_slices, vec![0, 2]);
-        assert_eq!(recovered[0].pieces_file, Some(4));
+        assert_eq!(recovered[0].pieces_file, Some(SLICE));
         assert!(!layout.generation_dir(&key, 1).exists());
         assert!(!orphan.exists());
         let mut left: Vec<String> = fs::read_dir(layout.generation_dir(&key, 2))
@@ -435,12 +652,15 @@ mod tests {
     #[test]
     fn slice_arithmetic_handles_short_last_slices_and_empty_objects() {
         let key = CacheKey::new("h", "/");
-        let object = meta(&key, 1, 10, 0);
+        let mut object = meta(&key, 1, 10, 0);
+        object.slice_len = 4;
         assert_eq!(object.slice_count(), 3);
         assert_eq!(object.slice_length(0), 4);
         assert_eq!(object.slice_length(2), 2);
-        assert_eq!(meta(&key, 1, 0, 0).slice_count(), 0);
-        assert_eq!(meta(&key, 1, 8, 0).slice_count(), 2);
+        object.length = 0;
+        assert_eq!(object.slice_count(), 0);
+        object.length = 8;
+        assert_eq!(object.slice_count(), 2);
     }
 
     #[test]
@@ -533,7 +753,7 @@ mod tests {
             fs::write(one.slice_path(key, meta.generation, 0), b"abcd").unwrap();
         }
         let two = Layout::create_drives(&drives(dir.path(), &[("a", 500), ("b", 500)])).unwrap();
-        let recovered = two.recover().unwrap();
+        let recovered = two.recover(limits()).unwrap();
         let staying = all.iter().filter(|key| two.drive_of(key) == 0).count();
         assert!(staying > 0 && staying < all.len(), "{staying}");
         assert_eq!(recovered.len(), staying);
@@ -541,5 +761,133 @@ mod tests {
             // Kept exactly where the new layout looks for it; the others are gone.
             assert_eq!(one.object_dir(key).exists(), two.drive_of(key) == 0);
         }
+    }
+
+    /// Writes one generation of `key` with one stored slice; returns its directory.
+    fn stored_version(layout: &Layout, key: &CacheKey, meta: &ObjectMeta) -> PathBuf {
+        write_meta(layout, key, meta);
+        fs::write(
+            layout.slice_path(key, meta.generation, 0),
+            vec![1u8; meta.slice_length(0) as usize],
+        )
+        .unwrap();
+        layout.generation_dir(key, meta.generation)
+    }
+
+    #[test]
+    fn recovery_never_sizes_anything_from_a_declared_length_above_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::create(dir.path()).unwrap();
+        // What a node before storage.max_object_size wrote for an origin that declared
+        // 18446744073709551615 bytes: recovery used to abort on a 16 TiB allocation.
+        let huge_key = CacheKey::new("h.example", "/huge");
+        let huge = stored_version(&layout, &huge_key, &meta(&huge_key, 1, u64::MAX, 100));
+        let at_limit_key = CacheKey::new("h.example", "/at-limit");
+        let at_limit = meta(&at_limit_key, 2, limits().max_object_size, 100);
+        stored_version(&layout, &at_limit_key, &at_limit);
+
+        let recovered = layout.recover(limits()).unwrap();
+        assert_eq!(recovered.len(), 1);
+        assert_eq!(recovered[0].meta, at_limit);
+        assert_eq!(recovered[0].present_slices, vec![0]);
+        assert!(!huge.exists(), "the oversized version is deleted");
+        assert!(!layout.object_dir(&huge_key).exists());
+    }
+
+    #[test]
+    fn recovery_deletes_corrupt_metadata_and_keys_filed_under_another_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::create(dir.path()).unwrap();
+        let garbled_key = CacheKey::new("h.example", "/garbled");
+        let garbled = stored_version(&layout, &garbled_key, &meta(&garbled_key, 1, SLICE, 100));
+        fs::write(
+            garbled.join("meta.json"),
+            b"{\"key\": \"h.example/garbled\", trunc",
+        )
+        .unwrap();
+        // An edited meta.json that files this directory's bytes under another URL.
+        let real_key = CacheKey::new("h.example", "/real");
+        let mut forged = meta(&real_key, 1, SLICE, 100);
+        let forged_dir = stored_version(&layout, &real_key, &forged);
+        forged.key = "h.example/other".into();
+        fs::write(
+            forged_dir.join("meta.json"),
+            serde_json::to_vec(&forged).unwrap(),
+        )
+        .unwrap();
+        // Impossible slice lengths.
+        for (name, slice_len) in [("/zero", 0), ("/odd", 3 * SLICE), ("/tiny", 4)] {
+            let key = CacheKey::new("h.example", name);
+            let mut insane = meta(&key, 1, 10, 100);
+            insane.slice_len = slice_len;
+            write_meta(&layout, &key, &insane);
+        }
+        // A meta.json far larger than the node ever writes.
+        let bloated_key = CacheKey::new("h.example", "/bloated");
+        let mut bloated = meta(&bloated_key, 1, SLICE, 100);
+        bloated.extra_headers = vec![("x".into(), "y".repeat(MAX_META_FILE_BYTES as usize))];
+        write_meta(&layout, &bloated_key, &bloated);
+        // A stray file where a shard directory belongs does not stop the node.
+        fs::write(dir.path().join("objects").join("stray"), b"x").unwrap();
+
+        let recovered = layout.recover(limits()).unwrap();
+        assert!(recovered.is_empty(), "{recovered:?}");
+        let left: Vec<_> = fs::read_dir(dir.path().join("objects")).unwrap().collect();
+        assert!(
+            left.is_empty(),
+            "every rejected directory is deleted: {left:?}"
+        );
+    }
+
+    #[test]
+    fn recovery_deletes_content_of_another_slice_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::create(dir.path()).unwrap();
+        let key = CacheKey::new("h.example", "/resliced");
+        let mut other = meta(&key, 1, 4 * SLICE, 100);
+        other.slice_len = 2 * SLICE;
+        let other_dir = stored_version(&layout, &key, &other);
+        let kept_key = CacheKey::new("h.example", "/kept");
+        stored_version(&layout, &kept_key, &meta(&kept_key, 1, SLICE, 100));
+
+        let recovered = layout.recover(limits()).unwrap();
+        assert_eq!(recovered.len(), 1);
+        assert_eq!(recovered[0].meta.key, kept_key.as_str());
+        assert!(
+            !other_dir.exists(),
+            "it could never be served, nor counted in max_size"
+        );
+    }
+
+    #[test]
+    fn of_two_versions_stored_in_the_same_second_the_higher_generation_wins_in_any_order() {
+        for (first, second) in [(7u64, 9u64), (9, 7)] {
+            let dir = tempfile::tempdir().unwrap();
+            let layout = Layout::create(dir.path()).unwrap();
+            let key = CacheKey::new("h.example", "/tie");
+            stored_version(&layout, &key, &meta(&key, first, SLICE, 500));
+            stored_version(&layout, &key, &meta(&key, second, SLICE, 500));
+            let recovered = layout.recover(limits()).unwrap();
+            assert_eq!(recovered.len(), 1);
+            assert_eq!(recovered[0].meta.generation, 9);
+            assert!(!layout.generation_dir(&key, 7).exists());
+            assert!(layout.generation_dir(&key, 9).exists());
+        }
+    }
+
+    #[test]
+    fn a_path_names_the_drive_whose_directory_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout =
+            Layout::create_drives(&drives(dir.path(), &[("a", 500), ("a/b", 500)])).unwrap();
+        assert_eq!(
+            layout.drive_of_path(&dir.path().join("a/objects/x")),
+            Some(0)
+        );
+        assert_eq!(
+            layout.drive_of_path(&dir.path().join("a/b/objects/x")),
+            Some(1)
+        );
+        assert_eq!(layout.drive_of_path(&dir.path().join("c")), None);
     }
 }

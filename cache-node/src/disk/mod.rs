@@ -11,7 +11,10 @@
 //! - [`portable::PortableStorage`]: positional `pread`/`write` on a blocking thread pool; works
 //!   everywhere, and is the fallback when io_uring is unavailable (old kernels, Docker's default
 //!   seccomp profile).
+//!
+//! [`full::ReportsFullDisk`] wraps either and reports writes refused for lack of space.
 
+pub mod full;
 pub mod pool;
 pub mod portable;
 pub mod uring;
