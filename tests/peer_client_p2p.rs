@@ -626,8 +626,8 @@ async fn get_hands_its_download_to_the_daemon_which_then_serves_it() {
         command
             .args(arguments)
             .env(
-                "PEER_CLIENT__DAEMON__STATUS_LISTEN",
-                daemon.status_addr.to_string(),
+                "PEER_CLIENT__DAEMON__CONTROL_SOCKET",
+                &daemon.control_socket,
             )
             .env("RUST_LOG", "error")
             .stdin(std::process::Stdio::null());

@@ -842,16 +842,21 @@ impl<'a> Engine<'a> {
             duplicate,
         } = claim;
         tracing::trace!(index, duplicate, url = %context.url, "fetching piece");
+        let received = Arc::clone(&context.received);
         let abort = self.tasks.spawn(async move {
             let result = context
                 .fetch(source, range, Some(file_len), Some(&validator))
                 .await
                 .and_then(|response| {
+                    let fetched = response.data.len() as u64;
                     let piece = Scheduler::assemble(prefix.clone(), response.data);
                     match &piece_hashes {
                         Some(hashes)
                             if !integrity::piece_matches(hashes.as_ref(), index, &piece) =>
                         {
+                            // Bytes that failed their check were not downloaded in any useful
+                            // sense: the source's count (BytesFromPeers...) keeps verified bytes.
+                            received[source].fetch_sub(fetched, Ordering::Relaxed);
                             Err(RangeFailure::from(FetchError::PieceHash(index)))
                         }
                         _ => Ok(piece),
@@ -955,6 +960,7 @@ impl<'a> Engine<'a> {
             let piece = response.data;
             if let Some(hashes) = &self.request.piece_hashes {
                 if !integrity::piece_matches(hashes.as_ref(), 0, &piece) {
+                    self.received[source].fetch_sub(piece.len() as u64, Ordering::Relaxed);
                     let layout = self.layout.as_mut().expect("just set");
                     layout
                         .scheduler
