@@ -9,140 +9,22 @@ mod common;
 mod peer_common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
-use peer_client::tracker::{ContentId, NodeApi, PeerEntry};
+use peer_client::tracker::NodeApi;
 use peer_client::{Config, Event};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use peer_common::{KillableNode, TestDaemon};
-
-const MIB: usize = 1024 * 1024;
-/// Pieces of 256 KiB (the node's `min(peering.piece_size, slice_size)`), so an 8 MiB file has
-/// 32 pieces to spread.
-const PIECE: usize = 256 * 1024;
-const CONTENT_LEN: usize = 8 * MIB;
-
-/// The mock origin's address. Not 127.0.0.1, where the node listens: the node must be reached
-/// by a name that is not an allowed origin, or its peering API would be taken for content.
-const ORIGIN_IP: &str = "127.0.0.10";
-
-/// A node with 256 KiB pieces that fetches from origins on [`ORIGIN_IP`].
-fn start_node(origin: &MockOrigin) -> KillableNode {
-    start_node_with(origin, |_| {})
-}
-
-/// Like [`start_node`], with `tweak` applied to the node's config.
-fn start_node_with(
-    origin: &MockOrigin,
-    tweak: impl FnOnce(&mut cache_node::config::Config),
-) -> KillableNode {
-    KillableNode::start_with(&origin.base_url(), &std::env::temp_dir(), |config| {
-        config.peering.piece_size = "256KiB".into();
-        for allowed in &mut config.origin {
-            if allowed.host == "127.0.0.1" {
-                allowed.host = ORIGIN_IP.into();
-            }
-        }
-        tweak(config);
-    })
-}
-
-/// The tracker's answer for `content` as a mode-3 client on 127.0.0.250 sees it.
-async fn tracked_peers(node: SocketAddr, content: ContentId) -> Vec<PeerEntry> {
-    let api = NodeApi::new(
-        &peer_client::cache_host::CacheHost::parse(&node.to_string()).unwrap(),
-        Some("127.0.0.250".parse().unwrap()),
-        Duration::from_secs(2),
-    );
-    api.peers(content, peer_client::config::DownloadMode::Internet, "", 32)
-        .await
-        .unwrap_or_default()
-}
-
-/// Waits (bounded) until the tracker lists `count` complete peers of `content`.
-async fn until_complete_peers(node: SocketAddr, content: ContentId, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let peers = tracked_peers(node, content).await;
-        if peers.iter().filter(|peer| peer.complete).count() >= count {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "peers never announced: {peers:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// An origin with one 8 MiB file; returns its URL and digest.
-async fn origin_with_content(seed: u64) -> (MockOrigin, String, Bytes) {
-    let origin = MockOrigin::start_on(ORIGIN_IP).await;
-    let content = pattern_bytes(CONTENT_LEN, seed);
-    origin.put("/files/big.bin", content.clone());
-    let url = format!("{}/files/big.bin", origin.base_url());
-    (origin, url, content)
-}
-
-/// Two daemons that downloaded `url` through the node and are announced as complete peers.
-async fn two_complete_peers(node: &KillableNode, url: &str) -> (TestDaemon, TestDaemon, ContentId) {
-    let first = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
-    let second = TestDaemon::start("127.0.0.3", node.addr, |_| {}).await;
-    let done = first.download(url).await;
-    second.download(url).await;
-    let content = done.content_id.expect("the content has a manifest");
-    until_complete_peers(node.addr, content, 2).await;
-    (first, second, content)
-}
-
-fn file_digest(path: &Path) -> String {
-    sha256_hex(&std::fs::read(path).unwrap())
-}
-
-/// Sends one raw request line (no client-side normalisation) and returns status and body.
-async fn raw_get(addr: SocketAddr, target: &str, extra: &str) -> (u16, Vec<u8>) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request =
-        format!("GET {target} HTTP/1.1\r\nHost: peer\r\n{extra}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .find("\r\n\r\n")
-        .map(|at| answer[at + 4..].to_vec())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// GETs `range` of `content` from a peer, returning the status and the body.
-async fn get_piece_range(
-    peer: SocketAddr,
-    content: ContentId,
-    range: std::ops::Range<usize>,
-) -> (u16, Vec<u8>) {
-    raw_get(
-        peer,
-        &format!("/content/{content}"),
-        &format!("Range: bytes={}-{}\r\n", range.start, range.end - 1),
-    )
-    .await
-}
+use peer_common::swarm::{
+    cli, file_digest, get_piece_range, origin_with_content, raw_get, run_ok, start_node,
+    start_node_with, tracked_peers, two_complete_peers, until_complete_peers, CONTENT_LEN, MIB,
+    ORIGIN_IP, PIECE,
+};
+use peer_common::TestDaemon;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_dies_mid_download_and_the_client_finishes_from_peers() {
@@ -363,6 +245,20 @@ async fn a_peer_sending_corrupt_pieces_is_banned_and_the_file_is_still_right() {
     assert!(status
         .bytes_by_peer
         .contains_key(&format!("peer {}", honest.peer_addr)));
+    // Bytes that failed their hash are not counted as downloaded from peers: the banned peer's
+    // three bad pieces are not in BytesFromPeers (at most a request cut off when the download
+    // ended, never checked, may be).
+    let evil_bytes = status
+        .bytes_by_peer
+        .get(&format!("peer {evil}"))
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        evil_bytes < PIECE as u64,
+        "{evil_bytes} bytes counted from the banned peer: {status:?}"
+    );
+    let snap = client.daemon.perf_snap();
+    assert_eq!(snap["BytesFromPeers"], status.bytes_from_peers);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,10 +279,15 @@ async fn peers_of_another_subnet_or_group_are_never_offered() {
     let lan_client = TestDaemon::start("127.0.0.8", node.addr, |_| {}).await;
     let lan = lan_client.download(&url).await.status;
     assert_eq!(lan.num_peers, 1, "{lan:?}");
-    assert!(lan
-        .bytes_by_peer
-        .keys()
-        .all(|peer| peer == &format!("peer {}", red_group.peer_addr)));
+    // The one peer it used is the red one in its subnet, which sent it bytes; the peer in the
+    // other subnet sent nothing.
+    let peers_used: Vec<&String> = lan.bytes_by_peer.keys().collect();
+    assert_eq!(
+        peers_used,
+        [&format!("peer {}", red_group.peer_addr)],
+        "{lan:?}"
+    );
+    assert!(lan.bytes_from_peers > 0, "{lan:?}");
 
     let blue_client = TestDaemon::start("127.0.0.9", node.addr, |config| {
         config.download_mode = 2;
@@ -542,7 +443,7 @@ async fn the_monthly_cap_stops_uploads_and_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_that_try_to_leave_the_cache_get_4xx_and_read_nothing() {
-    let (origin, url, _) = origin_with_content(58).await;
+    let (origin, url, content) = origin_with_content(58).await;
     let node = start_node(&origin);
     let daemon = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
     let content_id = daemon.download(&url).await.content_id.unwrap();
@@ -590,9 +491,10 @@ async fn requests_that_try_to_leave_the_cache_get_4xx_and_read_nothing() {
         "a traversal attempt opened a file"
     );
     let _ = std::fs::remove_file("/tmp/outpost-p2p-secret");
-    // The real content is still served.
-    let (status, _) = get_piece_range(daemon.peer_addr, content_id, 0..100).await;
+    // The real content is still served, byte for byte.
+    let (status, body) = get_piece_range(daemon.peer_addr, content_id, 0..100).await;
     assert_eq!(status, 206);
+    assert_eq!(body, content[..100]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -621,28 +523,16 @@ async fn get_hands_its_download_to_the_daemon_which_then_serves_it() {
     let daemon = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
     let directory = tempfile::tempdir().unwrap();
     let output = directory.path().join("handed.bin");
-    let peer_client = |arguments: &[&str]| {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_peer-client"));
-        command
-            .args(arguments)
-            .env(
-                "PEER_CLIENT__DAEMON__CONTROL_SOCKET",
-                &daemon.control_socket,
-            )
-            .env("RUST_LOG", "error")
-            .stdin(std::process::Stdio::null());
-        command
-    };
-    let get = peer_client(&["get", &url, "-o", output.to_str().unwrap(), "--json"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        get.status.success(),
-        "{}",
-        String::from_utf8_lossy(&get.stderr)
-    );
-    let status: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    let peer_client = |arguments: &[&str]| cli(&daemon.control_socket, arguments);
+    let stdout = run_ok(peer_client(&[
+        "get",
+        &url,
+        "-o",
+        output.to_str().unwrap(),
+        "--json",
+    ]))
+    .await;
+    let status: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     assert_eq!(status["Status"], "Complete");
     assert_eq!(status["BytesFromCacheServer"], CONTENT_LEN as u64);
     assert_eq!(file_digest(&output), sha256_hex(&content));
@@ -657,12 +547,12 @@ async fn get_hands_its_download_to_the_daemon_which_then_serves_it() {
     assert_eq!(body, content[..PIECE]);
 
     // `status` and `perf-snap` ask the same daemon.
-    let listed = peer_client(&["status"]).output().await.unwrap();
-    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let listed = run_ok(peer_client(&["status"])).await;
+    let listed: serde_json::Value = serde_json::from_slice(&listed).unwrap();
     assert_eq!(listed[0]["Status"], "Complete");
     assert_eq!(listed[0]["Url"], url);
-    let snap = peer_client(&["perf-snap"]).output().await.unwrap();
-    let snap: serde_json::Value = serde_json::from_slice(&snap.stdout).unwrap();
+    let snap = run_ok(peer_client(&["perf-snap"])).await;
+    let snap: serde_json::Value = serde_json::from_slice(&snap).unwrap();
     assert_eq!(snap["FilesDownloaded"], 1);
     assert_eq!(snap["CacheSizeBytes"], CONTENT_LEN as u64);
 }

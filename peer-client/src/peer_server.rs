@@ -78,6 +78,19 @@ impl Body for ChannelBody {
             None => Poll::Ready(None),
         }
     }
+
+    fn is_end_stream(&self) -> bool {
+        self.fixed.is_none() && self.receiver.is_none()
+    }
+
+    /// A fixed body has a known length (sent as `Content-Length`, not chunked).
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match (&self.fixed, &self.receiver) {
+            (Some(bytes), None) => hyper::body::SizeHint::with_exact(bytes.len() as u64),
+            (None, None) => hyper::body::SizeHint::with_exact(0),
+            _ => hyper::body::SizeHint::default(),
+        }
+    }
 }
 
 /// A plain-text answer.

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod swarm;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
