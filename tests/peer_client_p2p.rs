@@ -15,21 +15,20 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
-use peer_client::tracker::NodeApi;
+use peer_client::tracker::{ContentId, NodeApi};
 use peer_client::{Config, Event};
-use tokio::sync::mpsc;
 
 use peer_common::swarm::{
-    cli, file_digest, get_piece_range, origin_with_content, raw_get, run_ok, start_node,
-    start_node_with, tracked_peers, two_complete_peers, until_complete_peers, CONTENT_LEN, MIB,
-    ORIGIN_IP, PIECE,
+    cli, file_digest, get_piece_range, kill_in_background, origin_with_content, raw_get, run_ok,
+    spawn_download, start_node, start_node_with, tracked_peers, two_complete_peers,
+    until_complete_peers, CONTENT_LEN, MIB, ORIGIN_IP, PIECE,
 };
 use peer_common::TestDaemon;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_dies_mid_download_and_the_client_finishes_from_peers() {
     let (origin, url, content) = origin_with_content(51).await;
-    let mut node = start_node(&origin);
+    let node = start_node(&origin);
     let (_first, _second, _) = two_complete_peers(&node, &url).await;
     let third = TestDaemon::start("127.0.0.4", node.addr, |config| {
         // Slow enough that the node is dead long before the end, and the origin kept out.
@@ -39,11 +38,7 @@ async fn the_node_dies_mid_download_and_the_client_finishes_from_peers() {
     .await;
     let origin_bytes_before = origin.bytes_sent();
 
-    let (events, mut received) = mpsc::unbounded_channel();
-    let daemon = third.daemon.clone();
-    let url_for_task = url.clone();
-    let download =
-        tokio::spawn(async move { daemon.download(&url_for_task, None, Some(events)).await });
+    let (download, mut received) = spawn_download(&third, &url);
     // Once it has the manifest and the peer list, the node dies.
     loop {
         match received
@@ -58,12 +53,7 @@ async fn the_node_dies_mid_download_and_the_client_finishes_from_peers() {
             _ => continue,
         }
     }
-    tokio::task::spawn_blocking(move || {
-        node.kill();
-        node
-    })
-    .await
-    .unwrap();
+    kill_in_background(node).await.unwrap();
 
     let done = tokio::time::timeout(Duration::from_secs(30), download)
         .await
@@ -121,57 +111,34 @@ async fn a_client_draws_from_two_peers_and_the_cache_in_parallel() {
     assert!(uploaded >= status.bytes_from_peers - 2 * PIECE as u64);
 }
 
-/// A peer that answers every range with the right headers and inverted bytes.
-async fn start_malicious_peer(
-    ip: &str,
-    content: Bytes,
-    etag: String,
-) -> (SocketAddr, Arc<AtomicRequests>) {
-    use http::{Response, StatusCode};
+/// A fake peer on `ip` that answers every request with `answer`, counting the requests.
+async fn start_fake_peer<A>(ip: &str, answer: A) -> (SocketAddr, Arc<AtomicU64>)
+where
+    A: Fn(&http::Request<hyper::body::Incoming>) -> http::Response<http_body_util::Full<Bytes>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
     let listener = tokio::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(AtomicRequests::default());
+    let requests = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&requests);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let content = content.clone();
-            let etag = etag.clone();
+            let answer = answer.clone();
             let counter = Arc::clone(&counter);
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |request: http::Request<hyper::body::Incoming>| {
-                        counter.0.fetch_add(1, Ordering::Relaxed);
-                        let range = peer_client::peer_server::parse_range(
-                            request.headers().get("range").and_then(|v| v.to_str().ok()),
-                            content.len() as u64,
-                        )
-                        .unwrap();
-                        let bad: Vec<u8> = content[range.start as usize..range.end as usize]
-                            .iter()
-                            .map(|byte| !byte)
-                            .collect();
-                        let response = Response::builder()
-                            .status(StatusCode::PARTIAL_CONTENT)
-                            .header(
-                                "content-range",
-                                format!(
-                                    "bytes {}-{}/{}",
-                                    range.start,
-                                    range.end - 1,
-                                    content.len()
-                                ),
-                            )
-                            .header("etag", etag.clone())
-                            .body(http_body_util::Full::new(Bytes::from(bad)))
-                            .unwrap();
-                        async move { Ok::<_, std::convert::Infallible>(response) }
-                    },
-                );
+                let service = hyper::service::service_fn(move |request| {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let response = answer(&request);
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
@@ -181,8 +148,64 @@ async fn start_malicious_peer(
     (addr, requests)
 }
 
-#[derive(Default)]
-struct AtomicRequests(AtomicU64);
+/// A peer that answers every range with the right headers and inverted bytes.
+async fn start_malicious_peer(
+    ip: &str,
+    content: Bytes,
+    etag: String,
+) -> (SocketAddr, Arc<AtomicU64>) {
+    start_fake_peer(ip, move |request| {
+        let range = peer_client::peer_server::parse_range(
+            request.headers().get("range").and_then(|v| v.to_str().ok()),
+            content.len() as u64,
+        )
+        .unwrap();
+        let bad: Vec<u8> = content[range.start as usize..range.end as usize]
+            .iter()
+            .map(|byte| !byte)
+            .collect();
+        let content_range = format!("bytes {}-{}/{}", range.start, range.end - 1, content.len());
+        http::Response::builder()
+            .status(206)
+            .header("content-range", content_range)
+            .header("etag", etag.clone())
+            .body(http_body_util::Full::new(Bytes::from(bad)))
+            .unwrap()
+    })
+    .await
+}
+
+/// `peer` announces itself to the node as a complete peer of `content_id`, from its own address.
+async fn announce_complete(node: SocketAddr, peer: SocketAddr, content_id: ContentId) {
+    let api = NodeApi::new(
+        &peer_client::cache_host::CacheHost::parse(&node.to_string()).unwrap(),
+        Some(peer.ip()),
+        Duration::from_secs(2),
+    );
+    api.announce(&peer_client::tracker::Announcement {
+        content_id,
+        port: peer.port(),
+        group_id: None,
+        pieces: vec![[0, (CONTENT_LEN / PIECE) as u64 - 1]],
+        complete: true,
+        active_uploads: 0,
+    })
+    .await
+    .unwrap();
+}
+
+/// Runs the download of `url` on `client` to its end; the result and every event it sent.
+async fn download_with_events(
+    client: &TestDaemon,
+    url: &str,
+) -> (peer_client::daemon::DaemonDownload, Vec<Event>) {
+    let (download, mut received) = spawn_download(client, url);
+    let mut events = Vec::new();
+    while let Some(event) = received.recv().await {
+        events.push(event);
+    }
+    (download.await.unwrap().unwrap(), events)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_sending_corrupt_pieces_is_banned_and_the_file_is_still_right() {
@@ -196,22 +219,7 @@ async fn a_peer_sending_corrupt_pieces_is_banned_and_the_file_is_still_right() {
         origin.etag("/files/big.bin").unwrap(),
     )
     .await;
-    // It announces itself as a complete peer, from its own address.
-    let api = NodeApi::new(
-        &peer_client::cache_host::CacheHost::parse(&node.addr.to_string()).unwrap(),
-        Some(evil.ip()),
-        Duration::from_secs(2),
-    );
-    api.announce(&peer_client::tracker::Announcement {
-        content_id,
-        port: evil.port(),
-        group_id: None,
-        pieces: vec![[0, (CONTENT_LEN / PIECE) as u64 - 1]],
-        complete: true,
-        active_uploads: 0,
-    })
-    .await
-    .unwrap();
+    announce_complete(node.addr, evil, content_id).await;
     until_complete_peers(node.addr, content_id, 2).await;
 
     let client = TestDaemon::start("127.0.0.5", node.addr, |config| {
@@ -220,24 +228,20 @@ async fn a_peer_sending_corrupt_pieces_is_banned_and_the_file_is_still_right() {
         config.max_download_bandwidth = "16MiB".into();
     })
     .await;
-    let (events, mut received) = mpsc::unbounded_channel();
-    let done = client
-        .daemon
-        .download(&url, None, Some(events))
-        .await
-        .unwrap();
+    let (done, events) = download_with_events(&client, &url).await;
     let status = &done.status;
     assert_eq!(file_digest(&done.path), sha256_hex(&content));
     assert_eq!(status.banned_peers, 1, "{status:?}");
-    let mut banned = Vec::new();
-    while let Ok(event) = received.try_recv() {
-        if let Event::PeerBanned { label } = event {
-            banned.push(label);
-        }
-    }
-    assert_eq!(banned, [format!("peer {evil}")]);
+    let banned: Vec<&String> = events
+        .iter()
+        .filter_map(|event| match event {
+            Event::PeerBanned { label } => Some(label),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(banned, [&format!("peer {evil}")]);
     // Three bad pieces, plus at most one request already running on its other connection.
-    let asked = evil_requests.0.load(Ordering::Relaxed);
+    let asked = evil_requests.load(Ordering::Relaxed);
     assert!(
         (3..=4).contains(&asked),
         "the banned peer was asked {asked} times"
@@ -319,11 +323,7 @@ async fn pieces_of_a_download_in_progress_are_announced_and_served() {
         config.delay_http_fallback_secs = 600;
     })
     .await;
-    let (events, mut received) = mpsc::unbounded_channel();
-    let daemon = slow.daemon.clone();
-    let url_for_task = url.clone();
-    let download =
-        tokio::spawn(async move { daemon.download(&url_for_task, None, Some(events)).await });
+    let (download, mut received) = spawn_download(&slow, &url);
     // Wait for two pieces on disk.
     let mut written = Vec::new();
     while written.len() < 2 {
@@ -604,4 +604,217 @@ async fn a_manifest_still_filling_is_asked_again_after_retry_after_within_the_ti
         })
         .collect();
     assert_eq!(manifest.pieces, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_requests_keep_failing_is_retired_after_three() {
+    let (origin, url, content) = origin_with_content(61).await;
+    let node = start_node(&origin);
+    let honest = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
+    let content_id = honest.download(&url).await.content_id.unwrap();
+    let (busy, busy_requests) = start_fake_peer("127.0.0.67", |_| {
+        http::Response::builder()
+            .status(503)
+            .header("retry-after", "5")
+            .body(http_body_util::Full::new(Bytes::from_static(b"busy\n")))
+            .unwrap()
+    })
+    .await;
+    announce_complete(node.addr, busy, content_id).await;
+    until_complete_peers(node.addr, content_id, 2).await;
+
+    let client = TestDaemon::start("127.0.0.5", node.addr, |config| {
+        // One connection per peer and quick retries: three failures in a row come long before
+        // the end of a two-second download.
+        config.peering.connections_per_peer = 1;
+        config.transfer.retry_initial_backoff = Duration::from_millis(50);
+        config.max_download_bandwidth = "4MiB".into();
+    })
+    .await;
+    let (done, events) = download_with_events(&client, &url).await;
+    assert_eq!(file_digest(&done.path), sha256_hex(&content));
+    assert!(
+        done.status.download_duration_secs >= 1.0,
+        "too short to tell: {:?}",
+        done.status
+    );
+    assert_eq!(
+        busy_requests.load(Ordering::Relaxed),
+        u64::from(peer_client::download::PEER_FAILURES_BEFORE_RETIRING),
+        "the failing peer was asked again after it was retired"
+    );
+    let failures = events
+        .iter()
+        .filter(|event| {
+            matches!(event, Event::SourceFailed { label, .. } if *label == format!("peer {busy}"))
+        })
+        .count();
+    assert_eq!(failures, 3);
+    // A failing peer is not a bad one: it is retired, not banned, and the origin stayed shut.
+    assert_eq!(done.status.banned_peers, 0);
+    assert_eq!(done.status.bytes_from_http, 0);
+    assert!(done.status.bytes_from_peers > 0, "{:?}", done.status);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_http_fallback_keeps_the_origin_shut_for_its_time_then_opens_it() {
+    let (origin, url, content) = origin_with_content(62).await;
+    let node = start_node(&origin);
+    let delay = Duration::from_secs(2);
+    let client = TestDaemon::start("127.0.0.4", node.addr, |config| {
+        config.delay_http_fallback_secs = delay.as_secs();
+        config.max_download_bandwidth = "8MiB".into();
+    })
+    .await;
+    // The manifest makes the node fill the content; it must come from the origin only once.
+    let origin_requests_before = origin.request_count();
+
+    let (download, mut received) = spawn_download(&client, &url);
+    // Once the download has its manifest and (no) peers, the node dies: nothing but the origin
+    // is left, and the origin waits for its time.
+    let mut events = Vec::new();
+    let mut killing = None;
+    let mut node = Some(node);
+    while let Some(event) = received.recv().await {
+        if matches!(event, Event::PeersFound { .. }) {
+            killing = node.take().map(kill_in_background);
+        }
+        events.push((Instant::now(), event));
+    }
+    let done = tokio::time::timeout(Duration::from_secs(30), download)
+        .await
+        .expect("the origin opened and the download finished")
+        .unwrap()
+        .unwrap();
+    killing.expect("peers were reported").await.unwrap();
+    let started = events
+        .iter()
+        .find(|(_, event)| matches!(event, Event::PeersFound { .. }))
+        .map(|(at, _)| *at)
+        .unwrap();
+    let opened = events
+        .iter()
+        .find(|(_, event)| *event == Event::FallbackToOrigin)
+        .map(|(at, _)| *at)
+        .expect("the origin was opened");
+    let waited = opened.duration_since(started);
+    // The engine's clock starts a moment before the peers are reported.
+    assert!(
+        waited >= delay - Duration::from_millis(200),
+        "the origin opened after {waited:?}"
+    );
+    assert!(waited < delay + Duration::from_secs(8), "{waited:?}");
+    assert!(done.status.bytes_from_http > 0, "{:?}", done.status);
+    assert_eq!(file_digest(&done.path), sha256_hex(&content));
+    assert!(origin.request_count() > origin_requests_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_download_that_fails_is_abandoned_and_its_pieces_are_no_longer_served() {
+    let (origin, url, content) = origin_with_content(63).await;
+    let node = start_node(&origin);
+    let client = TestDaemon::start("127.0.0.4", node.addr, |config| {
+        // Slow, and without the origin: when the node dies the download must fail.
+        config.max_download_bandwidth = "2MiB".into();
+        config.cache.connections_per_host = 1;
+        config.delay_cache_fallback_secs = -1;
+        config.transfer.retry_initial_backoff = Duration::from_millis(50);
+        config.transfer.max_consecutive_failures = 3;
+    })
+    .await;
+    let (download, mut received) = spawn_download(&client, &url);
+    let written = loop {
+        if let Event::PieceWritten { index } = received.recv().await.unwrap() {
+            break index as usize;
+        }
+    };
+    let content_id = client.daemon.shared().store.entries()[0].0;
+    let entry_dir = client
+        .daemon
+        .shared()
+        .store
+        .data_path(content_id)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let piece = written * PIECE..(written + 1) * PIECE;
+    // A written piece of the running download is served to peers.
+    let (status, body) = get_piece_range(client.peer_addr, content_id, piece.clone()).await;
+    assert_eq!(status, 206);
+    assert_eq!(body, content[piece.clone()]);
+
+    kill_in_background(node).await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(30), download)
+        .await
+        .expect("the download gives up")
+        .unwrap()
+        .expect_err("no source is left");
+    assert!(
+        matches!(error, peer_client::DownloadError::GaveUp { .. }),
+        "{error}"
+    );
+    // Abandoned: no entry, no files, nothing served, and the status says why.
+    assert!(client.daemon.shared().store.entries().is_empty());
+    assert!(
+        !entry_dir.exists(),
+        "{} is still there",
+        entry_dir.display()
+    );
+    let (status, _) = get_piece_range(client.peer_addr, content_id, piece).await;
+    assert_eq!(status, 404);
+    let listed = client.daemon.status();
+    assert_eq!(listed[0].status, "Error");
+    assert!(listed[0].error.as_deref().unwrap().contains("gave up"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_evicted_to_make_room_is_withdrawn_from_the_tracker_and_no_longer_served() {
+    let (origin, first_url, first) = origin_with_content(64).await;
+    let second = pattern_bytes(CONTENT_LEN, 65);
+    origin.put("/files/second.bin", second.clone());
+    let second_url = format!("{}/files/second.bin", origin.base_url());
+    let node = start_node(&origin);
+    // Room for one of the two 8 MiB files.
+    let daemon = TestDaemon::start("127.0.0.2", node.addr, |config| {
+        config.daemon.max_cache_size = "12MiB".into();
+    })
+    .await;
+    let first_id = daemon.download(&first_url).await.content_id.unwrap();
+    until_complete_peers(node.addr, first_id, 1).await;
+    let (status, body) = get_piece_range(daemon.peer_addr, first_id, 0..PIECE).await;
+    assert_eq!((status, body), (206, first[..PIECE].to_vec()));
+
+    let second_id = daemon.download(&second_url).await.content_id.unwrap();
+    // The older content went as soon as the second download completed.
+    let held: Vec<_> = daemon
+        .daemon
+        .shared()
+        .store
+        .entries()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(held, [second_id]);
+    assert_eq!(
+        daemon.daemon.perf_snap()["CacheSizeBytes"],
+        CONTENT_LEN as u64
+    );
+    let (status, _) = get_piece_range(daemon.peer_addr, first_id, 0..PIECE).await;
+    assert_eq!(status, 404);
+    let (status, body) = get_piece_range(daemon.peer_addr, second_id, 0..PIECE).await;
+    assert_eq!((status, body), (206, second[..PIECE].to_vec()));
+    // The tracker stops offering it for the evicted content, long before its TTL.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tracked_peers(node.addr, first_id)
+        .await
+        .iter()
+        .any(|peer| peer.address == daemon.peer_addr)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the evicted content was never withdrawn"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    until_complete_peers(node.addr, second_id, 1).await;
 }

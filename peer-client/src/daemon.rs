@@ -139,6 +139,8 @@ pub struct DaemonShared {
     pub file_refs: FileRefs,
     records: Mutex<Vec<DownloadRecord>>,
     busy: Mutex<Vec<ContentId>>,
+    /// Evicted content (with its URL) the announcer has still to withdraw.
+    withdrawals: Mutex<Vec<(ContentId, String)>>,
     announce_now: Notify,
     next_transient: AtomicU64,
 }
@@ -228,6 +230,7 @@ impl Daemon {
                 file_refs: FileRefs::default(),
                 records: Mutex::new(Vec::new()),
                 busy: Mutex::new(Vec::new()),
+                withdrawals: Mutex::new(Vec::new()),
                 announce_now: Notify::new(),
                 next_transient: AtomicU64::new(0),
             }),
@@ -279,7 +282,7 @@ impl Daemon {
         let shared = &self.shared;
         let mut schedules: HashMap<ContentId, (AnnounceSchedule, String)> = HashMap::new();
         let mut last_eviction = Instant::now();
-        self.enforce_cache_policy();
+        self.enforce_cache_policy(None);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -289,15 +292,24 @@ impl Daemon {
             }
             if last_eviction.elapsed() >= EVICTION_INTERVAL {
                 last_eviction = Instant::now();
-                self.enforce_cache_policy();
+                self.enforce_cache_policy(None);
             }
             self.announce_due(&mut schedules).await;
         }
     }
 
-    fn enforce_cache_policy(&self) {
+    /// Applies the cache limits, keeping the downloads running and `keep` (content just
+    /// downloaded, which its caller is about to read).
+    fn enforce_cache_policy(&self, keep: Option<ContentId>) {
         let shared = &self.shared;
-        let busy = shared.busy.lock().expect("never poisoned").clone();
+        let mut busy = shared.busy.lock().expect("never poisoned").clone();
+        busy.extend(keep);
+        let urls: HashMap<ContentId, String> = shared
+            .store
+            .entries()
+            .into_iter()
+            .map(|(id, entry)| (id, entry.url))
+            .collect();
         let removed = shared.store.enforce(
             shared.config.raw.daemon.max_cache_age,
             shared.config.daemon.max_cache_size,
@@ -305,6 +317,14 @@ impl Daemon {
         );
         if !removed.is_empty() {
             tracing::info!(evicted = removed.len(), "cache limits applied");
+            // Withdrawn by the announcer, including content a previous run announced.
+            let mut withdrawals = shared.withdrawals.lock().expect("never poisoned");
+            withdrawals.extend(
+                removed
+                    .into_iter()
+                    .filter_map(|id| urls.get(&id).map(|url| (id, url.clone()))),
+            );
+            shared.announce_now.notify_one();
         }
     }
 
@@ -313,17 +333,21 @@ impl Daemon {
         let shared = &self.shared;
         let entries = shared.store.entries();
         let now = Instant::now();
-        let gone: Vec<ContentId> = schedules
-            .keys()
-            .filter(|id| !entries.iter().any(|(held, _)| held == *id))
-            .copied()
+        let evicted = std::mem::take(&mut *shared.withdrawals.lock().expect("never poisoned"));
+        let mut gone: Vec<(ContentId, String)> = schedules
+            .iter()
+            .filter(|(id, _)| !entries.iter().any(|(held, _)| held == *id))
+            .map(|(id, (_, url))| (*id, url.clone()))
             .collect();
-        for id in gone {
+        for (id, url) in evicted {
+            if !gone.iter().any(|(listed, _)| *listed == id) {
+                gone.push((id, url));
+            }
+        }
+        for (id, url) in gone {
             // Evicted or abandoned: withdrawn (an announcement holding nothing), so downloaders
             // are not sent here until the TTL would have run out.
-            let Some((_, url)) = schedules.remove(&id) else {
-                continue;
-            };
+            schedules.remove(&id);
             if let Some(api) = shared.downloader.node_api(&url) {
                 let withdrawal = Announcement {
                     content_id: id,
@@ -500,7 +524,12 @@ impl Daemon {
                 .expect("never poisoned")
                 .retain(|busy| *busy != id);
             match &result {
-                Ok(_) => shared.store.completed(id),
+                Ok(_) => {
+                    shared.store.completed(id);
+                    // The cache grew: older content goes now rather than at the next periodic
+                    // pass, and is withdrawn from the tracker by the announcer.
+                    self.enforce_cache_policy(Some(id));
+                }
                 Err(_) => shared.store.abandon(id),
             }
             shared.announce_now.notify_one();

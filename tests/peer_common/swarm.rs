@@ -182,3 +182,29 @@ pub async fn run_ok(command: tokio::process::Command) -> Vec<u8> {
     assert!(success, "{stderr}");
     stdout
 }
+
+/// Starts the download of `url` on `daemon` in a task; its events come through the receiver,
+/// which closes when the download ends.
+pub fn spawn_download(
+    daemon: &TestDaemon,
+    url: &str,
+) -> (
+    tokio::task::JoinHandle<
+        Result<peer_client::daemon::DaemonDownload, peer_client::DownloadError>,
+    >,
+    tokio::sync::mpsc::UnboundedReceiver<peer_client::Event>,
+) {
+    let (events, received) = tokio::sync::mpsc::unbounded_channel();
+    let daemon = daemon.daemon.clone();
+    let url = url.to_owned();
+    let download = tokio::spawn(async move { daemon.download(&url, None, Some(events)).await });
+    (download, received)
+}
+
+/// Kills `node` on the blocking pool (killing waits for its thread) and hands it back.
+pub fn kill_in_background(mut node: KillableNode) -> tokio::task::JoinHandle<KillableNode> {
+    tokio::task::spawn_blocking(move || {
+        node.kill();
+        node
+    })
+}
