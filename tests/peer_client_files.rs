@@ -482,3 +482,46 @@ async fn an_output_directory_that_cannot_be_written_fails_get_clearly_and_leaves
     assert_eq!(std::fs::read_dir(directory.path()).unwrap().count(), 0);
     std::fs::set_permissions(directory.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+#[tokio::test]
+async fn with_piece_hashes_a_resumed_piece_altered_on_disk_is_fetched_again() {
+    let origin = MockOrigin::start().await;
+    let content = pattern_bytes(8 * MIB, 20);
+    origin.put("/files/tampered.bin", content.clone());
+    let url = format!("{}/files/tampered.bin", origin.base_url());
+    let directory = tempfile::tempdir().unwrap();
+    let output = directory.path().join("tampered.bin");
+    let hashes = Arc::new(PieceManifest::of_content(&content, MIB as u64));
+    let request = || {
+        let mut request = DownloadRequest::new(url.clone(), &output);
+        request.piece_hashes = Some(hashes.clone());
+        request
+    };
+    let first = request();
+    let cancel = first.cancel.clone();
+    let running = start_until_done(origin_only("4MiB"), first, 2 * MIB as u64).await;
+    cancel.cancel();
+    assert!(matches!(
+        running.await.unwrap(),
+        Err(DownloadError::Cancelled)
+    ));
+    // One recorded piece is altered in the partial file between the runs.
+    let paths = PartialPaths::beside(&output);
+    let state: ResumeState =
+        serde_json::from_str(&std::fs::read_to_string(&paths.state).unwrap()).unwrap();
+    let done = decode_bitmap(&state.done_pieces, 8).unwrap();
+    let recorded = done.iter().filter(|done| **done).count();
+    let altered = done.iter().position(|done| *done).unwrap();
+    let mut partial = std::fs::read(&paths.partial).unwrap();
+    partial[altered * MIB + 7] ^= 0xff;
+    std::fs::write(&paths.partial, &partial).unwrap();
+
+    let resumed = run_download(&origin_only("0"), request()).await;
+    let status = resumed.status();
+    assert_eq!(
+        status.bytes_resumed,
+        (recorded as u64 - 1) * MIB as u64,
+        "{status:?}"
+    );
+    assert_eq!(std::fs::read(&output).unwrap(), content);
+}

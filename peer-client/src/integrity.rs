@@ -77,6 +77,30 @@ pub fn hash_file(path: &Path) -> std::io::Result<Sha256Digest> {
     Ok(check_file(path, &no_pieces)?.sha256)
 }
 
+/// Checks again the pieces marked in `done` of a file of `file_len` bytes in pieces of
+/// `piece_len`; returns the marks with every piece that does not match `hashes` cleared
+/// (blocking; run it on the blocking pool).
+pub fn recheck_pieces(
+    path: &Path,
+    file_len: u64,
+    piece_len: u64,
+    done: &[bool],
+    hashes: &dyn PieceHashes,
+) -> std::io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let mut buffer = Vec::new();
+    let mut checked = done.to_vec();
+    for (index, mark) in checked.iter_mut().enumerate().filter(|(_, mark)| **mark) {
+        let start = index as u64 * piece_len;
+        let len = piece_len.min(file_len.saturating_sub(start)) as usize;
+        buffer.resize(len, 0);
+        file.read_exact_at(&mut buffer, start)?;
+        *mark = piece_matches(hashes, index as u64, &buffer);
+    }
+    Ok(checked)
+}
+
 /// What [`check_file`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileCheck {
@@ -232,6 +256,21 @@ mod tests {
         std::fs::write(&path, &altered[..1500]).unwrap();
         let short = check_file(&path, &manifest).unwrap();
         assert_eq!((short.len, short.first_bad_piece), (1500, Some(1)));
+    }
+
+    #[test]
+    fn a_recheck_clears_only_the_recorded_pieces_that_no_longer_match() {
+        let content: Vec<u8> = (0..2500_u32).map(|value| (value * 3) as u8).collect();
+        let manifest = PieceManifest::of_content(&content, 1000);
+        let mut on_disk = content.clone();
+        on_disk[1500] ^= 0xff;
+        on_disk[2400] ^= 0xff;
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("partial");
+        std::fs::write(&path, &on_disk).unwrap();
+        // Piece 2 is altered but not recorded: it stays missing; piece 1 is recorded and altered.
+        let checked = recheck_pieces(&path, 2500, 1000, &[true, true, false], &manifest).unwrap();
+        assert_eq!(checked, [true, false, false]);
     }
 
     #[test]
