@@ -525,3 +525,82 @@ async fn with_piece_hashes_a_resumed_piece_altered_on_disk_is_fetched_again() {
     );
     assert_eq!(std::fs::read(&output).unwrap(), content);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_percentage_cap_holds_the_download_to_that_share_of_its_first_seconds() {
+    // An origin that gives each connection about 800 KB/s (16 KiB every 20 ms): four connections
+    // make a few MB/s unthrottled, so the cap, not the origin, sets the pace afterwards.
+    let origin = MockOrigin::start().await;
+    let content = pattern_bytes(12 * MIB, 21);
+    let throttled = Behaviour {
+        chunk_size: Some(16 * 1024),
+        chunk_delay: Some(Duration::from_millis(20)),
+        ..Behaviour::default()
+    };
+    origin.put_with("/files/half.bin", content.clone(), throttled);
+    let mut config = peer_config(&[]);
+    config.download_mode = 100;
+    config.origin.connections = 4;
+    config.max_download_bandwidth = "50%".into();
+    let client = downloader(config);
+    let directory = tempfile::tempdir().unwrap();
+    let output = directory.path().join("half.bin");
+    let mut request =
+        DownloadRequest::new(format!("{}/files/half.bin", origin.base_url()), &output);
+    let (sender, mut events) = tokio::sync::mpsc::unbounded_channel();
+    request.events = Some(sender);
+    let running = tokio::spawn({
+        let client = client.clone();
+        async move { client.download(request).await }
+    });
+    // (instant, bytes received) at every progress event from the moment the length is known,
+    // which is when the measurement starts (the first piece, the probe, comes before).
+    let mut samples: Vec<(Instant, u64)> = Vec::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Started { .. } => samples.push((Instant::now(), 0)),
+            Event::Progress(progress) if !samples.is_empty() => {
+                samples.push((Instant::now(), progress.received_bytes));
+            }
+            _ => {}
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the capped download completes");
+    assert_eq!(std::fs::read(&output).unwrap(), content);
+
+    // The limiter's own figure: half of what it measured.
+    let cap = client.bandwidth_cap().expect("the percentage cap was set") as f64;
+    let rate_between = |from: Duration, to: Option<Duration>| {
+        let start = samples[0].0;
+        let at = |offset: Duration| {
+            samples
+                .iter()
+                .find(|(instant, _)| instant.duration_since(start) >= offset)
+                .copied()
+                .unwrap_or(*samples.last().unwrap())
+        };
+        let (first_at, first_bytes) = at(from);
+        let (last_at, last_bytes) = to.map_or(*samples.last().unwrap(), at);
+        (last_bytes - first_bytes) as f64 / last_at.duration_since(first_at).as_secs_f64()
+    };
+    let unthrottled = rate_between(
+        Duration::from_millis(150),
+        Some(Duration::from_millis(1900)),
+    );
+    // From a moment after the measurement to the end: the capped pace, over seconds.
+    let capped = rate_between(Duration::from_millis(2800), None);
+    let share = cap / unthrottled;
+    eprintln!("unthrottled {unthrottled:.0} B/s, cap {cap:.0} B/s, capped phase {capped:.0} B/s");
+    assert!(
+        (0.35..=0.65).contains(&share),
+        "cap {cap:.0} B/s is {share:.2} of the {unthrottled:.0} B/s measured"
+    );
+    assert!(
+        (capped - cap).abs() <= 0.25 * cap,
+        "ran at {capped:.0} B/s under a cap of {cap:.0} B/s"
+    );
+}

@@ -174,6 +174,11 @@ impl Downloader {
         }
     }
 
+    /// The download cap in force, in bytes per second (a percentage cap once measured).
+    pub fn bandwidth_cap(&self) -> Option<u64> {
+        self.bandwidth.cap_bytes_per_sec()
+    }
+
     /// The cache-host bans, kept across downloads.
     pub fn bans(&self) -> &BanList {
         &self.bans
