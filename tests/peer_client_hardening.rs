@@ -559,3 +559,38 @@ async fn a_peer_connection_that_never_finishes_its_request_head_is_closed() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_that_hangs_up_leaves_the_daemon_to_finish_and_cache_the_download() {
+    let (origin, url, content) = origin_with_content(79).await;
+    let node = start_node(&origin);
+    let daemon = TestDaemon::start("127.0.0.2", node.addr, |config| {
+        config.max_download_bandwidth = "4MiB".into();
+    })
+    .await;
+    let socket = daemon.control_socket.clone();
+    let hand_off = serde_json::json!({ "url": url }).to_string();
+    let client =
+        tokio::spawn(async move { control_post(&socket, "application/json", &hand_off).await });
+    let store = daemon.daemon.shared().store.clone();
+    until(Duration::from_secs(10), "the download started", || {
+        store
+            .entries()
+            .first()
+            .is_some_and(|(_, entry)| entry.held.iter().any(|held| *held))
+    })
+    .await;
+    // The CLI is interrupted (Ctrl-C): its connection closes mid-download.
+    client.abort();
+    let _ = client.await;
+    until(Duration::from_secs(30), "the download completed", || {
+        store
+            .entries()
+            .first()
+            .is_some_and(|(_, entry)| entry.complete)
+    })
+    .await;
+    let (id, _) = store.entries()[0];
+    assert_eq!(file_digest(&store.data_path(id)), sha256_hex(&content));
+    assert_eq!(counter(&daemon, "FilesDownloaded"), 1);
+}

@@ -312,7 +312,16 @@ async fn hand_over(
         Some(Ok(digest)) => Some(digest),
         None => None,
     };
-    match daemon.download(&hand_off.url, sha256, None).await {
+    // The download runs in a task of its own: a caller that hangs up (Ctrl-C) must not cancel it
+    // half-way, which would leave its cache entry neither complete nor abandoned.
+    let running = {
+        let daemon = daemon.clone();
+        tokio::spawn(async move { daemon.download(&hand_off.url, sha256, None).await })
+    };
+    let Ok(result) = running.await else {
+        return text_response(StatusCode::INTERNAL_SERVER_ERROR, "the download task failed");
+    };
+    match result {
         Ok(done) => {
             let size = done.status.file_size;
             let manifest = done.manifest.clone();
