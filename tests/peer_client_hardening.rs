@@ -594,3 +594,38 @@ async fn a_get_that_hangs_up_leaves_the_daemon_to_finish_and_cache_the_download(
     assert_eq!(file_digest(&store.data_path(id)), sha256_hex(&content));
     assert_eq!(counter(&daemon, "FilesDownloaded"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_reading_under_the_minimum_rate_is_dropped() {
+    let (_origin, _node, daemon, id, content) = daemon_with_big_content(80, |config| {
+        // 64 KiB/s over 2 s of waiting; no send timeout before that.
+        config.daemon.upload_min_bytes_per_sec = 64 * 1024;
+        config.daemon.upload_min_rate_window = Duration::from_secs(2);
+        config.daemon.upload_send_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut trickler = non_reading_peer("127.0.1.70", daemon.peer_addr, id).await;
+    let started = Instant::now();
+    // 1 KiB every 50 ms: about 20 KiB/s, a third of the floor, but never silent.
+    let mut received = 0_usize;
+    let mut buffer = [0_u8; 1024];
+    let closed = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still served after {received} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match trickler.read(&mut buffer).await {
+            Ok(0) | Err(_) => break started.elapsed(),
+            Ok(read) => received += read,
+        }
+    };
+    assert_eq!(counter(&daemon, "SlowPeersDropped"), 1);
+    assert!(received < content.len() / 4, "{received}");
+    eprintln!("dropped after {closed:?} and {received} bytes");
+    let uploads = daemon.daemon.shared().uploads.clone();
+    until(Duration::from_secs(10), "the slot released", || {
+        uploads.active() == 0
+    })
+    .await;
+}

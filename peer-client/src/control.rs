@@ -319,7 +319,10 @@ async fn hand_over(
         tokio::spawn(async move { daemon.download(&hand_off.url, sha256, None).await })
     };
     let Ok(result) = running.await else {
-        return text_response(StatusCode::INTERNAL_SERVER_ERROR, "the download task failed");
+        return text_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the download task failed",
+        );
     };
     match result {
         Ok(done) => {

@@ -10,7 +10,9 @@
 //!   `floor_bytes_per_sec × window` bytes must have left (DO drops peers under 4000 B/s for 20 s).
 //!
 //! The error ends hyper's connection task, which drops the socket and the response body; the
-//! upload task then sees its channel closed and gives its slot back.
+//! upload task then sees its channel closed and gives its slot back. The socket is closed with a
+//! reset, so the megabytes still queued in the kernel's send buffer are discarded at once instead
+//! of trickling out to the slow peer.
 
 use std::future::Future;
 use std::io;
@@ -22,6 +24,24 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+/// A connection that can be told to end with a reset, discarding what its buffers still hold.
+pub trait ResetOnClose {
+    /// The coming close resets the connection.
+    fn reset_on_close(&self);
+}
+
+impl ResetOnClose for tokio::net::TcpStream {
+    fn reset_on_close(&self) {
+        if let Err(error) = self.set_zero_linger() {
+            tracing::debug!(%error, "cannot set SO_LINGER 0");
+        }
+    }
+}
+
+impl ResetOnClose for tokio::io::DuplexStream {
+    fn reset_on_close(&self) {}
+}
 
 /// The limits a [`SendGuard`] applies.
 #[derive(Debug, Clone, Copy)]
@@ -59,7 +79,7 @@ pub struct SendGuard<S> {
     failed: Option<SlowPeer>,
 }
 
-impl<S> SendGuard<S> {
+impl<S: ResetOnClose> SendGuard<S> {
     /// Wraps `inner`; each connection it drops adds one to `dropped`.
     pub fn new(inner: S, limits: SendLimits, dropped: Arc<AtomicU64>) -> SendGuard<S> {
         SendGuard {
@@ -104,6 +124,7 @@ impl<S> SendGuard<S> {
         };
         if let Err(reason) = verdict {
             self.failed = Some(reason);
+            self.inner.reset_on_close();
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         verdict
@@ -165,7 +186,7 @@ fn slow_peer_error(reason: SlowPeer) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, text)
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for SendGuard<S> {
+impl<S: AsyncRead + ResetOnClose + Unpin> AsyncRead for SendGuard<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         context: &mut Context<'_>,
@@ -175,7 +196,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for SendGuard<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for SendGuard<S> {
+impl<S: AsyncWrite + ResetOnClose + Unpin> AsyncWrite for SendGuard<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         context: &mut Context<'_>,
