@@ -402,6 +402,7 @@ async fn sixteen_peers_that_stop_reading_are_dropped_and_a_real_peer_then_gets_i
         config.daemon.upload_send_timeout = send_timeout;
     })
     .await;
+    let fds_before = open_fds();
     let mut hogs = Vec::new();
     for index in 0..16 {
         hogs.push(
@@ -437,12 +438,28 @@ async fn sixteen_peers_that_stop_reading_are_dropped_and_a_real_peer_then_gets_i
         "{:?}",
         held_at.elapsed()
     );
+    eprintln!(
+        "a real peer was served {:?} after 16 non-reading peers held every slot",
+        held_at.elapsed()
+    );
     until(Duration::from_secs(10), "16 drops counted", || {
         counter(&daemon, "SlowPeersDropped") == 16
     })
     .await;
-    // The daemon closed their connections: each reads what was buffered, then the end, having
-    // received far less than it asked for.
+    // The daemon's side of the 16 connections (and the files they read) is closed: this process
+    // holds the 16 client sockets the test keeps, and nothing more.
+    until(
+        Duration::from_secs(10),
+        "the daemon's sockets closed",
+        || open_fds() <= fds_before + 16 + 4,
+    )
+    .await;
+    eprintln!(
+        "open fds: {fds_before} before, {} with the test's 16 client sockets left",
+        open_fds()
+    );
+    // The daemon reset their connections: each ends at once, having received far less than it
+    // asked for.
     for mut hog in hogs {
         let mut received = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(10), hog.read_to_end(&mut received))
@@ -452,6 +469,11 @@ async fn sixteen_peers_that_stop_reading_are_dropped_and_a_real_peer_then_gets_i
         assert!(received.len() < content.len() / 2, "{}", received.len());
     }
     assert_eq!(uploads.active(), 0);
+}
+
+/// File descriptors this process has open (the daemon, the node and the test's clients).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
