@@ -87,7 +87,7 @@ async fn a_client_draws_from_two_peers_and_the_cache_in_parallel() {
     }
     assert!(status.bytes_from_cache_server > 0, "{status:?}");
     assert_eq!(status.bytes_from_http, 0);
-    // The status API lists it with DO's fields.
+    // The control API lists it with DO's fields.
     let listed = third.daemon.status();
     assert_eq!(listed[0].status, "Complete");
     assert_eq!(listed[0].bytes_from_peers, status.bytes_from_peers);

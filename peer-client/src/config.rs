@@ -81,7 +81,7 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Peers as a source: manifests, the tracker and peer connections.
     pub peering: PeeringConfig,
-    /// `peer-client daemon`: the content cache served to peers, upload limits, status API.
+    /// `peer-client daemon`: the content cache served to peers, upload limits, control API.
     pub daemon: DaemonConfig,
     /// Logging.
     pub log: LogConfig,

@@ -35,9 +35,10 @@ struct Arguments {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Download a URL to a file (through the running daemon, if there is one).
+    /// Download a URL to a file (through the running daemon, when it takes this user's downloads:
+    /// its own user and root). The file is written only once verified.
     Get(GetArguments),
-    /// Run the daemon: serve cached pieces to peers, announce them, answer the status API.
+    /// Run the daemon: serve cached pieces to peers, announce them, answer the control API.
     Daemon,
     /// List the daemon's current and cached downloads (JSON, DO's field names).
     Status,
