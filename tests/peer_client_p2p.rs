@@ -9,145 +9,26 @@ mod common;
 mod peer_common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
-use peer_client::tracker::{ContentId, NodeApi, PeerEntry};
+use peer_client::tracker::{ContentId, NodeApi};
 use peer_client::{Config, Event};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
-use peer_common::{KillableNode, TestDaemon};
-
-const MIB: usize = 1024 * 1024;
-/// Pieces of 256 KiB (the node's `min(peering.piece_size, slice_size)`), so an 8 MiB file has
-/// 32 pieces to spread.
-const PIECE: usize = 256 * 1024;
-const CONTENT_LEN: usize = 8 * MIB;
-
-/// The mock origin's address. Not 127.0.0.1, where the node listens: the node must be reached
-/// by a name that is not an allowed origin, or its peering API would be taken for content.
-const ORIGIN_IP: &str = "127.0.0.10";
-
-/// A node with 256 KiB pieces that fetches from origins on [`ORIGIN_IP`].
-fn start_node(origin: &MockOrigin) -> KillableNode {
-    start_node_with(origin, |_| {})
-}
-
-/// Like [`start_node`], with `tweak` applied to the node's config.
-fn start_node_with(
-    origin: &MockOrigin,
-    tweak: impl FnOnce(&mut cache_node::config::Config),
-) -> KillableNode {
-    KillableNode::start_with(&origin.base_url(), &std::env::temp_dir(), |config| {
-        config.peering.piece_size = "256KiB".into();
-        for allowed in &mut config.origin {
-            if allowed.host == "127.0.0.1" {
-                allowed.host = ORIGIN_IP.into();
-            }
-        }
-        tweak(config);
-    })
-}
-
-/// The tracker's answer for `content` as a mode-3 client on 127.0.0.250 sees it.
-async fn tracked_peers(node: SocketAddr, content: ContentId) -> Vec<PeerEntry> {
-    let api = NodeApi::new(
-        &peer_client::cache_host::CacheHost::parse(&node.to_string()).unwrap(),
-        Some("127.0.0.250".parse().unwrap()),
-        Duration::from_secs(2),
-    );
-    api.peers(content, peer_client::config::DownloadMode::Internet, "", 32)
-        .await
-        .unwrap_or_default()
-}
-
-/// Waits (bounded) until the tracker lists `count` complete peers of `content`.
-async fn until_complete_peers(node: SocketAddr, content: ContentId, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let peers = tracked_peers(node, content).await;
-        if peers.iter().filter(|peer| peer.complete).count() >= count {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "peers never announced: {peers:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// An origin with one 8 MiB file; returns its URL and digest.
-async fn origin_with_content(seed: u64) -> (MockOrigin, String, Bytes) {
-    let origin = MockOrigin::start_on(ORIGIN_IP).await;
-    let content = pattern_bytes(CONTENT_LEN, seed);
-    origin.put("/files/big.bin", content.clone());
-    let url = format!("{}/files/big.bin", origin.base_url());
-    (origin, url, content)
-}
-
-/// Two daemons that downloaded `url` through the node and are announced as complete peers.
-async fn two_complete_peers(node: &KillableNode, url: &str) -> (TestDaemon, TestDaemon, ContentId) {
-    let first = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
-    let second = TestDaemon::start("127.0.0.3", node.addr, |_| {}).await;
-    let done = first.download(url).await;
-    second.download(url).await;
-    let content = done.content_id.expect("the content has a manifest");
-    until_complete_peers(node.addr, content, 2).await;
-    (first, second, content)
-}
-
-fn file_digest(path: &Path) -> String {
-    sha256_hex(&std::fs::read(path).unwrap())
-}
-
-/// Sends one raw request line (no client-side normalisation) and returns status and body.
-async fn raw_get(addr: SocketAddr, target: &str, extra: &str) -> (u16, Vec<u8>) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request =
-        format!("GET {target} HTTP/1.1\r\nHost: peer\r\n{extra}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .find("\r\n\r\n")
-        .map(|at| answer[at + 4..].to_vec())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// GETs `range` of `content` from a peer, returning the status and the body.
-async fn get_piece_range(
-    peer: SocketAddr,
-    content: ContentId,
-    range: std::ops::Range<usize>,
-) -> (u16, Vec<u8>) {
-    raw_get(
-        peer,
-        &format!("/content/{content}"),
-        &format!("Range: bytes={}-{}\r\n", range.start, range.end - 1),
-    )
-    .await
-}
+use peer_common::swarm::{
+    cli, file_digest, get_piece_range, kill_in_background, origin_with_content, raw_get, run_ok,
+    spawn_download, start_node, start_node_with, tracked_peers, two_complete_peers,
+    until_complete_peers, CONTENT_LEN, MIB, ORIGIN_IP, PIECE,
+};
+use peer_common::TestDaemon;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_dies_mid_download_and_the_client_finishes_from_peers() {
     let (origin, url, content) = origin_with_content(51).await;
-    let mut node = start_node(&origin);
+    let node = start_node(&origin);
     let (_first, _second, _) = two_complete_peers(&node, &url).await;
     let third = TestDaemon::start("127.0.0.4", node.addr, |config| {
         // Slow enough that the node is dead long before the end, and the origin kept out.
@@ -157,11 +38,7 @@ async fn the_node_dies_mid_download_and_the_client_finishes_from_peers() {
     .await;
     let origin_bytes_before = origin.bytes_sent();
 
-    let (events, mut received) = mpsc::unbounded_channel();
-    let daemon = third.daemon.clone();
-    let url_for_task = url.clone();
-    let download =
-        tokio::spawn(async move { daemon.download(&url_for_task, None, Some(events)).await });
+    let (download, mut received) = spawn_download(&third, &url);
     // Once it has the manifest and the peer list, the node dies.
     loop {
         match received
@@ -176,12 +53,7 @@ async fn the_node_dies_mid_download_and_the_client_finishes_from_peers() {
             _ => continue,
         }
     }
-    tokio::task::spawn_blocking(move || {
-        node.kill();
-        node
-    })
-    .await
-    .unwrap();
+    kill_in_background(node).await.unwrap();
 
     let done = tokio::time::timeout(Duration::from_secs(30), download)
         .await
@@ -215,7 +87,7 @@ async fn a_client_draws_from_two_peers_and_the_cache_in_parallel() {
     }
     assert!(status.bytes_from_cache_server > 0, "{status:?}");
     assert_eq!(status.bytes_from_http, 0);
-    // The status API lists it with DO's fields.
+    // The control API lists it with DO's fields.
     let listed = third.daemon.status();
     assert_eq!(listed[0].status, "Complete");
     assert_eq!(listed[0].bytes_from_peers, status.bytes_from_peers);
@@ -239,57 +111,34 @@ async fn a_client_draws_from_two_peers_and_the_cache_in_parallel() {
     assert!(uploaded >= status.bytes_from_peers - 2 * PIECE as u64);
 }
 
-/// A peer that answers every range with the right headers and inverted bytes.
-async fn start_malicious_peer(
-    ip: &str,
-    content: Bytes,
-    etag: String,
-) -> (SocketAddr, Arc<AtomicRequests>) {
-    use http::{Response, StatusCode};
+/// A fake peer on `ip` that answers every request with `answer`, counting the requests.
+async fn start_fake_peer<A>(ip: &str, answer: A) -> (SocketAddr, Arc<AtomicU64>)
+where
+    A: Fn(&http::Request<hyper::body::Incoming>) -> http::Response<http_body_util::Full<Bytes>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
     let listener = tokio::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(AtomicRequests::default());
+    let requests = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&requests);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let content = content.clone();
-            let etag = etag.clone();
+            let answer = answer.clone();
             let counter = Arc::clone(&counter);
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |request: http::Request<hyper::body::Incoming>| {
-                        counter.0.fetch_add(1, Ordering::Relaxed);
-                        let range = peer_client::peer_server::parse_range(
-                            request.headers().get("range").and_then(|v| v.to_str().ok()),
-                            content.len() as u64,
-                        )
-                        .unwrap();
-                        let bad: Vec<u8> = content[range.start as usize..range.end as usize]
-                            .iter()
-                            .map(|byte| !byte)
-                            .collect();
-                        let response = Response::builder()
-                            .status(StatusCode::PARTIAL_CONTENT)
-                            .header(
-                                "content-range",
-                                format!(
-                                    "bytes {}-{}/{}",
-                                    range.start,
-                                    range.end - 1,
-                                    content.len()
-                                ),
-                            )
-                            .header("etag", etag.clone())
-                            .body(http_body_util::Full::new(Bytes::from(bad)))
-                            .unwrap();
-                        async move { Ok::<_, std::convert::Infallible>(response) }
-                    },
-                );
+                let service = hyper::service::service_fn(move |request| {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let response = answer(&request);
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
@@ -299,8 +148,64 @@ async fn start_malicious_peer(
     (addr, requests)
 }
 
-#[derive(Default)]
-struct AtomicRequests(AtomicU64);
+/// A peer that answers every range with the right headers and inverted bytes.
+async fn start_malicious_peer(
+    ip: &str,
+    content: Bytes,
+    etag: String,
+) -> (SocketAddr, Arc<AtomicU64>) {
+    start_fake_peer(ip, move |request| {
+        let range = peer_client::peer_server::parse_range(
+            request.headers().get("range").and_then(|v| v.to_str().ok()),
+            content.len() as u64,
+        )
+        .unwrap();
+        let bad: Vec<u8> = content[range.start as usize..range.end as usize]
+            .iter()
+            .map(|byte| !byte)
+            .collect();
+        let content_range = format!("bytes {}-{}/{}", range.start, range.end - 1, content.len());
+        http::Response::builder()
+            .status(206)
+            .header("content-range", content_range)
+            .header("etag", etag.clone())
+            .body(http_body_util::Full::new(Bytes::from(bad)))
+            .unwrap()
+    })
+    .await
+}
+
+/// `peer` announces itself to the node as a complete peer of `content_id`, from its own address.
+async fn announce_complete(node: SocketAddr, peer: SocketAddr, content_id: ContentId) {
+    let api = NodeApi::new(
+        &peer_client::cache_host::CacheHost::parse(&node.to_string()).unwrap(),
+        Some(peer.ip()),
+        Duration::from_secs(2),
+    );
+    api.announce(&peer_client::tracker::Announcement {
+        content_id,
+        port: peer.port(),
+        group_id: None,
+        pieces: vec![[0, (CONTENT_LEN / PIECE) as u64 - 1]],
+        complete: true,
+        active_uploads: 0,
+    })
+    .await
+    .unwrap();
+}
+
+/// Runs the download of `url` on `client` to its end; the result and every event it sent.
+async fn download_with_events(
+    client: &TestDaemon,
+    url: &str,
+) -> (peer_client::daemon::DaemonDownload, Vec<Event>) {
+    let (download, mut received) = spawn_download(client, url);
+    let mut events = Vec::new();
+    while let Some(event) = received.recv().await {
+        events.push(event);
+    }
+    (download.await.unwrap().unwrap(), events)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_sending_corrupt_pieces_is_banned_and_the_file_is_still_right() {
@@ -314,22 +219,7 @@ async fn a_peer_sending_corrupt_pieces_is_banned_and_the_file_is_still_right() {
         origin.etag("/files/big.bin").unwrap(),
     )
     .await;
-    // It announces itself as a complete peer, from its own address.
-    let api = NodeApi::new(
-        &peer_client::cache_host::CacheHost::parse(&node.addr.to_string()).unwrap(),
-        Some(evil.ip()),
-        Duration::from_secs(2),
-    );
-    api.announce(&peer_client::tracker::Announcement {
-        content_id,
-        port: evil.port(),
-        group_id: None,
-        pieces: vec![[0, (CONTENT_LEN / PIECE) as u64 - 1]],
-        complete: true,
-        active_uploads: 0,
-    })
-    .await
-    .unwrap();
+    announce_complete(node.addr, evil, content_id).await;
     until_complete_peers(node.addr, content_id, 2).await;
 
     let client = TestDaemon::start("127.0.0.5", node.addr, |config| {
@@ -338,24 +228,20 @@ async fn a_peer_sending_corrupt_pieces_is_banned_and_the_file_is_still_right() {
         config.max_download_bandwidth = "16MiB".into();
     })
     .await;
-    let (events, mut received) = mpsc::unbounded_channel();
-    let done = client
-        .daemon
-        .download(&url, None, Some(events))
-        .await
-        .unwrap();
+    let (done, events) = download_with_events(&client, &url).await;
     let status = &done.status;
     assert_eq!(file_digest(&done.path), sha256_hex(&content));
     assert_eq!(status.banned_peers, 1, "{status:?}");
-    let mut banned = Vec::new();
-    while let Ok(event) = received.try_recv() {
-        if let Event::PeerBanned { label } = event {
-            banned.push(label);
-        }
-    }
-    assert_eq!(banned, [format!("peer {evil}")]);
+    let banned: Vec<&String> = events
+        .iter()
+        .filter_map(|event| match event {
+            Event::PeerBanned { label } => Some(label),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(banned, [&format!("peer {evil}")]);
     // Three bad pieces, plus at most one request already running on its other connection.
-    let asked = evil_requests.0.load(Ordering::Relaxed);
+    let asked = evil_requests.load(Ordering::Relaxed);
     assert!(
         (3..=4).contains(&asked),
         "the banned peer was asked {asked} times"
@@ -363,6 +249,20 @@ async fn a_peer_sending_corrupt_pieces_is_banned_and_the_file_is_still_right() {
     assert!(status
         .bytes_by_peer
         .contains_key(&format!("peer {}", honest.peer_addr)));
+    // Bytes that failed their hash are not counted as downloaded from peers: the banned peer's
+    // three bad pieces are not in BytesFromPeers (at most a request cut off when the download
+    // ended, never checked, may be).
+    let evil_bytes = status
+        .bytes_by_peer
+        .get(&format!("peer {evil}"))
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        evil_bytes < PIECE as u64,
+        "{evil_bytes} bytes counted from the banned peer: {status:?}"
+    );
+    let snap = client.daemon.perf_snap();
+    assert_eq!(snap["BytesFromPeers"], status.bytes_from_peers);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,10 +283,15 @@ async fn peers_of_another_subnet_or_group_are_never_offered() {
     let lan_client = TestDaemon::start("127.0.0.8", node.addr, |_| {}).await;
     let lan = lan_client.download(&url).await.status;
     assert_eq!(lan.num_peers, 1, "{lan:?}");
-    assert!(lan
-        .bytes_by_peer
-        .keys()
-        .all(|peer| peer == &format!("peer {}", red_group.peer_addr)));
+    // The one peer it used is the red one in its subnet, which sent it bytes; the peer in the
+    // other subnet sent nothing.
+    let peers_used: Vec<&String> = lan.bytes_by_peer.keys().collect();
+    assert_eq!(
+        peers_used,
+        [&format!("peer {}", red_group.peer_addr)],
+        "{lan:?}"
+    );
+    assert!(lan.bytes_from_peers > 0, "{lan:?}");
 
     let blue_client = TestDaemon::start("127.0.0.9", node.addr, |config| {
         config.download_mode = 2;
@@ -418,11 +323,7 @@ async fn pieces_of_a_download_in_progress_are_announced_and_served() {
         config.delay_http_fallback_secs = 600;
     })
     .await;
-    let (events, mut received) = mpsc::unbounded_channel();
-    let daemon = slow.daemon.clone();
-    let url_for_task = url.clone();
-    let download =
-        tokio::spawn(async move { daemon.download(&url_for_task, None, Some(events)).await });
+    let (download, mut received) = spawn_download(&slow, &url);
     // Wait for two pieces on disk.
     let mut written = Vec::new();
     while written.len() < 2 {
@@ -542,7 +443,7 @@ async fn the_monthly_cap_stops_uploads_and_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_that_try_to_leave_the_cache_get_4xx_and_read_nothing() {
-    let (origin, url, _) = origin_with_content(58).await;
+    let (origin, url, content) = origin_with_content(58).await;
     let node = start_node(&origin);
     let daemon = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
     let content_id = daemon.download(&url).await.content_id.unwrap();
@@ -590,9 +491,10 @@ async fn requests_that_try_to_leave_the_cache_get_4xx_and_read_nothing() {
         "a traversal attempt opened a file"
     );
     let _ = std::fs::remove_file("/tmp/outpost-p2p-secret");
-    // The real content is still served.
-    let (status, _) = get_piece_range(daemon.peer_addr, content_id, 0..100).await;
+    // The real content is still served, byte for byte.
+    let (status, body) = get_piece_range(daemon.peer_addr, content_id, 0..100).await;
     assert_eq!(status, 206);
+    assert_eq!(body, content[..100]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -621,28 +523,16 @@ async fn get_hands_its_download_to_the_daemon_which_then_serves_it() {
     let daemon = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
     let directory = tempfile::tempdir().unwrap();
     let output = directory.path().join("handed.bin");
-    let peer_client = |arguments: &[&str]| {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_peer-client"));
-        command
-            .args(arguments)
-            .env(
-                "PEER_CLIENT__DAEMON__STATUS_LISTEN",
-                daemon.status_addr.to_string(),
-            )
-            .env("RUST_LOG", "error")
-            .stdin(std::process::Stdio::null());
-        command
-    };
-    let get = peer_client(&["get", &url, "-o", output.to_str().unwrap(), "--json"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        get.status.success(),
-        "{}",
-        String::from_utf8_lossy(&get.stderr)
-    );
-    let status: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    let peer_client = |arguments: &[&str]| cli(&daemon.control_socket, arguments);
+    let stdout = run_ok(peer_client(&[
+        "get",
+        &url,
+        "-o",
+        output.to_str().unwrap(),
+        "--json",
+    ]))
+    .await;
+    let status: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     assert_eq!(status["Status"], "Complete");
     assert_eq!(status["BytesFromCacheServer"], CONTENT_LEN as u64);
     assert_eq!(file_digest(&output), sha256_hex(&content));
@@ -657,12 +547,12 @@ async fn get_hands_its_download_to_the_daemon_which_then_serves_it() {
     assert_eq!(body, content[..PIECE]);
 
     // `status` and `perf-snap` ask the same daemon.
-    let listed = peer_client(&["status"]).output().await.unwrap();
-    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let listed = run_ok(peer_client(&["status"])).await;
+    let listed: serde_json::Value = serde_json::from_slice(&listed).unwrap();
     assert_eq!(listed[0]["Status"], "Complete");
     assert_eq!(listed[0]["Url"], url);
-    let snap = peer_client(&["perf-snap"]).output().await.unwrap();
-    let snap: serde_json::Value = serde_json::from_slice(&snap.stdout).unwrap();
+    let snap = run_ok(peer_client(&["perf-snap"])).await;
+    let snap: serde_json::Value = serde_json::from_slice(&snap).unwrap();
     assert_eq!(snap["FilesDownloaded"], 1);
     assert_eq!(snap["CacheSizeBytes"], CONTENT_LEN as u64);
 }
@@ -714,4 +604,217 @@ async fn a_manifest_still_filling_is_asked_again_after_retry_after_within_the_ti
         })
         .collect();
     assert_eq!(manifest.pieces, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_requests_keep_failing_is_retired_after_three() {
+    let (origin, url, content) = origin_with_content(61).await;
+    let node = start_node(&origin);
+    let honest = TestDaemon::start("127.0.0.2", node.addr, |_| {}).await;
+    let content_id = honest.download(&url).await.content_id.unwrap();
+    let (busy, busy_requests) = start_fake_peer("127.0.0.67", |_| {
+        http::Response::builder()
+            .status(503)
+            .header("retry-after", "5")
+            .body(http_body_util::Full::new(Bytes::from_static(b"busy\n")))
+            .unwrap()
+    })
+    .await;
+    announce_complete(node.addr, busy, content_id).await;
+    until_complete_peers(node.addr, content_id, 2).await;
+
+    let client = TestDaemon::start("127.0.0.5", node.addr, |config| {
+        // One connection per peer and quick retries: three failures in a row come long before
+        // the end of a two-second download.
+        config.peering.connections_per_peer = 1;
+        config.transfer.retry_initial_backoff = Duration::from_millis(50);
+        config.max_download_bandwidth = "4MiB".into();
+    })
+    .await;
+    let (done, events) = download_with_events(&client, &url).await;
+    assert_eq!(file_digest(&done.path), sha256_hex(&content));
+    assert!(
+        done.status.download_duration_secs >= 1.0,
+        "too short to tell: {:?}",
+        done.status
+    );
+    assert_eq!(
+        busy_requests.load(Ordering::Relaxed),
+        u64::from(peer_client::download::PEER_FAILURES_BEFORE_RETIRING),
+        "the failing peer was asked again after it was retired"
+    );
+    let failures = events
+        .iter()
+        .filter(|event| {
+            matches!(event, Event::SourceFailed { label, .. } if *label == format!("peer {busy}"))
+        })
+        .count();
+    assert_eq!(failures, 3);
+    // A failing peer is not a bad one: it is retired, not banned, and the origin stayed shut.
+    assert_eq!(done.status.banned_peers, 0);
+    assert_eq!(done.status.bytes_from_http, 0);
+    assert!(done.status.bytes_from_peers > 0, "{:?}", done.status);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_http_fallback_keeps_the_origin_shut_for_its_time_then_opens_it() {
+    let (origin, url, content) = origin_with_content(62).await;
+    let node = start_node(&origin);
+    let delay = Duration::from_secs(2);
+    let client = TestDaemon::start("127.0.0.4", node.addr, |config| {
+        config.delay_http_fallback_secs = delay.as_secs();
+        config.max_download_bandwidth = "8MiB".into();
+    })
+    .await;
+    // The manifest makes the node fill the content; it must come from the origin only once.
+    let origin_requests_before = origin.request_count();
+
+    let (download, mut received) = spawn_download(&client, &url);
+    // Once the download has its manifest and (no) peers, the node dies: nothing but the origin
+    // is left, and the origin waits for its time.
+    let mut events = Vec::new();
+    let mut killing = None;
+    let mut node = Some(node);
+    while let Some(event) = received.recv().await {
+        if matches!(event, Event::PeersFound { .. }) {
+            killing = node.take().map(kill_in_background);
+        }
+        events.push((Instant::now(), event));
+    }
+    let done = tokio::time::timeout(Duration::from_secs(30), download)
+        .await
+        .expect("the origin opened and the download finished")
+        .unwrap()
+        .unwrap();
+    killing.expect("peers were reported").await.unwrap();
+    let started = events
+        .iter()
+        .find(|(_, event)| matches!(event, Event::PeersFound { .. }))
+        .map(|(at, _)| *at)
+        .unwrap();
+    let opened = events
+        .iter()
+        .find(|(_, event)| *event == Event::FallbackToOrigin)
+        .map(|(at, _)| *at)
+        .expect("the origin was opened");
+    let waited = opened.duration_since(started);
+    // The engine's clock starts a moment before the peers are reported.
+    assert!(
+        waited >= delay - Duration::from_millis(200),
+        "the origin opened after {waited:?}"
+    );
+    assert!(waited < delay + Duration::from_secs(8), "{waited:?}");
+    assert!(done.status.bytes_from_http > 0, "{:?}", done.status);
+    assert_eq!(file_digest(&done.path), sha256_hex(&content));
+    assert!(origin.request_count() > origin_requests_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_download_that_fails_is_abandoned_and_its_pieces_are_no_longer_served() {
+    let (origin, url, content) = origin_with_content(63).await;
+    let node = start_node(&origin);
+    let client = TestDaemon::start("127.0.0.4", node.addr, |config| {
+        // Slow, and without the origin: when the node dies the download must fail.
+        config.max_download_bandwidth = "2MiB".into();
+        config.cache.connections_per_host = 1;
+        config.delay_cache_fallback_secs = -1;
+        config.transfer.retry_initial_backoff = Duration::from_millis(50);
+        config.transfer.max_consecutive_failures = 3;
+    })
+    .await;
+    let (download, mut received) = spawn_download(&client, &url);
+    let written = loop {
+        if let Event::PieceWritten { index } = received.recv().await.unwrap() {
+            break index as usize;
+        }
+    };
+    let content_id = client.daemon.shared().store.entries()[0].0;
+    let entry_dir = client
+        .daemon
+        .shared()
+        .store
+        .data_path(content_id)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let piece = written * PIECE..(written + 1) * PIECE;
+    // A written piece of the running download is served to peers.
+    let (status, body) = get_piece_range(client.peer_addr, content_id, piece.clone()).await;
+    assert_eq!(status, 206);
+    assert_eq!(body, content[piece.clone()]);
+
+    kill_in_background(node).await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(30), download)
+        .await
+        .expect("the download gives up")
+        .unwrap()
+        .expect_err("no source is left");
+    assert!(
+        matches!(error, peer_client::DownloadError::GaveUp { .. }),
+        "{error}"
+    );
+    // Abandoned: no entry, no files, nothing served, and the status says why.
+    assert!(client.daemon.shared().store.entries().is_empty());
+    assert!(
+        !entry_dir.exists(),
+        "{} is still there",
+        entry_dir.display()
+    );
+    let (status, _) = get_piece_range(client.peer_addr, content_id, piece).await;
+    assert_eq!(status, 404);
+    let listed = client.daemon.status();
+    assert_eq!(listed[0].status, "Error");
+    assert!(listed[0].error.as_deref().unwrap().contains("gave up"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_evicted_to_make_room_is_withdrawn_from_the_tracker_and_no_longer_served() {
+    let (origin, first_url, first) = origin_with_content(64).await;
+    let second = pattern_bytes(CONTENT_LEN, 65);
+    origin.put("/files/second.bin", second.clone());
+    let second_url = format!("{}/files/second.bin", origin.base_url());
+    let node = start_node(&origin);
+    // Room for one of the two 8 MiB files.
+    let daemon = TestDaemon::start("127.0.0.2", node.addr, |config| {
+        config.daemon.max_cache_size = "12MiB".into();
+    })
+    .await;
+    let first_id = daemon.download(&first_url).await.content_id.unwrap();
+    until_complete_peers(node.addr, first_id, 1).await;
+    let (status, body) = get_piece_range(daemon.peer_addr, first_id, 0..PIECE).await;
+    assert_eq!((status, body), (206, first[..PIECE].to_vec()));
+
+    let second_id = daemon.download(&second_url).await.content_id.unwrap();
+    // The older content went as soon as the second download completed.
+    let held: Vec<_> = daemon
+        .daemon
+        .shared()
+        .store
+        .entries()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(held, [second_id]);
+    assert_eq!(
+        daemon.daemon.perf_snap()["CacheSizeBytes"],
+        CONTENT_LEN as u64
+    );
+    let (status, _) = get_piece_range(daemon.peer_addr, first_id, 0..PIECE).await;
+    assert_eq!(status, 404);
+    let (status, body) = get_piece_range(daemon.peer_addr, second_id, 0..PIECE).await;
+    assert_eq!((status, body), (206, second[..PIECE].to_vec()));
+    // The tracker stops offering it for the evicted content, long before its TTL.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tracked_peers(node.addr, first_id)
+        .await
+        .iter()
+        .any(|peer| peer.address == daemon.peer_addr)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the evicted content was never withdrawn"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    until_complete_peers(node.addr, second_id, 1).await;
 }

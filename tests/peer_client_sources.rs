@@ -33,6 +33,10 @@ async fn a_cache_hit_gives_every_byte_from_the_cache_host() {
     // The first download fills the node; the client still gets every byte from it.
     let cold = download_to(&client, &url, directory.path(), "cold.bin").await;
     assert_eq!(cold.status().bytes_from_http, 0);
+    assert_eq!(
+        file_sha256(&directory.path().join("cold.bin")),
+        sha256_hex(&content)
+    );
     origin.reset_counters();
 
     let warm = download_to(&client, &url, directory.path(), "warm.bin").await;
@@ -223,6 +227,10 @@ async fn a_4xx_from_the_cache_bans_it_for_that_origin_only() {
         content.len() as u64
     );
     assert_eq!(allowed.status().bytes_from_http, 0);
+    assert_eq!(
+        file_sha256(&directory.path().join("a.bin")),
+        sha256_hex(&content)
+    );
 
     // The refused origin does not even ask the cache again while the ban lasts.
     let requests_before = node.requests().await;
@@ -350,6 +358,11 @@ async fn simple_and_bypass_modes_use_only_the_origin_and_peer_modes_use_the_cach
             status.bytes_from_http > 0,
             !from_cache,
             "mode {mode}: {status:?}"
+        );
+        assert_eq!(
+            file_sha256(&directory.path().join(format!("{mode}.bin"))),
+            sha256_hex(&content),
+            "mode {mode}"
         );
     }
 }

@@ -64,6 +64,7 @@ impl BandwidthLimit {
 struct ByteLimiter {
     limiter: DefaultDirectRateLimiter,
     burst_cells: u32,
+    bytes_per_sec: u64,
 }
 
 impl ByteLimiter {
@@ -78,6 +79,7 @@ impl ByteLimiter {
         ByteLimiter {
             limiter: RateLimiter::direct(quota),
             burst_cells,
+            bytes_per_sec,
         }
     }
 
@@ -120,6 +122,15 @@ impl Bandwidth {
     /// The configured limit.
     pub fn limit(&self) -> BandwidthLimit {
         self.shared.limit
+    }
+
+    /// The cap in force, in bytes per second: `None` without a cap, or while a percentage cap
+    /// waits for its measurement.
+    pub fn cap_bytes_per_sec(&self) -> Option<u64> {
+        self.shared
+            .limiter
+            .get()
+            .map(|limiter| limiter.bytes_per_sec)
     }
 
     /// True while a percentage cap still waits for its measurement.

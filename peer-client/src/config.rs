@@ -81,7 +81,7 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Peers as a source: manifests, the tracker and peer connections.
     pub peering: PeeringConfig,
-    /// `peer-client daemon`: the content cache served to peers, upload limits, status API.
+    /// `peer-client daemon`: the content cache served to peers, upload limits, control API.
     pub daemon: DaemonConfig,
     /// Logging.
     pub log: LogConfig,
@@ -178,9 +178,10 @@ pub struct DaemonConfig {
     /// address of the daemon's requests to the cache node, so the tracker sees the address
     /// peers must use.
     pub listen: String,
-    /// The local status API (`peer-client status`, `perf-snap`, and `get` handing its work
-    /// over). Loopback addresses only.
-    pub status_listen: String,
+    /// The control API's Unix socket (`peer-client status`, `perf-snap`, and `get` handing its
+    /// work over). Any local user may read the status; only the daemon's own user and root may
+    /// hand downloads over (checked with the socket's peer credentials).
+    pub control_socket: PathBuf,
     /// The content cache directory (the systemd unit's `StateDirectory`).
     pub cache_dir: PathBuf,
     /// The most the content cache holds: a size (`"20GiB"`) or a percentage of the disk it is on
@@ -199,6 +200,27 @@ pub struct DaemonConfig {
     /// Bytes uploaded to peers per calendar month (UTC) before uploads stop until the next
     /// month, kept across restarts (DO's `DOMonthlyUploadDataCap`). `"0"`: no cap.
     pub monthly_upload_cap: String,
+    /// Let downloads handed to the daemon name URLs on loopback, link-local, private-range or
+    /// other non-public addresses. Off: the daemon refuses them, so a local process cannot make
+    /// it fetch an internal service. Cache hosts are not affected.
+    pub allow_private_urls: bool,
+    /// An upload whose writes make no progress for this long is dropped with its connection.
+    #[serde(with = "humantime_serde")]
+    pub upload_send_timeout: Duration,
+    /// An upload slower than this many bytes per second over a whole `upload_min_rate_window`,
+    /// while the daemon has bytes waiting to be sent, is dropped (DO's 4000 B/s for 20 s). Time
+    /// held back by `max_upload_bandwidth` does not count. `0`: no minimum.
+    pub upload_min_bytes_per_sec: u64,
+    /// The window over which `upload_min_bytes_per_sec` is measured.
+    #[serde(with = "humantime_serde")]
+    pub upload_min_rate_window: Duration,
+    /// The most uploads served at once to one peer address (at most `max_concurrent_uploads`
+    /// apply); more are answered `503`, so one machine cannot take every upload slot.
+    pub max_uploads_per_address: usize,
+    /// A peer connection must send a whole request head within this time of being opened (or
+    /// of its previous answer); otherwise it is closed.
+    #[serde(with = "humantime_serde")]
+    pub peer_header_timeout: Duration,
 }
 
 /// `[log]`: logging (the binary only; the library logs through `tracing`).
@@ -288,7 +310,7 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             listen: "0.0.0.0:7680".to_owned(),
-            status_listen: "127.0.0.1:7681".to_owned(),
+            control_socket: PathBuf::from("/run/peer-client/control.sock"),
             cache_dir: PathBuf::from("/var/lib/peer-client"),
             max_cache_size: "20%".to_owned(),
             max_cache_age: Duration::from_secs(3 * 24 * 3600),
@@ -296,6 +318,12 @@ impl Default for DaemonConfig {
             max_upload_bandwidth: "0".to_owned(),
             max_concurrent_uploads: 16,
             monthly_upload_cap: "0".to_owned(),
+            allow_private_urls: false,
+            upload_send_timeout: Duration::from_secs(10),
+            upload_min_bytes_per_sec: 4000,
+            upload_min_rate_window: Duration::from_secs(20),
+            max_uploads_per_address: 4,
+            peer_header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -407,8 +435,6 @@ pub enum CacheSizeLimit {
 pub struct ValidDaemon {
     /// `listen`.
     pub listen: std::net::SocketAddr,
-    /// `status_listen` (a loopback address).
-    pub status_listen: std::net::SocketAddr,
     /// `max_cache_size`.
     pub max_cache_size: CacheSizeLimit,
     /// `min_file_size_to_cache` in bytes.
@@ -596,13 +622,31 @@ impl DaemonConfig {
             })
         };
         let listen = address("daemon.listen", &self.listen)?;
-        let status_listen = address("daemon.status_listen", &self.status_listen)?;
-        if !status_listen.ip().is_loopback() {
+        if self.control_socket.as_os_str().is_empty() || self.control_socket.as_os_str().len() > 100
+        {
             return Err(invalid(
-                "daemon.status_listen",
+                "daemon.control_socket",
                 format!(
-                    "\"{}\" is not a loopback address: the status API is local only; use e.g. \"127.0.0.1:7681\"",
-                    self.status_listen
+                    "\"{}\" must be a path of 1 to 100 bytes (a Unix socket's limit), e.g. \"/run/peer-client/control.sock\"",
+                    self.control_socket.display()
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("daemon.upload_send_timeout", self.upload_send_timeout),
+            ("daemon.upload_min_rate_window", self.upload_min_rate_window),
+            ("daemon.peer_header_timeout", self.peer_header_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than zero, e.g. \"10s\""));
+            }
+        }
+        if self.max_uploads_per_address == 0 || self.max_uploads_per_address > 256 {
+            return Err(invalid(
+                "daemon.max_uploads_per_address",
+                format!(
+                    "{} must be between 1 and 256, e.g. 4",
+                    self.max_uploads_per_address
                 ),
             ));
         }
@@ -644,7 +688,6 @@ impl DaemonConfig {
         };
         Ok(ValidDaemon {
             listen,
-            status_listen,
             max_cache_size,
             min_file_size_to_cache,
             max_upload_bandwidth,

@@ -1,8 +1,8 @@
 //! `peer-client daemon`: runs this machine's downloads into its content cache, serves the
 //! cached pieces to peers, announces them to the cache node's tracker, and answers the local
-//! status API.
+//! control API ([`crate::control`]).
 //!
-//! **Downloads count.** `peer-client get` hands its work to a running daemon (over the status
+//! **Downloads count.** `peer-client get` hands its work to a running daemon (over the control
 //! API) rather than writing into the daemon's cache itself. One process then owns the cache: it
 //! knows which pieces of a running download are on disk the moment they are written (so they
 //! are served and announced at once), it alone deletes content (no reader ever sees a file
@@ -11,8 +11,13 @@
 //! through the same local API. Without a daemon, `get` downloads on its own, peers included,
 //! but serves nothing.
 //!
-//! Layout: [`Daemon`] (the shared state and [`Daemon::download`]), the announcer task
-//! ([`AnnounceSchedule`] is its timing), and the status API handlers. The peer port is
+//! **What the daemon fetches and hands back.** Unless `daemon.allow_private_urls` is set, it
+//! refuses URLs on non-public addresses ([`crate::url_policy`]). Content already in the cache is
+//! checked against its manifest's piece hashes before it is handed over: a copy altered on disk
+//! is dropped and downloaded again, and a `--sha256` it does not match is an error.
+//!
+//! Layout: [`Daemon`] (the shared state and [`Daemon::download`]) and the announcer task
+//! ([`AnnounceSchedule`] is its timing). The control API is [`crate::control`], the peer port
 //! [`crate::peer_server`], the cache [`crate::store`], the limits [`crate::uploads`].
 
 use std::collections::HashMap;
@@ -23,23 +28,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::ValidConfig;
+use crate::control::{ControlListener, FileRefs};
 use crate::download::{DownloadRequest, Downloader};
 use crate::error::DownloadError;
-use crate::integrity::Sha256Digest;
-use crate::peer_server::{self, text_response, ChannelBody};
+use crate::integrity::{self, Sha256Digest};
+use crate::peer_server::{self, ConnectionLimits};
 use crate::progress::{Event, Status};
 use crate::source::SourceKind;
 use crate::store::{Begin, ContentStore};
-use crate::tracker::{Announcement, ContentId};
+use crate::tracker::{Announcement, ContentId, Manifest};
 use crate::uploads::UploadLimits;
 
 /// Announcements of a changing download are sent at most this often.
@@ -76,6 +79,16 @@ pub struct DaemonStats {
     pub files_opened: AtomicU64,
     /// Announcements the tracker accepted.
     pub announcements: AtomicU64,
+    /// Peer requests answered `503` (every slot, or this address's share, taken; monthly cap).
+    pub uploads_refused: AtomicU64,
+    /// Peer connections dropped for not reading, or reading under the minimum rate.
+    pub slow_peers_dropped: Arc<AtomicU64>,
+    /// Download hand-overs refused because the caller is not the daemon's user or root.
+    pub control_refused: AtomicU64,
+    /// Downloads refused because their URL names a non-public address.
+    pub urls_refused: AtomicU64,
+    /// Cached copies that failed their piece hashes (altered on disk) and were dropped.
+    pub corrupt_copies_dropped: AtomicU64,
 }
 
 /// One download the daemon runs or ran, as `peer-client status` lists it.
@@ -122,11 +135,14 @@ pub struct DaemonShared {
     pub stats: DaemonStats,
     /// The peer port announced to the tracker.
     pub peer_port: u16,
+    /// Files handed back through the control API, by reference.
+    pub file_refs: FileRefs,
     records: Mutex<Vec<DownloadRecord>>,
     busy: Mutex<Vec<ContentId>>,
-    finished_files: Mutex<HashMap<String, PathBuf>>,
+    /// Evicted content (with its URL) the announcer has still to withdraw.
+    withdrawals: Mutex<Vec<(ContentId, String)>>,
     announce_now: Notify,
-    next_file_ref: AtomicU64,
+    next_transient: AtomicU64,
 }
 
 /// A running daemon's handle.
@@ -142,6 +158,8 @@ pub struct DaemonDownload {
     pub status: Status,
     /// The content id, when the content is in the cache (it has a manifest).
     pub content_id: Option<ContentId>,
+    /// The manifest, when the content has one (cached or not).
+    pub manifest: Option<Arc<Manifest>>,
     /// Where the file is now.
     pub path: PathBuf,
 }
@@ -193,6 +211,7 @@ impl Daemon {
             &cache_dir,
             config.daemon.max_upload_bandwidth,
             config.raw.daemon.max_concurrent_uploads,
+            config.raw.daemon.max_uploads_per_address,
             config.daemon.monthly_upload_cap,
         );
         let transient = cache_dir.join("transient");
@@ -208,11 +227,12 @@ impl Daemon {
                 uploads,
                 stats: DaemonStats::default(),
                 peer_port: peer_address.port(),
+                file_refs: FileRefs::default(),
                 records: Mutex::new(Vec::new()),
                 busy: Mutex::new(Vec::new()),
-                finished_files: Mutex::new(HashMap::new()),
+                withdrawals: Mutex::new(Vec::new()),
                 announce_now: Notify::new(),
-                next_file_ref: AtomicU64::new(0),
+                next_transient: AtomicU64::new(0),
             }),
         })
     }
@@ -222,11 +242,11 @@ impl Daemon {
         &self.shared
     }
 
-    /// Serves peers, the status API and the background tasks until `shutdown` resolves.
+    /// Serves peers, the control API and the background tasks until `shutdown` resolves.
     pub async fn run(
         self,
         peer_listener: TcpListener,
-        status_listener: TcpListener,
+        control_listener: ControlListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
         let (stop_sender, stop) = tokio::sync::watch::channel(false);
@@ -235,16 +255,20 @@ impl Daemon {
         };
         let peers = {
             let shared = Arc::clone(&self.shared);
+            let limits = ConnectionLimits::from_config(
+                &shared.config.raw.daemon,
+                Arc::clone(&shared.stats.slow_peers_dropped),
+            );
             peer_server::serve_http(
                 peer_listener,
-                move |request, _| peer_server::handle(Arc::clone(&shared), request),
+                limits,
+                move |request, remote: SocketAddr| {
+                    peer_server::handle(Arc::clone(&shared), request, remote.ip())
+                },
                 stopped(stop.clone()),
             )
         };
-        let status = {
-            let daemon = self.clone();
-            serve_status(daemon, status_listener, stopped(stop.clone()))
-        };
+        let status = crate::control::serve(self.clone(), control_listener, stopped(stop.clone()));
         let background = self.background(stopped(stop.clone()));
         let trigger = async move {
             shutdown.await;
@@ -258,7 +282,7 @@ impl Daemon {
         let shared = &self.shared;
         let mut schedules: HashMap<ContentId, (AnnounceSchedule, String)> = HashMap::new();
         let mut last_eviction = Instant::now();
-        self.enforce_cache_policy();
+        self.enforce_cache_policy(None);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -268,15 +292,24 @@ impl Daemon {
             }
             if last_eviction.elapsed() >= EVICTION_INTERVAL {
                 last_eviction = Instant::now();
-                self.enforce_cache_policy();
+                self.enforce_cache_policy(None);
             }
             self.announce_due(&mut schedules).await;
         }
     }
 
-    fn enforce_cache_policy(&self) {
+    /// Applies the cache limits, keeping the downloads running and `keep` (content just
+    /// downloaded, which its caller is about to read).
+    fn enforce_cache_policy(&self, keep: Option<ContentId>) {
         let shared = &self.shared;
-        let busy = shared.busy.lock().expect("never poisoned").clone();
+        let mut busy = shared.busy.lock().expect("never poisoned").clone();
+        busy.extend(keep);
+        let urls: HashMap<ContentId, String> = shared
+            .store
+            .entries()
+            .into_iter()
+            .map(|(id, entry)| (id, entry.url))
+            .collect();
         let removed = shared.store.enforce(
             shared.config.raw.daemon.max_cache_age,
             shared.config.daemon.max_cache_size,
@@ -284,6 +317,14 @@ impl Daemon {
         );
         if !removed.is_empty() {
             tracing::info!(evicted = removed.len(), "cache limits applied");
+            // Withdrawn by the announcer, including content a previous run announced.
+            let mut withdrawals = shared.withdrawals.lock().expect("never poisoned");
+            withdrawals.extend(
+                removed
+                    .into_iter()
+                    .filter_map(|id| urls.get(&id).map(|url| (id, url.clone()))),
+            );
+            shared.announce_now.notify_one();
         }
     }
 
@@ -292,17 +333,21 @@ impl Daemon {
         let shared = &self.shared;
         let entries = shared.store.entries();
         let now = Instant::now();
-        let gone: Vec<ContentId> = schedules
-            .keys()
-            .filter(|id| !entries.iter().any(|(held, _)| held == *id))
-            .copied()
+        let evicted = std::mem::take(&mut *shared.withdrawals.lock().expect("never poisoned"));
+        let mut gone: Vec<(ContentId, String)> = schedules
+            .iter()
+            .filter(|(id, _)| !entries.iter().any(|(held, _)| held == *id))
+            .map(|(id, (_, url))| (*id, url.clone()))
             .collect();
-        for id in gone {
+        for (id, url) in evicted {
+            if !gone.iter().any(|(listed, _)| *listed == id) {
+                gone.push((id, url));
+            }
+        }
+        for (id, url) in gone {
             // Evicted or abandoned: withdrawn (an announcement holding nothing), so downloaders
             // are not sent here until the TTL would have run out.
-            let Some((_, url)) = schedules.remove(&id) else {
-                continue;
-            };
+            schedules.remove(&id);
             if let Some(api) = shared.downloader.node_api(&url) {
                 let withdrawal = Announcement {
                     content_id: id,
@@ -357,6 +402,13 @@ impl Daemon {
         events: Option<mpsc::UnboundedSender<Event>>,
     ) -> Result<DaemonDownload, DownloadError> {
         let shared = &self.shared;
+        if !shared.config.raw.daemon.allow_private_urls {
+            if let Err(refusal) = crate::url_policy::check_public(url).await {
+                shared.stats.urls_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(url, %refusal, "download refused");
+                return Err(DownloadError::InvalidRequest(refusal.to_string()));
+            }
+        }
         let manifest = shared.downloader.fetch_manifest(url).await.map(Arc::new);
         let record_index = {
             let mut records = shared.records.lock().expect("never poisoned");
@@ -375,15 +427,50 @@ impl Daemon {
             });
             records.len() - 1
         };
-        let begin = match &manifest {
-            Some(manifest) => Some(
-                shared
-                    .store
-                    .begin(url, Arc::clone(manifest))
-                    .map_err(|error| DownloadError::disk("creating a cache entry", error))?,
-            ),
+        let begin_entry = |manifest: &Arc<Manifest>| {
+            shared
+                .store
+                .begin(url, Arc::clone(manifest))
+                .map_err(|error| {
+                    self.failed(
+                        record_index,
+                        DownloadError::disk("creating a cache entry", error),
+                    )
+                })
+        };
+        let mut begin = match &manifest {
+            Some(manifest) => Some(begin_entry(manifest)?),
             None => None,
         };
+        if let (Some(manifest), Some(Begin::Complete)) = (&manifest, begin) {
+            // Nothing leaves the cache unchecked: a copy altered on disk is dropped and
+            // downloaded again.
+            match self.intact_cached_copy(manifest).await {
+                Some(check) => {
+                    if let Some(expected) = sha256.filter(|expected| *expected != check.sha256) {
+                        return Err(self.failed(
+                            record_index,
+                            DownloadError::IntegrityMismatch {
+                                expected: hex::encode(expected),
+                                actual: hex::encode(check.sha256),
+                                detail: " (the cached copy matches the cache node's piece hashes)"
+                                    .into(),
+                            },
+                        ));
+                    }
+                    return Ok(self.cached(record_index, manifest));
+                }
+                None => {
+                    shared
+                        .stats
+                        .corrupt_copies_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(url, content = %manifest.content_id, "the cached copy fails its piece hashes: downloading it again");
+                    shared.store.drop_complete(manifest.content_id);
+                    begin = Some(begin_entry(manifest)?);
+                }
+            }
+        }
         // The content is cached only by the download that created its entry; a second download
         // of content already being downloaded runs beside it into a transient file.
         let cached_id = manifest
@@ -392,7 +479,7 @@ impl Daemon {
             .map(|manifest| manifest.content_id);
         let output = match (&manifest, begin) {
             (Some(manifest), Some(Begin::Complete)) => {
-                return Ok(self.cached(record_index, manifest.size, manifest.content_id));
+                return Ok(self.cached(record_index, manifest));
             }
             (Some(manifest), Some(Begin::Fresh)) => {
                 let id = manifest.content_id;
@@ -400,7 +487,7 @@ impl Daemon {
                 shared.store.data_path(id)
             }
             _ => {
-                let number = shared.next_file_ref.fetch_add(1, Ordering::Relaxed);
+                let number = shared.next_transient.fetch_add(1, Ordering::Relaxed);
                 shared
                     .config
                     .raw
@@ -437,7 +524,12 @@ impl Daemon {
                 .expect("never poisoned")
                 .retain(|busy| *busy != id);
             match &result {
-                Ok(_) => shared.store.completed(id),
+                Ok(_) => {
+                    shared.store.completed(id);
+                    // The cache grew: older content goes now rather than at the next periodic
+                    // pass, and is withdrawn from the tracker by the announcer.
+                    self.enforce_cache_policy(Some(id));
+                }
                 Err(_) => shared.store.abandon(id),
             }
             shared.announce_now.notify_one();
@@ -477,6 +569,7 @@ impl Daemon {
                 Ok(DaemonDownload {
                     status,
                     content_id: id,
+                    manifest,
                     path: output,
                 })
             }
@@ -488,8 +581,31 @@ impl Daemon {
         }
     }
 
-    /// The content is complete in the cache already: nothing to fetch.
-    fn cached(&self, record_index: usize, size: u64, id: ContentId) -> DaemonDownload {
+    /// Marks the download of `record_index` failed with `error`, and returns the error.
+    fn failed(&self, record_index: usize, error: DownloadError) -> DownloadError {
+        let mut records = self.shared.records.lock().expect("never poisoned");
+        let record = &mut records[record_index];
+        record.status = "Error".into();
+        record.error = Some(error.to_string());
+        error
+    }
+
+    /// Checks the cached copy of `manifest`'s content against its piece hashes; `None` when it
+    /// is unreadable, of another length or altered.
+    async fn intact_cached_copy(&self, manifest: &Arc<Manifest>) -> Option<integrity::FileCheck> {
+        let path = self.shared.store.data_path(manifest.content_id);
+        let hashes = Arc::clone(manifest);
+        let check = tokio::task::spawn_blocking(move || integrity::check_file(&path, &*hashes))
+            .await
+            .ok()?
+            .ok()?;
+        (check.len == manifest.size && check.first_bad_piece.is_none()).then_some(check)
+    }
+
+    /// The content is complete in the cache already (and checked): nothing to fetch.
+    fn cached(&self, record_index: usize, manifest: &Arc<Manifest>) -> DaemonDownload {
+        let size = manifest.size;
+        let id = manifest.content_id;
         let mut records = self.shared.records.lock().expect("never poisoned");
         let record = &mut records[record_index];
         record.status = "Complete".into();
@@ -516,6 +632,7 @@ impl Daemon {
                 bytes_by_peer: Default::default(),
             },
             content_id: Some(id),
+            manifest: Some(Arc::clone(manifest)),
             path: self.shared.store.data_path(id),
         }
     }
@@ -600,6 +717,11 @@ impl Daemon {
             "BytesUploadedThisMonth": shared.uploads.uploaded_this_month(),
             "CacheSizeBytes": shared.store.size_bytes(),
             "Announcements": load(&stats.announcements),
+            "UploadsRefused": load(&stats.uploads_refused),
+            "SlowPeersDropped": load(&stats.slow_peers_dropped),
+            "HandOversRefused": load(&stats.control_refused),
+            "UrlsRefused": load(&stats.urls_refused),
+            "CorruptCopiesDropped": load(&stats.corrupt_copies_dropped),
             "ConnectionsBySource": {
                 "Peers": load(&stats.peer_connections),
                 "CacheServer": load(&stats.cache_server_connections),
@@ -607,165 +729,6 @@ impl Daemon {
             },
         })
     }
-}
-
-/// The body of `POST /v1/downloads`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct HandOff {
-    /// The URL.
-    pub url: String,
-    /// The expected SHA-256, hex.
-    #[serde(default)]
-    pub sha256: Option<String>,
-}
-
-fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<ChannelBody> {
-    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
-    let mut response = Response::new(ChannelBody::full(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// Serves the local status API until `shutdown` resolves.
-pub async fn serve_status(
-    daemon: Daemon,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) {
-    peer_server::serve_http(
-        listener,
-        move |request, remote: SocketAddr| {
-            let daemon = daemon.clone();
-            async move {
-                if !remote.ip().is_loopback() {
-                    return text_response(StatusCode::FORBIDDEN, "local use only");
-                }
-                daemon.status_api(request).await
-            }
-        },
-        shutdown,
-    )
-    .await;
-}
-
-impl Daemon {
-    async fn status_api(&self, request: Request<Incoming>) -> Response<ChannelBody> {
-        let path = request.uri().path().to_owned();
-        match (request.method().clone(), path.as_str()) {
-            (Method::GET, "/v1/status") => json_response(StatusCode::OK, &self.status()),
-            (Method::GET, "/v1/perf-snap") => json_response(StatusCode::OK, &self.perf_snap()),
-            (Method::POST, "/v1/downloads") => {
-                let Ok(body) = http_body_util::Limited::new(request.into_body(), 64 * 1024)
-                    .collect()
-                    .await
-                else {
-                    return text_response(StatusCode::BAD_REQUEST, "body too large");
-                };
-                let Ok(hand_off) = serde_json::from_slice::<HandOff>(&body.to_bytes()) else {
-                    return text_response(StatusCode::BAD_REQUEST, "expected {\"url\": ...}");
-                };
-                let sha256 = match hand_off
-                    .sha256
-                    .as_deref()
-                    .map(crate::integrity::parse_sha256_hex)
-                {
-                    Some(Err(message)) => return text_response(StatusCode::BAD_REQUEST, &message),
-                    Some(Ok(digest)) => Some(digest),
-                    None => None,
-                };
-                match self.download(&hand_off.url, sha256, None).await {
-                    Ok(done) => {
-                        let file = format!(
-                            "f{}",
-                            self.shared.next_file_ref.fetch_add(1, Ordering::Relaxed)
-                        );
-                        self.shared
-                            .finished_files
-                            .lock()
-                            .expect("never poisoned")
-                            .insert(file.clone(), done.path);
-                        json_response(
-                            StatusCode::OK,
-                            &serde_json::json!({"status": done.status, "file": format!("/v1/files/{file}")}),
-                        )
-                    }
-                    Err(error) => json_response(
-                        StatusCode::OK,
-                        &serde_json::json!({"status": {
-                            "Status": "Error",
-                            "Error": error.to_string(),
-                            "ErrorSource": error.error_source(),
-                            "RetryLaterMayHelp": error.retry_later_may_help(),
-                        }}),
-                    ),
-                }
-            }
-            (Method::GET, path) if path.starts_with("/v1/files/") => {
-                // A reference handed out once, for one read; never a path.
-                let reference = &path["/v1/files/".len()..];
-                let Some(file) = self
-                    .shared
-                    .finished_files
-                    .lock()
-                    .expect("never poisoned")
-                    .remove(reference)
-                else {
-                    return text_response(StatusCode::NOT_FOUND, "no such file");
-                };
-                stream_file(file).await
-            }
-            _ => text_response(StatusCode::NOT_FOUND, "see docs/protocol.md, status API"),
-        }
-    }
-}
-
-/// Streams a whole file as the answer; transient files (content without a manifest, which is
-/// not cached) are deleted once sent.
-async fn stream_file(path: PathBuf) -> Response<ChannelBody> {
-    let delete = path
-        .parent()
-        .and_then(|parent| parent.file_name())
-        .is_some_and(|name| name == "transient");
-    let Ok(file) = tokio::fs::File::open(&path).await else {
-        return text_response(StatusCode::NOT_FOUND, "the file is gone");
-    };
-    let length = file.metadata().await.map(|meta| meta.len()).unwrap_or(0);
-    let (sender, receiver) = mpsc::channel(4);
-    tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut file = file;
-        let mut buffer = vec![0_u8; 256 * 1024];
-        loop {
-            match file.read(&mut buffer).await {
-                Ok(0) => break,
-                Ok(read) => {
-                    if sender
-                        .send(Ok(bytes::Bytes::copy_from_slice(&buffer[..read])))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    let _ = sender.send(Err(error)).await;
-                    break;
-                }
-            }
-        }
-        if delete {
-            let _ = tokio::fs::remove_file(&path).await;
-        }
-    });
-    let mut response = Response::new(ChannelBody::streamed(receiver));
-    if let Ok(value) = HeaderValue::from_str(&length.to_string()) {
-        response.headers_mut().insert(header::CONTENT_LENGTH, value);
-    }
-    response
 }
 
 #[cfg(test)]

@@ -174,6 +174,11 @@ impl Downloader {
         }
     }
 
+    /// The download cap in force, in bytes per second (a percentage cap once measured).
+    pub fn bandwidth_cap(&self) -> Option<u64> {
+        self.bandwidth.cap_bytes_per_sec()
+    }
+
     /// The cache-host bans, kept across downloads.
     pub fn bans(&self) -> &BanList {
         &self.bans
@@ -564,7 +569,7 @@ impl<'a> Engine<'a> {
                 )));
             }
         }
-        self.try_resume()?;
+        self.try_resume().await?;
         self.layout_from_manifest()?;
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -618,8 +623,9 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Loads the resume state when it belongs to this download.
-    fn try_resume(&mut self) -> Result<(), DownloadError> {
+    /// Loads the resume state when it belongs to this download. With piece hashes, the pieces
+    /// it records are checked again first: one altered on disk since is fetched again.
+    async fn try_resume(&mut self) -> Result<(), DownloadError> {
         let Some((state, done)) = self.paths.load_resumable(&self.request.url) else {
             self.paths.remove_all();
             return Ok(());
@@ -636,6 +642,33 @@ impl<'a> Engine<'a> {
         let file = PartialFile::open_existing(&self.paths.partial).map_err(|error| {
             DownloadError::disk(format!("opening {}", self.paths.partial.display()), error)
         })?;
+        let done = match self.request.piece_hashes.clone() {
+            Some(hashes) => {
+                let path = self.paths.partial.clone();
+                let (file_len, piece_len) = (state.file_len, state.piece_len);
+                let recorded = done.iter().filter(|done| **done).count();
+                let checked = tokio::task::spawn_blocking(move || {
+                    integrity::recheck_pieces(&path, file_len, piece_len, &done, hashes.as_ref())
+                })
+                .await
+                .map_err(|error| {
+                    DownloadError::disk("checking resumed pieces", std::io::Error::other(error))
+                })?
+                .map_err(|error| {
+                    DownloadError::disk(format!("checking {}", self.paths.partial.display()), error)
+                })?;
+                let dropped = recorded - checked.iter().filter(|done| **done).count();
+                if dropped > 0 {
+                    tracing::warn!(
+                        dropped,
+                        partial = %self.paths.partial.display(),
+                        "resumed pieces fail their hash: fetching them again"
+                    );
+                }
+                checked
+            }
+            None => done,
+        };
         self.piece_len = state.piece_len;
         let scheduler = Scheduler::new(state.file_len, state.piece_len, &done);
         self.resumed_bytes = scheduler.done_bytes();
@@ -842,16 +875,21 @@ impl<'a> Engine<'a> {
             duplicate,
         } = claim;
         tracing::trace!(index, duplicate, url = %context.url, "fetching piece");
+        let received = Arc::clone(&context.received);
         let abort = self.tasks.spawn(async move {
             let result = context
                 .fetch(source, range, Some(file_len), Some(&validator))
                 .await
                 .and_then(|response| {
+                    let fetched = response.data.len() as u64;
                     let piece = Scheduler::assemble(prefix.clone(), response.data);
                     match &piece_hashes {
                         Some(hashes)
                             if !integrity::piece_matches(hashes.as_ref(), index, &piece) =>
                         {
+                            // Bytes that failed their check were not downloaded in any useful
+                            // sense: the source's count (BytesFromPeers...) keeps verified bytes.
+                            received[source].fetch_sub(fetched, Ordering::Relaxed);
                             Err(RangeFailure::from(FetchError::PieceHash(index)))
                         }
                         _ => Ok(piece),
@@ -955,6 +993,7 @@ impl<'a> Engine<'a> {
             let piece = response.data;
             if let Some(hashes) = &self.request.piece_hashes {
                 if !integrity::piece_matches(hashes.as_ref(), 0, &piece) {
+                    self.received[source].fetch_sub(piece.len() as u64, Ordering::Relaxed);
                     let layout = self.layout.as_mut().expect("just set");
                     layout
                         .scheduler

@@ -38,11 +38,14 @@
 //!
 //! `peer-client daemon` adds:
 //!
-//! - [`daemon`]: runs this machine's downloads into the content cache, announces them, and
-//!   answers the local status API.
+//! - [`daemon`]: runs this machine's downloads into the content cache and announces them.
+//! - [`control`]: the local control API on a Unix socket (status, hand-over of downloads by the
+//!   daemon's user and root) and the CLI's client of it, which verifies what it writes.
+//! - [`url_policy`]: the daemon fetches public URLs only, unless configured otherwise.
 //! - [`store`]: the content cache (pieces of running downloads included) and its policy.
-//! - [`peer_server`]: the peer port, serving pieces to other machines.
-//! - [`uploads`]: upload rate, concurrency and monthly caps.
+//! - [`peer_server`]: the peer port, serving pieces to other machines; [`send_guard`] drops
+//!   peers that stop reading or read too slowly.
+//! - [`uploads`]: upload rate, concurrency (overall and per address) and monthly caps.
 //!
 //! Around them: [`config`] (the one config struct) and [`error`] (typed errors).
 
@@ -50,6 +53,7 @@ pub mod ban;
 pub mod bandwidth;
 pub mod cache_host;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod download;
 pub mod error;
@@ -60,10 +64,12 @@ pub mod partial;
 pub mod peer_server;
 pub mod progress;
 pub mod scheduler;
+pub mod send_guard;
 pub mod source;
 pub mod store;
 pub mod tracker;
 pub mod uploads;
+pub mod url_policy;
 
 pub use config::{Config, ValidConfig};
 pub use download::{DownloadRequest, Downloader};

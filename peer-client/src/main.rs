@@ -1,9 +1,10 @@
 //! The `peer-client` binary: parse arguments, load and validate the config, run one download
 //! with [`peer_client::Downloader`], show its progress and print its status.
 //!
-//! `peer-client daemon` serves peers on port 7680 and the local status API; `status` and
-//! `perf-snap` ask that API; `get` hands its work to the daemon when one is running (so the
-//! download is cached and served to peers) and downloads by itself otherwise.
+//! `peer-client daemon` serves peers on port 7680 and the local control API on a Unix socket;
+//! `status` and `perf-snap` ask that API; `get` hands its work to the daemon when one is running
+//! and accepts it from this user (so the download is cached and served to peers), and downloads
+//! by itself otherwise.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::mpsc;
 
+use peer_client::control::{self, ControlListener, HandOffOutcome};
 use peer_client::integrity::parse_sha256_hex;
 use peer_client::{Config, DownloadRequest, Downloader, Event};
 
@@ -33,9 +35,10 @@ struct Arguments {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Download a URL to a file (through the running daemon, if there is one).
+    /// Download a URL to a file (through the running daemon, when it takes this user's downloads:
+    /// its own user and root). The file is written only once verified.
     Get(GetArguments),
-    /// Run the daemon: serve cached pieces to peers, announce them, answer the status API.
+    /// Run the daemon: serve cached pieces to peers, announce them, answer the control API.
     Daemon,
     /// List the daemon's current and cached downloads (JSON, DO's field names).
     Status,
@@ -115,16 +118,14 @@ fn run_daemon(config: Config) -> anyhow::Result<ExitCode> {
         let peers = tokio::net::TcpListener::bind(config.daemon.listen)
             .await
             .with_context(|| format!("daemon.listen: cannot bind {}", config.daemon.listen))?;
-        let status = tokio::net::TcpListener::bind(config.daemon.status_listen)
-            .await
-            .with_context(|| {
-                format!("daemon.status_listen: cannot bind {}", config.daemon.status_listen)
-            })?;
+        let socket = config.raw.daemon.control_socket.clone();
+        let control = ControlListener::bind(&socket)
+            .with_context(|| format!("daemon.control_socket: cannot bind {}", socket.display()))?;
         let daemon = peer_client::daemon::Daemon::new(config, peers.local_addr()?)
             .context("cannot open daemon.cache_dir")?;
-        tracing::info!(peers = %peers.local_addr()?, status = %status.local_addr()?, "daemon running");
+        tracing::info!(peers = %peers.local_addr()?, control = %socket.display(), "daemon running");
         daemon
-            .run(peers, status, async {
+            .run(peers, control, async {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await;
@@ -132,75 +133,15 @@ fn run_daemon(config: Config) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// GETs a status API path and prints the JSON.
+/// GETs a control API path and prints the JSON.
 fn ask_daemon(config: Config, path: &str) -> anyhow::Result<ExitCode> {
     let config = config.validate()?;
-    let address = config.daemon.status_listen;
-    let url = format!("http://{address}{path}");
-    let text = runtime()?.block_on(async move {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Empty<bytes::Bytes>>();
-        let response = client
-            .get(url.parse()?)
-            .await
-            .with_context(|| format!("no daemon answers at {address} (daemon.status_listen)"))?;
-        let body = http_body_util::BodyExt::collect(response.into_body())
-            .await?
-            .to_bytes();
-        anyhow::Ok(String::from_utf8_lossy(&body).into_owned())
-    })?;
-    println!("{}", text.trim_end());
+    let socket = config.raw.daemon.control_socket;
+    let text = runtime()?
+        .block_on(control::get_text(&socket, path))
+        .context("is the daemon running? (daemon.control_socket)")?;
+    println!("{text}");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Hands the download to the daemon and copies the file out; `None` when no daemon answers.
-async fn hand_off(
-    address: std::net::SocketAddr,
-    get: &GetArguments,
-) -> anyhow::Result<Option<serde_json::Value>> {
-    use http_body_util::BodyExt;
-    if tokio::net::TcpStream::connect(address).await.is_err() {
-        return Ok(None);
-    }
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let body = serde_json::json!({"url": get.url, "sha256": get.sha256});
-    let request = http::Request::post(format!("http://{address}/v1/downloads"))
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            body.to_string(),
-        )))?;
-    let response = client.request(request).await?;
-    let answer: serde_json::Value =
-        serde_json::from_slice(&response.into_body().collect().await?.to_bytes())?;
-    let status = answer["status"].clone();
-    if status["Status"] != "Complete" {
-        anyhow::bail!(
-            "{}",
-            status["Error"]
-                .as_str()
-                .unwrap_or("the daemon's download failed")
-        );
-    }
-    let file = answer["file"]
-        .as_str()
-        .context("the daemon named no file")?;
-    let request = http::Request::get(format!("http://{address}{file}"))
-        .body(http_body_util::Full::new(bytes::Bytes::new()))?;
-    let mut body = client.request(request).await?.into_body();
-    let mut partial = get.output.as_os_str().to_owned();
-    partial.push(".peer-copy");
-    let partial = PathBuf::from(partial);
-    let mut output = tokio::fs::File::create(&partial).await?;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            tokio::io::AsyncWriteExt::write_all(&mut output, &data).await?;
-        }
-    }
-    output.sync_all().await?;
-    tokio::fs::rename(&partial, &get.output).await?;
-    Ok(Some(status))
 }
 
 fn run_get(mut config: Config, get: GetArguments) -> anyhow::Result<ExitCode> {
@@ -234,13 +175,24 @@ fn run_get(mut config: Config, get: GetArguments) -> anyhow::Result<ExitCode> {
             || get.delay_cache_fallback_secs.is_some()
             || get.max_download_bandwidth.is_some();
         if !get.no_daemon && !overridden {
-            if let Some(status) = hand_off(config.daemon.status_listen, &get).await? {
-                if get.json {
-                    println!("{}", serde_json::to_string_pretty(&status)?);
-                } else if !get.quiet {
-                    eprintln!("{}: downloaded by the daemon", get.output.display());
+            let socket = &config.raw.daemon.control_socket;
+            match control::hand_off(socket, &get.url, sha256, &get.output).await? {
+                HandOffOutcome::Done(status) => {
+                    if get.json {
+                        println!("{}", serde_json::to_string_pretty(&status)?);
+                    } else if !get.quiet {
+                        eprintln!("{}: downloaded by the daemon", get.output.display());
+                    }
+                    return Ok(ExitCode::SUCCESS);
                 }
-                return Ok(ExitCode::SUCCESS);
+                HandOffOutcome::NotPermitted(reason) => {
+                    if !get.quiet {
+                        eprintln!(
+                            "peer-client: the daemon does not take downloads from this user ({reason}); downloading in this process"
+                        );
+                    }
+                }
+                HandOffOutcome::NoDaemon => {}
             }
         }
         let downloader = Downloader::new(config);

@@ -3,6 +3,11 @@
 //! [`ContentStore`], including downloads still running, and only when every piece the range
 //! touches is on disk. Uploads go through the [`UploadLimits`].
 //!
+//! A peer cannot hold a connection, or an upload slot, for as long as it likes: the request head
+//! must arrive within `daemon.peer_header_timeout` (also the idle keep-alive limit), every
+//! connection's writes go through a [`SendGuard`] (send timeout and minimum rate), and one
+//! address holds at most `daemon.max_uploads_per_address` uploads.
+//!
 //! **Invariant:** no path is ever built from the request. The path must be `/content/` followed
 //! by exactly 64 lower-case hex digits; anything else is answered `404` before the store is
 //! asked, and the store only opens files under its root named by a [`ContentId`].
@@ -23,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::daemon::DaemonShared;
+use crate::send_guard::{SendGuard, SendLimits};
 use crate::store::ContentStore;
 use crate::tracker::ContentId;
 use crate::uploads::Refusal;
@@ -72,6 +78,19 @@ impl Body for ChannelBody {
             None => Poll::Ready(None),
         }
     }
+
+    fn is_end_stream(&self) -> bool {
+        self.fixed.is_none() && self.receiver.is_none()
+    }
+
+    /// A fixed body has a known length (sent as `Content-Length`, not chunked).
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match (&self.fixed, &self.receiver) {
+            (Some(bytes), None) => hyper::body::SizeHint::with_exact(bytes.len() as u64),
+            (None, None) => hyper::body::SizeHint::with_exact(0),
+            _ => hyper::body::SizeHint::default(),
+        }
+    }
 }
 
 /// A plain-text answer.
@@ -85,9 +104,62 @@ pub fn text_response(status: StatusCode, text: &str) -> Response<ChannelBody> {
     response
 }
 
-/// Serves HTTP/1.1 on `listener` with `handler` until `shutdown` resolves.
-pub async fn serve_http<H, F>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>)
+/// How the peer port treats its connections.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// The request head must arrive within this time (also the idle keep-alive limit).
+    pub header_timeout: std::time::Duration,
+    /// Send timeout and minimum rate.
+    pub send: SendLimits,
+    /// Counts the connections dropped for reading too slowly.
+    pub dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ConnectionLimits {
+    /// The limits of `daemon.*` in `config`, counting drops in `dropped`.
+    pub fn from_config(
+        config: &crate::config::DaemonConfig,
+        dropped: Arc<std::sync::atomic::AtomicU64>,
+    ) -> ConnectionLimits {
+        ConnectionLimits {
+            header_timeout: config.peer_header_timeout,
+            send: SendLimits {
+                send_timeout: config.upload_send_timeout,
+                floor_bytes_per_sec: config.upload_min_bytes_per_sec,
+                window: config.upload_min_rate_window,
+            },
+            dropped,
+        }
+    }
+}
+
+/// Serves one HTTP/1.1 connection with `handler`, closing it when the request head takes longer
+/// than `header_timeout`.
+pub async fn serve_connection<I, H, F>(io: I, header_timeout: std::time::Duration, handler: H)
 where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + 'static,
+    F: Future<Output = Response<ChannelBody>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let answer = handler(request);
+        async move { Ok::<_, Infallible>(answer.await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+}
+
+/// Serves HTTP/1.1 on `listener` with `handler` until `shutdown` resolves, each connection
+/// under `limits`.
+pub async fn serve_http<H, F>(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
     H: Fn(Request<Incoming>, std::net::SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ChannelBody>> + Send + 'static,
 {
@@ -106,15 +178,12 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let answer = handler(request, remote);
-                async move { Ok::<_, Infallible>(answer.await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        let stream = SendGuard::new(stream, limits.send, Arc::clone(&limits.dropped));
+        tokio::spawn(serve_connection(
+            stream,
+            limits.header_timeout,
+            move |request| handler(request, remote),
+        ));
     }
 }
 
@@ -142,10 +211,11 @@ pub fn parse_range(value: Option<&str>, len: u64) -> Result<std::ops::Range<u64>
     Ok(first..end)
 }
 
-/// Answers one peer request.
+/// Answers one peer request from `peer`.
 pub async fn handle(
     shared: Arc<DaemonShared>,
     request: Request<Incoming>,
+    peer: std::net::IpAddr,
 ) -> Response<ChannelBody> {
     if request.method() != Method::GET {
         let mut response = text_response(StatusCode::METHOD_NOT_ALLOWED, "only GET");
@@ -189,11 +259,13 @@ pub async fn handle(
         return text_response(StatusCode::NOT_FOUND, "those pieces are not here (yet)");
     }
     let length = range.end - range.start;
-    let upload = match shared.uploads.start(length) {
+    let upload = match shared.uploads.start(length, peer) {
         Ok(upload) => upload,
         Err(refusal) => {
+            shared.stats.uploads_refused.fetch_add(1, Ordering::Relaxed);
             let text = match refusal {
                 Refusal::Busy => "too many uploads",
+                Refusal::AddressBusy => "too many uploads to this address",
                 Refusal::MonthlyCapReached => "monthly upload cap reached",
             };
             let mut response = text_response(StatusCode::SERVICE_UNAVAILABLE, text);

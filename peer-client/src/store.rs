@@ -205,6 +205,18 @@ impl ContentStore {
         let _ = std::fs::remove_dir_all(self.dir(id));
     }
 
+    /// Drops the complete content `id` (its copy on disk is corrupt); an entry being downloaded
+    /// again meanwhile is left alone. Returns true when something was dropped.
+    pub fn drop_complete(&self, id: ContentId) -> bool {
+        let mut entries = self.lock();
+        if !entries.get(&id).is_some_and(|entry| entry.complete) {
+            return false;
+        }
+        entries.remove(&id);
+        let _ = std::fs::remove_dir_all(self.dir(id));
+        true
+    }
+
     /// Records a use (an upload) of `id`.
     pub fn touch(&self, id: ContentId) {
         if let Some(entry) = self.lock().get_mut(&id) {

@@ -1,11 +1,14 @@
 //! Upload limits of the daemon: the rate cap (`max_upload_bandwidth`, a governor limiter shared
-//! by every upload), the number of uploads at once (`max_concurrent_uploads`) and the monthly
-//! cap (`monthly_upload_cap`), whose count is kept in `uploads.json` in the cache directory so a
-//! restart does not reset it.
+//! by every upload), the number of uploads at once (`max_concurrent_uploads`, and
+//! `max_uploads_per_address` of them for one peer address, so one machine cannot hold every
+//! slot) and the monthly cap (`monthly_upload_cap`), whose count is kept in `uploads.json` in
+//! the cache directory so a restart does not reset it.
 //!
 //! An upload reserves its bytes against the monthly cap before it starts, so concurrent uploads
 //! cannot overshoot it; bytes an upload did not send after all (the peer hung up) are given back.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -29,6 +32,8 @@ struct MonthlyCount {
 pub enum Refusal {
     /// `max_concurrent_uploads` are running.
     Busy,
+    /// `max_uploads_per_address` are running for this peer address.
+    AddressBusy,
     /// The monthly cap is reached.
     MonthlyCapReached,
 }
@@ -39,6 +44,8 @@ pub struct UploadLimits {
     bandwidth: Bandwidth,
     slots: Arc<Semaphore>,
     max_concurrent: usize,
+    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_address: usize,
     monthly_cap: Option<u64>,
     count: Arc<Mutex<MonthlyCount>>,
     path: PathBuf,
@@ -48,6 +55,7 @@ pub struct UploadLimits {
 #[derive(Debug)]
 pub struct Upload {
     _permit: OwnedSemaphorePermit,
+    _address_slot: AddressSlot,
     /// Charges the shared rate cap.
     pub meter: BandwidthMeter,
     reserved: u64,
@@ -69,6 +77,25 @@ impl Drop for Upload {
             // Dropped without `finish` (the task was cancelled): keep the count, the bytes may
             // have left.
             self.limits.persist();
+        }
+    }
+}
+
+/// One upload counted against its peer address; the count goes down when it is dropped.
+#[derive(Debug)]
+struct AddressSlot {
+    address: IpAddr,
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().expect("never poisoned");
+        if let Some(count) = counts.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.address);
+            }
         }
     }
 }
@@ -98,11 +125,13 @@ pub fn current_month(now: SystemTime) -> String {
 }
 
 impl UploadLimits {
-    /// Limits as configured; the monthly count is read from `cache_dir/uploads.json`.
+    /// Limits as configured; the monthly count is read from `cache_dir/uploads.json`. One
+    /// peer address may hold at most `max_per_address` of the `max_concurrent` slots.
     pub fn new(
         cache_dir: &std::path::Path,
         rate: BandwidthLimit,
         max_concurrent: usize,
+        max_per_address: usize,
         monthly_cap: Option<u64>,
     ) -> UploadLimits {
         let path = cache_dir.join("uploads.json");
@@ -114,6 +143,8 @@ impl UploadLimits {
             bandwidth: Bandwidth::new(rate),
             slots: Arc::new(Semaphore::new(max_concurrent)),
             max_concurrent,
+            per_address: Arc::new(Mutex::new(HashMap::new())),
+            max_per_address,
             monthly_cap,
             count: Arc::new(Mutex::new(count)),
             path,
@@ -132,8 +163,20 @@ impl UploadLimits {
         count.bytes
     }
 
-    /// Starts an upload of `bytes`, or says why not.
-    pub fn start(&self, bytes: u64) -> Result<Upload, Refusal> {
+    /// Starts an upload of `bytes` to `peer`, or says why not.
+    pub fn start(&self, bytes: u64, peer: IpAddr) -> Result<Upload, Refusal> {
+        let address_slot = {
+            let mut counts = self.per_address.lock().expect("never poisoned");
+            let count = counts.entry(peer).or_insert(0);
+            if *count >= self.max_per_address {
+                return Err(Refusal::AddressBusy);
+            }
+            *count += 1;
+            AddressSlot {
+                address: peer,
+                counts: Arc::clone(&self.per_address),
+            }
+        };
         let permit = Arc::clone(&self.slots)
             .try_acquire_owned()
             .map_err(|_| Refusal::Busy)?;
@@ -150,6 +193,7 @@ impl UploadLimits {
         self.persist();
         Ok(Upload {
             _permit: permit,
+            _address_slot: address_slot,
             meter: self.bandwidth.meter(),
             reserved: bytes,
             limits: self.clone(),
@@ -190,6 +234,10 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const OTHER_PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+    const THIRD_PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 3));
+
     #[test]
     fn months_are_utc_calendar_months() {
         let at = |secs: u64| current_month(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
@@ -203,33 +251,72 @@ mod tests {
     #[test]
     fn the_monthly_cap_holds_across_a_restart_and_unused_bytes_come_back() {
         let directory = tempfile::tempdir().unwrap();
-        let limits = UploadLimits::new(directory.path(), BandwidthLimit::Unlimited, 4, Some(1000));
-        let upload = limits.start(600).unwrap();
+        let limits = UploadLimits::new(
+            directory.path(),
+            BandwidthLimit::Unlimited,
+            4,
+            4,
+            Some(1000),
+        );
+        let upload = limits.start(600, PEER).unwrap();
         upload.finish(600);
-        let cut = limits.start(300).unwrap();
+        let cut = limits.start(300, PEER).unwrap();
         cut.finish(100);
         assert_eq!(limits.uploaded_this_month(), 700);
-        assert_eq!(limits.start(400).unwrap_err(), Refusal::MonthlyCapReached);
-
-        let restarted =
-            UploadLimits::new(directory.path(), BandwidthLimit::Unlimited, 4, Some(1000));
-        assert_eq!(restarted.uploaded_this_month(), 700);
         assert_eq!(
-            restarted.start(400).unwrap_err(),
+            limits.start(400, PEER).unwrap_err(),
             Refusal::MonthlyCapReached
         );
-        restarted.start(300).unwrap().finish(300);
-        assert_eq!(restarted.start(1).unwrap_err(), Refusal::MonthlyCapReached);
+
+        let restarted = UploadLimits::new(
+            directory.path(),
+            BandwidthLimit::Unlimited,
+            4,
+            4,
+            Some(1000),
+        );
+        assert_eq!(restarted.uploaded_this_month(), 700);
+        assert_eq!(
+            restarted.start(400, PEER).unwrap_err(),
+            Refusal::MonthlyCapReached
+        );
+        restarted.start(300, PEER).unwrap().finish(300);
+        assert_eq!(
+            restarted.start(1, PEER).unwrap_err(),
+            Refusal::MonthlyCapReached
+        );
     }
 
     #[test]
     fn uploads_beyond_the_concurrency_limit_are_refused() {
         let directory = tempfile::tempdir().unwrap();
-        let limits = UploadLimits::new(directory.path(), BandwidthLimit::Unlimited, 2, None);
-        let first = limits.start(1).unwrap();
-        let _second = limits.start(1).unwrap();
-        assert_eq!(limits.start(1).unwrap_err(), Refusal::Busy);
+        let limits = UploadLimits::new(directory.path(), BandwidthLimit::Unlimited, 2, 2, None);
+        let first = limits.start(1, PEER).unwrap();
+        let _second = limits.start(1, OTHER_PEER).unwrap();
+        assert_eq!(limits.start(1, PEER).unwrap_err(), Refusal::Busy);
+        assert_eq!(limits.start(1, THIRD_PEER).unwrap_err(), Refusal::Busy);
         first.finish(1);
-        assert!(limits.start(1).is_ok());
+        assert!(limits.start(1, THIRD_PEER).is_ok());
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_the_slots() {
+        let directory = tempfile::tempdir().unwrap();
+        let limits = UploadLimits::new(directory.path(), BandwidthLimit::Unlimited, 8, 2, None);
+        let first = limits.start(1, PEER).unwrap();
+        let second = limits.start(1, PEER).unwrap();
+        assert_eq!(limits.start(1, PEER).unwrap_err(), Refusal::AddressBusy);
+        // Other machines still get slots, and the address gets one back when an upload ends,
+        // whether it finished or was dropped (a connection cut).
+        let other = limits.start(1, OTHER_PEER).unwrap();
+        assert_eq!(limits.active(), 3);
+        first.finish(1);
+        let third = limits.start(1, PEER).unwrap();
+        drop(second);
+        let fourth = limits.start(1, PEER).unwrap();
+        assert_eq!(limits.start(1, PEER).unwrap_err(), Refusal::AddressBusy);
+        drop((other, third, fourth));
+        assert_eq!(limits.active(), 0);
+        assert!(limits.per_address.lock().unwrap().is_empty());
     }
 }

@@ -5,12 +5,15 @@
 
 #![allow(dead_code)]
 
+pub mod swarm;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cache_node::config::OriginConfig;
 use cache_node::node::Node;
+use peer_client::control::ControlListener;
 use peer_client::daemon::{Daemon, DaemonDownload};
 use peer_client::{Config, DownloadError, DownloadRequest, Downloader, Event, Status};
 use tokio::sync::mpsc;
@@ -225,19 +228,22 @@ pub fn scratch_dir() -> PathBuf {
 pub struct TestDaemon {
     pub daemon: Daemon,
     pub peer_addr: SocketAddr,
-    pub status_addr: SocketAddr,
+    /// The control API's Unix socket (in the cache directory).
+    pub control_socket: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     pub cache_dir: tempfile::TempDir,
 }
 
-/// A daemon config: mode 1 through `node`, files from 1 MiB peered, no fsync.
+/// A daemon config: mode 1 through `node`, files from 1 MiB peered, no fsync, the control
+/// socket in the cache directory, and the test origins on 127.0.0.x allowed.
 pub fn daemon_config(node: SocketAddr, cache_dir: &Path) -> Config {
     let mut config = peer_config(&[node]);
     config.download_mode = 1;
     config.daemon.min_file_size_to_cache = "1MiB".into();
     config.daemon.cache_dir = cache_dir.to_path_buf();
-    config.daemon.status_listen = "127.0.0.1:0".into();
+    config.daemon.control_socket = cache_dir.join("control.sock");
+    config.daemon.allow_private_urls = true;
     config
 }
 
@@ -253,23 +259,35 @@ impl TestDaemon {
         cache_dir: tempfile::TempDir,
         tweak: impl FnOnce(&mut Config),
     ) -> TestDaemon {
+        Self::start_with_control(ip, node, cache_dir, tweak, |control| control).await
+    }
+
+    /// Like [`TestDaemon::start_in`], with `control` applied to the bound control listener
+    /// (a test makes the daemon believe it runs as another user).
+    pub async fn start_with_control(
+        ip: &str,
+        node: SocketAddr,
+        cache_dir: tempfile::TempDir,
+        tweak: impl FnOnce(&mut Config),
+        control: impl FnOnce(ControlListener) -> ControlListener,
+    ) -> TestDaemon {
         let mut config = daemon_config(node, cache_dir.path());
         tweak(&mut config);
         let peers = tokio::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))
             .await
             .unwrap();
-        let status = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let control_socket = config.daemon.control_socket.clone();
+        let listener = control(ControlListener::bind(&control_socket).unwrap());
         let peer_addr = peers.local_addr().unwrap();
-        let status_addr = status.local_addr().unwrap();
         let daemon = Daemon::new(config.validate().unwrap(), peer_addr).unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(daemon.clone().run(peers, status, async move {
+        let task = tokio::spawn(daemon.clone().run(peers, listener, async move {
             let _ = stopped.await;
         }));
         TestDaemon {
             daemon,
             peer_addr,
-            status_addr,
+            control_socket,
             stop: Some(stop),
             task: Some(task),
             cache_dir,
