@@ -87,13 +87,12 @@ async fn stream_ranges(target: Target, until: Instant, seed: u64, counters: Arc<
             let object = (state >> 33) as usize % WARM_OBJECTS;
             let slice = (state >> 40) as usize % WARM_MIB;
             let first = slice << 20;
-            let request = http::Request::get(
-                target.path_and_query(&format!("/bench/warm-{object}.bin")),
-            )
-            .header("host", ORIGIN_HOST)
-            .header("range", format!("bytes={first}-{}", first + (1 << 20) - 1))
-            .body(Empty::new())
-            .unwrap();
+            let request =
+                http::Request::get(target.path_and_query(&format!("/bench/warm-{object}.bin")))
+                    .header("host", ORIGIN_HOST)
+                    .header("range", format!("bytes={first}-{}", first + (1 << 20) - 1))
+                    .body(Empty::new())
+                    .unwrap();
             let Ok(response) = sender.send_request(request).await else {
                 counters.streamed_failed.fetch_add(1, Ordering::Relaxed);
                 continue 'connection;

@@ -82,7 +82,10 @@ async fn concurrent_clients(
 async fn origin_sent(origin: &MockOrigin, total: u64) -> Instant {
     let deadline = Instant::now() + Duration::from_secs(60);
     while origin.bytes_sent() < total {
-        assert!(Instant::now() < deadline, "the origin never sent {total} bytes");
+        assert!(
+            Instant::now() < deadline,
+            "the origin never sent {total} bytes"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     Instant::now()

@@ -478,10 +478,15 @@ async fn announcements_expire_unless_renewed_and_bounds_refuse_with_retry_after(
     // (bounded wait on the node's real clock) while the renewed one stays listed throughout.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        assert_eq!(announce_from(&node, "127.0.0.2", holding.clone()).await.0, 200);
+        assert_eq!(
+            announce_from(&node, "127.0.0.2", holding.clone()).await.0,
+            200
+        );
         let listed = peers_from(&node, "127.0.0.9", &query).await;
         assert!(
-            listed.iter().any(|address| address.starts_with("127.0.0.2:")),
+            listed
+                .iter()
+                .any(|address| address.starts_with("127.0.0.2:")),
             "a renewed announcement never expires: {listed:?}"
         );
         if listed.len() == 1 {

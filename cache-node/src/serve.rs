@@ -785,9 +785,14 @@ impl BodyProducer {
                         start: window_start,
                         end: window_end,
                     };
-                    let sent =
-                        send_stored(&self.node, &self.entry, window, self.zero_copy, &self.sender)
-                            .await;
+                    let sent = send_stored(
+                        &self.node,
+                        &self.entry,
+                        window,
+                        self.zero_copy,
+                        &self.sender,
+                    )
+                    .await;
                     let error = match sent {
                         Ok(()) => return Ok(()),
                         Err(StoredError::ClientGone) => return Err(SendError::ClientGone),

@@ -52,7 +52,10 @@ mod tests {
         let path = directory.join("example.toml");
         std::fs::write(&path, "top = 1\n[server]\nlisten = \"0.0.0.0:80\"\n").unwrap();
         let env = HashMap::from([
-            ("EXAMPLE__SERVER__LISTEN".to_owned(), "127.0.0.1:8080".to_owned()),
+            (
+                "EXAMPLE__SERVER__LISTEN".to_owned(),
+                "127.0.0.1:8080".to_owned(),
+            ),
             ("OTHER__TOP".to_owned(), "9".to_owned()),
         ]);
         let loaded: Example = load("EXAMPLE", Some(&path), Some(env)).unwrap();
