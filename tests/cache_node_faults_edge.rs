@@ -821,7 +821,7 @@ async fn the_peering_api_refuses_what_it_must_and_sweeps_what_expires() {
         .collect();
     for bad in [
         json!({"content_id": content_id, "port": 7680, "pieces": scattered}),
-        json!({"content_id": content_id, "port": 7680, "pieces": [[0, 4_294_967_296u64]]}),
+        json!({"content_id": content_id, "port": 7680, "pieces": [[0.5, 3]]}),
         json!({"content_id": content_id, "port": 7680, "pieces": [[-1, 3]]}),
         json!({"content_id": content_id, "port": 7680, "pieces": [[9, 3]]}),
         json!({"content_id": content_id, "port": 70000, "complete": true}),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
-use peer_client::tracker::{ContentId, NodeApi};
+use peer_client::tracker::{ContentId, NodeApi, PeerHoldings};
 use peer_client::{Config, Event};
 
 use peer_common::swarm::{

@@ -374,18 +374,11 @@ impl Config {
         path: Option<&Path>,
         env: Option<std::collections::HashMap<String, String>>,
     ) -> Result<Config, ConfigError> {
-        let mut builder = config::Config::builder();
-        if let Some(path) = path {
-            builder = builder.add_source(config::File::from(path).required(true));
-        }
-        let environment = config::Environment::with_prefix("CACHE_NODE")
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .source(env);
-        builder = builder.add_source(environment);
-        let loaded = builder.build()?;
-        Ok(loaded.try_deserialize()?)
+        Ok(outpost_shared::config_loading::load(
+            "CACHE_NODE",
+            path,
+            env,
+        )?)
     }
 
     /// Checks every value and parses sizes and addresses.
@@ -601,32 +594,7 @@ pub(crate) fn parse_block_size(key: &str, text: &str) -> Result<u64, ConfigError
     Ok(bytes)
 }
 
-/// Parses a size such as `"10GiB"`, `"512 MiB"` or `"4096"` (bytes) into bytes.
-///
-/// Only binary units (KiB, MiB, GiB, TiB) and plain bytes are accepted. Decimal units such as
-/// "GB" are refused on purpose: disk tools disagree on what they mean, and an operator sizing a
-/// cache drive should not lose 7% to an ambiguity.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let split_at = trimmed
-        .find(|character: char| !character.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(split_at);
-    let not_a_size = || format!("\"{text}\" is not a size; use e.g. \"10GiB\"");
-    if digits.is_empty() {
-        return Err(not_a_size());
-    }
-    let number: u64 = digits.parse().map_err(|_| not_a_size())?;
-    let multiplier: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        _ => return Err(not_a_size()),
-    };
-    number.checked_mul(multiplier).ok_or_else(not_a_size)
-}
+pub use outpost_shared::units::parse_size;
 
 #[cfg(test)]
 mod tests {

@@ -33,7 +33,12 @@ impl CacheKey {
 
     /// A fixed-length, file-system-safe identifier: the lower-case hex SHA-256 of the key text.
     pub fn object_id(&self) -> String {
-        hex::encode(Sha256::digest(self.text.as_bytes()))
+        self.content_id().to_hex()
+    }
+
+    /// The object id as the peering protocol's content id (the same SHA-256).
+    pub fn content_id(&self) -> outpost_shared::wire::ContentId {
+        outpost_shared::wire::ContentId(Sha256::digest(self.text.as_bytes()).into())
     }
 }
 

@@ -438,18 +438,7 @@ impl UpstreamClient {
     }
 }
 
-/// Formats an error with its sources, so a log line says "connection refused" and not only
-/// "client error (Connect)".
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
-}
+pub use outpost_shared::errors::error_chain;
 
 #[cfg(test)]
 mod tests {

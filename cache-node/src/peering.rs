@@ -28,6 +28,8 @@ use crate::node::Node;
 use crate::pieces::{self, CollectError};
 use crate::router;
 use crate::serve::ResponseBody;
+use outpost_shared::wire::{self, Announced, Manifest, PeerList};
+
 use crate::tracker::{self, Announcement, ContentId, Scope, Tracker};
 
 /// The largest announcement body accepted. [`tracker::MAX_PIECE_RANGES`] ranges and a group id
@@ -216,58 +218,6 @@ impl Peering {
     }
 }
 
-/// The manifest document.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Manifest {
-    /// The content id: lower-case hex SHA-256 of the cache key. Peers announce and look up by it.
-    pub content_id: String,
-    /// The cache key text (origin host, path and query).
-    pub key: String,
-    /// The complete length in bytes.
-    pub size: u64,
-    /// The origin's `ETag`, if it sent one.
-    pub etag: Option<String>,
-    /// The origin's `Last-Modified`, if it sent one.
-    pub last_modified: Option<String>,
-    /// The piece length in bytes; the last piece may be shorter.
-    pub piece_size: u64,
-    /// The lower-case hex SHA-256 of each piece, in order.
-    pub pieces: Vec<String>,
-}
-
-/// The body of `POST /_outpost/v1/announce`. Unknown fields are ignored, so newer peers can
-/// send more.
-#[derive(Debug, Deserialize)]
-struct AnnounceRequest {
-    content_id: String,
-    port: u16,
-    #[serde(default)]
-    group_id: Option<String>,
-    #[serde(default)]
-    pieces: Vec<tracker::PieceRange>,
-    #[serde(default)]
-    complete: bool,
-    #[serde(default)]
-    active_uploads: u32,
-}
-
-/// The answer to an accepted announcement.
-#[derive(Debug, Serialize)]
-struct AnnounceAnswer {
-    /// The address other peers will be given: the connection's source address and the port.
-    address: SocketAddr,
-    /// Seconds the announcement lives unless renewed.
-    ttl_secs: u64,
-}
-
-/// The answer to a peer query.
-#[derive(Debug, Serialize)]
-struct PeersAnswer {
-    content_id: String,
-    mode: u8,
-    peers: Vec<tracker::PeerInfo>,
-}
-
 /// Handles one request that [`router::is_api_request`] recognised.
 pub async fn handle(node: Arc<Node>, request: Request<Incoming>) -> Response<ResponseBody> {
     let Some(peering) = node.peering.as_ref() else {
@@ -435,13 +385,13 @@ async fn manifest(
                 return json_response(
                     StatusCode::OK,
                     &Manifest {
-                        content_id: entry.key.object_id(),
+                        content_id: entry.key.content_id(),
                         key: entry.key.as_str().to_owned(),
                         size: meta.length,
                         etag: meta.etag.clone(),
                         last_modified: meta.last_modified.clone(),
                         piece_size: pieces::piece_len(peering.piece_len, meta.slice_len),
-                        pieces: hashes.iter().map(hex::encode).collect(),
+                        pieces: hashes,
                     },
                 );
             }
@@ -514,7 +464,8 @@ async fn announce(
             )
         }
     };
-    let parsed: AnnounceRequest = match serde_json::from_slice(&body) {
+    // A content id that is not 64 lower-case hex digits fails here, with serde's message.
+    let parsed: wire::Announcement = match serde_json::from_slice(&body) {
         Ok(parsed) => parsed,
         Err(error) => {
             return json_error(
@@ -523,9 +474,7 @@ async fn announce(
             )
         }
     };
-    let Some(content_id) = ContentId::parse(&parsed.content_id) else {
-        return json_error(StatusCode::BAD_REQUEST, "content_id must be 64 hex digits");
-    };
+    let content_id = parsed.content_id;
     if parsed.port == 0 {
         return json_error(StatusCode::BAD_REQUEST, "port must be 1-65535");
     }
@@ -568,7 +517,7 @@ async fn announce(
                 .inc_by(announced.evicted as u64);
             json_response(
                 StatusCode::OK,
-                &AnnounceAnswer {
+                &Announced {
                     address,
                     ttl_secs: ttl.as_secs(),
                 },
@@ -623,8 +572,8 @@ fn peers(
     node.stats.peer_queries.inc();
     json_response(
         StatusCode::OK,
-        &PeersAnswer {
-            content_id: content_id.to_hex(),
+        &PeerList {
+            content_id,
             mode: mode.unwrap_or_default(),
             peers: found,
         },

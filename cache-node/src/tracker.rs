@@ -35,7 +35,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
-use serde::Serialize;
+
 use tokio::time::Instant;
 
 use crate::peering::PeeringConfig;
@@ -51,26 +51,7 @@ pub const MAX_GROUP_ID_LEN: usize = 128;
 /// How often the full sweep of expired peers may run when a bound is hit.
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A content id: the SHA-256 object id of a cache key, as in [`crate::key::CacheKey::object_id`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ContentId(pub [u8; 32]);
-
-impl ContentId {
-    /// Parses 64 hex digits (either case).
-    pub fn parse(text: &str) -> Option<ContentId> {
-        let mut id = [0u8; 32];
-        hex::decode_to_slice(text, &mut id).ok()?;
-        Some(ContentId(id))
-    }
-
-    /// The lower-case hex form.
-    pub fn to_hex(self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-/// An inclusive range of piece indexes, `[first, last]` on the wire.
-pub type PieceRange = (u32, u32);
+pub use outpost_shared::wire::{ContentId, PeerInfo, PieceRange};
 
 /// What a peer announces for one content id.
 #[derive(Debug, Clone)]
@@ -116,21 +97,6 @@ pub enum Scope {
     Any,
 }
 
-/// One peer in a query's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PeerInfo {
-    /// Where to connect: the announcing connection's source address and the claimed peer port.
-    pub address: SocketAddr,
-    /// True when it holds every piece.
-    pub complete: bool,
-    /// The pieces it holds, as inclusive `[first, last]` ranges.
-    pub pieces: Vec<PieceRange>,
-    /// Uploads it reported serving.
-    pub active_uploads: u32,
-    /// Seconds until the announcement expires unless renewed.
-    pub expires_in_secs: u64,
-}
-
 #[derive(Debug, Clone)]
 struct PeerRecord {
     /// When it was last announced or renewed, in the tracker's renewal order.
@@ -147,8 +113,8 @@ impl PeerRecord {
     fn piece_total(&self) -> u64 {
         self.pieces
             .iter()
-            .map(|(first, last)| u64::from(last - first) + 1)
-            .sum()
+            .map(|[first, last]| (last - first).saturating_add(1))
+            .fold(0, u64::saturating_add)
     }
 }
 
@@ -280,17 +246,17 @@ pub struct Tracker {
 /// Sorts, merges and bounds piece ranges. Returns `None` when a range is inverted or there are more
 /// than [`MAX_PIECE_RANGES`] after merging.
 pub fn normalise_ranges(mut ranges: Vec<PieceRange>) -> Option<Vec<PieceRange>> {
-    if ranges.iter().any(|(first, last)| first > last) {
+    if ranges.iter().any(|[first, last]| first > last) {
         return None;
     }
     ranges.sort_unstable();
     let mut merged: Vec<PieceRange> = Vec::with_capacity(ranges.len());
-    for (first, last) in ranges {
+    for [first, last] in ranges {
         match merged.last_mut() {
-            Some((_, merged_last)) if first <= merged_last.saturating_add(1) => {
+            Some([_, merged_last]) if first <= merged_last.saturating_add(1) => {
                 *merged_last = (*merged_last).max(last);
             }
-            _ => merged.push((first, last)),
+            _ => merged.push([first, last]),
         }
     }
     (merged.len() <= MAX_PIECE_RANGES).then_some(merged)
@@ -506,7 +472,7 @@ mod tests {
             content_id,
             address: address.parse().unwrap(),
             group_id: None,
-            pieces: vec![(0, 9)],
+            pieces: vec![[0, 9]],
             complete: false,
             active_uploads: 0,
         }
@@ -517,9 +483,10 @@ mod tests {
     }
 
     #[test]
-    fn content_ids_are_64_hex_digits() {
-        let id = ContentId::parse(&"Ab".repeat(32)).unwrap();
+    fn content_ids_are_64_lower_case_hex_digits() {
+        let id = ContentId::parse(&"ab".repeat(32)).unwrap();
         assert_eq!(id.to_hex(), "ab".repeat(32));
+        assert!(ContentId::parse(&"Ab".repeat(32)).is_none());
         assert!(ContentId::parse("ab").is_none());
         assert!(ContentId::parse(&"zz".repeat(32)).is_none());
         assert!(ContentId::parse(&"ab".repeat(33)).is_none());
@@ -528,20 +495,21 @@ mod tests {
     #[test]
     fn piece_ranges_are_sorted_merged_and_bounded() {
         assert_eq!(
-            normalise_ranges(vec![(5, 7), (0, 2), (3, 3), (6, 9), (20, 20), (4, 4)]),
-            Some(vec![(0, 9), (20, 20)])
+            normalise_ranges(vec![[5, 7], [0, 2], [3, 3], [6, 9], [20, 20], [4, 4]]),
+            Some(vec![[0, 9], [20, 20]])
         );
         assert_eq!(
-            normalise_ranges(vec![(5, 7), (0, 3)]),
-            Some(vec![(0, 3), (5, 7)])
+            normalise_ranges(vec![[5, 7], [0, 3]]),
+            Some(vec![[0, 3], [5, 7]])
         );
-        assert_eq!(normalise_ranges(vec![(3, 1)]), None);
+        assert_eq!(normalise_ranges(vec![[3, 1]]), None);
+        // Indexes past u32 survive (the two ends once disagreed on the width).
         assert_eq!(
-            normalise_ranges(vec![(u32::MAX, u32::MAX), (0, u32::MAX)]),
-            Some(vec![(0, u32::MAX)])
+            normalise_ranges(vec![[u64::MAX, u64::MAX], [0, u64::MAX]]),
+            Some(vec![[0, u64::MAX]])
         );
-        let fragmented: Vec<PieceRange> = (0..=MAX_PIECE_RANGES as u32)
-            .map(|n| (n * 2, n * 2))
+        let fragmented: Vec<PieceRange> = (0..=MAX_PIECE_RANGES as u64)
+            .map(|n| [n * 2, n * 2])
             .collect();
         assert_eq!(normalise_ranges(fragmented), None);
     }
@@ -633,10 +601,10 @@ mod tests {
         let mut limits = limits();
         limits.max_peers_per_content = 10;
         let tracker = Tracker::new(limits);
-        let peer = |address: &str, complete: bool, active_uploads: u32, last: u32| Announcement {
+        let peer = |address: &str, complete: bool, active_uploads: u32, last: u64| Announcement {
             complete,
             active_uploads,
-            pieces: vec![(0, last)],
+            pieces: vec![[0, last]],
             ..announce(address, content(1))
         };
         for announcement in [

@@ -457,18 +457,11 @@ impl Config {
         path: Option<&Path>,
         env: Option<std::collections::HashMap<String, String>>,
     ) -> Result<Config, ConfigError> {
-        let mut builder = config::Config::builder();
-        if let Some(path) = path {
-            builder = builder.add_source(config::File::from(path).required(true));
-        }
-        let environment = config::Environment::with_prefix("PEER_CLIENT")
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .source(env);
-        builder = builder.add_source(environment);
-        let loaded = builder.build()?;
-        Ok(loaded.try_deserialize()?)
+        Ok(outpost_shared::config_loading::load(
+            "PEER_CLIENT",
+            path,
+            env,
+        )?)
     }
 
     /// Checks every value and parses sizes, modes and hosts.
@@ -721,28 +714,7 @@ pub fn split_comma_list(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Parses a size such as `"1MiB"`, `"512 KiB"` or `"4096"` (bytes) into bytes.
-///
-/// Like cache-node, only binary units are accepted: "MB" is ambiguous, and a rate cap that is
-/// silently 5% off is a support call.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let unit_start = trimmed
-        .find(|character: char| !character.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(unit_start);
-    let not_a_size = || format!("\"{text}\" is not a size; use e.g. \"1MiB\"");
-    let shift = match unit.trim() {
-        "" | "B" => 0,
-        "KiB" => 10,
-        "MiB" => 20,
-        "GiB" => 30,
-        "TiB" => 40,
-        _ => return Err(not_a_size()),
-    };
-    let number: u64 = digits.parse().map_err(|_| not_a_size())?;
-    number.checked_mul(1 << shift).ok_or_else(not_a_size)
-}
+pub use outpost_shared::units::parse_size;
 
 #[cfg(test)]
 mod tests {

@@ -378,7 +378,7 @@ impl Daemon {
                 group_id: Some(shared.config.raw.group_id.clone()).filter(|g| !g.is_empty()),
                 pieces: entry.ranges(),
                 complete: entry.complete,
-                active_uploads: shared.uploads.active(),
+                active_uploads: u32::try_from(shared.uploads.active()).unwrap_or(u32::MAX),
             };
             match api.announce(&announcement).await {
                 Ok(answer) => {

@@ -50,7 +50,7 @@ use crate::partial::{
 use crate::progress::{self, Event, Progress, SourceProgress, Status};
 use crate::scheduler::{AttemptId, Claim, Completion, Scheduler};
 use crate::source::{Source, SourceId, SourceKind, SourceSlot, SourceTable};
-use crate::tracker::{ContentId, Manifest, NodeApi, PeerEntry};
+use crate::tracker::{ContentId, Manifest, ManifestExt, NodeApi, PeerEntry, PeerHoldings};
 
 /// A cache host that sends this many pieces failing their hash is banned for the origin; a peer
 /// is banned for the rest of the download.

@@ -304,17 +304,7 @@ fn failure(error: FetchError, data: &mut BytesMut) -> RangeFailure {
     }
 }
 
-/// An error and its causes on one line (hyper's top-level messages alone say little).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
-}
+use outpost_shared::errors::error_chain;
 
 /// What a checked response head promises.
 #[derive(Debug, Clone, PartialEq, Eq)]

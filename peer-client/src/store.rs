@@ -340,6 +340,7 @@ mod tests {
     fn manifest(seed: u8, size: u64) -> Arc<Manifest> {
         Arc::new(Manifest {
             content_id: ContentId([seed; 32]),
+            key: String::new(),
             size,
             etag: Some("\"e\"".into()),
             last_modified: None,

@@ -5,7 +5,7 @@
 //! announcements by the source address it sees, so a daemon listening on one address of a
 //! multi-homed machine (or on 127.0.x.y in tests) speaks to the node from that address.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +14,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::{Deserialize, Serialize};
 
 use crate::cache_host::CacheHost;
 use crate::config::DownloadMode;
@@ -52,90 +51,26 @@ pub enum TrackerError {
     Timeout(Duration),
 }
 
-/// A content id: the SHA-256 of the node's cache key, as 64 lower-case hex digits on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ContentId(pub [u8; 32]);
+pub use outpost_shared::wire::{Announced, Announcement, ContentId, Manifest, PeerList};
 
-impl ContentId {
-    /// Parses exactly 64 lower-case hex digits; nothing else is a content id (so no path, dot or
-    /// separator can ever get through).
-    pub fn parse(text: &str) -> Option<ContentId> {
-        if text.len() != 64
-            || !text
-                .bytes()
-                .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
-        {
-            return None;
-        }
-        let mut id = [0_u8; 32];
-        hex::decode_to_slice(text, &mut id).ok()?;
-        Some(ContentId(id))
-    }
-}
+/// One peer in the node's answer to a peer query.
+pub type PeerEntry = outpost_shared::wire::PeerInfo;
 
-impl std::fmt::Display for ContentId {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str(&hex::encode(self.0))
-    }
-}
-
-impl Serialize for ContentId {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for ContentId {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        ContentId::parse(&text)
-            .ok_or_else(|| serde::de::Error::custom(format!("\"{text}\" is not a content id")))
-    }
-}
-
-/// A piece manifest as the node serves it, checked for consistency.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    /// The content id.
-    pub content_id: ContentId,
-    /// The complete length.
-    pub size: u64,
-    /// The origin's ETag of this version.
-    pub etag: Option<String>,
-    /// The origin's Last-Modified of this version.
-    pub last_modified: Option<String>,
-    /// Bytes per piece.
-    pub piece_size: u64,
-    /// SHA-256 of each piece, hex on the wire.
-    #[serde(with = "hex_digests")]
-    pub pieces: Vec<Sha256Digest>,
-}
-
-impl Manifest {
+/// What peer-client reads off a manifest beyond the wire fields.
+pub trait ManifestExt {
     /// Checks that the piece list covers `size` in pieces of `piece_size`.
-    pub fn check(&self) -> Result<(), TrackerError> {
-        if self.piece_size == 0 {
-            return Err(TrackerError::BadAnswer("piece_size 0".into()));
-        }
-        let expected = self.size.div_ceil(self.piece_size);
-        if self.pieces.len() as u64 != expected {
-            return Err(TrackerError::BadAnswer(format!(
-                "{} piece hashes for {} bytes in pieces of {}",
-                self.pieces.len(),
-                self.size,
-                self.piece_size
-            )));
-        }
-        Ok(())
-    }
-
-    /// The number of pieces.
-    pub fn piece_count(&self) -> u64 {
-        self.pieces.len() as u64
-    }
-
+    fn check_consistent(&self) -> Result<(), TrackerError>;
     /// The validators of this version, for `If-Range` and response checks.
-    pub fn validator(&self) -> Validator {
+    fn validator(&self) -> Validator;
+}
+
+impl ManifestExt for Manifest {
+    fn check_consistent(&self) -> Result<(), TrackerError> {
+        self.check()
+            .map_err(|error| TrackerError::BadAnswer(error.to_string()))
+    }
+
+    fn validator(&self) -> Validator {
         Validator {
             etag: self.etag.clone(),
             last_modified: self.last_modified.clone(),
@@ -153,44 +88,14 @@ impl PieceHashes for Manifest {
     }
 }
 
-mod hex_digests {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use crate::integrity::{parse_sha256_hex, Sha256Digest};
-
-    pub fn serialize<S: Serializer>(
-        digests: &[Sha256Digest],
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(digests.iter().map(hex::encode))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Vec<Sha256Digest>, D::Error> {
-        Vec::<String>::deserialize(deserializer)?
-            .iter()
-            .map(|text| parse_sha256_hex(text).map_err(serde::de::Error::custom))
-            .collect()
-    }
-}
-
-/// One peer in the tracker's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct PeerEntry {
-    /// Where it serves pieces.
-    pub address: SocketAddr,
-    /// It holds every piece.
-    #[serde(default)]
-    pub complete: bool,
-    /// The pieces it holds, as inclusive ranges.
-    #[serde(default)]
-    pub pieces: Vec<[u64; 2]>,
-}
-
-impl PeerEntry {
+/// Which pieces a peer in a query's answer holds.
+pub trait PeerHoldings {
     /// Which of `piece_count` pieces it holds.
-    pub fn holdings(&self, piece_count: u64) -> Vec<bool> {
+    fn holdings(&self, piece_count: u64) -> Vec<bool>;
+}
+
+impl PeerHoldings for PeerEntry {
+    fn holdings(&self, piece_count: u64) -> Vec<bool> {
         let mut held = vec![self.complete; piece_count as usize];
         for [first, last] in &self.pieces {
             for index in *first..=(*last).min(piece_count.saturating_sub(1)) {
@@ -199,38 +104,6 @@ impl PeerEntry {
         }
         held
     }
-}
-
-#[derive(Debug, Deserialize)]
-struct PeersAnswer {
-    peers: Vec<PeerEntry>,
-}
-
-/// An announcement.
-#[derive(Debug, Clone, Serialize)]
-pub struct Announcement {
-    /// The content.
-    pub content_id: ContentId,
-    /// The peer port.
-    pub port: u16,
-    /// The group, for mode 2.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub group_id: Option<String>,
-    /// Held pieces as inclusive ranges.
-    pub pieces: Vec<[u64; 2]>,
-    /// Every piece is held.
-    pub complete: bool,
-    /// Uploads running now.
-    pub active_uploads: u64,
-}
-
-/// The node's answer to an announcement.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Announced {
-    /// The address the node recorded.
-    pub address: SocketAddr,
-    /// Seconds before the announcement expires.
-    pub ttl_secs: u64,
 }
 
 /// Inclusive ranges of the `true` entries of `held`, at most `max_ranges` of them (the first
@@ -338,7 +211,7 @@ impl NodeApi {
                 StatusCode::OK => {
                     let manifest: Manifest = serde_json::from_slice(&body)
                         .map_err(|error| TrackerError::BadAnswer(error.to_string()))?;
-                    manifest.check()?;
+                    manifest.check_consistent()?;
                     return Ok(manifest);
                 }
                 StatusCode::ACCEPTED => {
@@ -383,7 +256,7 @@ impl NodeApi {
         if status != StatusCode::OK {
             return Err(TrackerError::Status(status));
         }
-        let answer: PeersAnswer = serde_json::from_slice(&body)
+        let answer: PeerList = serde_json::from_slice(&body)
             .map_err(|error| TrackerError::BadAnswer(error.to_string()))?;
         Ok(answer.peers)
     }
@@ -429,6 +302,8 @@ mod tests {
             address: "127.0.0.1:1".parse().unwrap(),
             complete: false,
             pieces: vec![[0, 1], [3, 3], [6, 9]],
+            active_uploads: 0,
+            expires_in_secs: 60,
         };
         assert_eq!(entry.holdings(8), held);
         let complete = PeerEntry {
@@ -448,13 +323,13 @@ mod tests {
             "ab".repeat(32)
         );
         let manifest: Manifest = serde_json::from_str(&text).unwrap();
-        manifest.check().unwrap();
+        manifest.check_consistent().unwrap();
         assert_eq!(manifest.piece_len(), 1000);
         assert_eq!(manifest.validator().etag.as_deref(), Some("\"e\""));
         let short = Manifest {
             pieces: vec![[0; 32]; 2],
             ..manifest
         };
-        assert!(short.check().is_err());
+        assert!(short.check_consistent().is_err());
     }
 }
