@@ -2,11 +2,11 @@
 //! same load, in one run.
 //!
 //! For each cold-object size (32 MiB and 256 MiB, to show memory is flat in object size):
-//! - `STREAMERS` connections (2,000 by default) stream random 1 MiB ranges of warm objects in a
-//!   loop for the whole run;
-//! - meanwhile `ABANDONERS` clients (200) each ask for a distinct cold object whole, read 1 KiB
-//!   and close the connection;
-//! - one well-behaved client asks for a random 64 KiB range of a warm object every 50 ms and
+//! - 2,000 connections, ten from each of 200 loopback addresses (as 200 machines would), stream
+//!   random 1 MiB ranges of warm objects in a loop for the whole run;
+//! - meanwhile 200 clients, each from an address of its own, ask for a distinct cold object
+//!   whole, read 1 KiB and close the connection;
+//! - one well-behaved client, from an address of its own, asks for a random 64 KiB range of a warm object every 50 ms and
 //!   records its time to first byte.
 //!
 //! Reported: the server's peak RSS (sampled every 100 ms from `/proc/<pid>/status`), its peak
@@ -64,11 +64,34 @@ struct Counters {
     streamed_bytes: AtomicU64,
 }
 
+/// A loopback source address for client `index`: clients are spread over 127.0.1.0/24 in groups
+/// of `per_address`, as the machines of an office would be, so per-client caps apply as they
+/// would in a real office.
+fn client_ip(index: usize, per_address: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, 0, 1, (1 + index / per_address.max(1) % 250) as u8)
+}
+
+/// Connects to `address` from the loopback address `source`.
+async fn connect_from(
+    source: std::net::Ipv4Addr,
+    address: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.into(), 0))?;
+    socket.connect(address).await
+}
+
 /// Streams random 1 MiB ranges of the warm objects over one keep-alive connection until `until`.
-async fn stream_ranges(target: Target, until: Instant, seed: u64, counters: Arc<Counters>) {
+async fn stream_ranges(
+    target: Target,
+    source: std::net::Ipv4Addr,
+    until: Instant,
+    seed: u64,
+    counters: Arc<Counters>,
+) {
     let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
     'connection: while Instant::now() < until {
-        let Ok(stream) = tokio::net::TcpStream::connect(target.address).await else {
+        let Ok(stream) = connect_from(source, target.address).await else {
             counters.streamed_failed.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -129,8 +152,8 @@ async fn stream_ranges(target: Target, until: Instant, seed: u64, counters: Arc<
 }
 
 /// Asks for a cold object whole on a fresh connection, reads about 1 KiB and closes.
-async fn abandon(target: Target, path: String) {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(target.address).await else {
+async fn abandon(target: Target, source: std::net::Ipv4Addr, path: String) {
+    let Ok(mut stream) = connect_from(source, target.address).await else {
         return;
     };
     let request = format!(
@@ -147,7 +170,12 @@ async fn abandon(target: Target, path: String) {
 /// One well-behaved client: a 64 KiB range every 50 ms; returns each request's time to first
 /// byte, or `None` for a failure.
 async fn probe(target: Target, until: Instant) -> Vec<Option<Duration>> {
-    let client = common::client();
+    // The well-behaved client is a machine of its own.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .local_address(std::net::IpAddr::from([127, 0, 2, 1]))
+        .build()
+        .unwrap();
     let mut results = Vec::new();
     let mut index = 0usize;
     while Instant::now() < until {
@@ -247,6 +275,8 @@ async fn run_round(
     for index in 0..streamers {
         tasks.push(tokio::spawn(stream_ranges(
             target.clone(),
+            // Ten connections per machine.
+            client_ip(index, 10),
             until,
             index as u64 + 1,
             Arc::clone(&counters),
@@ -259,6 +289,8 @@ async fn run_round(
     for index in 0..abandoners {
         tokio::spawn(abandon(
             target.clone(),
+            // Each abandoned download comes from a machine of its own (127.0.3.x).
+            std::net::Ipv4Addr::new(127, 0, 3, (1 + index % 250) as u8),
             format!("/bench/{cold_prefix}-{index}.bin"),
         ));
         tokio::time::sleep(spread).await;
