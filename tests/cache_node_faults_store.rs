@@ -1238,3 +1238,88 @@ async fn a_slow_disk_holds_the_fill_back_and_a_purge_in_mid_write_leaves_nothing
     assert_eq!(stat(&stats, "objects"), 0);
     node.stop().await;
 }
+
+/// GETs `url`, keeping the body bytes that arrived before an error cut it: the bytes, and whether
+/// the body ended cleanly.
+async fn get_until_cut(url: &str) -> (u16, Vec<u8>, bool) {
+    let mut response = client()
+        .get(url)
+        .send()
+        .await
+        .expect("request reaches the node");
+    let status = response.status().as_u16();
+    let mut received = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => received.extend_from_slice(&chunk),
+            Ok(None) => return (status, received, true),
+            Err(_) => return (status, received, false),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_get_of_an_object_declaring_a_terabyte_claims_slices_as_it_streams() {
+    const SLICE: u64 = 1 << 20;
+    let origin = MockOrigin::start().await;
+    let storage = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let binary = Path::new(env!("CARGO_BIN_EXE_cache-node"));
+    // The default storage.max_object_size (1 TiB) admits the claim; 2^20 slices of 1 MiB.
+    let config = test_config(storage.path(), &origin.base_url(), SLICE, "10GiB");
+    let content = pattern_bytes(4 * SLICE as usize, 6);
+    let declared: u64 = 1 << 40;
+    origin.put_with(
+        "/tera.bin",
+        content.clone(),
+        Behaviour {
+            lie_total_len: Some(declared),
+            ..Behaviour::default()
+        },
+    );
+    origin.put("/warm-up.bin", content.clone());
+    let mut process = NodeProcess::spawn(binary, work.path(), config);
+    process.wait_healthy().await;
+    let url = |path: &str| mcc_url(process.addr, path);
+    let warm = get(&url("/warm-up.bin"), &[]).await;
+    assert_eq!(warm.bytes(), &content[..]);
+    let baseline = rss_bytes(process.child.id());
+
+    // The first slice makes the node learn the declared length.
+    let first = get(&url("/tera.bin"), &[("range", "bytes=0-1048575")]).await;
+    assert_eq!(first.status, 206);
+    assert_eq!(first.bytes(), &content[..SLICE as usize]);
+    // A plain GET then asks for the whole declared terabyte. The origin's real body ends after
+    // 4 MiB: the client gets the bytes the origin has and then a cut response, never padding.
+    let (status, received, clean) = get_until_cut(&url("/tera.bin")).await;
+    assert_eq!(status, 200);
+    assert!(
+        !clean,
+        "a body shorter than declared is cut, never ended cleanly"
+    );
+    assert!(!received.is_empty() && received.len() <= content.len());
+    assert_eq!(
+        sha256_hex(&received),
+        sha256_hex(&content[..received.len()])
+    );
+    // A manifest asks for every slice of it too (a prefill).
+    let original: String =
+        form_urlencoded::byte_serialize(format!("http://{ORIGIN_HOST}/tera.bin").as_bytes())
+            .collect();
+    let manifest_url = format!(
+        "http://{}/_outpost/v1/manifest?url={original}&wait=1",
+        process.addr
+    );
+    let _ = get(&manifest_url, &[]).await;
+    let after = rss_bytes(process.child.id());
+    let growth = after.saturating_sub(baseline);
+    eprintln!(
+        "RSS around a whole GET and a manifest of an object declaring 1 TiB: {} MiB -> {} MiB (+{} MiB)",
+        baseline >> 20,
+        after >> 20,
+        growth >> 20
+    );
+    // One buffer per slice of the declared run took about 535 MiB here.
+    assert!(growth < 50 << 20, "RSS grew by {growth} bytes");
+    process.kill_9();
+}

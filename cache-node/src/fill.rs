@@ -5,9 +5,12 @@
 //!   for the slices it needs, and learns the object's length and validators from the answer.
 //!   Concurrent requests for the same unknown object wait for that one discovery instead of
 //!   sending their own.
-//! - **Runs.** A request that needs missing slices of a known object claims every missing slice
-//!   in its range, groups them into runs of adjacent slices (merging runs separated by a few
-//!   stored slices), and fetches each run with one upstream range request.
+//! - **Runs.** A request that needs missing slices of a known object groups them into runs of
+//!   adjacent slices (merging runs separated by a few stored slices), and fetches each run with
+//!   one upstream range request. A run is reserved in the object's slice table as one range;
+//!   its fill claims slices only a window ahead of the bytes it reads ([`CLAIM_WINDOW_SLICES`]),
+//!   so nothing is sized from the length an origin declares. A reader that reaches a reserved
+//!   slice before its fill does waits on a planned buffer the fill takes over.
 //! - **Slice buffers.** Each claimed slice gets a [`SliceBuffer`] in the object's slice table.
 //!   The fill appends origin chunks to it as they arrive and wakes its readers; a reader never
 //!   waits for a whole slice. A finished slice is written to disk in the background and then
@@ -15,7 +18,7 @@
 //! - **Failure.** If the origin stops early, lies about the range, or turns out to have changed
 //!   the content, every unfinished slice of the fill is failed: its readers end their responses
 //!   with an error (never a clean end), and nothing of it is stored.
-//! - **Demand.** A response registers a [`Demand`] on the slices it will read. A fill is a
+//! - **Demand.** A response registers a [`Demand`] on the slices it will read (one range). A fill is a
 //!   spawned task and outlives the client that started it, but only so far: entering each new
 //!   slice it checks that some response (or a prefill) still wants one of its remaining slices,
 //!   and otherwise stops, dropping the origin response and releasing the rest of its claims, so a
@@ -32,7 +35,6 @@
 //!   resource's. The request is relayed instead, header and all.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
@@ -90,10 +92,9 @@ pub struct SliceBuffer {
     expected_len: u64,
     inner: Mutex<BufferInner>,
     changed: watch::Sender<()>,
-    /// How many live [`Demand`]s include this slice.
-    wanted: AtomicUsize,
-    /// A prefill asked for this slice: its fill finishes it even when nobody reads it.
-    prefill: AtomicBool,
+    /// Made by a reader for a slice that the fill with this run id reserved but has not
+    /// claimed yet; that fill takes it over when it gets there.
+    planned_by: Option<u64>,
     /// The fill memory this slice holds, from its first byte until it is on disk (or failed).
     memory: Mutex<Option<MemoryReservation>>,
 }
@@ -120,15 +121,17 @@ impl SliceBuffer {
                 state: BufferState::Filling,
             }),
             changed: watch::channel(()).0,
-            wanted: AtomicUsize::new(0),
-            prefill: AtomicBool::new(false),
+            planned_by: None,
             memory: Mutex::new(None),
         }
     }
 
-    /// True while some response or a prefill wants this slice.
-    fn is_wanted(&self) -> bool {
-        self.wanted.load(Ordering::Acquire) > 0 || self.prefill.load(Ordering::Acquire)
+    /// A buffer a reader waits on for a slice reserved by the fill of run `run`.
+    fn planned(expected_len: u64, run: u64) -> SliceBuffer {
+        SliceBuffer {
+            planned_by: Some(run),
+            ..SliceBuffer::new(expected_len)
+        }
     }
 
     fn hold_memory(&self, reservation: MemoryReservation) {
@@ -287,41 +290,96 @@ impl SliceReader {
     }
 }
 
+/// How many slices a fill claims (gives a [`SliceBuffer`]) ahead of the byte it is reading.
+/// The rest of its run is only reserved, as one range, so what a fill holds follows what is
+/// in flight, never the length an origin declares.
+const CLAIM_WINDOW_SLICES: u64 = 64;
+
+/// The range-shaped fill state of one object, kept in its [`SliceTable`]: what running fills
+/// have reserved, and which slices responses and prefills want. Its size follows the number of
+/// fills and responses, never the object's length.
+#[derive(Debug, Default)]
+pub struct Claims {
+    /// Slices `next..=last` that the fill of run `id` will claim as it gets there; no other
+    /// fill takes them. As `(id, next, last)`.
+    reserved: Vec<(u64, u64, u64)>,
+    /// Live demands by id: the slices `first..=last` a response reads.
+    demands: HashMap<u64, (u64, u64)>,
+    /// Slices a prefill asked for: their fills finish them even when nobody reads them. A range
+    /// goes once all its slices are stored.
+    prefills: Vec<(u64, u64)>,
+    next_id: u64,
+}
+
+impl Claims {
+    fn new_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// The reservation (`id`, `next`, `last`) that holds slice `index`, if any.
+    fn reservation_of(&self, index: u64) -> Option<(u64, u64, u64)> {
+        self.reserved
+            .iter()
+            .copied()
+            .find(|(_, next, last)| (*next..=*last).contains(&index))
+    }
+
+    /// True when some response or prefill wants one of slices `first..=last`.
+    fn wanted(&self, first: u64, last: u64) -> bool {
+        self.demands
+            .values()
+            .chain(self.prefills.iter())
+            .any(|(from, to)| *from <= last && *to >= first)
+    }
+}
+
 /// A response's interest in slices being filled: while it lives, the fills of those slices keep
 /// going even after the client that started them left. Dropping it withdraws the interest.
-/// It holds the buffers weakly, so a slice's bytes go as soon as it is on disk and read.
+/// It is one range per registration, held against the entry weakly.
 #[derive(Debug, Default)]
 pub struct Demand {
-    buffers: Vec<Weak<SliceBuffer>>,
+    registrations: Vec<(Weak<ObjectEntry>, u64)>,
 }
 
 impl Demand {
-    /// Adds interest in every slice of `first..=last` being filled now, and marks them for a
-    /// prefill when asked. The caller holds the entry's table lock, so a fill deciding whether to
-    /// stop sees this demand or has already released the slices.
-    fn register(&mut self, table: &SliceTable, first: u64, last: u64, prefill: bool) {
-        for index in first..=last {
-            if let Some(buffer) = table.inflight.get(&index) {
-                if prefill {
-                    buffer.prefill.store(true, Ordering::Release);
-                }
-                buffer.wanted.fetch_add(1, Ordering::AcqRel);
-                self.buffers.push(Arc::downgrade(buffer));
+    /// Adds interest in slices `first..=last`, and marks them for a prefill when asked. The
+    /// caller holds the entry's table lock, so a fill deciding whether to stop sees this demand
+    /// or has already released its slices.
+    fn register(
+        &mut self,
+        entry: &Arc<ObjectEntry>,
+        table: &mut SliceTable,
+        first: u64,
+        last: u64,
+        prefill: bool,
+    ) {
+        if prefill {
+            let present = &table.present;
+            table
+                .claims
+                .prefills
+                .retain(|(from, to)| present.count_in(*from, *to) < to - from + 1);
+            if !table.claims.prefills.contains(&(first, last)) {
+                table.claims.prefills.push((first, last));
             }
         }
+        let id = table.claims.new_id();
+        table.claims.demands.insert(id, (first, last));
+        self.registrations.push((Arc::downgrade(entry), id));
     }
 
     /// Takes over `other`'s interest.
     pub fn merge(&mut self, mut other: Demand) {
-        self.buffers.append(&mut other.buffers);
+        self.registrations.append(&mut other.registrations);
     }
 }
 
 impl Drop for Demand {
     fn drop(&mut self) {
-        for buffer in self.buffers.drain(..) {
-            if let Some(buffer) = buffer.upgrade() {
-                buffer.wanted.fetch_sub(1, Ordering::AcqRel);
+        for (entry, id) in self.registrations.drain(..) {
+            if let Some(entry) = entry.upgrade() {
+                entry.table().claims.demands.remove(&id);
             }
         }
     }
@@ -676,25 +734,25 @@ async fn discover(
         tracing::warn!(key = key.as_str(), %error, "could not store object metadata");
     }
     let entry = Arc::new(ObjectEntry::new(meta));
-    let (owned, demand) = {
+    let (run, demand) = {
         let mut table = entry.table();
-        let owned = claim_in(&mut table, &entry.meta, origin.body_start, origin.body_end);
+        let run = Run::claim(&mut table, &entry.meta, origin.body_start, origin.body_end);
         let mut demand = Demand::default();
-        if let (Some(&first), Some(&last)) = (owned.keys().next(), owned.keys().next_back()) {
-            demand.register(&table, first, last, false);
+        if let Some(run) = &run {
+            demand.register(&entry, &mut table, run.first, run.last, false);
         }
-        (owned, demand)
+        (run, demand)
     };
     // The requester that started this discovery keeps the fill going until it registers its
     // own demand; if it left meanwhile, the demand is dropped here.
     let _ = demand_sender.send(demand);
     node.index.insert(entry.clone());
-    if let Some(body) = origin.body.take() {
+    if let (Some(body), Some(run)) = (origin.body.take(), run) {
         let node = node.clone();
         let entry = entry.clone();
         let body_start = origin.body_start;
         tokio::spawn(async move {
-            stream_into_slices(&node, &entry, body, body_start, owned, fill_slot).await;
+            stream_into_slices(&node, &entry, body, body_start, run, fill_slot).await;
         });
     }
     Ok(entry)
@@ -712,33 +770,120 @@ fn not_storable(node: &Node, key: &CacheKey, reason: NotStorable) -> DiscoverErr
     DiscoverError::NotStorable(reason)
 }
 
-/// Claims every slice overlapping absolute bytes `start..end` that is neither stored nor being
-/// filled, creating its buffer. Returns the claimed buffers by slice index.
-fn claim_slices(entry: &ObjectEntry, start: u64, end: u64) -> BTreeMap<u64, Arc<SliceBuffer>> {
-    claim_in(&mut entry.table(), &entry.meta, start, end)
+/// The slices one fill fetches: `first..=last`. It claims (gives a buffer to) the slices it is
+/// about to fill, at most [`CLAIM_WINDOW_SLICES`] ahead, and reserves the rest in the table.
+#[derive(Debug)]
+struct Run {
+    id: u64,
+    first: u64,
+    last: u64,
+    /// The claimed slices not finished yet.
+    owned: BTreeMap<u64, Arc<SliceBuffer>>,
 }
 
-/// [`claim_slices`] with the entry's table already locked.
-fn claim_in(
-    table: &mut SliceTable,
-    meta: &ObjectMeta,
-    start: u64,
-    end: u64,
-) -> BTreeMap<u64, Arc<SliceBuffer>> {
-    let mut owned = BTreeMap::new();
-    if start >= end {
-        return owned;
-    }
-    let slice_len = meta.slice_len;
-    for index in start / slice_len..=(end - 1) / slice_len {
-        if is_stored(table, index) || table.inflight.contains_key(&index) {
-            continue;
+impl Run {
+    /// Reserves the slices overlapping absolute bytes `start..end` for a new fill and claims the
+    /// first window of them. `None` for an empty range.
+    fn claim(table: &mut SliceTable, meta: &ObjectMeta, start: u64, end: u64) -> Option<Run> {
+        if start >= end {
+            return None;
         }
-        let buffer = Arc::new(SliceBuffer::new(meta.slice_length(index)));
-        table.inflight.insert(index, buffer.clone());
-        owned.insert(index, buffer);
+        let first = start / meta.slice_len;
+        let last = (end - 1) / meta.slice_len;
+        let id = table.claims.new_id();
+        table.claims.reserved.push((id, first, last));
+        let mut run = Run {
+            id,
+            first,
+            last,
+            owned: BTreeMap::new(),
+        };
+        run.claim_ahead(table, meta, first);
+        Some(run)
     }
-    owned
+
+    /// Also reserves slices `first..=last`, which come before the run (an origin that ignored
+    /// the range sends them too), unless another fill has reserved some of them.
+    fn reserve_before(&mut self, table: &mut SliceTable, meta: &ObjectMeta, first: u64, last: u64) {
+        let taken = table
+            .claims
+            .reserved
+            .iter()
+            .any(|(_, next, to)| *next <= last && *to >= first);
+        if first > last || taken {
+            return;
+        }
+        table.claims.reserved.push((self.id, first, last));
+        self.claim_ahead(table, meta, first);
+    }
+
+    /// Claims the reserved slices up to [`CLAIM_WINDOW_SLICES`] from slice `index` on. A slice
+    /// stored or claimed by someone else meanwhile is skipped; one a reader made a planned
+    /// buffer for is taken over.
+    fn claim_ahead(&mut self, table: &mut SliceTable, meta: &ObjectMeta, index: u64) {
+        let upto = index.saturating_add(CLAIM_WINDOW_SLICES - 1);
+        let mut position = 0;
+        while position < table.claims.reserved.len() {
+            let (id, mut next, last) = table.claims.reserved[position];
+            if id != self.id {
+                position += 1;
+                continue;
+            }
+            while next <= last.min(upto) {
+                if !is_stored(table, next) {
+                    match table.inflight.get(&next) {
+                        Some(buffer) if buffer.planned_by == Some(self.id) => {
+                            self.owned.insert(next, buffer.clone());
+                        }
+                        Some(_) => {}
+                        None => {
+                            let buffer = Arc::new(SliceBuffer::new(meta.slice_length(next)));
+                            table.inflight.insert(next, buffer.clone());
+                            self.owned.insert(next, buffer);
+                        }
+                    }
+                }
+                next += 1;
+            }
+            if next > last {
+                table.claims.reserved.swap_remove(position);
+            } else {
+                table.claims.reserved[position].1 = next;
+                position += 1;
+            }
+        }
+    }
+
+    /// Ends the run: fails its unfinished slices (and the buffers readers made for its reserved
+    /// ones), releases their claims, and drops its reservations.
+    fn end(&mut self, table: &mut SliceTable, error: OriginError) {
+        for (index, buffer) in std::mem::take(&mut self.owned) {
+            buffer.fail(error.clone());
+            release_claim(table, index, &buffer);
+        }
+        let id = self.id;
+        table.inflight.retain(|_, buffer| {
+            if buffer.planned_by == Some(id) {
+                buffer.fail(error.clone());
+                false
+            } else {
+                true
+            }
+        });
+        table.claims.reserved.retain(|(run, _, _)| *run != id);
+    }
+}
+
+/// If slice `index` is reserved by a fill that has not claimed it yet, gives it a planned buffer
+/// that readers wait on and that fill takes over when it gets there.
+fn plan_reserved(table: &mut SliceTable, meta: &ObjectMeta, index: u64) {
+    if is_stored(table, index) || table.inflight.contains_key(&index) {
+        return;
+    }
+    if let Some((run, _, _)) = table.claims.reservation_of(index) {
+        let buffer = SliceBuffer::planned(meta.slice_length(index), run);
+        table.inflight.insert(index, Arc::new(buffer));
+    }
 }
 
 /// True when slice `index` is on disk (an index past the end counts as stored: nothing to fill).
@@ -768,15 +913,15 @@ pub async fn ensure_filling(
     last: u64,
     requester: &Requester,
 ) -> Result<Demand, FillRefused> {
-    let missing = |table: &SliceTable| -> Vec<u64> {
-        (first..=last)
-            .filter(|index| !is_stored(table, *index) && !table.inflight.contains_key(index))
-            .collect()
-    };
+    let gap = node.merge_gap_slices;
     let mut demand = Demand::default();
-    if missing(&entry.table()).is_empty() {
-        demand.register(&entry.table(), first, last, requester.prefill);
-        return Ok(demand);
+    {
+        let mut table = entry.table();
+        if missing_runs(&table, first, last, gap).is_empty() {
+            plan_reserved(&mut table, &entry.meta, first);
+            demand.register(entry, &mut table, first, last, requester.prefill);
+            return Ok(demand);
+        }
     }
     if !splices_safely(&entry.meta) {
         return Err(FillRefused::NoValidator);
@@ -785,49 +930,57 @@ pub async fn ensure_filling(
     let mut fills = Vec::new();
     {
         let mut table = entry.table();
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for index in missing(&table) {
-            match runs.last_mut() {
-                Some((_, run_last)) if index - *run_last <= node.merge_gap_slices + 1 => {
-                    *run_last = index
-                }
-                _ => runs.push((index, index)),
-            }
-        }
         let slice_len = entry.meta.slice_len;
-        for (run_first, run_last) in runs {
+        for (run_first, run_last) in missing_runs(&table, first, last, gap) {
             let start = run_first * slice_len;
             let end = (run_last * slice_len + slice_len).min(entry.meta.length);
-            let owned = claim_in(&mut table, &entry.meta, start, end);
-            fills.push(owned);
+            fills.extend(Run::claim(&mut table, &entry.meta, start, end));
         }
-        demand.register(&table, first, last, requester.prefill);
+        plan_reserved(&mut table, &entry.meta, first);
+        demand.register(entry, &mut table, first, last, requester.prefill);
     }
-    for owned in fills {
-        let (Some(&claimed_first), Some(&claimed_last)) =
-            (owned.keys().next(), owned.keys().next_back())
-        else {
-            continue;
-        };
+    for run in fills {
         let node = node.clone();
         let route = route.clone();
         let entry = entry.clone();
         let client_slot = client_slot.clone();
         tokio::spawn(async move {
             let fill_slot = node.fill_limits.start_fill(Some(client_slot)).await;
-            run_fill(
-                node,
-                route,
-                entry,
-                claimed_first,
-                claimed_last,
-                owned,
-                fill_slot,
-            )
-            .await;
+            run_fill(node, route, entry, run, fill_slot).await;
         });
     }
     Ok(demand)
+}
+
+/// The runs of slices in `first..=last` that are neither stored, claimed nor reserved: runs
+/// separated by at most `gap` slices that are stored or claimed count as one; a reserved slice
+/// always separates runs (it belongs to another fill). Its size follows the runs found, and it
+/// steps over reserved ranges at once.
+fn missing_runs(table: &SliceTable, first: u64, last: u64, gap: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut separated = true;
+    let mut index = first;
+    while index <= last {
+        if let Some((_, _, reserved_last)) = table.claims.reservation_of(index) {
+            separated = true;
+            index = match reserved_last.checked_add(1) {
+                Some(next) => next,
+                None => break,
+            };
+            continue;
+        }
+        if !is_stored(table, index) && !table.inflight.contains_key(&index) {
+            match runs.last_mut() {
+                Some((_, run_last)) if !separated && index - *run_last <= gap + 1 => {
+                    *run_last = index
+                }
+                _ => runs.push((index, index)),
+            }
+            separated = false;
+        }
+        index += 1;
+    }
+    runs
 }
 
 /// What checking a stored version against the origin found.
@@ -953,13 +1106,12 @@ async fn run_fill(
     node: Arc<Node>,
     route: Route,
     entry: Arc<ObjectEntry>,
-    first_slice: u64,
-    last_slice: u64,
-    mut owned: BTreeMap<u64, Arc<SliceBuffer>>,
+    mut run: Run,
     fill_slot: FillSlot,
 ) {
     // The turn may have taken a while: the clients that asked may have left meanwhile.
-    if !keeps_going(&node, &entry, &mut owned, first_slice) {
+    let (first_slice, last_slice) = (run.first, run.last);
+    if !keeps_going(&node, &entry, &mut run, first_slice) {
         return;
     }
     let slice_len = entry.meta.slice_len;
@@ -979,9 +1131,14 @@ async fn run_fill(
                     // An origin that ignores Range sends everything: keep what comes before the
                     // run too (it has to be read anyway), up to the end of the run.
                     if origin.body_start < first_byte {
-                        owned.extend(claim_slices(&entry, origin.body_start, first_byte));
+                        run.reserve_before(
+                            &mut entry.table(),
+                            &entry.meta,
+                            origin.body_start / slice_len,
+                            first_slice - 1,
+                        );
                     }
-                    stream_into_slices(&node, &entry, body, origin.body_start, owned, fill_slot)
+                    stream_into_slices(&node, &entry, body, origin.body_start, run, fill_slot)
                         .await;
                     return;
                 }
@@ -1013,31 +1170,23 @@ async fn run_fill(
         Err(DiscoverError::Refused(refused)) => OriginError::Protocol(refused.to_string()),
     };
     node.stats.origin_errors.inc();
-    fail_slices(&entry, owned.into_iter(), failure);
+    run.end(&mut entry.table(), failure);
 }
 
 /// Decides, as a fill enters slice `index`, whether it goes on: yes for small objects, and while
-/// some response or a prefill wants one of the slices it still owns from `index` on. Otherwise
-/// its remaining claims are released (a later request fills them) and the fill stops. The
-/// decision and the release happen under the table lock that demands register under, so a new
-/// reader either keeps the fill going or finds the slices missing and fills them itself.
-fn keeps_going(
-    node: &Node,
-    entry: &ObjectEntry,
-    owned: &mut BTreeMap<u64, Arc<SliceBuffer>>,
-    index: u64,
-) -> bool {
+/// some response or a prefill wants one of the slices of its run from `index` on. Otherwise the
+/// run ends (its claims and reservations are released; a later request fills them) and the fill
+/// stops. The decision and the release happen under the table lock that demands register under,
+/// so a new reader either keeps the fill going or finds the slices missing and fills them itself.
+fn keeps_going(node: &Node, entry: &ObjectEntry, run: &mut Run, index: u64) -> bool {
     if entry.meta.length <= node.fill_limits.finish_objects_up_to {
         return true;
     }
     let mut table = entry.table();
-    if owned.range(index..).any(|(_, buffer)| buffer.is_wanted()) {
+    if table.claims.wanted(index, run.last) {
         return true;
     }
-    for (index, buffer) in std::mem::take(owned) {
-        buffer.fail(OriginError::Stopped);
-        release_claim(&mut table, index, &buffer);
-    }
+    run.end(&mut table, OriginError::Stopped);
     drop(table);
     node.stats.fills_stopped.inc();
     tracing::debug!(
@@ -1060,20 +1209,6 @@ fn release_claim(table: &mut SliceTable, index: u64, buffer: &Arc<SliceBuffer>) 
     }
 }
 
-/// Fails every given slice that is still filling and releases its claim, so a later request
-/// fetches it again.
-fn fail_slices(
-    entry: &ObjectEntry,
-    slices: impl Iterator<Item = (u64, Arc<SliceBuffer>)>,
-    error: OriginError,
-) {
-    let mut table = entry.table();
-    for (index, buffer) in slices {
-        buffer.fail(error.clone());
-        release_claim(&mut table, index, &buffer);
-    }
-}
-
 /// Streams an origin body into the owned slice buffers, storing each finished slice. Entering
 /// each slice after the first, it checks that someone still wants the rest ([`keeps_going`]);
 /// before taking a slice's first byte it reserves the slice's memory, waiting (and so leaving
@@ -1083,14 +1218,11 @@ async fn stream_into_slices(
     entry: &Arc<ObjectEntry>,
     mut body: Incoming,
     body_start: u64,
-    mut owned: BTreeMap<u64, Arc<SliceBuffer>>,
+    mut run: Run,
     fill_slot: FillSlot,
 ) {
     let slice_len = entry.meta.slice_len;
-    let Some(&last_owned) = owned.keys().next_back() else {
-        return;
-    };
-    let stop_at = (last_owned * slice_len + slice_len).min(entry.meta.length);
+    let stop_at = (run.last * slice_len + slice_len).min(entry.meta.length);
     let write_slots = Arc::new(Semaphore::new(
         (PENDING_WRITE_BYTES_PER_FILL / slice_len).max(2) as usize,
     ));
@@ -1119,17 +1251,17 @@ async fn stream_into_slices(
         node.stats.origin_bytes.inc_by(data.len() as u64);
         while !data.is_empty() && offset < stop_at {
             let index = offset / slice_len;
-            if offset == index * slice_len
-                && index != first_slice
-                && !keeps_going(node, entry, &mut owned, index)
-            {
-                break 'stream None;
+            if offset == index * slice_len {
+                if index != first_slice && !keeps_going(node, entry, &mut run, index) {
+                    break 'stream None;
+                }
+                run.claim_ahead(&mut entry.table(), &entry.meta, index);
             }
             let slice_end = ((index + 1) * slice_len).min(entry.meta.length);
             let take = (slice_end - offset).min(data.len() as u64) as usize;
             let part = data.split_to(take);
             offset += take as u64;
-            let Some(buffer) = owned.get(&index) else {
+            let Some(buffer) = run.owned.get(&index) else {
                 continue;
             };
             if !buffer.holds_memory() {
@@ -1140,7 +1272,7 @@ async fn stream_into_slices(
                 buffer.hold_memory(reservation);
             }
             if buffer.append(part) {
-                let buffer = owned.remove(&index).expect("buffer is owned");
+                let buffer = run.owned.remove(&index).expect("buffer is owned");
                 let permit = write_slots
                     .clone()
                     .acquire_owned()
@@ -1162,7 +1294,10 @@ async fn stream_into_slices(
     if let Some(error) = failure {
         node.stats.origin_errors.inc();
         tracing::warn!(key = entry.key.as_str(), %error, "fill failed; unfinished slices are dropped");
-        fail_slices(entry, owned.into_iter(), error);
+        run.end(&mut entry.table(), error);
+    } else {
+        // Whatever is left (slices of a run that stopped early) is released for a later fill.
+        run.end(&mut entry.table(), OriginError::Stopped);
     }
 }
 

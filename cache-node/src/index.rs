@@ -172,6 +172,9 @@ pub struct SliceTable {
     pub present: SliceSet,
     /// Slices being filled from the origin right now, with the buffer readers stream from.
     pub inflight: HashMap<u64, Arc<SliceBuffer>>,
+    /// What running fills reserved beyond the slices they claimed, and what responses want:
+    /// ranges, not slices.
+    pub claims: crate::fill::Claims,
 }
 
 /// One version of one cached object.
@@ -272,6 +275,7 @@ impl ObjectEntry {
             table: Mutex::new(SliceTable {
                 present,
                 inflight: HashMap::new(),
+                claims: Default::default(),
             }),
             stored_bytes: AtomicU64::new(stored_bytes),
             removed: AtomicBool::new(false),
