@@ -660,7 +660,7 @@ async fn wrong_admin_tokens_are_throttled_per_address_and_the_right_one_still_wo
         }
         statuses.push(answer.status);
     }
-    let burst = cache_node::admin::AUTH_FAILURE_BURST as usize;
+    let burst = cache_node::auth_throttle::AUTH_FAILURE_BURST as usize;
     assert!(
         statuses[..burst].iter().all(|status| *status == 401),
         "{statuses:?}"

@@ -1040,10 +1040,14 @@ async fn a_reset_mid_body_keeps_only_complete_slices_and_the_next_request_heals(
         "every byte served is right"
     );
     node.settle().await;
-    assert_eq!(
-        node.node.index.used_bytes(),
-        3 * TEST_SLICE,
-        "slice 0 and the two complete slices of the cut fill"
+    // Slice 0 and the two complete slices of the cut fill are kept. When the response reaches
+    // slice 3 after the cut fill has already released it, the response refills from there once
+    // (and that fill is cut 2.5 slices in too), so two more whole slices may be kept; never a
+    // part of one.
+    let kept = node.node.index.used_bytes();
+    assert!(
+        kept % TEST_SLICE == 0 && (3 * TEST_SLICE..=5 * TEST_SLICE).contains(&kept),
+        "only whole slices are kept: {kept} bytes"
     );
     origin.set_behaviour("/reset.bin", Behaviour::default());
     let healed = get(&node.mcc_url("/reset.bin"), &[]).await;

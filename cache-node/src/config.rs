@@ -508,7 +508,10 @@ impl Config {
             }
         }
         let peering = self.peering.validate()?;
-        let fill = self.fill.validate(slice_len)?;
+        let fill = self
+            .fill
+            .validate(slice_len)
+            .map_err(|(key, message)| invalid(key, message))?;
         let max_object_size_bytes = parse_size(&self.storage.max_object_size)
             .map_err(|message| invalid("storage.max_object_size", message))?;
         if max_object_size_bytes > MAX_OBJECT_SIZE_LIMIT {

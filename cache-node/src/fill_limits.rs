@@ -12,7 +12,7 @@
 //!   fills running. A request that would start one more waits up to `fill.client_wait` for one of
 //!   them to end, then gets `503` with `Retry-After`.
 //!
-//! How far a fill goes once its clients have left is decided in [`crate::fill`]; the object size
+//! How far a fill goes once its clients have left is decided in the `fill` module; the object size
 //! under which it goes to the end anyway is `fill.finish_objects_up_to`.
 
 use std::collections::HashMap;
@@ -25,7 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{invalid, parse_size, ConfigError};
+use outpost_shared::units::parse_size;
 
 /// `[fill]`: bounds on origin fills.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,11 +73,13 @@ pub struct FillSettings {
 impl FillConfig {
     /// Checks every value of the section; errors name the key. `slice_len` is
     /// `storage.slice_size` in bytes: the budget must hold at least two slices.
-    pub fn validate(&self, slice_len: u64) -> Result<FillSettings, ConfigError> {
+    /// Checks the values; an error names the key and says what is wrong, for the config layer
+    /// to report (this module stays below `config`).
+    pub fn validate(&self, slice_len: u64) -> Result<FillSettings, (&'static str, String)> {
         let max_memory_bytes =
-            parse_size(&self.max_memory).map_err(|message| invalid("fill.max_memory", message))?;
+            parse_size(&self.max_memory).map_err(|message| ("fill.max_memory", message))?;
         if max_memory_bytes < 2 * slice_len || max_memory_bytes > usize::MAX as u64 >> 4 {
-            return Err(invalid(
+            return Err((
                 "fill.max_memory",
                 format!(
                     "\"{}\" must hold at least two slices ({} bytes); use e.g. \"256MiB\"",
@@ -87,13 +89,13 @@ impl FillConfig {
             ));
         }
         let finish_objects_up_to_bytes = parse_size(&self.finish_objects_up_to)
-            .map_err(|message| invalid("fill.finish_objects_up_to", message))?;
+            .map_err(|message| ("fill.finish_objects_up_to", message))?;
         for (key, value, example) in [
             ("fill.max_concurrent", self.max_concurrent, 64),
             ("fill.max_per_client", self.max_per_client, 8),
         ] {
             if value == 0 || value > Semaphore::MAX_PERMITS {
-                return Err(invalid(
+                return Err((
                     key,
                     format!("{value} is not a usable count; use e.g. {example}"),
                 ));
@@ -120,7 +122,7 @@ pub enum FillRefused {
     NoValidator,
 }
 
-/// The gauges the limits keep current (shared with [`crate::stats::Stats`]).
+/// The gauges the limits keep current (shared with the node's `Stats`).
 #[derive(Debug, Clone, Default)]
 pub struct FillGauges {
     /// Fills talking to origins now.
@@ -467,8 +469,9 @@ mod tests {
             ),
         ];
         for (config, key) in cases {
-            let error = config.validate(slice).unwrap_err().to_string();
-            assert!(error.starts_with(&format!("{key}:")), "{error}");
+            let (named, message) = config.validate(slice).unwrap_err();
+            assert_eq!(named, key, "{message}");
+            assert!(!message.is_empty());
         }
     }
 }

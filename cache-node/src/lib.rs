@@ -28,9 +28,10 @@
 //! hold which pieces).
 //!
 //! Around them: [`config`] (the one config struct), [`node`] (shared state), [`stats`]
-//! (counters), [`admin`] (the admin listener) and [`error`] (typed errors).
+//! (counters), [`admin`] (the admin listener), [`auth_throttle`] (its per-address throttle of wrong tokens) and [`error`] (typed errors).
 
 pub mod admin;
+pub mod auth_throttle;
 pub mod config;
 pub mod connections;
 pub mod disk;

@@ -72,7 +72,7 @@ pub struct Node {
     /// opened (after the open-file limit was raised).
     pub connection_limits: crate::connections::ConnectionLimits,
     /// Failed admin-token attempts per client address, for throttling them.
-    pub admin_auth: crate::admin::AuthThrottle,
+    pub admin_auth: crate::auth_throttle::AuthThrottle,
     /// `storage.max_object_size` in bytes.
     pub max_object_size: u64,
     /// `storage.verify_hits`.
@@ -178,7 +178,7 @@ impl Node {
             peering: crate::peering::Peering::start(&config.peering),
             fill_limits,
             connection_limits: crate::connections::ConnectionLimits::client(&config.raw.server),
-            admin_auth: crate::admin::AuthThrottle::default(),
+            admin_auth: crate::auth_throttle::AuthThrottle::default(),
             max_object_size: config.max_object_size_bytes,
             verify_hits: config.verify_hits,
         }))

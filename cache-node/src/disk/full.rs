@@ -1,6 +1,6 @@
 //! A [`Storage`] decorator that reports every write failing for lack of space (`ENOSPC`), so the
-//! index can shrink to what the filesystem really holds (see
-//! [`crate::index::Index::disk_full`]). It sees every write the node makes (slices, metadata,
+//! index can shrink to what the filesystem really holds (the index's `disk_full`, above this
+//! layer). It sees every write the node makes (slices, metadata,
 //! piece hashes) without the cache logic above the trait having to look for the error.
 
 use std::path::{Path, PathBuf};
