@@ -10,11 +10,13 @@
 //!   a program's serde config struct.
 //! - [`units`]: the size parser (`"10GiB"`) both programs' configs use.
 //! - [`errors`]: formatting an error with its chain of sources on one line.
+//! - [`sync`]: the one policy for poisoned locks.
 //!
 //! **Invariant:** this crate depends on no HTTP server, no async runtime and no io_uring; the
 //! peer-client links it.
 
 pub mod config_loading;
 pub mod errors;
+pub mod sync;
 pub mod units;
 pub mod wire;
