@@ -288,7 +288,7 @@ async fn several_drives_each_keep_to_their_size_and_survive_restarts_in_any_orde
     assert!(used[2] > used[0] && used[2] > used[1], "{used:?}");
     let stored_before = node.node.index.used_bytes();
     let (kept, evicted): (Vec<_>, Vec<_>) = objects.iter().partition(|(path, _)| {
-        let key = cache_node::key::CacheKey::new(ORIGIN_HOST, path);
+        let key = cache_node::cache::key::CacheKey::new(ORIGIN_HOST, path);
         node.node.index.get(&key).is_some()
     });
     assert!(

@@ -660,7 +660,7 @@ async fn wrong_admin_tokens_are_throttled_per_address_and_the_right_one_still_wo
         }
         statuses.push(answer.status);
     }
-    let burst = cache_node::auth_throttle::AUTH_FAILURE_BURST as usize;
+    let burst = cache_node::api::auth_throttle::AUTH_FAILURE_BURST as usize;
     assert!(
         statuses[..burst].iter().all(|status| *status == 401),
         "{statuses:?}"
@@ -816,7 +816,7 @@ async fn the_peering_api_refuses_what_it_must_and_sweeps_what_expires() {
     )
     .await;
     assert_eq!(too_large.status, 413, "{}", too_large.text());
-    let scattered: Vec<[u32; 2]> = (0..=cache_node::tracker::MAX_PIECE_RANGES as u32)
+    let scattered: Vec<[u32; 2]> = (0..=cache_node::peering::tracker::MAX_PIECE_RANGES as u32)
         .map(|n| [n * 2, n * 2])
         .collect();
     for bad in [

@@ -509,7 +509,7 @@ async fn fills_against_a_slow_disk_hold_no_more_than_the_memory_budget() {
     })
     .validate()
     .unwrap();
-    let layout = cache_node::store::Layout::create_drives(&valid.drives).unwrap();
+    let layout = cache_node::cache::store::Layout::create_drives(&valid.drives).unwrap();
     let slow_disk = Arc::new(SlowDisk {
         inner: Arc::new(cache_node::disk::portable::PortableStorage::new()),
         turn: Arc::new(tokio::sync::Mutex::new(())),

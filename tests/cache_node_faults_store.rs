@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use cache_node::cache::key::CacheKey;
 use cache_node::disk::{DiskFuture, SharedStorage, Storage};
-use cache_node::key::CacheKey;
 use common::*;
 use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
 use serde_json::Value;
@@ -250,9 +250,9 @@ async fn a_restart_over_metadata_declaring_two_to_the_64_bytes_deletes_it_and_st
     let storage = tempfile::tempdir().unwrap();
     let config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
     // What a node without storage.max_object_size left behind for the lying origin.
-    let layout = cache_node::store::Layout::create(storage.path()).unwrap();
+    let layout = cache_node::cache::store::Layout::create(storage.path()).unwrap();
     let key = cache_key("/liar.bin");
-    let meta = cache_node::store::ObjectMeta {
+    let meta = cache_node::cache::store::ObjectMeta {
         key: key.as_str().to_owned(),
         generation: 7,
         length: u64::MAX,
@@ -261,7 +261,7 @@ async fn a_restart_over_metadata_declaring_two_to_the_64_bytes_deletes_it_and_st
         last_modified: None,
         content_type: None,
         extra_headers: vec![],
-        stored_at_unix: cache_node::store::unix_now(),
+        stored_at_unix: cache_node::cache::store::unix_now(),
         fresh_for_secs: None,
     };
     std::fs::create_dir_all(layout.generation_dir(&key, 7)).unwrap();
@@ -837,7 +837,7 @@ async fn a_filesystem_smaller_than_max_size_lowers_the_effective_size_and_evicts
     let valid = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "64MiB")
         .validate()
         .unwrap();
-    let layout = cache_node::store::Layout::create_drives(&valid.drives).unwrap();
+    let layout = cache_node::cache::store::Layout::create_drives(&valid.drives).unwrap();
     let small_disk = Arc::new(SmallDisk {
         inner: Arc::new(cache_node::disk::portable::PortableStorage::new()),
         root: storage.path().to_path_buf(),
@@ -1151,7 +1151,7 @@ async fn a_slow_disk_holds_the_fill_back_and_a_purge_in_mid_write_leaves_nothing
     let valid = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB")
         .validate()
         .unwrap();
-    let layout = cache_node::store::Layout::create_drives(&valid.drives).unwrap();
+    let layout = cache_node::cache::store::Layout::create_drives(&valid.drives).unwrap();
     let disk = Arc::new(GatedDisk::new());
     let node = cache_node::node::Node::open_with_storage(&valid, layout, disk.clone()).unwrap();
     let node = TestNode::start_node(node, &valid).await;

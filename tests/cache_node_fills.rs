@@ -315,8 +315,8 @@ async fn an_etag_change_between_fills_never_stitches_two_versions() {
     node.stop().await;
 }
 
-fn cache_key(path: &str) -> cache_node::key::CacheKey {
-    cache_node::key::CacheKey::new(ORIGIN_HOST, path)
+fn cache_key(path: &str) -> cache_node::cache::key::CacheKey {
+    cache_node::cache::key::CacheKey::new(ORIGIN_HOST, path)
 }
 
 #[tokio::test]
@@ -536,7 +536,7 @@ async fn a_full_disk_still_serves_every_byte_correctly_and_stores_nothing_broken
     let valid = test_config(storage_dir.path(), &origin.base_url(), TEST_SLICE, "1GiB")
         .validate()
         .unwrap();
-    let layout = cache_node::store::Layout::create_drives(&valid.drives).unwrap();
+    let layout = cache_node::cache::store::Layout::create_drives(&valid.drives).unwrap();
     // The metadata and two slices fit; then the disk is full.
     let full_disk = std::sync::Arc::new(FullDisk {
         inner: std::sync::Arc::new(cache_node::disk::portable::PortableStorage::new()),

@@ -129,7 +129,10 @@ async fn manifests_hash_the_origin_pieces_cold_warm_and_after_restarts() {
     let entry = node
         .node
         .index
-        .get(&cache_node::key::CacheKey::new(ORIGIN_HOST, "/big.cab"))
+        .get(&cache_node::cache::key::CacheKey::new(
+            ORIGIN_HOST,
+            "/big.cab",
+        ))
         .unwrap();
     let pieces_file = node
         .node

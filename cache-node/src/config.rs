@@ -55,9 +55,9 @@ pub struct Config {
     /// The origin allowlist: one `[[origin]]` table per allowed origin host.
     pub origin: Vec<OriginConfig>,
     /// Piece manifests and the peer tracker for peer-clients.
-    pub peering: crate::peering::PeeringConfig,
+    pub peering: crate::api::peering::PeeringConfig,
     /// Bounds on origin fills: memory, concurrency, per-client caps.
-    pub fill: crate::fill_limits::FillConfig,
+    pub fill: crate::cache::fill_limits::FillConfig,
 }
 
 /// `[server]`: the client-facing listener.
@@ -159,7 +159,7 @@ impl DriveConfig {
         prefix: &str,
         slice_len: u64,
         slice_size: &str,
-    ) -> Result<crate::store::DriveSpec, ConfigError> {
+    ) -> Result<crate::cache::store::DriveSpec, ConfigError> {
         let size_key = format!("{prefix}.max_size");
         let max_bytes =
             parse_size(&self.max_size).map_err(|message| invalid(&size_key, message))?;
@@ -178,7 +178,7 @@ impl DriveConfig {
                 "is empty; use e.g. \"/var/cache/outpost\"",
             ));
         }
-        Ok(crate::store::DriveSpec {
+        Ok(crate::cache::store::DriveSpec {
             root: self.path.clone(),
             max_bytes,
         })
@@ -343,7 +343,7 @@ pub struct ValidConfig {
     pub max_size_bytes: u64,
     /// Every cache drive: `storage.path` with `storage.max_size` first, then
     /// `storage.extra_drives`, sizes parsed.
-    pub drives: Vec<crate::store::DriveSpec>,
+    pub drives: Vec<crate::cache::store::DriveSpec>,
     /// `storage.slice_size` in bytes.
     pub slice_len: u64,
     /// `storage.io_backend`, parsed.
@@ -351,11 +351,11 @@ pub struct ValidConfig {
     /// `server.workers`, with 0 resolved to the number of cores.
     pub workers: usize,
     /// `upstream.proxy` and `upstream.no_proxy`, parsed; `None` connects directly.
-    pub proxy: Option<crate::outbound_proxy::ProxySettings>,
+    pub proxy: Option<crate::upstream::outbound_proxy::ProxySettings>,
     /// `[peering]`, parsed.
-    pub peering: crate::peering::PeeringSettings,
+    pub peering: crate::api::peering::PeeringSettings,
     /// `[fill]`, parsed.
-    pub fill: crate::fill_limits::FillSettings,
+    pub fill: crate::cache::fill_limits::FillSettings,
     /// `storage.max_object_size` in bytes.
     pub max_object_size_bytes: u64,
     /// `storage.verify_hits`, checked to be within 0.0..=1.0.
@@ -386,7 +386,7 @@ impl Config {
         let server_listen = parse_listen("server.listen", &self.server.listen)?;
         let admin_listen = parse_listen("admin.listen", &self.admin.listen)?;
         // An empty (or the shipped) admin.token does not stop the node: the admin endpoints that
-        // change state are disabled instead, and say how to enable them (crate::admin).
+        // change state are disabled instead, and say how to enable them (crate::api::admin).
         let slice_len = parse_block_size("storage.slice_size", &self.storage.slice_size)?;
         let first_drive = DriveConfig {
             path: self.storage.path.clone(),
@@ -401,7 +401,7 @@ impl Config {
                 ),
             ));
         }
-        let mut drives: Vec<crate::store::DriveSpec> = Vec::new();
+        let mut drives: Vec<crate::cache::store::DriveSpec> = Vec::new();
         for (index, drive) in std::iter::once(&first_drive)
             .chain(&self.storage.extra_drives)
             .enumerate()
@@ -434,7 +434,7 @@ impl Config {
             }
         };
         parse_cache_control("upstream.cache_control", &self.upstream.cache_control)?;
-        let proxy = crate::outbound_proxy::ProxySettings::parse(
+        let proxy = crate::upstream::outbound_proxy::ProxySettings::parse(
             &self.upstream.proxy,
             &self.upstream.no_proxy,
         )
@@ -492,7 +492,7 @@ impl Config {
         }
         for (index, origin) in self.origin.iter().enumerate() {
             let key = format!("origin[{index}].host");
-            crate::origin::HostPattern::parse(&origin.host)
+            crate::upstream::origin::HostPattern::parse(&origin.host)
                 .map_err(|message| invalid(&key, message))?;
             if let Some(url) = &origin.upstream {
                 check_upstream_url(&format!("origin[{index}].upstream"), url)?;
@@ -551,8 +551,8 @@ impl Config {
 fn parse_cache_control(
     key: &str,
     value: &str,
-) -> Result<crate::freshness::CacheControlMode, ConfigError> {
-    crate::freshness::CacheControlMode::parse(value).ok_or_else(|| {
+) -> Result<crate::cache::freshness::CacheControlMode, ConfigError> {
+    crate::cache::freshness::CacheControlMode::parse(value).ok_or_else(|| {
         invalid(
             key,
             format!("\"{value}\" is not a mode; use \"honor\" or \"ignore\""),
@@ -644,7 +644,7 @@ mod tests {
         assert_eq!(valid.max_size_bytes, 10 << 30);
         // Without a token the node runs with its state-changing admin endpoints disabled.
         let without_token = Config::default().validate().unwrap();
-        assert!(!crate::admin::token_is_usable(
+        assert!(!crate::api::admin::token_is_usable(
             &without_token.raw.admin.token
         ));
     }

@@ -30,27 +30,16 @@
 //! Around them: [`config`] (the one config struct), [`node`] (shared state), [`stats`]
 //! (counters), [`admin`] (the admin listener), [`auth_throttle`] (its per-address throttle of wrong tokens) and [`error`] (typed errors).
 
-pub mod admin;
-pub mod auth_throttle;
+pub mod api;
+pub mod cache;
 pub mod config;
-pub mod connections;
 pub mod disk;
 pub mod error;
 pub mod fill;
-pub mod fill_limits;
-pub mod freshness;
-pub mod index;
-pub mod key;
+pub mod http;
 pub mod node;
-pub mod origin;
-pub mod outbound_proxy;
 pub mod peering;
-pub mod pieces;
-pub mod range;
-pub mod router;
-pub mod sendfile;
 pub mod serve;
 pub mod server;
 pub mod stats;
-pub mod store;
-pub mod tracker;
+pub mod upstream;

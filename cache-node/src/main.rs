@@ -37,12 +37,12 @@ fn main() -> anyhow::Result<()> {
     if arguments.health_check {
         return health_check(config.admin_listen);
     }
-    if !cache_node::admin::token_is_usable(&config.raw.admin.token) {
-        tracing::warn!("{}", cache_node::admin::TOKEN_UNSET_MESSAGE);
+    if !cache_node::api::admin::token_is_usable(&config.raw.admin.token) {
+        tracing::warn!("{}", cache_node::api::admin::TOKEN_UNSET_MESSAGE);
     }
     // Before the node opens: the connection cap of `server.max_connections = 0` is derived from
     // the limit in force.
-    match cache_node::connections::raise_fd_limit() {
+    match cache_node::server::connections::raise_fd_limit() {
         Ok(limit) => tracing::info!(
             before = limit.before,
             open_files = limit.after,
@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
         ),
         Err(error) => tracing::warn!(
             %error,
-            open_files = cache_node::connections::soft_fd_limit(),
+            open_files = cache_node::server::connections::soft_fd_limit(),
             "cannot raise the open-file limit (RLIMIT_NOFILE); keeping it"
         ),
     }

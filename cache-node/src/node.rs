@@ -6,16 +6,16 @@ use std::time::Duration;
 use http::{Method, Response};
 use hyper::body::Incoming;
 
+use crate::cache::index::{Index, ObjectEntry};
+use crate::cache::key::CacheKey;
+use crate::cache::store::Layout;
 use crate::config::ValidConfig;
 use crate::disk::{self, SharedStorage};
 use crate::error::{DiskError, OriginError};
 use crate::fill::Discoveries;
-use crate::index::{Index, ObjectEntry};
-use crate::key::CacheKey;
-use crate::origin::{Allowlist, FetchRequest, UpstreamClient};
-use crate::router::Route;
 use crate::stats::Stats;
-use crate::store::Layout;
+use crate::upstream::origin::{Allowlist, FetchRequest, UpstreamClient};
+use crate::upstream::router::Route;
 
 /// The most keys [`Node::uncacheable`] remembers.
 const UNCACHEABLE_KEYS: u64 = 65_536;
@@ -55,7 +55,7 @@ pub struct Node {
     /// Content found not storable (no length, `no-store`, `private`), remembered for
     /// `revalidate_after` so that later requests go straight to the origin instead of
     /// rediscovering it.
-    pub uncacheable: moka::sync::Cache<CacheKey, crate::freshness::NotStorable>,
+    pub uncacheable: moka::sync::Cache<CacheKey, crate::cache::freshness::NotStorable>,
     /// Origins (by upstream base URL) whose last revalidation could not connect or got no
     /// answer in time, for [`UNREACHABLE_ORIGIN_BACKOFF`]: while the WAN is down, stale hits are
     /// served at once instead of each waiting out a timeout.
@@ -65,14 +65,14 @@ pub struct Node {
     /// `admin.token`.
     pub admin_token: String,
     /// Piece manifests and the tracker; `None` when `peering.enabled` is off.
-    pub peering: Option<crate::peering::Peering>,
+    pub peering: Option<crate::api::peering::Peering>,
     /// The memory, concurrency and per-client bounds of fills (`[fill]`).
-    pub fill_limits: Arc<crate::fill_limits::FillLimits>,
+    pub fill_limits: Arc<crate::cache::fill_limits::FillLimits>,
     /// The client listener's connection caps and timeouts (`[server]`), resolved when the node
     /// opened (after the open-file limit was raised).
-    pub connection_limits: crate::connections::ConnectionLimits,
+    pub connection_limits: crate::server::connections::ConnectionLimits,
     /// Failed admin-token attempts per client address, for throttling them.
-    pub admin_auth: crate::auth_throttle::AuthThrottle,
+    pub admin_auth: crate::api::auth_throttle::AuthThrottle,
     /// `storage.max_object_size` in bytes.
     pub max_object_size: u64,
     /// `storage.verify_hits`.
@@ -121,14 +121,14 @@ impl Node {
             config.slice_len,
         ));
         // Content stored with another slice size, or declaring more than the limit, is deleted.
-        let recovered = layout.recover(crate::store::RecoveryLimits {
+        let recovered = layout.recover(crate::cache::store::RecoveryLimits {
             slice_len: config.slice_len,
             max_object_size: config.max_object_size_bytes,
         })?;
         let mut recovered_bytes = 0;
         let recovered_objects = recovered.len();
         for object in recovered {
-            let age = crate::store::unix_now().saturating_sub(object.meta.stored_at_unix);
+            let age = crate::cache::store::unix_now().saturating_sub(object.meta.stored_at_unix);
             let entry = Arc::new(ObjectEntry::with_present(
                 object.meta,
                 &object.present_slices,
@@ -150,7 +150,8 @@ impl Node {
             "cache store opened"
         );
         let stats = Stats::new(backend_name);
-        let fill_limits = crate::fill_limits::FillLimits::new(&config.fill, stats.fills.clone());
+        let fill_limits =
+            crate::cache::fill_limits::FillLimits::new(&config.fill, stats.fills.clone());
         Ok(Arc::new_cyclic(|node: &std::sync::Weak<Node>| Node {
             storage: Self::reporting_full_disk(storage, node.clone()),
             allowlist: Allowlist::from_config(&config.raw),
@@ -175,10 +176,12 @@ impl Node {
                 .build(),
             max_ranges: config.raw.server.max_ranges,
             admin_token: config.raw.admin.token.clone(),
-            peering: crate::peering::Peering::start(&config.peering),
+            peering: crate::api::peering::Peering::start(&config.peering),
             fill_limits,
-            connection_limits: crate::connections::ConnectionLimits::client(&config.raw.server),
-            admin_auth: crate::auth_throttle::AuthThrottle::default(),
+            connection_limits: crate::server::connections::ConnectionLimits::client(
+                &config.raw.server,
+            ),
+            admin_auth: crate::api::auth_throttle::AuthThrottle::default(),
             max_object_size: config.max_object_size_bytes,
             verify_hits: config.verify_hits,
         }))
@@ -304,7 +307,7 @@ impl Node {
     }
 
     /// Copies index figures into the gauges, and returns each drive's.
-    pub fn refresh_gauges(&self) -> Vec<crate::index::DriveUsage> {
+    pub fn refresh_gauges(&self) -> Vec<crate::cache::index::DriveUsage> {
         self.stats
             .set_effective_max_bytes(self.index.effective_max_bytes());
         let drives = self.index.drive_usage();

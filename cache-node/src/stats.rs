@@ -75,8 +75,8 @@ pub struct Stats {
     objects: Gauge<u64, AtomicU64>,
     drive_used_bytes: DriveGauges,
     drive_max_bytes: DriveGauges,
-    /// Fills in flight, fills waiting for a turn and fill memory (see [`crate::fill_limits`]).
-    pub fills: crate::fill_limits::FillGauges,
+    /// Fills in flight, fills waiting for a turn and fill memory (see [`crate::cache::fill_limits`]).
+    pub fills: crate::cache::fill_limits::FillGauges,
     /// Fills stopped before the end of their run because no client wanted the rest.
     pub fills_stopped: Counter,
     /// Requests answered `503` because their client had `fill.max_per_client` cold fills running.
@@ -156,7 +156,7 @@ pub struct StatsSnapshot {
     /// `portable` or `io_uring`.
     pub disk_backend: String,
     /// Each cache drive's path, `used_bytes`, `max_bytes` and `objects` (filled in by the node).
-    pub drives: Vec<crate::index::DriveUsage>,
+    pub drives: Vec<crate::cache::index::DriveUsage>,
     /// Fills talking to origins now (at most `fill.max_concurrent`).
     pub fills_in_flight: u64,
     /// Fills waiting for a turn.
@@ -263,7 +263,7 @@ impl Stats {
             objects: Gauge::default(),
             drive_used_bytes: DriveGauges::default(),
             drive_max_bytes: DriveGauges::default(),
-            fills: crate::fill_limits::FillGauges::default(),
+            fills: crate::cache::fill_limits::FillGauges::default(),
             fills_stopped: Counter::default(),
             fill_refusals: Counter::default(),
             encoded_responses: Counter::default(),
@@ -535,7 +535,7 @@ impl Stats {
         used_bytes: u64,
         max_bytes: u64,
         objects: u64,
-        drives: &[crate::index::DriveUsage],
+        drives: &[crate::cache::index::DriveUsage],
     ) {
         self.cache_used_bytes.set(used_bytes);
         self.cache_max_bytes.set(max_bytes);
@@ -551,7 +551,7 @@ impl Stats {
         }
     }
 
-    /// Updates the gauge of the size the drives really allow (see [`crate::index::Index::disk_full`]).
+    /// Updates the gauge of the size the drives really allow (see [`crate::cache::index::Index::disk_full`]).
     pub fn set_effective_max_bytes(&self, effective_max_bytes: u64) {
         self.cache_effective_max_bytes.set(effective_max_bytes);
     }
@@ -760,7 +760,7 @@ mod tests {
         stats.count_egress(ByteSource::Disk, 300);
         stats.count_egress(ByteSource::Fill, 100);
         stats.count_egress(ByteSource::Other, 7);
-        let drive = crate::index::DriveUsage {
+        let drive = crate::cache::index::DriveUsage {
             path: "/var/cache/outpost".into(),
             used_bytes: 10,
             max_bytes: 20,

@@ -13,15 +13,17 @@
 //! any worker.
 //!
 //! Client sockets are [`ZeroCopyStream`]s, so stored slices go out with `sendfile` (see
-//! [`crate::sendfile`]). The admin listener runs on the caller's runtime.
+//! [`crate::http::sendfile`]). The admin listener runs on the caller's runtime.
 //!
 //! Every accepted connection, on either listener, is first admitted by its listener's
 //! [`ConnectionTable`] (the caps), then served under a watchdog (the header and idle timeouts;
-//! see [`crate::connections`]). Requests whose target or `Host` routing cannot trust are
+//! see [`crate::server::connections`]). Requests whose target or `Host` routing cannot trust are
 //! answered 400 here, before the request handler sees them ([`router::check_request`]).
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind `127.0.0.1:0` and
 //! run many nodes in one process.
+
+pub mod connections;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -39,15 +41,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::admin;
+use crate::api::peering::ClientAddr;
 use crate::config::ValidConfig;
-use crate::connections::{ConnectionGuard, ConnectionTable, TrackedBody, WatchedIo};
 use crate::error::DiskError;
+use crate::http::sendfile::{SpanQueue, ZeroCopyStream};
 use crate::node::Node;
-use crate::peering::ClientAddr;
-use crate::sendfile::{SpanQueue, ZeroCopyStream};
+use crate::serve;
 use crate::serve::{text_response, ResponseBody};
+use crate::server::connections::{ConnectionGuard, ConnectionTable, TrackedBody, WatchedIo};
 use crate::stats::EdgeCounters;
-use crate::{admin, router, serve};
+use crate::upstream::router;
 
 /// Pending connections each listener queues before the kernel refuses more.
 const LISTEN_BACKLOG: i32 = 1024;

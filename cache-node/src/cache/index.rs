@@ -26,12 +26,12 @@ use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
 use tokio::sync::mpsc;
 
+use crate::cache::freshness::Freshness;
+use crate::cache::key::CacheKey;
+use crate::cache::store::{Layout, ObjectMeta};
 use crate::disk::full::RefusedWrite;
 use crate::disk::SharedStorage;
 use crate::fill::SliceBuffer;
-use crate::freshness::Freshness;
-use crate::key::CacheKey;
-use crate::store::{Layout, ObjectMeta};
 
 /// moka weights are `u32`, so objects are weighed in units of this many bytes; that still allows
 /// objects of up to 16 TiB.
@@ -184,8 +184,8 @@ pub struct ObjectEntry {
     pub key: CacheKey,
     /// The stored version's metadata.
     pub meta: ObjectMeta,
-    /// The version's piece hashes (see [`crate::pieces`]).
-    pub pieces: crate::pieces::PieceState,
+    /// The version's piece hashes (see [`crate::cache::pieces`]).
+    pub pieces: crate::cache::pieces::PieceState,
     table: Mutex<SliceTable>,
     stored_bytes: AtomicU64,
     removed: AtomicBool,
@@ -271,7 +271,7 @@ impl ObjectEntry {
         ObjectEntry {
             key: CacheKey::from_text(meta.key.clone()),
             meta,
-            pieces: crate::pieces::PieceState::default(),
+            pieces: crate::cache::pieces::PieceState::default(),
             table: Mutex::new(SliceTable {
                 present,
                 inflight: HashMap::new(),

@@ -14,10 +14,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::cache::freshness::{CacheControlMode, FreshnessPolicy};
 use crate::config::{Config, UpstreamConfig};
 use crate::error::OriginError;
-use crate::freshness::{CacheControlMode, FreshnessPolicy};
-use crate::outbound_proxy::{ProxySettings, UpstreamConnector};
+use crate::upstream::outbound_proxy::{ProxySettings, UpstreamConnector};
 
 /// One allowlist pattern: an exact host or a `*.suffix` wildcard.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,8 +8,8 @@
 //! - `GET /_outpost/v1/peers?content_id=<id>&mode=<1|2|3>`: peers holding a content id, scoped
 //!   by download mode and ranked.
 //!
-//! Requests reach this module only when [`crate::router::is_api_request`] says so: the path is
-//! under [`crate::router::API_PREFIX`] and the request names no origin. That rule, and reverse-proxy
+//! Requests reach this module only when [`crate::upstream::router::is_api_request`] says so: the path is
+//! under [`crate::upstream::router::API_PREFIX`] and the request names no origin. That rule, and reverse-proxy
 //! mode refusing the prefix, keep API paths and content paths apart.
 
 use std::net::SocketAddr;
@@ -22,15 +22,15 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
+use crate::cache::pieces::{self, CollectError};
 use crate::config::{invalid, parse_block_size, ConfigError};
 use crate::fill::{self, DiscoverError, SliceSpan};
 use crate::node::Node;
-use crate::pieces::{self, CollectError};
-use crate::router;
 use crate::serve::ResponseBody;
+use crate::upstream::router;
 use outpost_shared::wire::{self, Announced, Manifest, PeerList};
 
-use crate::tracker::{self, Announcement, ContentId, Scope, Tracker};
+use crate::peering::tracker::{self, Announcement, ContentId, Scope, Tracker};
 
 /// The largest announcement body accepted. [`tracker::MAX_PIECE_RANGES`] ranges and a group id
 /// fit in a few KiB.
@@ -497,7 +497,7 @@ async fn announce(
             ),
         );
     };
-    // The address is the connection's source, never one the peer claims: see crate::tracker.
+    // The address is the connection's source, never one the peer claims: see crate::peering::tracker.
     let address = SocketAddr::new(client.ip().to_canonical(), parsed.port);
     let announcement = Announcement {
         content_id,

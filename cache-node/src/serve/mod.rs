@@ -20,17 +20,17 @@ use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::cache::index::ObjectEntry;
+use crate::cache::store::ObjectMeta;
 use crate::error::{OriginError, ServeError};
 use crate::fill::{
     self, BufferRead, Demand, DiscoverError, FillRefused, Requester, SliceBuffer, SliceSpan,
 };
-use crate::index::ObjectEntry;
+use crate::http::range::{self, ByteRange, ByteRangeSpec, MultipartPlan, RangeOutcome};
+use crate::http::sendfile::{self, SpanQueue};
 use crate::node::Node;
-use crate::range::{self, ByteRange, ByteRangeSpec, MultipartPlan, RangeOutcome};
-use crate::router::{self, Route};
-use crate::sendfile::{self, SpanQueue};
 use crate::stats::ByteSource;
-use crate::store::ObjectMeta;
+use crate::upstream::router::{self, Route};
 
 /// How many body chunks the producer may run ahead of the client.
 const BODY_CHANNEL_DEPTH: usize = 4;
@@ -46,7 +46,7 @@ const ZERO_COPY_MIN: usize = 32 << 10;
 /// A piece of body on its way from the producer task to hyper.
 enum Chunk {
     Bytes(Bytes),
-    /// A window of a stored slice, sent with `sendfile` (see [`crate::sendfile`]).
+    /// A window of a stored slice, sent with `sendfile` (see [`crate::http::sendfile`]).
     File {
         file: Arc<std::fs::File>,
         offset: u64,
@@ -223,12 +223,12 @@ pub async fn handle(
         request.uri(),
         host_header,
     ) {
-        return Ok(crate::peering::handle(node, request).await);
+        return Ok(crate::api::peering::handle(node, request).await);
     }
     let requester = Requester::client(
         request
             .extensions()
-            .get::<crate::peering::ClientAddr>()
+            .get::<crate::api::peering::ClientAddr>()
             .map(|addr| addr.0.ip()),
     );
     let request_id = NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed);
@@ -892,14 +892,16 @@ async fn send_stored(
             .map_err(|_| StoredError::ClientGone)
     };
     if node.sample_hit_check() {
-        match crate::pieces::verify_slice(node, entry, window.index).await {
+        match crate::cache::pieces::verify_slice(node, entry, window.index).await {
             Ok(Some(slice)) => {
                 return send_bytes(slice.slice(window.start as usize..window.end as usize)).await
             }
             // The hashes are not known (peering off, or not yet recorded): sent unchecked.
             Ok(None) => {}
-            Err(crate::pieces::VerifyError::Disk(error)) => return Err(StoredError::Disk(error)),
-            Err(crate::pieces::VerifyError::Mismatch { slice }) => {
+            Err(crate::cache::pieces::VerifyError::Disk(error)) => {
+                return Err(StoredError::Disk(error))
+            }
+            Err(crate::cache::pieces::VerifyError::Mismatch { slice }) => {
                 return Err(StoredError::Mismatch(slice))
             }
         }

@@ -38,7 +38,7 @@ use rand::seq::SliceRandom;
 
 use tokio::time::Instant;
 
-use crate::peering::PeeringConfig;
+use crate::api::peering::PeeringConfig;
 
 /// The most piece ranges one announcement may list. A peer whose holdings are more fragmented
 /// reports a subset: under-reporting only costs it uploads, and over-reporting is caught by the

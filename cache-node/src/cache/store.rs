@@ -31,9 +31,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::cache::key::CacheKey;
 use crate::disk::portable::TEMP_PREFIX;
 use crate::error::DiskError;
-use crate::key::CacheKey;
 
 /// What the node knows about one version of one piece of content. Written once per generation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +59,7 @@ pub struct ObjectMeta {
     pub stored_at_unix: u64,
     /// How long the version is fresh after the origin confirms it, in seconds, from the origin's
     /// `Cache-Control` or `Expires`; absent when the origin said nothing, and
-    /// `upstream.revalidate_after` applies (see [`crate::freshness`]).
+    /// `upstream.revalidate_after` applies (see [`crate::cache::freshness`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fresh_for_secs: Option<u64>,
 }
@@ -157,7 +157,7 @@ pub struct RecoveredObject {
     pub pieces_file: Option<u64>,
 }
 
-/// The name of the piece hash file in a generation directory (see [`crate::pieces`]).
+/// The name of the piece hash file in a generation directory (see [`crate::cache::pieces`]).
 const PIECES_FILE: &str = "pieces.sha256";
 
 /// The largest `meta.json` recovery reads; the node writes a few hundred bytes, plus the origin
@@ -567,7 +567,8 @@ fn read_pieces_header(path: &Path, meta: &ObjectMeta) -> Option<u64> {
     let piece_len = u64::from_le_bytes(header);
     let plausible = piece_len.is_power_of_two()
         && meta.slice_len % piece_len == 0
-        && file.metadata().ok()?.len() == crate::pieces::file_len(meta.length, piece_len) as u64;
+        && file.metadata().ok()?.len()
+            == crate::cache::pieces::file_len(meta.length, piece_len) as u64;
     plausible.then_some(piece_len)
 }
 
@@ -625,7 +626,7 @@ mod tests {
         fs::write(layout.slice_path(&key, 2, 2), &last).unwrap(); // last slice, right length
         fs::write(layout.slice_path(&key, 2, 7), &whole).unwrap(); // out of range
         fs::write(layout.generation_dir(&key, 2).join(".tmp-1-00ff"), b"ef").unwrap();
-        let hashes = crate::pieces::encode_file(SLICE, &[[7; 32]; 3]);
+        let hashes = crate::cache::pieces::encode_file(SLICE, &[[7; 32]; 3]);
         fs::write(layout.pieces_path(&key, 2), hashes).unwrap();
         // A piece file whose length does not fit its object is deleted.
         fs::write(layout.pieces_path(&key, 1), [0u8; 9]).unwrap();

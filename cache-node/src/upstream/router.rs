@@ -9,15 +9,15 @@
 //!
 //! Anything else is refused: the node is never an open proxy.
 //!
-//! The node's own API (piece manifests and the peer tracker, see [`crate::peering`]) lives under
+//! The node's own API (piece manifests and the peer tracker, see [`crate::api::peering`]) lives under
 //! [`API_PREFIX`] and is recognised only in requests that name no origin in any of the first three
 //! ways; the prefix is refused in reverse-proxy mode, so an API path and a content path can
 //! never be the same request.
 
 use http::{header, HeaderMap, Uri};
 
-use crate::key::{split_cache_host_origin, CacheKey};
-use crate::origin::{Allowlist, LookupError, NamedHost, OriginTarget};
+use crate::cache::key::{split_cache_host_origin, CacheKey};
+use crate::upstream::origin::{Allowlist, LookupError, NamedHost, OriginTarget};
 
 /// The path prefix reserved for the node's own API. It never reaches an origin in reverse-proxy
 /// mode; under an origin named by proxy, MCC or Host-header mode it is ordinary content.

@@ -34,10 +34,10 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::cache::index::ObjectEntry;
+use crate::cache::store::ObjectMeta;
 use crate::error::DiskError;
-use crate::index::ObjectEntry;
 use crate::node::Node;
-use crate::store::ObjectMeta;
 
 /// A SHA-256 digest.
 pub type PieceHash = [u8; 32];

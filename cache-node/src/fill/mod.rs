@@ -26,7 +26,7 @@
 //!   object. Objects up to `fill.finish_objects_up_to` are finished anyway.
 //! - **Limits.** Every fill waits for a turn and reserves memory for each slice before taking
 //!   its bytes; requests that start fills take a slot of their client address
-//!   (see [`crate::fill_limits`]).
+//!   (see [`crate::cache::fill_limits`]).
 //! - **Versions.** Slices of one object fetched by different requests are only put together when
 //!   the object has a validator the origin checks (`If-Range` with a strong ETag or
 //!   Last-Modified). A validator-less object keeps what its first fill brought, and missing slices
@@ -43,16 +43,16 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{oneshot, watch, Semaphore};
 
+use crate::cache::fill_limits::{ClientSlot, FillSlot, MemoryReservation};
+pub use crate::cache::fill_limits::{FillRefused, Requester};
+use crate::cache::freshness::{self, Freshness, NotStorable};
+use crate::cache::index::{ObjectEntry, SliceTable};
+use crate::cache::key::CacheKey;
+use crate::cache::store::{unix_now, ObjectMeta};
 use crate::error::OriginError;
-use crate::fill_limits::{ClientSlot, FillSlot, MemoryReservation};
-pub use crate::fill_limits::{FillRefused, Requester};
-use crate::freshness::{self, Freshness, NotStorable};
-use crate::index::{ObjectEntry, SliceTable};
-use crate::key::CacheKey;
+use crate::http::range::{parse_content_range, ContentRange};
 use crate::node::Node;
-use crate::range::{parse_content_range, ContentRange};
-use crate::router::Route;
-use crate::store::{unix_now, ObjectMeta};
+use crate::upstream::router::Route;
 
 /// Headers of an origin response that are stored and replayed to clients, besides the
 /// validators and `Content-Type`, which have their own fields.
@@ -1241,7 +1241,9 @@ async fn stream_into_slices(
                 )))
             }
             Ok(Some(Err(error))) => {
-                break Some(OriginError::Body(crate::origin::error_chain(&error)))
+                break Some(OriginError::Body(crate::upstream::origin::error_chain(
+                    &error,
+                )))
             }
             Ok(Some(Ok(frame))) => frame,
         };
@@ -1326,7 +1328,8 @@ async fn persist_into_store(
     // Hashes first: a slice marked stored then always has its piece hashes, and a slice the disk
     // refuses still gets them (its bytes passed validation all the same).
     if let Some(peering) = &node.peering {
-        crate::pieces::record_slice(node, entry, peering.piece_len, index, buffer.chunks()).await;
+        crate::cache::pieces::record_slice(node, entry, peering.piece_len, index, buffer.chunks())
+            .await;
     }
     let path = node
         .layout

@@ -9,7 +9,7 @@
 //! - Tokens are compared in constant time.
 //! - Each client address (an IPv6 /64) may fail [`AUTH_FAILURE_BURST`] times in a row; then it
 //!   gets 429 without its token being looked at, and one more try every
-//!   [`crate::auth_throttle::AUTH_FAILURE_REFILL`], so guessing runs at one try a second instead of thousands.
+//!   [`crate::api::auth_throttle::AUTH_FAILURE_REFILL`], so guessing runs at one try a second instead of thousands.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -20,12 +20,12 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
 
-use crate::auth_throttle::AUTH_FAILURE_BURST;
-use crate::connections::ClientKey;
-use crate::key::CacheKey;
+use crate::api::auth_throttle::AUTH_FAILURE_BURST;
+use crate::cache::key::CacheKey;
 use crate::node::Node;
-use crate::origin::normalise_host;
 use crate::serve::{text_response, ResponseBody};
+use crate::server::connections::ClientKey;
+use crate::upstream::origin::normalise_host;
 
 /// Handles one admin request.
 pub async fn handle(
@@ -138,7 +138,7 @@ fn authorise(node: &Node, request: &Request<Incoming>) -> Result<(), AuthRefusal
     }
     let client = request
         .extensions()
-        .get::<crate::peering::ClientAddr>()
+        .get::<crate::api::peering::ClientAddr>()
         .map_or(IpAddr::from([0, 0, 0, 0]), |addr| addr.0.ip());
     let client = ClientKey::network(client);
     let edge = &node.stats.edge;

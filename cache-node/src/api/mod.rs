@@ -1,0 +1,6 @@
+//! The node's own HTTP APIs: the peering API (`/_outpost/v1/`) on the client listener and the
+//! admin listener.
+
+pub mod admin;
+pub mod auth_throttle;
+pub mod peering;

@@ -1,0 +1,7 @@
+//! Everything about origins: which hosts may be fetched (the allowlist), which origin a request
+//! is for (routing), and the pooled HTTP/HTTPS client that reaches them, directly or through an
+//! outbound proxy.
+
+pub mod origin;
+pub mod outbound_proxy;
+pub mod router;
