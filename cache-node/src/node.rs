@@ -307,7 +307,7 @@ impl Node {
     }
 
     /// Copies index figures into the gauges, and returns each drive's.
-    pub fn refresh_gauges(&self) -> Vec<crate::cache::index::DriveUsage> {
+    pub fn refresh_gauges(&self) -> Vec<crate::stats::DriveUsage> {
         self.stats
             .set_effective_max_bytes(self.index.effective_max_bytes());
         let drives = self.index.drive_usage();

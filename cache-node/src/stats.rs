@@ -25,6 +25,33 @@ pub enum ByteSource {
     Other,
 }
 
+/// The gauges the limits keep current (kept current by the fill limits).
+#[derive(Debug, Clone, Default)]
+pub struct FillGauges {
+    /// Fills talking to origins now.
+    pub in_flight: Gauge<u64, AtomicU64>,
+    /// Fills waiting for a turn.
+    pub waiting: Gauge<u64, AtomicU64>,
+    /// Bytes reserved by slice buffers.
+    pub memory_bytes: Gauge<u64, AtomicU64>,
+}
+
+/// One drive's figures, for `/stats`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DriveUsage {
+    /// The drive's directory.
+    pub path: String,
+    /// Bytes stored on it.
+    pub used_bytes: u64,
+    /// Its `max_size`.
+    pub max_bytes: u64,
+    /// Objects stored on it.
+    pub objects: u64,
+    /// The size its filesystem really allows: `max_bytes`, or less after a write failed with
+    /// `ENOSPC`.
+    pub effective_max_bytes: u64,
+}
+
 /// All counters of one node.
 #[derive(Debug)]
 pub struct Stats {
@@ -75,8 +102,8 @@ pub struct Stats {
     objects: Gauge<u64, AtomicU64>,
     drive_used_bytes: DriveGauges,
     drive_max_bytes: DriveGauges,
-    /// Fills in flight, fills waiting for a turn and fill memory (see [`crate::cache::fill_limits`]).
-    pub fills: crate::cache::fill_limits::FillGauges,
+    /// Fills in flight, fills waiting for a turn and fill memory (see the fill limits, `cache::fill_limits`).
+    pub fills: FillGauges,
     /// Fills stopped before the end of their run because no client wanted the rest.
     pub fills_stopped: Counter,
     /// Requests answered `503` because their client had `fill.max_per_client` cold fills running.
@@ -156,7 +183,7 @@ pub struct StatsSnapshot {
     /// `portable` or `io_uring`.
     pub disk_backend: String,
     /// Each cache drive's path, `used_bytes`, `max_bytes` and `objects` (filled in by the node).
-    pub drives: Vec<crate::cache::index::DriveUsage>,
+    pub drives: Vec<DriveUsage>,
     /// Fills talking to origins now (at most `fill.max_concurrent`).
     pub fills_in_flight: u64,
     /// Fills waiting for a turn.
@@ -263,7 +290,7 @@ impl Stats {
             objects: Gauge::default(),
             drive_used_bytes: DriveGauges::default(),
             drive_max_bytes: DriveGauges::default(),
-            fills: crate::cache::fill_limits::FillGauges::default(),
+            fills: FillGauges::default(),
             fills_stopped: Counter::default(),
             fill_refusals: Counter::default(),
             encoded_responses: Counter::default(),
@@ -535,7 +562,7 @@ impl Stats {
         used_bytes: u64,
         max_bytes: u64,
         objects: u64,
-        drives: &[crate::cache::index::DriveUsage],
+        drives: &[DriveUsage],
     ) {
         self.cache_used_bytes.set(used_bytes);
         self.cache_max_bytes.set(max_bytes);
@@ -760,7 +787,7 @@ mod tests {
         stats.count_egress(ByteSource::Disk, 300);
         stats.count_egress(ByteSource::Fill, 100);
         stats.count_egress(ByteSource::Other, 7);
-        let drive = crate::cache::index::DriveUsage {
+        let drive = DriveUsage {
             path: "/var/cache/outpost".into(),
             used_bytes: 10,
             max_bytes: 20,

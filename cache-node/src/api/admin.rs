@@ -22,9 +22,9 @@ use serde::Serialize;
 
 use crate::api::auth_throttle::AUTH_FAILURE_BURST;
 use crate::cache::key::CacheKey;
+use crate::http::client_key::ClientKey;
 use crate::node::Node;
 use crate::serve::{text_response, ResponseBody};
-use crate::server::connections::ClientKey;
 use crate::upstream::origin::normalise_host;
 
 /// Handles one admin request.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::server::connections::ClientKey;
+use crate::http::client_key::ClientKey;
 
 /// Wrong tokens one address may send in a row before it is throttled.
 pub const AUTH_FAILURE_BURST: u32 = 10;

@@ -21,11 +21,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use outpost_shared::units::parse_size;
+
+use crate::stats::FillGauges;
 
 /// `[fill]`: bounds on origin fills.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,17 +121,6 @@ pub enum FillRefused {
     /// could bring another version: missing slices are never added to what is stored.
     #[error("the origin gives no validator for this object, so its missing slices cannot be added to the stored ones")]
     NoValidator,
-}
-
-/// The gauges the limits keep current (shared with the node's `Stats`).
-#[derive(Debug, Clone, Default)]
-pub struct FillGauges {
-    /// Fills talking to origins now.
-    pub in_flight: Gauge<u64, AtomicU64>,
-    /// Fills waiting for a turn.
-    pub waiting: Gauge<u64, AtomicU64>,
-    /// Bytes reserved by slice buffers.
-    pub memory_bytes: Gauge<u64, AtomicU64>,
 }
 
 /// The running limits of one node.

@@ -4,7 +4,7 @@
 //!
 //! The node judges the first response of every version (the discovery) and every answer to a
 //! revalidation. What it decides here is a policy, not a clock: [`crate::cache::index::ObjectEntry`]
-//! keeps when the version was last confirmed, and [`crate::fill::revalidate_if_stale`] compares.
+//! keeps when the version was last confirmed, and the fill layer's revalidation compares.
 
 use std::time::{Duration, SystemTime};
 

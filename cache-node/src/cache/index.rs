@@ -32,6 +32,7 @@ use crate::cache::store::{Layout, ObjectMeta};
 use crate::disk::full::RefusedWrite;
 use crate::disk::SharedStorage;
 use crate::fill::SliceBuffer;
+use crate::stats::DriveUsage;
 
 /// moka weights are `u32`, so objects are weighed in units of this many bytes; that still allows
 /// objects of up to 16 TiB.
@@ -344,22 +345,6 @@ struct DriveIndex {
     removals: mpsc::UnboundedSender<(Arc<ObjectEntry>, u64)>,
     /// When the deleter last freed space on the drive.
     last_freed: Arc<Mutex<Option<std::time::Instant>>>,
-}
-
-/// One drive's figures, for `/stats`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DriveUsage {
-    /// The drive's directory.
-    pub path: String,
-    /// Bytes stored on it.
-    pub used_bytes: u64,
-    /// Its `max_size`.
-    pub max_bytes: u64,
-    /// Objects stored on it.
-    pub objects: u64,
-    /// The size its filesystem really allows: `max_bytes`, or less after a write failed with
-    /// `ENOSPC`.
-    pub effective_max_bytes: u64,
 }
 
 /// What [`Index::disk_full`] did about a full drive.

@@ -3,7 +3,7 @@
 //!
 //! Callers hand a job (with its owned buffers) to a ring over a channel and await a oneshot
 //! answer, so the trait's futures stay `Send`. On a serving worker that runs its own tokio-uring
-//! runtime (thread-per-core, see [`crate::server`]), [`attach_worker_ring`] makes that worker's
+//! runtime (thread-per-core, started by the server module), [`attach_worker_ring`] makes that worker's
 //! ring take the jobs its own requests submit, so the hit path never crosses threads; every other
 //! thread uses the shared ring thread. Reads go
 //! into the caller's buffer without zero-filling it first: the kernel writes the bytes straight

@@ -1,5 +1,7 @@
 //! HTTP details with no cache in them: Range, Content-Range and conditional-request parsing, and
-//! `sendfile` for zero-copy bodies.
+//! `sendfile` for zero-copy bodies, and
+//! the per-client key of caps and throttles.
 
+pub mod client_key;
 pub mod range;
 pub mod sendfile;

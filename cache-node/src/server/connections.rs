@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -41,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
 use crate::config::ServerConfig;
+use crate::http::client_key::ClientKey;
 use crate::stats::EdgeCounters;
 
 /// `server.max_connections = 0` allows this share (numerator, denominator) of the open-file limit.
@@ -180,38 +181,6 @@ pub fn raise_fd_limit() -> io::Result<FdLimit> {
         before,
         after: soft_fd_limit(),
     })
-}
-
-/// Who a connection (or a failed admin token) counts against: a client address, IPv4-mapped
-/// IPv6 addresses counting as IPv4.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClientKey(IpAddr);
-
-impl ClientKey {
-    /// The key of one address. Connection caps count per address, not per IPv6 /64: every host
-    /// of an IPv6 office LAN shares one /64, and would share one cap.
-    pub fn address(address: IpAddr) -> ClientKey {
-        ClientKey(address.to_canonical())
-    }
-
-    /// The key of an address's network: the address itself for IPv4, its /64 for IPv6, where
-    /// one host can pick addresses from a whole /64. For throttles a single host must not evade
-    /// by changing addresses.
-    pub fn network(address: IpAddr) -> ClientKey {
-        match address.to_canonical() {
-            IpAddr::V6(v6) => {
-                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                ClientKey(IpAddr::V6(Ipv6Addr::from(prefix)))
-            }
-            v4 => ClientKey(v4),
-        }
-    }
-}
-
-impl std::fmt::Display for ClientKey {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(&self.0, formatter)
-    }
 }
 
 /// What one connection is doing, as the watchdog and the table see it.
