@@ -28,10 +28,10 @@ use tokio::sync::mpsc;
 
 use crate::cache::freshness::Freshness;
 use crate::cache::key::CacheKey;
+use crate::cache::slice_buffer::SliceBuffer;
 use crate::cache::store::{Layout, ObjectMeta};
 use crate::disk::full::RefusedWrite;
 use crate::disk::SharedStorage;
-use crate::fill::SliceBuffer;
 use crate::stats::DriveUsage;
 
 /// moka weights are `u32`, so objects are weighed in units of this many bytes; that still allows
@@ -175,7 +175,7 @@ pub struct SliceTable {
     pub inflight: HashMap<u64, Arc<SliceBuffer>>,
     /// What running fills reserved beyond the slices they claimed, and what responses want:
     /// ranges, not slices.
-    pub claims: crate::fill::Claims,
+    pub claims: crate::cache::slice_buffer::Claims,
 }
 
 /// One version of one cached object.

@@ -7,4 +7,5 @@ pub mod freshness;
 pub mod index;
 pub mod key;
 pub mod pieces;
+pub mod slice_buffer;
 pub mod store;
