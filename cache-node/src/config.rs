@@ -12,6 +12,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::freshness::FreshnessPolicy;
+use crate::upstream::origin::{AllowedOrigin, Allowlist, HostPattern, OriginTarget};
+
+pub use crate::upstream::settings::{OriginConfig, UpstreamConfig};
+
 /// The most worker threads `server.workers` accepts.
 const MAX_WORKERS: usize = 1024;
 
@@ -55,7 +60,7 @@ pub struct Config {
     /// The origin allowlist: one `[[origin]]` table per allowed origin host.
     pub origin: Vec<OriginConfig>,
     /// Piece manifests and the peer tracker for peer-clients.
-    pub peering: crate::api::peering::PeeringConfig,
+    pub peering: crate::peering::PeeringConfig,
     /// Bounds on origin fills: memory, concurrency, per-client caps.
     pub fill: crate::cache::fill_limits::FillConfig,
 }
@@ -185,48 +190,6 @@ impl DriveConfig {
     }
 }
 
-/// `[upstream]`: how the node fetches from origins.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// Time allowed to open a TCP (and TLS) connection to an origin.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Time allowed between sending a request and receiving the response headers.
-    #[serde(with = "humantime_serde")]
-    pub first_byte_timeout: Duration,
-    /// Longest silence allowed while reading a response body before the fill is abandoned.
-    #[serde(with = "humantime_serde")]
-    pub idle_read_timeout: Duration,
-    /// How long an idle pooled connection to an origin is kept.
-    #[serde(with = "humantime_serde")]
-    pub pool_idle_timeout: Duration,
-    /// The most idle pooled connections kept per origin.
-    pub pool_max_idle_per_host: usize,
-    /// When the gap between two missing runs of slices is at most this many cached slices, the
-    /// node fetches both runs with one upstream request and discards the overlap, instead of
-    /// opening a second request.
-    pub merge_gap_slices: u64,
-    /// How long a stored version is served without asking the origin whether it changed. Older
-    /// versions are checked with a one-byte conditional request before they are served; an
-    /// unreachable origin leaves the stored version served. `0s` checks on every request.
-    #[serde(with = "humantime_serde")]
-    pub revalidate_after: Duration,
-    /// What the origin's `Cache-Control` and `Expires` decide: `honor` (a response marked
-    /// `no-store` or `private` is passed through and never stored; `no-cache`, `s-maxage`,
-    /// `max-age` and `Expires` set how long a stored version is served before it is checked, and
-    /// `revalidate_after` applies only when the origin says nothing) or `ignore` (store everything
-    /// and check every version after `revalidate_after`, as lancache's nginx does).
-    pub cache_control: String,
-    /// An outbound HTTP proxy every origin connection goes through, `http://host:port` with
-    /// optional `user:password@`; empty connects directly. `https://` origins are tunnelled with
-    /// `CONNECT` (TLS stays end to end); `http://` ones are sent to the proxy in absolute form.
-    pub proxy: String,
-    /// Hosts reached directly despite `proxy`: a comma list of names and `*.suffix` patterns,
-    /// matched against the host the node connects to (an origin's `upstream` when set).
-    pub no_proxy: String,
-}
-
 /// `[log]`: logging.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -240,27 +203,6 @@ pub struct LogConfig {
     /// `0s` turns it off.
     #[serde(with = "humantime_serde")]
     pub summary_interval: Duration,
-}
-
-/// `[[origin]]`: one allowed origin.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
-pub struct OriginConfig {
-    /// An exact host name (`dl.delivery.mp.microsoft.com`) or a wildcard (`*.windowsupdate.com`,
-    /// which matches any subdomain but not the bare suffix).
-    pub host: String,
-    /// Base URL the node really connects to for this origin, for example `http://127.0.0.1:8000`
-    /// or a parent cache. Unset means `http://<requested host>`.
-    pub upstream: Option<String>,
-    /// This origin's `upstream.revalidate_after`; unset uses the global one.
-    #[serde(with = "humantime_serde")]
-    pub revalidate_after: Option<Duration>,
-    /// This origin's `upstream.cache_control` (`honor` or `ignore`); unset uses the global one.
-    pub cache_control: Option<String>,
-    /// Ports clients may name for this origin besides 80 and 443, for example `[8080]` for a
-    /// mirror on `mirror.lan:8080`. Any other port is refused with 403, so an allowed host name
-    /// never reaches another service on the same machine.
-    pub ports: Vec<u16>,
 }
 
 impl Default for ServerConfig {
@@ -303,23 +245,6 @@ impl Default for StorageConfig {
     }
 }
 
-impl Default for UpstreamConfig {
-    fn default() -> Self {
-        UpstreamConfig {
-            connect_timeout: Duration::from_secs(5),
-            first_byte_timeout: Duration::from_secs(30),
-            idle_read_timeout: Duration::from_secs(30),
-            pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: 32,
-            merge_gap_slices: 0,
-            revalidate_after: Duration::from_secs(3600),
-            cache_control: "honor".to_owned(),
-            proxy: String::new(),
-            no_proxy: String::new(),
-        }
-    }
-}
-
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
@@ -335,6 +260,8 @@ impl Default for LogConfig {
 pub struct ValidConfig {
     /// The raw configuration, kept for the parts that need no parsing.
     pub raw: Config,
+    /// `[[origin]]`, `server.default_upstream` and the freshness settings, parsed.
+    pub allowlist: Allowlist,
     /// `server.listen`, parsed.
     pub server_listen: SocketAddr,
     /// `admin.listen`, parsed.
@@ -353,7 +280,7 @@ pub struct ValidConfig {
     /// `upstream.proxy` and `upstream.no_proxy`, parsed; `None` connects directly.
     pub proxy: Option<crate::upstream::outbound_proxy::ProxySettings>,
     /// `[peering]`, parsed.
-    pub peering: crate::api::peering::PeeringSettings,
+    pub peering: crate::peering::PeeringSettings,
     /// `[fill]`, parsed.
     pub fill: crate::cache::fill_limits::FillSettings,
     /// `storage.max_object_size` in bytes.
@@ -433,7 +360,13 @@ impl Config {
                 ))
             }
         };
-        parse_cache_control("upstream.cache_control", &self.upstream.cache_control)?;
+        let global_policy = FreshnessPolicy {
+            revalidate_after: self.upstream.revalidate_after,
+            cache_control: parse_cache_control(
+                "upstream.cache_control",
+                &self.upstream.cache_control,
+            )?,
+        };
         let proxy = crate::upstream::outbound_proxy::ProxySettings::parse(
             &self.upstream.proxy,
             &self.upstream.no_proxy,
@@ -487,27 +420,57 @@ impl Config {
                 ),
             ));
         }
-        if let Some(url) = &self.server.default_upstream {
-            check_upstream_url("server.default_upstream", url)?;
-        }
+        let default_upstream = match &self.server.default_upstream {
+            Some(url) => {
+                check_upstream_url("server.default_upstream", url)?;
+                let target =
+                    OriginTarget::default_upstream(url, global_policy).ok_or_else(|| {
+                        invalid(
+                            "server.default_upstream",
+                            format!("\"{url}\" names no host; use e.g. \"http://mirror.lan\""),
+                        )
+                    })?;
+                Some(target)
+            }
+            None => None,
+        };
+        let mut allowed = Vec::with_capacity(self.origin.len());
         for (index, origin) in self.origin.iter().enumerate() {
-            let key = format!("origin[{index}].host");
-            crate::upstream::origin::HostPattern::parse(&origin.host)
-                .map_err(|message| invalid(&key, message))?;
+            let pattern = HostPattern::parse(&origin.host)
+                .map_err(|message| invalid(&format!("origin[{index}].host"), message))?;
             if let Some(url) = &origin.upstream {
                 check_upstream_url(&format!("origin[{index}].upstream"), url)?;
             }
-            if let Some(mode) = &origin.cache_control {
-                parse_cache_control(&format!("origin[{index}].cache_control"), mode)?;
-            }
+            let cache_control = match &origin.cache_control {
+                Some(mode) => parse_cache_control(&format!("origin[{index}].cache_control"), mode)?,
+                None => global_policy.cache_control,
+            };
             if origin.ports.contains(&0) {
                 return Err(invalid(
                     &format!("origin[{index}].ports"),
                     "0 is not a port; list ports from 1 to 65535, e.g. [8080]",
                 ));
             }
+            allowed.push(AllowedOrigin {
+                pattern,
+                upstream: origin
+                    .upstream
+                    .as_ref()
+                    .map(|url| url.trim_end_matches('/').to_owned()),
+                policy: FreshnessPolicy {
+                    revalidate_after: origin
+                        .revalidate_after
+                        .unwrap_or(global_policy.revalidate_after),
+                    cache_control,
+                },
+                ports: origin.ports.clone(),
+            });
         }
-        let peering = self.peering.validate()?;
+        let allowlist = Allowlist::new(allowed, default_upstream);
+        let peering = self
+            .peering
+            .validate()
+            .map_err(|(key, message)| invalid(key, message))?;
         let fill = self
             .fill
             .validate(slice_len)
@@ -531,6 +494,7 @@ impl Config {
             ));
         }
         Ok(ValidConfig {
+            allowlist,
             peering,
             raw: self,
             server_listen,
@@ -585,16 +549,9 @@ fn check_upstream_url(key: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Parses a size that must be a power of two between 64KiB and 64MiB (slices and pieces).
+/// Parses a slice or piece size (see [`crate::cache::store::parse_block_size`]).
 pub(crate) fn parse_block_size(key: &str, text: &str) -> Result<u64, ConfigError> {
-    let bytes = parse_size(text).map_err(|message| invalid(key, message))?;
-    if !bytes.is_power_of_two() || !(64 << 10..=64 << 20).contains(&bytes) {
-        return Err(invalid(
-            key,
-            format!("\"{text}\" must be a power of two between 64KiB and 64MiB, e.g. \"1MiB\""),
-        ));
-    }
-    Ok(bytes)
+    crate::cache::store::parse_block_size(text).map_err(|message| invalid(key, message))
 }
 
 pub use outpost_shared::units::parse_size;

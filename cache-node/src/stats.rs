@@ -578,7 +578,7 @@ impl Stats {
         }
     }
 
-    /// Updates the gauge of the size the drives really allow (see [`crate::cache::index::Index::disk_full`]).
+    /// Updates the gauge of the size the drives really allow (see `Index::disk_full`).
     pub fn set_effective_max_bytes(&self, effective_max_bytes: u64) {
         self.cache_effective_max_bytes.set(effective_max_bytes);
     }

@@ -20,7 +20,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
 
-use crate::api::auth_throttle::AUTH_FAILURE_BURST;
+use crate::api::auth_throttle::{AuthThrottle, AUTH_FAILURE_BURST};
 use crate::cache::key::CacheKey;
 use crate::http::client_key::ClientKey;
 use crate::node::Node;
@@ -30,6 +30,7 @@ use crate::upstream::origin::normalise_host;
 /// Handles one admin request.
 pub async fn handle(
     node: Arc<Node>,
+    throttle: Arc<AuthThrottle>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let path = request.uri().path();
@@ -54,7 +55,7 @@ pub async fn handle(
                 None => bad_object_query(),
             }
         }
-        (&Method::DELETE, "/objects") => match authorise(&node, &request) {
+        (&Method::DELETE, "/objects") => match authorise(&node, &throttle, &request) {
             Ok(()) => purge(&node, request.uri().query().unwrap_or("")),
             Err(refusal) => refusal.response(),
         },
@@ -132,17 +133,21 @@ impl AuthRefusal {
 }
 
 /// Lets a request to an endpoint that changes state through, or says why not.
-fn authorise(node: &Node, request: &Request<Incoming>) -> Result<(), AuthRefusal> {
+fn authorise(
+    node: &Node,
+    throttle: &AuthThrottle,
+    request: &Request<Incoming>,
+) -> Result<(), AuthRefusal> {
     if !token_is_usable(&node.admin_token) {
         return Err(AuthRefusal::Disabled);
     }
     let client = request
         .extensions()
-        .get::<crate::api::peering::ClientAddr>()
+        .get::<crate::http::client_key::ClientAddr>()
         .map_or(IpAddr::from([0, 0, 0, 0]), |addr| addr.0.ip());
     let client = ClientKey::network(client);
     let edge = &node.stats.edge;
-    if let Some(retry_after) = node.admin_auth.throttled_for(client) {
+    if let Some(retry_after) = throttle.throttled_for(client) {
         edge.admin_auth_throttled.inc();
         return Err(AuthRefusal::Throttled {
             client,
@@ -153,7 +158,7 @@ fn authorise(node: &Node, request: &Request<Incoming>) -> Result<(), AuthRefusal
         return Ok(());
     }
     edge.admin_auth_failures.inc();
-    let failures = node.admin_auth.record_failure(client);
+    let failures = throttle.record_failure(client);
     if failures == AUTH_FAILURE_BURST {
         tracing::warn!(%client, failures, "admin: wrong tokens from one address; throttling it");
     }
@@ -279,6 +284,32 @@ fn purge(node: &Node, query: &str) -> Response<ResponseBody> {
             StatusCode::NOT_FOUND,
             format!("not cached: {}", key.as_str()),
         ),
+    }
+}
+
+/// The `/stats` document and the gauges behind `/metrics` are this module's: they are defined
+/// here, on the node whose figures they read.
+impl Node {
+    /// Refreshes the gauges and returns the `/stats` document.
+    pub fn stats_snapshot(&self) -> crate::stats::StatsSnapshot {
+        let drives = self.refresh_gauges();
+        let mut snapshot = self.stats.snapshot(self.storage.backend_name());
+        snapshot.drives = drives;
+        snapshot
+    }
+
+    /// Copies index figures into the gauges, and returns each drive's.
+    pub fn refresh_gauges(&self) -> Vec<crate::stats::DriveUsage> {
+        self.stats
+            .set_effective_max_bytes(self.index.effective_max_bytes());
+        let drives = self.index.drive_usage();
+        self.stats.set_cache_gauges(
+            self.index.used_bytes(),
+            self.index.max_bytes(),
+            self.index.object_count(),
+            &drives,
+        );
+        drives
     }
 }
 

@@ -3,7 +3,7 @@
 //! the origin again.
 //!
 //! The node judges the first response of every version (the discovery) and every answer to a
-//! revalidation. What it decides here is a policy, not a clock: [`crate::cache::index::ObjectEntry`]
+//! revalidation. What it decides here is a policy, not a clock: the index entry
 //! keeps when the version was last confirmed, and the fill layer's revalidation compares.
 
 use std::time::{Duration, SystemTime};

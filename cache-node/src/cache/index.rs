@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
@@ -32,7 +32,8 @@ use crate::cache::slice_buffer::SliceBuffer;
 use crate::cache::store::{Layout, ObjectMeta};
 use crate::disk::full::RefusedWrite;
 use crate::disk::SharedStorage;
-use crate::stats::DriveUsage;
+use crate::error::DiskError;
+use crate::stats::{DriveUsage, Stats};
 
 /// moka weights are `u32`, so objects are weighed in units of this many bytes; that still allows
 /// objects of up to 16 TiB.
@@ -185,8 +186,8 @@ pub struct ObjectEntry {
     pub key: CacheKey,
     /// The stored version's metadata.
     pub meta: ObjectMeta,
-    /// The version's piece hashes (see [`crate::cache::pieces`]).
-    pub pieces: crate::cache::pieces::PieceState,
+    /// The version's piece hashes (see [`crate::cache::piece_state`]).
+    pub pieces: crate::cache::piece_state::PieceState,
     table: Mutex<SliceTable>,
     stored_bytes: AtomicU64,
     removed: AtomicBool,
@@ -272,7 +273,7 @@ impl ObjectEntry {
         ObjectEntry {
             key: CacheKey::from_text(meta.key.clone()),
             meta,
-            pieces: crate::cache::pieces::PieceState::default(),
+            pieces: crate::cache::piece_state::PieceState::default(),
             table: Mutex::new(SliceTable {
                 present,
                 inflight: HashMap::new(),
@@ -434,6 +435,45 @@ impl Index {
     ) -> Option<DiskFullOutcome> {
         let drive_position = self.layout.drive_of_path(path)?;
         Some(self.drives[drive_position].disk_full(refused))
+    }
+
+    /// A read of slice `index` of `entry`, which the index has as stored, failed with `error`.
+    /// When the file is missing, short or damaged (and the entry was not removed meanwhile, which
+    /// deletes its files), the slice is forgotten so that it is filled again: a lost slice is a
+    /// miss, never a truncated hit. Returns true when the caller should fill it. An error of the
+    /// moment (no file descriptor left) forgets nothing: the caller fails the response.
+    pub fn slice_lost(
+        &self,
+        entry: &Arc<ObjectEntry>,
+        index: u64,
+        error: &DiskError,
+        stats: &Stats,
+    ) -> bool {
+        if entry.is_removed() || !error.is_missing_or_damaged() {
+            return false;
+        }
+        if self.forget_slice(entry, index) {
+            stats.slices_lost.inc();
+            tracing::warn!(
+                key = entry.key.as_str(),
+                slice = index,
+                %error,
+                "stored slice missing or unreadable; it is filled again"
+            );
+        }
+        !entry.is_removed()
+    }
+
+    /// Slice `slice` of `entry` does not match its piece hashes: the whole stored version is
+    /// dropped (its files deleted), so it is fetched again and hashed anew.
+    pub fn integrity_failure(&self, entry: &Arc<ObjectEntry>, slice: u64, stats: &Stats) {
+        stats.integrity_failures.inc();
+        tracing::warn!(
+            key = entry.key.as_str(),
+            slice,
+            "stored slice does not match its piece hashes; the stored version is dropped"
+        );
+        self.remove(entry);
     }
 
     /// Bytes stored on disk by all indexed objects, on every drive.
@@ -708,6 +748,57 @@ impl DriveIndex {
     fn object_count(&self) -> u64 {
         self.cache.run_pending_tasks();
         self.cache.entry_count()
+    }
+}
+
+/// A response's interest in slices being filled: while it lives, the fills of those slices keep
+/// going even after the client that started them left. Dropping it withdraws the interest.
+/// It is one range per registration, held against the entry weakly.
+#[derive(Debug, Default)]
+pub struct Demand {
+    registrations: Vec<(Weak<ObjectEntry>, u64)>,
+}
+
+impl Demand {
+    /// Adds interest in slices `first..=last`, and marks them for a prefill when asked. The
+    /// caller holds the entry's table lock, so a fill deciding whether to stop sees this demand
+    /// or has already released its slices.
+    pub(crate) fn register(
+        &mut self,
+        entry: &Arc<ObjectEntry>,
+        table: &mut SliceTable,
+        first: u64,
+        last: u64,
+        prefill: bool,
+    ) {
+        if prefill {
+            let present = &table.present;
+            table
+                .claims
+                .prefills
+                .retain(|(from, to)| present.count_in(*from, *to) < to - from + 1);
+            if !table.claims.prefills.contains(&(first, last)) {
+                table.claims.prefills.push((first, last));
+            }
+        }
+        let id = table.claims.new_id();
+        table.claims.demands.insert(id, (first, last));
+        self.registrations.push((Arc::downgrade(entry), id));
+    }
+
+    /// Takes over `other`'s interest.
+    pub fn merge(&mut self, mut other: Demand) {
+        self.registrations.append(&mut other.registrations);
+    }
+}
+
+impl Drop for Demand {
+    fn drop(&mut self) {
+        for (entry, id) in self.registrations.drain(..) {
+            if let Some(entry) = entry.upgrade() {
+                entry.table().claims.demands.remove(&id);
+            }
+        }
     }
 }
 

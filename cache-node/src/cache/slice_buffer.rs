@@ -1,18 +1,17 @@
 //! The read-while-write state of a cached entry: the bytes of a slice while its fill brings them
 //! ([`SliceBuffer`], read by any number of responses through a [`SliceReader`]), and the
 //! range-shaped claims on an entry's slices ([`Claims`]: which runs fills have reserved, which
-//! slices responses and prefills still want, through each response's [`Demand`]).
+//! slices responses and prefills still want, through each response's `Demand`, kept in `index`).
 //!
 //! This is part of an entry's state, kept in its slice table; the fill layer drives it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::cache::fill_limits::MemoryReservation;
-use crate::cache::index::{ObjectEntry, SliceTable};
 use crate::error::OriginError;
 
 #[derive(Debug)]
@@ -269,56 +268,5 @@ impl Claims {
             .values()
             .chain(self.prefills.iter())
             .any(|(from, to)| *from <= last && *to >= first)
-    }
-}
-
-/// A response's interest in slices being filled: while it lives, the fills of those slices keep
-/// going even after the client that started them left. Dropping it withdraws the interest.
-/// It is one range per registration, held against the entry weakly.
-#[derive(Debug, Default)]
-pub struct Demand {
-    registrations: Vec<(Weak<ObjectEntry>, u64)>,
-}
-
-impl Demand {
-    /// Adds interest in slices `first..=last`, and marks them for a prefill when asked. The
-    /// caller holds the entry's table lock, so a fill deciding whether to stop sees this demand
-    /// or has already released its slices.
-    pub(crate) fn register(
-        &mut self,
-        entry: &Arc<ObjectEntry>,
-        table: &mut SliceTable,
-        first: u64,
-        last: u64,
-        prefill: bool,
-    ) {
-        if prefill {
-            let present = &table.present;
-            table
-                .claims
-                .prefills
-                .retain(|(from, to)| present.count_in(*from, *to) < to - from + 1);
-            if !table.claims.prefills.contains(&(first, last)) {
-                table.claims.prefills.push((first, last));
-            }
-        }
-        let id = table.claims.new_id();
-        table.claims.demands.insert(id, (first, last));
-        self.registrations.push((Arc::downgrade(entry), id));
-    }
-
-    /// Takes over `other`'s interest.
-    pub fn merge(&mut self, mut other: Demand) {
-        self.registrations.append(&mut other.registrations);
-    }
-}
-
-impl Drop for Demand {
-    fn drop(&mut self) {
-        for (entry, id) in self.registrations.drain(..) {
-            if let Some(entry) = entry.upgrade() {
-                entry.table().claims.demands.remove(&id);
-            }
-        }
     }
 }

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::cache::key::CacheKey;
+use crate::cache::piece_file;
 use crate::disk::portable::TEMP_PREFIX;
 use crate::error::DiskError;
 
@@ -92,6 +93,18 @@ impl ObjectMeta {
         };
         self.length == length && same_validator
     }
+}
+
+/// Parses a slice or piece size: a power of two between 64 KiB and 64 MiB. The error is a
+/// message for the config key that held `text`.
+pub fn parse_block_size(text: &str) -> Result<u64, String> {
+    let bytes = outpost_shared::units::parse_size(text)?;
+    if !bytes.is_power_of_two() || !(64 << 10..=64 << 20).contains(&bytes) {
+        return Err(format!(
+            "\"{text}\" must be a power of two between 64KiB and 64MiB, e.g. \"1MiB\""
+        ));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -157,7 +170,7 @@ pub struct RecoveredObject {
     pub pieces_file: Option<u64>,
 }
 
-/// The name of the piece hash file in a generation directory (see [`crate::cache::pieces`]).
+/// The name of the piece hash file in a generation directory (see [`crate::cache::piece_file`]).
 const PIECES_FILE: &str = "pieces.sha256";
 
 /// The largest `meta.json` recovery reads; the node writes a few hundred bytes, plus the origin
@@ -561,15 +574,11 @@ fn recover_object(
 /// The piece length a `pieces.sha256` file declares, if its length fits the object.
 fn read_pieces_header(path: &Path, meta: &ObjectMeta) -> Option<u64> {
     use std::io::Read;
-    let mut header = [0u8; 8];
+    let mut header = [0u8; piece_file::FILE_HEADER_LEN];
     let mut file = fs::File::open(path).ok()?;
     file.read_exact(&mut header).ok()?;
-    let piece_len = u64::from_le_bytes(header);
-    let plausible = piece_len.is_power_of_two()
-        && meta.slice_len % piece_len == 0
-        && file.metadata().ok()?.len()
-            == crate::cache::pieces::file_len(meta.length, piece_len) as u64;
-    plausible.then_some(piece_len)
+    let file_length = file.metadata().ok()?.len();
+    piece_file::plausible_header(header, file_length, meta.length, meta.slice_len)
 }
 
 fn remove_dir_quietly(path: &Path) {
@@ -626,7 +635,7 @@ mod tests {
         fs::write(layout.slice_path(&key, 2, 2), &last).unwrap(); // last slice, right length
         fs::write(layout.slice_path(&key, 2, 7), &whole).unwrap(); // out of range
         fs::write(layout.generation_dir(&key, 2).join(".tmp-1-00ff"), b"ef").unwrap();
-        let hashes = crate::cache::pieces::encode_file(SLICE, &[[7; 32]; 3]);
+        let hashes = crate::cache::piece_file::encode_file(SLICE, &[[7; 32]; 3]);
         fs::write(layout.pieces_path(&key, 2), hashes).unwrap();
         // A piece file whose length does not fit its object is deleted.
         fs::write(layout.pieces_path(&key, 1), [0u8; 9]).unwrap();

@@ -34,21 +34,24 @@
 //! - **Encodings.** An answer with a `Content-Encoding` is never stored: its bytes are not the
 //!   resource's. The request is relayed instead, header and all.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
+use crate::cache::discovery::DiscoveryWaiter;
+pub use crate::cache::discovery::{DiscoverError, DiscoveryOutcome};
 use crate::cache::fill_limits::{ClientSlot, FillSlot};
 pub use crate::cache::fill_limits::{FillRefused, Requester};
 use crate::cache::freshness::{self, Freshness, NotStorable};
+pub use crate::cache::index::Demand;
 use crate::cache::index::{ObjectEntry, SliceTable};
 use crate::cache::key::CacheKey;
-pub use crate::cache::slice_buffer::{BufferRead, Claims, Demand, SliceBuffer, SliceReader};
+pub use crate::cache::slice_buffer::{BufferRead, Claims, SliceBuffer, SliceReader};
 use crate::cache::store::{unix_now, ObjectMeta};
 use crate::error::OriginError;
 use crate::http::range::{parse_content_range, ContentRange};
@@ -78,26 +81,6 @@ const REVALIDATION_BODY_MAX: u64 = 64 << 10;
 /// in flight, never the length an origin declares.
 const CLAIM_WINDOW_SLICES: u64 = 64;
 
-/// Why an object could not be looked up or discovered.
-#[derive(Debug, Clone)]
-pub enum DiscoverError {
-    /// The origin failed or answered with something other than content.
-    Origin(OriginError),
-    /// The content cannot be stored (no length, a `Content-Encoding`, or the origin's
-    /// `Cache-Control` forbids it); requests for it are passed through uncached.
-    NotStorable(NotStorable),
-    /// The request may not start a fill now (its client has too many running).
-    Refused(FillRefused),
-}
-
-type DiscoveryOutcome = Result<Arc<ObjectEntry>, DiscoverError>;
-
-/// Coalesces discoveries of unknown objects, one per key at a time.
-#[derive(Debug, Default)]
-pub struct Discoveries {
-    pending: Mutex<HashMap<CacheKey, watch::Receiver<Option<DiscoveryOutcome>>>>,
-}
-
 /// The slices a discovery should fetch: `first..=last`, or `first..` to the end when `last` is
 /// `None`.
 #[derive(Debug, Clone, Copy)]
@@ -120,11 +103,11 @@ pub async fn lookup_or_discover(
 ) -> Result<(Arc<ObjectEntry>, Demand), DiscoverError> {
     let key = route.cache_key();
     let mut client_slot: Option<Arc<ClientSlot>> = None;
-    let (mut receiver, own_demand) = loop {
+    let (waiter, own_demand) = loop {
         match look_up_or_start(node, route, &key, span, &mut client_slot) {
             Lookup::Found(entry) => return Ok((entry, Demand::default())),
             Lookup::NotStorable(reason) => return Err(DiscoverError::NotStorable(reason)),
-            Lookup::Waiting(receiver, own_demand) => break (receiver, own_demand),
+            Lookup::Waiting(waiter, own_demand) => break (waiter, own_demand),
             // A discovery is a cold fill of this client's: take its slot first (maybe waiting),
             // outside the lock, then look again.
             Lookup::NeedsSlot => {
@@ -136,37 +119,12 @@ pub async fn lookup_or_discover(
             }
         }
     };
-    let waited = receiver
-        .wait_for(Option::is_some)
-        .await
-        .map(|outcome| outcome.clone().expect("waited for Some"));
-    match waited {
-        Ok(outcome) => {
-            // The demand was sent before the outcome was published.
-            let demand = own_demand
-                .and_then(|mut receiver| receiver.try_recv().ok())
-                .unwrap_or_default();
-            outcome.map(|entry| (entry, demand))
-        }
-        Err(_) => {
-            // The discovery task died without answering (a panic). Drop its marker so the next
-            // request starts a fresh discovery instead of waiting on a dead channel.
-            let mut pending = node
-                .discoveries
-                .pending
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if pending
-                .get(&key)
-                .is_some_and(|current| current.same_channel(&receiver))
-            {
-                pending.remove(&key);
-            }
-            Err(DiscoverError::Origin(OriginError::Body(
-                "discovery was abandoned".into(),
-            )))
-        }
-    }
+    let outcome = waiter.outcome().await;
+    // The demand was sent before the outcome was published.
+    let demand = own_demand
+        .and_then(|mut receiver| receiver.try_recv().ok())
+        .unwrap_or_default();
+    outcome.map(|entry| (entry, demand))
 }
 
 /// What [`look_up_or_start`] found.
@@ -174,10 +132,7 @@ enum Lookup {
     Found(Arc<ObjectEntry>),
     NotStorable(NotStorable),
     /// A discovery is running; the demand receiver is there when this caller started it.
-    Waiting(
-        watch::Receiver<Option<DiscoveryOutcome>>,
-        Option<oneshot::Receiver<Demand>>,
-    ),
+    Waiting(DiscoveryWaiter, Option<oneshot::Receiver<Demand>>),
     /// A discovery must start, and the caller has no client slot for it yet.
     NeedsSlot,
 }
@@ -191,42 +146,50 @@ fn look_up_or_start(
     span: SliceSpan,
     client_slot: &mut Option<Arc<ClientSlot>>,
 ) -> Lookup {
-    let mut pending = node
-        .discoveries
-        .pending
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut discoveries = node.discoveries.lock();
     if let Some(entry) = node.index.get(key) {
         return Lookup::Found(entry);
     }
     if let Some(reason) = node.uncacheable.get(key) {
         return Lookup::NotStorable(reason);
     }
-    if let Some(receiver) = pending.get(key) {
-        return Lookup::Waiting(receiver.clone(), None);
+    if let Some(waiter) = discoveries.waiter(key) {
+        return Lookup::Waiting(waiter, None);
     }
     let Some(slot) = client_slot.take() else {
         return Lookup::NeedsSlot;
     };
-    let (sender, receiver) = watch::channel(None);
+    let (permit, waiter) = discoveries.start(key);
     let (demand_sender, demand_receiver) = oneshot::channel();
-    pending.insert(key.clone(), receiver.clone());
     let node = node.clone();
     let route = route.clone();
     let key = key.clone();
     tokio::spawn(async move {
+        // The entry is in the index before the permit is finished, so a new request always
+        // finds one or the other; if this task dies first, the permit frees the key itself.
         let outcome = discover(&node, &route, &key, span, slot, demand_sender).await;
-        // The entry is in the index before the pending marker goes, so a new request always
-        // finds one or the other.
-        let mut pending = node
-            .discoveries
-            .pending
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        pending.remove(&key);
-        sender.send_replace(Some(outcome));
+        permit.finish(outcome);
     });
-    Lookup::Waiting(receiver, Some(demand_receiver))
+    Lookup::Waiting(waiter, Some(demand_receiver))
+}
+
+/// Refuses a discovered object whose declared length is above `storage.max_object_size`,
+/// before anything is sized from it.
+fn check_object_size(node: &Node, key: &CacheKey, length: u64) -> Result<(), OriginError> {
+    if length <= node.max_object_size {
+        return Ok(());
+    }
+    node.stats.objects_refused_too_large.inc();
+    tracing::warn!(
+        key = key.as_str(),
+        length,
+        max_object_size = node.max_object_size,
+        "origin declares an object longer than storage.max_object_size; refused"
+    );
+    Err(OriginError::TooLarge {
+        length,
+        max: node.max_object_size,
+    })
 }
 
 /// A validated origin response carrying object bytes.
@@ -280,7 +243,8 @@ async fn fetch_range(
         None => format!("bytes={first}-"),
     };
     let response = node
-        .fetch_origin(route, Method::GET, Some(range), if_range)
+        .client
+        .fetch(route.fetch_request(Method::GET, Some(range), if_range))
         .await
         .map_err(DiscoverError::Origin)?;
     let (parts, body) = response.into_parts();
@@ -406,8 +370,7 @@ async fn discover(
         }
     };
     // Nothing is sized from a declared length above storage.max_object_size.
-    node.check_object_size(key, origin.length)
-        .map_err(DiscoverError::Origin)?;
+    check_object_size(node, key, origin.length).map_err(DiscoverError::Origin)?;
     let freshness = match freshness::judge(&origin.headers, route.target.policy.cache_control) {
         Ok(freshness) => freshness,
         // The body is dropped unread, which closes that origin connection.
@@ -1021,8 +984,14 @@ async fn persist_into_store(
     // Hashes first: a slice marked stored then always has its piece hashes, and a slice the disk
     // refuses still gets them (its bytes passed validation all the same).
     if let Some(peering) = &node.peering {
-        crate::cache::pieces::record_slice(node, entry, peering.piece_len, index, buffer.chunks())
-            .await;
+        crate::cache::pieces::record_slice(
+            &node.piece_store(),
+            entry,
+            peering.piece_len,
+            index,
+            buffer.chunks(),
+        )
+        .await;
     }
     let path = node
         .layout

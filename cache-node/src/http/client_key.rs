@@ -1,7 +1,7 @@
 //! Who a client counts as, for per-client caps and throttles: its address, or for IPv6 the /64
 //! network a single host can pick addresses from.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 /// Who a connection (or a failed admin token) counts against: a client address, IPv4-mapped
 /// IPv6 addresses counting as IPv4.
@@ -34,3 +34,8 @@ impl std::fmt::Display for ClientKey {
         std::fmt::Display::fmt(&self.0, formatter)
     }
 }
+
+/// The TCP source address of a client connection, put in each request's extensions by the
+/// server so the tracker can see who is asking.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);

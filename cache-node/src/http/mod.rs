@@ -3,5 +3,6 @@
 //! the per-client key of caps and throttles.
 
 pub mod client_key;
+pub mod connection_limits;
 pub mod range;
 pub mod sendfile;

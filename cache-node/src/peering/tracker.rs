@@ -38,7 +38,7 @@ use rand::seq::SliceRandom;
 
 use tokio::time::Instant;
 
-use crate::api::peering::PeeringConfig;
+use crate::peering::PeeringConfig;
 
 /// The most piece ranges one announcement may list. A peer whose holdings are more fragmented
 /// reports a subset: under-reporting only costs it uploads, and over-reporting is caught by the
@@ -236,7 +236,7 @@ impl TrackerInner {
     }
 }
 
-/// The tracker: shared by every worker through the [`crate::node::Node`].
+/// The tracker: shared by every worker through the node.
 #[derive(Debug)]
 pub struct Tracker {
     limits: PeeringConfig,

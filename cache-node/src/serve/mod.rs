@@ -190,9 +190,16 @@ pub fn text_response(status: StatusCode, message: impl Into<String>) -> Response
     response
 }
 
+/// True when a slice read from disk for a hit should be checked against its piece hashes
+/// (`storage.verify_hits`).
+fn sample_hit_check(node: &Node) -> bool {
+    node.verify_hits >= 1.0 || (node.verify_hits > 0.0 && rand::random::<f64>() < node.verify_hits)
+}
+
 static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Handles one client request. Never fails: every problem becomes an HTTP answer.
+/// Handles one content request (the server's dispatcher has counted it, refused loops and sent
+/// the node's own API elsewhere). Never fails: every problem becomes an HTTP answer.
 ///
 /// `spans` is the connection's zero-copy queue when its socket is a
 /// [`sendfile::ZeroCopyStream`]; stored bytes then leave with `sendfile` on HTTP/1 requests.
@@ -203,32 +210,10 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     // HTTP/2 copies body frames into its own buffers, so placeholders must never reach it.
     let spans = spans.filter(|_| request.version() <= http::Version::HTTP_11);
-    if node.client.is_own_loop(request.headers()) {
-        node.stats.refused_requests.inc();
-        return Ok(text_response(
-            StatusCode::LOOP_DETECTED,
-            "request loop: this request already passed through this cache node; an [[origin]] upstream or default_upstream points back at it",
-        ));
-    }
-    let host_header = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|value| value.to_str().ok());
-    // Every request on the client listener counts, the node's own API included: a manifest
-    // request starts fills like a GET does.
-    node.stats.requests.inc();
-    if router::is_api_request(
-        &node.allowlist,
-        request.version(),
-        request.uri(),
-        host_header,
-    ) {
-        return Ok(crate::api::peering::handle(node, request).await);
-    }
     let requester = Requester::client(
         request
             .extensions()
-            .get::<crate::api::peering::ClientAddr>()
+            .get::<crate::http::client_key::ClientAddr>()
             .map(|addr| addr.0.ip()),
     );
     let request_id = NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed);
@@ -244,6 +229,10 @@ pub async fn handle(
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return Ok(response);
     }
+    let host_header = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok());
     let route = match router::route_request(
         &node.allowlist,
         request.version(),
@@ -801,7 +790,12 @@ impl BodyProducer {
                         }
                         Err(StoredError::Disk(error)) => error,
                     };
-                    if filled || !self.node.slice_lost(&self.entry, index, &error) {
+                    if filled
+                        || !self
+                            .node
+                            .index
+                            .slice_lost(&self.entry, index, &error, &self.node.stats)
+                    {
                         return Err(SendError::Serve(if self.entry.is_removed() {
                             ServeError::Vanished
                         } else {
@@ -891,8 +885,8 @@ async fn send_stored(
             .await
             .map_err(|_| StoredError::ClientGone)
     };
-    if node.sample_hit_check() {
-        match crate::cache::pieces::verify_slice(node, entry, window.index).await {
+    if sample_hit_check(node) {
+        match crate::cache::pieces::verify_slice(&node.piece_store(), entry, window.index).await {
             Ok(Some(slice)) => {
                 return send_bytes(slice.slice(window.start as usize..window.end as usize)).await
             }
@@ -985,7 +979,8 @@ async fn pass_through(
         (None, None)
     };
     let fetched = node
-        .fetch_origin(route, method.clone(), range, if_range)
+        .client
+        .fetch(route.fetch_request(method.clone(), range, if_range))
         .await;
     match fetched {
         Err(error) => origin_failure_response(node, &error),

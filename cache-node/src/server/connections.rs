@@ -42,6 +42,7 @@ use tokio::sync::Notify;
 
 use crate::config::ServerConfig;
 use crate::http::client_key::ClientKey;
+pub use crate::http::connection_limits::ConnectionLimits;
 use crate::stats::EdgeCounters;
 
 /// `server.max_connections = 0` allows this share (numerator, denominator) of the open-file limit.
@@ -66,12 +67,6 @@ const SHED_ALLOWANCE_DIVISOR: usize = 16;
 /// The least room over the cap for connections still closing.
 const MIN_SHED_ALLOWANCE: usize = 16;
 
-/// The admin listener's cap: a scraper and a few people, never a crowd.
-pub const ADMIN_MAX_CONNECTIONS: usize = 64;
-
-/// The admin listener's cap per client address.
-pub const ADMIN_MAX_CONNECTIONS_PER_CLIENT: usize = 16;
-
 /// A refusal at a cap is logged at most this often (in milliseconds); the counter has them all.
 const REFUSAL_LOG_INTERVAL_MS: u64 = 10_000;
 
@@ -91,44 +86,18 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The caps and timeouts of one listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionLimits {
-    /// `server.header_read_timeout`.
-    pub header_read_timeout: Duration,
-    /// `server.idle_timeout`.
-    pub idle_timeout: Duration,
-    /// `server.max_connections`, resolved.
-    pub max_connections: usize,
-    /// `server.max_connections_per_client`.
-    pub max_connections_per_client: usize,
-}
-
-impl ConnectionLimits {
-    /// The client listener's limits; `max_connections = 0` reads the open-file limit now, so
-    /// call this after [`raise_fd_limit`].
-    pub fn client(server: &ServerConfig) -> ConnectionLimits {
-        let max_connections = match server.max_connections {
-            0 => auto_max_connections(soft_fd_limit()),
-            configured => configured,
-        };
-        ConnectionLimits {
-            header_read_timeout: server.header_read_timeout,
-            idle_timeout: server.idle_timeout,
-            max_connections,
-            max_connections_per_client: server.max_connections_per_client,
-        }
-    }
-
-    /// The admin listener's limits: the same timeouts, and small caps of its own.
-    pub fn admin(&self) -> ConnectionLimits {
-        ConnectionLimits {
-            max_connections: self.max_connections.min(ADMIN_MAX_CONNECTIONS),
-            max_connections_per_client: self
-                .max_connections_per_client
-                .min(ADMIN_MAX_CONNECTIONS_PER_CLIENT),
-            ..*self
-        }
+/// The client listener's limits; `max_connections = 0` reads the open-file limit now, so
+/// call this after [`raise_fd_limit`].
+pub fn client_limits(server: &ServerConfig) -> ConnectionLimits {
+    let max_connections = match server.max_connections {
+        0 => auto_max_connections(soft_fd_limit()),
+        configured => configured,
+    };
+    ConnectionLimits {
+        header_read_timeout: server.header_read_timeout,
+        idle_timeout: server.idle_timeout,
+        max_connections,
+        max_connections_per_client: server.max_connections_per_client,
     }
 }
 

@@ -24,6 +24,8 @@
 //! run many nodes in one process.
 
 pub mod connections;
+pub mod dispatch;
+pub mod startup;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -42,12 +44,12 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::admin;
-use crate::api::peering::ClientAddr;
+use crate::api::auth_throttle::AuthThrottle;
 use crate::config::ValidConfig;
 use crate::error::DiskError;
+use crate::http::client_key::ClientAddr;
 use crate::http::sendfile::{SpanQueue, ZeroCopyStream};
 use crate::node::Node;
-use crate::serve;
 use crate::serve::{text_response, ResponseBody};
 use crate::server::connections::{ConnectionGuard, ConnectionTable, TrackedBody, WatchedIo};
 use crate::stats::EdgeCounters;
@@ -162,6 +164,8 @@ pub async fn run_node(
     let admin_graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     let admin_node = node.clone();
+    // Failed admin-token attempts per client address, for throttling them.
+    let admin_throttle = Arc::new(AuthThrottle::default());
     // The admin listener's own caps, and counters that stay out of the client listener's.
     let admin_connections =
         ConnectionTable::new(node.connection_limits.admin(), EdgeCounters::default());
@@ -172,12 +176,14 @@ pub async fn run_node(
         |stream, peer, admitted| {
             let state = admitted.state().clone();
             let node = admin_node.clone();
+            let throttle = admin_throttle.clone();
             let service = service_fn(move |mut request: Request<Incoming>| {
                 let in_flight = state.start_request();
                 request.extensions_mut().insert(ClientAddr(peer));
                 let node = node.clone();
+                let throttle = throttle.clone();
                 async move {
-                    let response = admin::handle(node, request).await?;
+                    let response = admin::handle(node, throttle, request).await?;
                     Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
                 }
             });
@@ -354,7 +360,7 @@ impl Worker {
                     async move {
                         let response = match refuse_malformed(&node, &request) {
                             Some(refusal) => refusal,
-                            None => serve::handle(node, request, Some(spans)).await?,
+                            None => dispatch::client_request(node, request, Some(spans)).await?,
                         };
                         Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
                     }

@@ -2,6 +2,8 @@
 //! is for (routing), and the pooled HTTP/HTTPS client that reaches them, directly or through an
 //! outbound proxy.
 
+pub mod host_pattern;
 pub mod origin;
 pub mod outbound_proxy;
 pub mod router;
+pub mod settings;

@@ -14,59 +14,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::cache::freshness::{CacheControlMode, FreshnessPolicy};
-use crate::config::{Config, UpstreamConfig};
+use crate::cache::freshness::FreshnessPolicy;
 use crate::error::OriginError;
+pub use crate::upstream::host_pattern::HostPattern;
 use crate::upstream::outbound_proxy::{ProxySettings, UpstreamConnector};
-
-/// One allowlist pattern: an exact host or a `*.suffix` wildcard.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostPattern {
-    /// Matches this host only.
-    Exact(String),
-    /// Matches any host ending in `.suffix` (stored with its leading dot), but not the bare suffix.
-    Subdomains(String),
-}
-
-impl HostPattern {
-    /// Parses `example.com` or `*.example.com`. Wildcards elsewhere, or a lone `*`, are refused,
-    /// because they would turn the node into an open proxy.
-    pub fn parse(text: &str) -> Result<HostPattern, String> {
-        let lowered = text.trim().trim_end_matches('.').to_ascii_lowercase();
-        let (wildcard, name) = match lowered.strip_prefix("*.") {
-            Some(rest) => (true, rest),
-            None => (false, lowered.as_str()),
-        };
-        let name_is_valid = !name.is_empty()
-            && name.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label
-                        .bytes()
-                        .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_')
-            });
-        if !name_is_valid {
-            return Err(format!(
-                "\"{text}\" is not a host pattern; use an exact name like \"dl.delivery.mp.microsoft.com\" or a wildcard like \"*.download.windowsupdate.com\""
-            ));
-        }
-        Ok(if wildcard {
-            HostPattern::Subdomains(format!(".{name}"))
-        } else {
-            HostPattern::Exact(name.to_owned())
-        })
-    }
-
-    /// True when `host` (already lower-case, without port) matches this pattern.
-    pub fn matches(&self, host: &str) -> bool {
-        match self {
-            HostPattern::Exact(name) => host == name,
-            HostPattern::Subdomains(dotted_suffix) => {
-                host.len() > dotted_suffix.len() && host.ends_with(dotted_suffix.as_str())
-            }
-        }
-    }
-}
+use crate::upstream::settings::UpstreamConfig;
+use prometheus_client::metrics::counter::Counter;
 
 /// The origin a request was routed to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,12 +43,15 @@ pub struct Allowlist {
 
 /// One `[[origin]]` table, parsed.
 #[derive(Debug, Clone)]
-struct AllowedOrigin {
-    pattern: HostPattern,
-    upstream: Option<String>,
-    policy: FreshnessPolicy,
+pub struct AllowedOrigin {
+    /// `host`.
+    pub pattern: HostPattern,
+    /// `upstream`, without a trailing `/`.
+    pub upstream: Option<String>,
+    /// The freshness settings for this origin (its own or the global ones).
+    pub policy: FreshnessPolicy,
     /// Ports clients may name besides [`DEFAULT_ORIGIN_PORTS`].
-    ports: Vec<u16>,
+    pub ports: Vec<u16>,
 }
 
 /// Why a host a client named is not an allowed origin.
@@ -117,48 +73,24 @@ pub enum LookupError {
     },
 }
 
+impl OriginTarget {
+    /// The target of reverse-proxy mode: every request goes to `url`, under `policy`. `None`
+    /// when the URL names no host.
+    pub fn default_upstream(url: &str, policy: FreshnessPolicy) -> Option<OriginTarget> {
+        let uri: Uri = url.parse().ok()?;
+        let host = normalise_host(uri.authority()?.as_str())?;
+        Some(OriginTarget {
+            host,
+            upstream_base: url.trim_end_matches('/').to_owned(),
+            policy,
+        })
+    }
+}
+
 impl Allowlist {
-    /// Builds the allowlist from a validated configuration.
-    pub fn from_config(config: &Config) -> Allowlist {
-        let global = FreshnessPolicy {
-            revalidate_after: config.upstream.revalidate_after,
-            cache_control: CacheControlMode::parse(&config.upstream.cache_control)
-                .unwrap_or(CacheControlMode::Honor),
-        };
-        let entries = config
-            .origin
-            .iter()
-            .filter_map(|origin| {
-                let pattern = HostPattern::parse(&origin.host).ok()?;
-                let upstream = origin
-                    .upstream
-                    .as_ref()
-                    .map(|url| url.trim_end_matches('/').to_owned());
-                let policy = FreshnessPolicy {
-                    revalidate_after: origin.revalidate_after.unwrap_or(global.revalidate_after),
-                    cache_control: origin
-                        .cache_control
-                        .as_deref()
-                        .and_then(CacheControlMode::parse)
-                        .unwrap_or(global.cache_control),
-                };
-                Some(AllowedOrigin {
-                    pattern,
-                    upstream,
-                    policy,
-                    ports: origin.ports.clone(),
-                })
-            })
-            .collect();
-        let default_upstream = config.server.default_upstream.as_ref().and_then(|url| {
-            let uri: Uri = url.parse().ok()?;
-            let host = normalise_host(uri.authority()?.as_str())?;
-            Some(OriginTarget {
-                host,
-                upstream_base: url.trim_end_matches('/').to_owned(),
-                policy: global,
-            })
-        });
+    /// The allowlist of parsed `[[origin]]` tables (first match wins) and the reverse-proxy
+    /// mode's `server.default_upstream`.
+    pub fn new(entries: Vec<AllowedOrigin>, default_upstream: Option<OriginTarget>) -> Allowlist {
         Allowlist {
             entries,
             default_upstream,
@@ -327,11 +259,17 @@ pub struct UpstreamClient {
     /// This node's `Via` entry (RFC 9110 §7.6.3), with a random id per process, sent on every
     /// upstream request so a request that loops back to the node is recognised.
     via: HeaderValue,
+    /// Counts every request sent (`origin_requests`).
+    origin_requests: Counter,
 }
 
 impl UpstreamClient {
     /// Builds the client from the `[upstream]` settings, connecting through `proxy` when set.
-    pub fn new(settings: &UpstreamConfig, proxy: Option<ProxySettings>) -> UpstreamClient {
+    pub fn new(
+        settings: &UpstreamConfig,
+        proxy: Option<ProxySettings>,
+        origin_requests: Counter,
+    ) -> UpstreamClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -353,6 +291,7 @@ impl UpstreamClient {
             first_byte_timeout: settings.first_byte_timeout,
             proxy,
             via: HeaderValue::from_str(&via).expect("the Via entry is ASCII"),
+            origin_requests,
         }
     }
 
@@ -375,6 +314,7 @@ impl UpstreamClient {
         &self,
         request: FetchRequest<'_>,
     ) -> Result<Response<Incoming>, OriginError> {
+        self.origin_requests.inc();
         let url = format!("{}{}", request.target.upstream_base, request.path_and_query);
         let uri: Uri = url
             .parse()
@@ -443,7 +383,7 @@ pub use outpost_shared::errors::error_chain;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::OriginConfig;
+    use crate::config::{Config, OriginConfig};
 
     #[test]
     fn host_patterns_match_exact_names_and_subdomains_only() {
@@ -525,7 +465,7 @@ mod tests {
             ],
             ..Config::default()
         };
-        let allowlist = Allowlist::from_config(&config);
+        let allowlist = config.validate().unwrap().allowlist;
         let target = allowlist.lookup("A.Example.com").unwrap();
         assert_eq!(target.host, "a.example.com");
         assert_eq!(target.upstream_base, "http://127.0.0.1:9000");

@@ -1,7 +1,7 @@
 //! Reaching origins through an outbound HTTP proxy (`upstream.proxy`), as branch offices behind a
 //! corporate proxy must.
 //!
-//! [`UpstreamConnector`] is the TCP layer under the TLS connector of [`crate::upstream::origin`]:
+//! [`UpstreamConnector`] is the TCP layer under the TLS connector of the origin client (`upstream::origin`):
 //!
 //! - no proxy, or a host listed in `upstream.no_proxy`: a direct TCP connection;
 //! - an `https://` origin: a TCP connection to the proxy and a `CONNECT host:port` tunnel
@@ -25,7 +25,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::upstream::origin::HostPattern;
+use crate::upstream::host_pattern::HostPattern;
 
 /// A parsed `upstream.proxy` with its `upstream.no_proxy` exceptions.
 #[derive(Debug, Clone)]

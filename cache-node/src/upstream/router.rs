@@ -9,7 +9,7 @@
 //!
 //! Anything else is refused: the node is never an open proxy.
 //!
-//! The node's own API (piece manifests and the peer tracker, see [`crate::api::peering`]) lives under
+//! The node's own API (piece manifests and the peer tracker, `api::peering`) lives under
 //! [`API_PREFIX`] and is recognised only in requests that name no origin in any of the first three
 //! ways; the prefix is refused in reverse-proxy mode, so an API path and a content path can
 //! never be the same request.
@@ -17,7 +17,7 @@
 use http::{header, HeaderMap, Uri};
 
 use crate::cache::key::{split_cache_host_origin, CacheKey};
-use crate::upstream::origin::{Allowlist, LookupError, NamedHost, OriginTarget};
+use crate::upstream::origin::{Allowlist, FetchRequest, LookupError, NamedHost, OriginTarget};
 
 /// The path prefix reserved for the node's own API. It never reaches an origin in reverse-proxy
 /// mode; under an origin named by proxy, MCC or Host-header mode it is ordinary content.
@@ -60,6 +60,22 @@ pub struct Route {
 }
 
 impl Route {
+    /// A request upstream for this route's content.
+    pub fn fetch_request(
+        &self,
+        method: http::Method,
+        range: Option<String>,
+        if_range: Option<String>,
+    ) -> FetchRequest<'_> {
+        FetchRequest {
+            target: &self.target,
+            path_and_query: &self.path_and_query,
+            method,
+            range,
+            if_range,
+        }
+    }
+
     /// The content identity of this request.
     pub fn cache_key(&self) -> CacheKey {
         CacheKey::new(&self.target.host, &self.path_and_query)
@@ -295,7 +311,7 @@ mod tests {
             ..Config::default()
         };
         config.server.default_upstream = default_upstream.map(str::to_owned);
-        Allowlist::from_config(&config)
+        config.validate().unwrap().allowlist
     }
 
     fn routed(
@@ -554,7 +570,7 @@ mod tests {
             ],
             ..Config::default()
         };
-        let list = Allowlist::from_config(&config);
+        let list = config.clone().validate().unwrap().allowlist;
         assert_eq!(
             routed(&list, "/stats", Some("localhost:9090")),
             Err(RouteError::PortNotAllowed {
@@ -596,7 +612,7 @@ mod tests {
         );
         // The default upstream's port is the admin's choice, not a client's.
         config.server.default_upstream = Some("http://127.0.0.1:9999".into());
-        let list = Allowlist::from_config(&config);
+        let list = config.validate().unwrap().allowlist;
         assert_eq!(
             routed(&list, "/x", Some("cache.local:8080")).unwrap().2,
             "http://127.0.0.1:9999"

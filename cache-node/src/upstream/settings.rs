@@ -1,0 +1,87 @@
+//! The `[upstream]` and `[[origin]]` sections of the config file, as written. `config` validates
+//! them into the allowlist (`upstream::origin::Allowlist`) and proxy settings the rest of
+//! the node uses.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[upstream]`: how the node fetches from origins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Time allowed to open a TCP (and TLS) connection to an origin.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed between sending a request and receiving the response headers.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Longest silence allowed while reading a response body before the fill is abandoned.
+    #[serde(with = "humantime_serde")]
+    pub idle_read_timeout: Duration,
+    /// How long an idle pooled connection to an origin is kept.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// The most idle pooled connections kept per origin.
+    pub pool_max_idle_per_host: usize,
+    /// When the gap between two missing runs of slices is at most this many cached slices, the
+    /// node fetches both runs with one upstream request and discards the overlap, instead of
+    /// opening a second request.
+    pub merge_gap_slices: u64,
+    /// How long a stored version is served without asking the origin whether it changed. Older
+    /// versions are checked with a one-byte conditional request before they are served; an
+    /// unreachable origin leaves the stored version served. `0s` checks on every request.
+    #[serde(with = "humantime_serde")]
+    pub revalidate_after: Duration,
+    /// What the origin's `Cache-Control` and `Expires` decide: `honor` (a response marked
+    /// `no-store` or `private` is passed through and never stored; `no-cache`, `s-maxage`,
+    /// `max-age` and `Expires` set how long a stored version is served before it is checked, and
+    /// `revalidate_after` applies only when the origin says nothing) or `ignore` (store everything
+    /// and check every version after `revalidate_after`, as lancache's nginx does).
+    pub cache_control: String,
+    /// An outbound HTTP proxy every origin connection goes through, `http://host:port` with
+    /// optional `user:password@`; empty connects directly. `https://` origins are tunnelled with
+    /// `CONNECT` (TLS stays end to end); `http://` ones are sent to the proxy in absolute form.
+    pub proxy: String,
+    /// Hosts reached directly despite `proxy`: a comma list of names and `*.suffix` patterns,
+    /// matched against the host the node connects to (an origin's `upstream` when set).
+    pub no_proxy: String,
+}
+
+/// `[[origin]]`: one allowed origin.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct OriginConfig {
+    /// An exact host name (`dl.delivery.mp.microsoft.com`) or a wildcard (`*.windowsupdate.com`,
+    /// which matches any subdomain but not the bare suffix).
+    pub host: String,
+    /// Base URL the node really connects to for this origin, for example `http://127.0.0.1:8000`
+    /// or a parent cache. Unset means `http://<requested host>`.
+    pub upstream: Option<String>,
+    /// This origin's `upstream.revalidate_after`; unset uses the global one.
+    #[serde(with = "humantime_serde")]
+    pub revalidate_after: Option<Duration>,
+    /// This origin's `upstream.cache_control` (`honor` or `ignore`); unset uses the global one.
+    pub cache_control: Option<String>,
+    /// Ports clients may name for this origin besides 80 and 443, for example `[8080]` for a
+    /// mirror on `mirror.lan:8080`. Any other port is refused with 403, so an allowed host name
+    /// never reaches another service on the same machine.
+    pub ports: Vec<u16>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(30),
+            idle_read_timeout: Duration::from_secs(30),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 32,
+            merge_gap_slices: 0,
+            revalidate_after: Duration::from_secs(3600),
+            cache_control: "honor".to_owned(),
+            proxy: String::new(),
+            no_proxy: String::new(),
+        }
+    }
+}
