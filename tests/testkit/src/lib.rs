@@ -13,14 +13,18 @@
 //!   other bytes or a `Content-Length` that contradicts its `Content-Range`.
 //! - [`proxy`]: [`MockProxy`], a forward HTTP proxy (absolute-form requests and `CONNECT`
 //!   tunnels, optional `Proxy-Authorization`), as a corporate proxy in front of the WAN.
+//! - [`wait`]: [`eventually`], the one bounded wait for background effects that every scenario
+//!   polls with, and its async forms.
 //! - This file: content helpers shared by tests, [`pattern_bytes`] (fast deterministic
 //!   pseudo-random content) and [`sha256_hex`] (digests for comparing large bodies).
 
 pub mod origin;
 pub mod proxy;
+pub mod wait;
 
 pub use origin::{Behaviour, MockOrigin, RecordedRequest};
 pub use proxy::{MockProxy, ProxiedRequest};
+pub use wait::{eventually, eventually_async, eventually_every};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
