@@ -18,7 +18,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use cache_node::config::Config;
 use common::*;
-use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
+use outpost_testkit::{
+    eventually, eventually_async, eventually_every, pattern_bytes, sha256_hex, Behaviour,
+    MockOrigin,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -27,18 +30,6 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     SERIAL.lock().await
-}
-
-/// Waits (bounded) until `condition` holds.
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// The process's resident memory in bytes, from `/proc/self/status`.
@@ -249,7 +240,7 @@ async fn forty_abandoned_cold_downloads_cost_a_few_slices_each_within_the_fill_c
         assert_eq!(status, 200);
         assert_eq!(body, &content[..1024], "the first kilobyte is the object's");
     }
-    eventually("every fill has ended", || {
+    eventually("every fill has ended", Duration::from_secs(30), || {
         let stats = node.node.stats_snapshot();
         stats.fills_in_flight == 0
             && stats.fills_waiting == 0
@@ -360,18 +351,20 @@ async fn a_client_over_its_cold_fill_cap_gets_503_while_others_are_served() {
 
     // Once the held downloads end, the address may start cold fills again.
     drop(held);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let again = loop {
-        let answer = exchange(
-            connect_from("127.0.0.1", node.addr).await,
-            &raw_get(&node, "/held/c.bin", ""),
-            4 * MIB as usize,
-        )
-        .await;
-        if answer.status != 503 || tokio::time::Instant::now() > deadline {
-            break answer;
-        }
-    };
+    let again = eventually_async(
+        "the address to start cold fills again",
+        Duration::from_secs(20),
+        async || {
+            let answer = exchange(
+                connect_from("127.0.0.1", node.addr).await,
+                &raw_get(&node, "/held/c.bin", ""),
+                4 * MIB as usize,
+            )
+            .await;
+            (answer.status != 503).then_some(answer)
+        },
+    )
+    .await;
     assert_eq!(again.status, 200);
     assert_eq!(sha256_hex(&again.body), sha256_hex(&content));
     node.stop().await;
@@ -420,23 +413,26 @@ async fn manifest_requests_count_take_client_slots_and_prefill_to_the_end() {
 
     // Once the slot is free, a manifest request that does not wait starts a prefill; it runs to
     // the end of the object although no client reads it, and the manifest then comes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let response = client().get(manifest_url("0")).send().await.unwrap();
-        let status = response.status().as_u16();
-        if status == 200 {
-            let manifest: serde_json::Value =
-                serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
-            assert_eq!(manifest["size"].as_u64(), Some(content.len() as u64));
-            break;
-        }
-        assert!(matches!(status, 202 | 503), "{status}");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the prefill never finished"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Every try is a manifest request the node counts and may start a prefill for: they keep
+    // the pace of a client that polls.
+    eventually_every(
+        "the prefill to finish",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        async || {
+            let response = client().get(manifest_url("0")).send().await.unwrap();
+            let status = response.status().as_u16();
+            if status == 200 {
+                let manifest: serde_json::Value =
+                    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+                assert_eq!(manifest["size"].as_u64(), Some(content.len() as u64));
+                return true;
+            }
+            assert!(matches!(status, 202 | 503), "{status}");
+            false
+        },
+    )
+    .await;
     node.settle().await;
     let stored = get(&node.mcc_url("/manifest.bin"), &[]).await;
     assert_eq!(stored.header("x-cache").as_deref(), Some("HIT"));

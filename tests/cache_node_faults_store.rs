@@ -22,23 +22,14 @@ use bytes::Bytes;
 use cache_node::disk::{DiskFuture, SharedStorage, Storage};
 use cache_node::key::CacheKey;
 use common::*;
-use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
+use outpost_testkit::{
+    eventually, eventually_async, eventually_every, pattern_bytes, sha256_hex, Behaviour,
+    MockOrigin,
+};
 use serde_json::Value;
 
 /// The longest any poll in this file waits.
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Waits (bounded) until `condition` holds.
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 fn cache_key(path: &str) -> CacheKey {
     CacheKey::new(ORIGIN_HOST, path)
@@ -119,7 +110,7 @@ fn slice_file(node: &TestNode, path: &str, index: u64) -> PathBuf {
 
 /// Waits until `path` is stored complete.
 async fn stored_complete(node: &TestNode, path: &str) {
-    eventually("the object is stored complete", || {
+    eventually("the object is stored complete", DEADLINE, || {
         node.node
             .index
             .get(&cache_key(path))
@@ -336,15 +327,13 @@ async fn sixty_objects_declaring_a_terabyte_each_keep_the_node_small() {
     // Every code path runs once before the baseline, so the baseline holds the node's working set.
     let warm = get(&url("/warm-up.bin"), &[]).await;
     assert_eq!(warm.bytes(), &content[..]);
-    let stored_slices = |admin| async move { stat(&admin_stats(admin).await, "slices_stored") };
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while stored_slices(process.admin_addr).await < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "warm-up never stored"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let stored_slices = async || stat(&admin_stats(process.admin_addr).await, "slices_stored");
+    // One deadline for both waits below.
+    let started = tokio::time::Instant::now();
+    eventually_async("the warm-up to be stored", DEADLINE, async || {
+        stored_slices().await >= 1
+    })
+    .await;
     let baseline = rss_bytes(process.child.id());
 
     for index in 0..OBJECTS {
@@ -356,13 +345,13 @@ async fn sixty_objects_declaring_a_terabyte_each_keep_the_node_small() {
         assert_eq!(ranged.status, 206);
         assert_eq!(ranged.bytes(), &content[..]);
     }
-    while stored_slices(process.admin_addr).await < 1 + OBJECTS as u64 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "slices never stored"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually_async(
+        "a slice of every object to be stored",
+        DEADLINE.saturating_sub(started.elapsed()),
+        // The warm-up's slice and one of each object.
+        async || stored_slices().await > OBJECTS as u64,
+    )
+    .await;
     let after = rss_bytes(process.child.id());
     let growth = after.saturating_sub(baseline);
     eprintln!(
@@ -537,7 +526,10 @@ async fn a_corrupted_slice_is_caught_by_its_piece_hashes_and_never_served() {
         .node
         .layout
         .pieces_path(&entry.key, entry.meta.generation);
-    eventually("pieces.sha256 is written", || pieces_file.exists()).await;
+    eventually("pieces.sha256 is written", DEADLINE, || {
+        pieces_file.exists()
+    })
+    .await;
     drop(entry);
 
     // The same length, other bytes: only the hashes can tell.
@@ -568,7 +560,7 @@ async fn a_corrupted_slice_is_caught_by_its_piece_hashes_and_never_served() {
     assert!(stat(&stats, "slices_verified") >= 3, "{stats}");
     // The version is dropped: the admin view says so, its files go, the next request refetches.
     assert!(object_report(&node, "/rot.bin").await.is_none());
-    eventually("the corrupt version's files are deleted", || {
+    eventually("the corrupt version's files are deleted", DEADLINE, || {
         !pieces_file.exists()
     })
     .await;
@@ -603,7 +595,10 @@ async fn a_slice_corrupted_while_the_node_was_down_is_caught_before_the_first_ma
         .node
         .layout
         .pieces_path(&entry.key, entry.meta.generation);
-    eventually("pieces.sha256 is written", || pieces_file.exists()).await;
+    eventually("pieces.sha256 is written", DEADLINE, || {
+        pieces_file.exists()
+    })
+    .await;
     let damaged = slice_file(&node, "/down.bin", 3);
     drop(entry);
     node.stop().await;
@@ -796,7 +791,7 @@ async fn a_full_filesystem_makes_room(node: &TestNode, origin: &MockOrigin, root
         "the least recently used object made room"
     );
     let a_directory = node.node.layout.object_dir(&cache_key("/a.bin"));
-    eventually("the evicted object's files are deleted", || {
+    eventually("the evicted object's files are deleted", DEADLINE, || {
         files_under(&a_directory).is_empty()
     })
     .await;
@@ -824,7 +819,7 @@ async fn a_full_filesystem_makes_room(node: &TestNode, origin: &MockOrigin, root
     let b = get(&node.mcc_url("/b.bin"), &[]).await;
     assert_eq!(b.header("x-cache").as_deref(), Some("HIT"));
     assert_eq!(b.bytes(), &objects[1].1[..]);
-    eventually("the evicted files are deleted", || {
+    eventually("the evicted files are deleted", DEADLINE, || {
         bytes_on_disk(root) <= 1 << 20
     })
     .await;
@@ -958,7 +953,7 @@ async fn read_across(
 /// Waits until the generation directory of `path`'s current version holds no file.
 async fn files_deleted(node: &TestNode, generation_dir: &Path) {
     let _ = node;
-    eventually("the version's files are deleted", || {
+    eventually("the version's files are deleted", DEADLINE, || {
         files_under(generation_dir).is_empty()
     })
     .await;
@@ -1177,23 +1172,24 @@ async fn a_slow_disk_holds_the_fill_back_and_a_purge_in_mid_write_leaves_nothing
         })
     };
     // The writes pile up until the fill stops for the disk: wait until the pile stops growing.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+    // Stopped means unchanged over 20 looks 25 ms apart, so the pace is part of the condition.
     let (mut last, mut unchanged) = ((0usize, 0u64), 0);
-    while unchanged < 20 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the fill never stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        let now = (disk.waiting.load(Ordering::SeqCst), origin.bytes_sent());
-        unchanged = if now.0 > 0 && now == last {
-            unchanged + 1
-        } else {
-            0
-        };
-        last = now;
-    }
-    let (waiting, sent) = last;
+    let (waiting, sent) = eventually_every(
+        "the fill to stop for the disk",
+        DEADLINE,
+        Duration::from_millis(25),
+        async || {
+            let now = (disk.waiting.load(Ordering::SeqCst), origin.bytes_sent());
+            unchanged = if now.0 > 0 && now == last {
+                unchanged + 1
+            } else {
+                0
+            };
+            last = now;
+            (unchanged >= 20).then_some(now)
+        },
+    )
+    .await;
     // The fill holds at most its window of finished slices for the disk, and reads no more
     // from the origin than that window plus what sockets and buffers hold.
     let slots = (PENDING_WRITE_BYTES_PER_FILL / TEST_SLICE) as usize;
@@ -1222,14 +1218,14 @@ async fn a_slow_disk_holds_the_fill_back_and_a_purge_in_mid_write_leaves_nothing
         .unwrap();
     eprintln!("reader of the purged object: {received} bytes, complete: {complete}");
     // Once no slice of the purged version is in flight, no write of it can come any more...
-    eventually("the fill of the purged object is over", || {
+    eventually("the fill of the purged object is over", DEADLINE, || {
         purged.table().inflight.is_empty()
     })
     .await;
     assert!(disk.slice_writes.load(Ordering::SeqCst) >= waiting as u64);
     // ...and every slice written after the purge is deleted again, directory and all.
     let objects = storage.path().join("objects");
-    eventually("nothing of the purged object is left", || {
+    eventually("nothing of the purged object is left", DEADLINE, || {
         files_under(&objects).is_empty() && !directory.exists()
     })
     .await;

@@ -8,20 +8,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
-use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
+use outpost_testkit::{
+    eventually, eventually_every, pattern_bytes, sha256_hex, Behaviour, MockOrigin,
+};
 
-/// Waits (bounded) until `condition` holds; used for background effects such as a fill that
-/// finishes after its client left.
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+/// How long a background effect (a fill that finishes after its client left, files deleted after
+/// an eviction) may take.
+const PATIENCE: Duration = Duration::from_secs(20);
 
 fn slow(chunk_delay_ms: u64) -> Behaviour {
     Behaviour {
@@ -80,14 +73,14 @@ async fn concurrent_clients(
 
 /// Resolves when the origin has sent `total` body bytes in all, at the moment it sees that.
 async fn origin_sent(origin: &MockOrigin, total: u64) -> Instant {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while origin.bytes_sent() < total {
-        assert!(
-            Instant::now() < deadline,
-            "the origin never sent {total} bytes"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    // Looked at every millisecond: the moment is compared with when clients got their first bytes.
+    eventually_every(
+        &format!("the origin to send {total} bytes"),
+        Duration::from_secs(60),
+        Duration::from_millis(1),
+        async || origin.bytes_sent() >= total,
+    )
+    .await;
     Instant::now()
 }
 
@@ -173,7 +166,7 @@ async fn a_client_gets_bytes_before_the_fill_ends_and_the_fill_outlives_it() {
     );
     drop(stream);
 
-    eventually("the abandoned fill completes", || {
+    eventually("the abandoned fill completes", PATIENCE, || {
         node.node.index.used_bytes() == content.len() as u64
     })
     .await;
@@ -338,7 +331,7 @@ async fn an_origin_that_ignores_range_is_stored_whole_and_one_without_length_is_
     .await;
     assert_eq!(part.status, 206);
     assert_eq!(part.bytes(), &content[300_000..300_100]);
-    eventually("the whole body is stored", || {
+    eventually("the whole body is stored", PATIENCE, || {
         node.node.index.used_bytes() == content.len() as u64
     })
     .await;
@@ -381,7 +374,7 @@ async fn eviction_keeps_the_store_under_max_size_and_deletes_the_files() {
         origin.put(&path, content.clone());
         let fetched = get(&node.mcc_url(&path), &[]).await;
         assert_eq!(sha256_hex(fetched.bytes()), sha256_hex(&content));
-        eventually("the object is stored", || {
+        eventually("the object is stored", PATIENCE, || {
             node.node
                 .index
                 .get(&cache_key(&path))
@@ -391,7 +384,7 @@ async fn eviction_keeps_the_store_under_max_size_and_deletes_the_files() {
         .await;
     }
     let limit = 4 * 1024 * 1024;
-    eventually("evicted files are deleted", || {
+    eventually("evicted files are deleted", PATIENCE, || {
         disk_usage(storage.path()) <= limit + 64 * 1024
     })
     .await;

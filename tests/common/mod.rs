@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cache_node::config::{Config, OriginConfig, ValidConfig};
 use cache_node::node::Node;
-use outpost_testkit::MockOrigin;
+use outpost_testkit::{eventually, eventually_async, MockOrigin};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -169,14 +169,10 @@ impl TestNode {
     /// Waits (bounded) until no fill is in flight, so every slice fetched so far is on disk and
     /// the next read of it is a hit.
     pub async fn settle(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while self.node.index.inflight_slice_count() > 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "fills never settled"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually("the fills to settle", Duration::from_secs(20), || {
+            self.node.index.inflight_slice_count() == 0
+        })
+        .await;
     }
 
     /// The `/stats` document.
@@ -309,23 +305,24 @@ impl NodeProcess {
 
     /// Waits until the admin listener answers `/health`.
     pub async fn wait_healthy(&mut self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(response) = reqwest::get(format!("http://{}/health", self.admin_addr)).await {
-                if response.status().is_success() {
-                    return;
+        let health = format!("http://{}/health", self.admin_addr);
+        eventually_async(
+            "the node to become healthy",
+            Duration::from_secs(20),
+            async || {
+                if let Ok(response) = reqwest::get(&health).await {
+                    if response.status().is_success() {
+                        return true;
+                    }
                 }
-            }
-            assert!(
-                self.child.try_wait().unwrap().is_none(),
-                "cache-node exited during start-up"
-            );
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "node never became healthy"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+                assert!(
+                    self.child.try_wait().unwrap().is_none(),
+                    "cache-node exited during start-up"
+                );
+                false
+            },
+        )
+        .await;
     }
 
     /// Sends SIGKILL and reaps the process.
