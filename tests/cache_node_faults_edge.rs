@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use cache_node::config::{Config, OriginConfig};
 use common::*;
-use outpost_testkit::{eventually, eventually_every, pattern_bytes, Behaviour, MockOrigin};
+use outpost_testkit::{
+    connect_from, eventually, eventually_every, open_fds, pattern_bytes, Behaviour, MockOrigin,
+};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// The most any wait in these tests may take on a loaded two-core machine.
@@ -48,25 +50,17 @@ async fn scene_holding(
     descriptors: Box<dyn std::any::Any + Send>,
     tweak: impl FnOnce(&mut Config, &MockOrigin),
 ) -> (MockOrigin, Held, TestNode) {
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
-    tweak(&mut config, &origin);
-    let node = TestNode::start(config).await;
+    let (origin, storage, node) = origin_and_node_configured(|storage, origin| {
+        let mut config = usual_config(storage, &origin.base_url());
+        tweak(&mut config, origin);
+        config
+    })
+    .await;
     let held = Held {
         _storage: storage,
         _descriptors: descriptors,
     };
     (origin, held, node)
-}
-
-/// A TCP connection to `addr` from the loopback address `source` (any of 127.0.0.0/8).
-async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket
-        .bind(SocketAddr::new(source.parse().unwrap(), 0))
-        .unwrap();
-    socket.connect(addr).await.unwrap()
 }
 
 /// Opens `count` connections from `source` that send the start of a request and never finish
@@ -120,11 +114,6 @@ async fn wait_closed(stream: &mut TcpStream, deadline: Instant) -> bool {
 fn still_open(stream: &TcpStream) -> bool {
     let mut buffer = [0u8; 1];
     matches!(stream.try_read(&mut buffer), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
-}
-
-/// The file descriptors this process has open (the node runs in it).
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 /// An HTTP answer read off a raw connection.

@@ -23,8 +23,8 @@ use cache_node::disk::{DiskFuture, SharedStorage, Storage};
 use cache_node::key::CacheKey;
 use common::*;
 use outpost_testkit::{
-    eventually, eventually_async, eventually_every, pattern_bytes, sha256_hex, Behaviour,
-    MockOrigin,
+    bytes_under, eventually, eventually_async, eventually_every, files_under, pattern_bytes,
+    resident_bytes, sha256_hex, Behaviour, MockOrigin,
 };
 use serde_json::Value;
 
@@ -68,34 +68,6 @@ async fn purge(node: &TestNode, path: &str) {
     assert_eq!(response.status().as_u16(), 200);
 }
 
-/// Every regular file under `root`.
-fn files_under(root: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut pending = vec![root.to_path_buf()];
-    while let Some(directory) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&directory) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                pending.push(entry.path());
-            } else {
-                files.push(entry.path());
-            }
-        }
-    }
-    files
-}
-
-/// Bytes in the regular files under `root`.
-fn bytes_on_disk(root: &Path) -> u64 {
-    files_under(root)
-        .iter()
-        .filter_map(|file| std::fs::metadata(file).ok())
-        .map(|metadata| metadata.len())
-        .sum()
-}
-
 /// The file of slice `index` of the stored version of `path`.
 fn slice_file(node: &TestNode, path: &str, index: u64) -> PathBuf {
     let entry = node
@@ -117,12 +89,6 @@ async fn stored_complete(node: &TestNode, path: &str) {
             .is_some_and(|entry| entry.is_complete())
     })
     .await;
-}
-
-fn stat(stats: &Value, name: &str) -> u64 {
-    stats[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{name} missing from {stats}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -163,13 +129,7 @@ async fn an_origin_declaring_two_to_the_64_bytes_is_refused_with_502_and_the_nod
     assert_eq!(sha256_hex(honest.bytes()), sha256_hex(&content));
     node.settle().await;
     node.stop().await;
-    let restarted = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let restarted = TestNode::start(usual_config(storage.path(), &origin.base_url())).await;
     let hit = get(&restarted.mcc_url("/honest.bin"), &[]).await;
     assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
     assert_eq!(sha256_hex(hit.bytes()), sha256_hex(&content));
@@ -186,7 +146,7 @@ async fn an_origin_declaring_two_to_the_64_bytes_is_refused_with_502_and_the_nod
 async fn an_object_declaring_an_exabyte_below_the_limit_costs_what_is_stored_across_a_restart() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     config.storage.max_object_size = "1048576TiB".into();
     let declared: u64 = 1 << 60;
     let content = pattern_bytes(4 * TEST_SLICE as usize, 2);
@@ -239,7 +199,7 @@ async fn an_object_declaring_an_exabyte_below_the_limit_costs_what_is_stored_acr
 async fn a_restart_over_metadata_declaring_two_to_the_64_bytes_deletes_it_and_starts() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let config = usual_config(storage.path(), &origin.base_url());
     // What a node without storage.max_object_size left behind for the lying origin.
     let layout = cache_node::store::Layout::create(storage.path()).unwrap();
     let key = cache_key("/liar.bin");
@@ -282,21 +242,6 @@ async fn a_restart_over_metadata_declaring_two_to_the_64_bytes_deletes_it_and_st
     node.stop().await;
 }
 
-/// The resident set of process `pid`, in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .expect("VmRSS in /proc/<pid>/status");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|value| value.parse().ok())
-        .expect("VmRSS is a number of kB");
-    kib * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_objects_declaring_a_terabyte_each_keep_the_node_small() {
     const OBJECTS: usize = 60;
@@ -334,7 +279,7 @@ async fn sixty_objects_declaring_a_terabyte_each_keep_the_node_small() {
         stored_slices().await >= 1
     })
     .await;
-    let baseline = rss_bytes(process.child.id());
+    let baseline = resident_bytes(process.child.id());
 
     for index in 0..OBJECTS {
         let ranged = get(
@@ -352,7 +297,7 @@ async fn sixty_objects_declaring_a_terabyte_each_keep_the_node_small() {
         async || stored_slices().await > OBJECTS as u64,
     )
     .await;
-    let after = rss_bytes(process.child.id());
+    let after = resident_bytes(process.child.id());
     let growth = after.saturating_sub(baseline);
     eprintln!(
         "RSS with {OBJECTS} objects declaring 1 TiB: {} MiB -> {} MiB (+{} MiB)",
@@ -377,7 +322,7 @@ async fn sixty_objects_declaring_a_terabyte_each_keep_the_node_small() {
     .await;
     assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
     assert_eq!(hit.bytes(), &content[1000..=2000]);
-    let restarted_rss = rss_bytes(restarted.child.id());
+    let restarted_rss = resident_bytes(restarted.child.id());
     eprintln!("RSS after the restart: {} MiB", restarted_rss >> 20);
     assert!(restarted_rss < 200 << 20, "RSS {restarted_rss} bytes");
     restarted.kill_9();
@@ -389,7 +334,7 @@ async fn sixty_objects_declaring_a_terabyte_each_keep_the_node_small() {
 
 /// A node whose every disk read for a hit is checked against the piece hashes.
 async fn checking_node(origin: &MockOrigin, storage: &Path) -> TestNode {
-    let mut config = test_config(storage, &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage, &origin.base_url());
     config.storage.verify_hits = 1.0;
     config.peering.piece_size = "64KiB".into();
     TestNode::start(config).await
@@ -578,7 +523,7 @@ async fn a_corrupted_slice_is_caught_by_its_piece_hashes_and_never_served() {
 async fn a_slice_corrupted_while_the_node_was_down_is_caught_before_the_first_manifest() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     config.peering.piece_size = "64KiB".into();
     // Hits are never checked here: only the manifest's check can catch the damage.
     config.storage.verify_hits = 0.0;
@@ -646,7 +591,7 @@ async fn a_slice_corrupted_while_the_node_was_down_is_caught_before_the_first_ma
 async fn recovery_drops_what_it_cannot_trust_and_serves_the_rest() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let config = usual_config(storage.path(), &origin.base_url());
     let contents: Vec<(String, Bytes)> = ["/kept", "/edited", "/garbled"]
         .iter()
         .enumerate()
@@ -699,7 +644,7 @@ async fn recovery_drops_what_it_cannot_trust_and_serves_the_rest() {
     let stats = resliced.stats().await;
     assert_eq!(stat(&stats, "objects"), 0, "{stats}");
     assert_eq!(stat(&stats, "cache_used_bytes"), 0);
-    assert_eq!(bytes_on_disk(&storage.path().join("objects")), 0);
+    assert_eq!(bytes_under(&storage.path().join("objects")), 0);
     let refetched = get(&resliced.mcc_url("/kept.bin"), &[]).await;
     assert_eq!(refetched.header("x-cache").as_deref(), Some("MISS"));
     assert_eq!(refetched.bytes(), &contents[0].1[..]);
@@ -741,7 +686,7 @@ impl Storage for SmallDisk {
         Box::pin(async move {
             let _one_at_a_time = writing.lock().await;
             let length: u64 = chunks.iter().map(|chunk| chunk.len() as u64).sum();
-            if bytes_on_disk(&root) + length > capacity {
+            if bytes_under(&root) + length > capacity {
                 return Err(cache_node::error::DiskError::io(
                     "write",
                     path,
@@ -820,7 +765,7 @@ async fn a_full_filesystem_makes_room(node: &TestNode, origin: &MockOrigin, root
     assert_eq!(b.header("x-cache").as_deref(), Some("HIT"));
     assert_eq!(b.bytes(), &objects[1].1[..]);
     eventually("the evicted files are deleted", DEADLINE, || {
-        bytes_on_disk(root) <= 1 << 20
+        bytes_under(root) <= 1 << 20
     })
     .await;
 }
@@ -1143,7 +1088,7 @@ const PENDING_WRITE_BYTES_PER_FILL: u64 = 64 << 20;
 async fn a_slow_disk_holds_the_fill_back_and_a_purge_in_mid_write_leaves_nothing() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let valid = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB")
+    let valid = usual_config(storage.path(), &origin.base_url())
         .validate()
         .unwrap();
     let layout = cache_node::store::Layout::create_drives(&valid.drives).unwrap();
@@ -1279,7 +1224,7 @@ async fn a_whole_get_of_an_object_declaring_a_terabyte_claims_slices_as_it_strea
     let url = |path: &str| mcc_url(process.addr, path);
     let warm = get(&url("/warm-up.bin"), &[]).await;
     assert_eq!(warm.bytes(), &content[..]);
-    let baseline = rss_bytes(process.child.id());
+    let baseline = resident_bytes(process.child.id());
 
     // The first slice makes the node learn the declared length.
     let first = get(&url("/tera.bin"), &[("range", "bytes=0-1048575")]).await;
@@ -1307,7 +1252,7 @@ async fn a_whole_get_of_an_object_declaring_a_terabyte_claims_slices_as_it_strea
         process.addr
     );
     let _ = get(&manifest_url, &[]).await;
-    let after = rss_bytes(process.child.id());
+    let after = resident_bytes(process.child.id());
     let growth = after.saturating_sub(baseline);
     eprintln!(
         "RSS around a whole GET and a manifest of an object declaring 1 TiB: {} MiB -> {} MiB (+{} MiB)",

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use outpost_testkit::{eventually, eventually_every, pattern_bytes, sha256_hex, MockOrigin};
+use outpost_testkit::{
+    eventually, eventually_every, open_fds, pattern_bytes, sha256_hex, MockOrigin,
+};
 use peer_client::tracker::ContentId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -465,10 +467,6 @@ async fn sixteen_peers_that_stop_reading_are_dropped_and_a_real_peer_then_gets_i
 }
 
 /// File descriptors this process has open (the daemon, the node and the test's clients).
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_take_every_upload_slot() {
     let (_origin, _node, daemon, id, content) = daemon_with_big_content(76, |_| {}).await;

@@ -80,19 +80,34 @@ pub fn expected_disk_backend(reported: &str) -> &'static str {
     }
 }
 
-/// The usual scene: a mock origin and a node in front of it with the test slice size and room
-/// for 1 GiB. The storage directory lives as long as the returned guard.
+/// The usual node's configuration: storage in `storage_dir`, `ORIGIN_HOST` sent to
+/// `origin_base`, the test slice size and room for 1 GiB.
+pub fn usual_config(storage_dir: &Path, origin_base: &str) -> Config {
+    test_config(storage_dir, origin_base, TEST_SLICE, "1GiB")
+}
+
+/// The usual scene: a mock origin and a node in front of it with [`usual_config`]. The storage
+/// directory lives as long as the returned guard.
 pub async fn origin_and_node() -> (MockOrigin, tempfile::TempDir, TestNode) {
+    origin_and_node_configured(|storage, origin| usual_config(storage, &origin.base_url())).await
+}
+
+/// A mock origin and a node in front of it whose configuration `configure` makes from the
+/// storage directory and the origin (for scenes that are not the usual one).
+pub async fn origin_and_node_configured(
+    configure: impl FnOnce(&Path, &MockOrigin) -> Config,
+) -> (MockOrigin, tempfile::TempDir, TestNode) {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let node = TestNode::start(configure(storage.path(), &origin)).await;
     (origin, storage, node)
+}
+
+/// The counter `name` of a `/stats` document.
+pub fn stat(stats: &serde_json::Value, name: &str) -> u64 {
+    stats[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name} missing from {stats}"))
 }
 
 /// A node running inside the test process.
