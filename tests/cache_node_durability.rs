@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
-use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
+use outpost_testkit::{
+    bytes_under, eventually_async, pattern_bytes, sha256_hex, Behaviour, MockOrigin,
+};
 
 #[tokio::test]
 async fn a_restarted_node_serves_its_earlier_content_as_hits() {
@@ -19,7 +21,7 @@ async fn a_restarted_node_serves_its_earlier_content_as_hits() {
     origin.put("/kept.bin", content.clone());
     origin.put("/partial.bin", partial.clone());
 
-    let config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let config = usual_config(storage.path(), &origin.base_url());
     let node = TestNode::start(config.clone()).await;
     assert_eq!(
         sha256_hex(get(&node.mcc_url("/kept.bin"), &[]).await.bytes()),
@@ -93,7 +95,7 @@ async fn a_node_killed_mid_fill_restarts_without_serving_anything_corrupt() {
             },
         );
     }
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     config.storage.fsync = true;
 
     let mut node = NodeProcess::spawn(binary, work.path(), config.clone());
@@ -167,7 +169,7 @@ async fn when_io_uring_is_unavailable_the_node_falls_back_and_says_so() {
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cache-node"));
     let simulate = [(cache_node::disk::uring::SIMULATE_FAILURE_ENV, "1")];
 
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     config.storage.io_backend = "auto".into();
     let mut node = NodeProcess::spawn_with_env(binary, work.path(), config.clone(), &simulate);
     node.wait_healthy().await;
@@ -192,20 +194,6 @@ async fn when_io_uring_is_unavailable_the_node_falls_back_and_says_so() {
     assert!(!strict.status.success());
     let stderr = String::from_utf8_lossy(&strict.stderr);
     assert!(stderr.contains("io_uring is unavailable"), "{stderr}");
-}
-
-/// Bytes stored under `dir`, counting every file.
-fn bytes_under(dir: &std::path::Path) -> u64 {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        total += if path.is_dir() {
-            bytes_under(&path)
-        } else {
-            entry.metadata().map_or(0, |meta| meta.len())
-        };
-    }
-    total
 }
 
 #[tokio::test]
@@ -245,29 +233,31 @@ async fn several_drives_each_keep_to_their_size_and_survive_restarts_in_any_orde
     let dirs = [&first, &second, &third];
     // Evicted objects' files are deleted by a background task: wait (bounded) until every drive
     // is back under its size, on disk as in the index.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let stats = loop {
-        let stats = node.stats().await;
-        let settled = stats["drives"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(dirs)
-            .all(|(drive, dir)| {
-                let used = drive["used_bytes"].as_u64().unwrap();
-                let max = drive["max_bytes"].as_u64().unwrap();
-                let on_disk = bytes_under(dir.path());
-                used <= max && on_disk >= used && on_disk <= max + 64 * 1024
-            });
-        if settled {
-            break stats;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a drive stayed over its size: {stats}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let stats = eventually_async(
+        "every drive to be back under its size",
+        Duration::from_secs(20),
+        async || {
+            let stats = node.stats().await;
+            let settled =
+                stats["drives"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .zip(dirs)
+                    .all(|(drive, dir)| {
+                        let used = drive["used_bytes"].as_u64().unwrap();
+                        let max = drive["max_bytes"].as_u64().unwrap();
+                        let on_disk = bytes_under(dir.path());
+                        used <= max && on_disk >= used && on_disk <= max + 64 * 1024
+                    });
+            if settled {
+                Ok(stats)
+            } else {
+                Err(stats)
+            }
+        },
+    )
+    .await;
     let drives = stats["drives"].as_array().unwrap().clone();
     assert_eq!(drives.len(), 3, "{stats}");
     let used: Vec<u64> = drives

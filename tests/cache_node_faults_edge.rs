@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use cache_node::config::{Config, OriginConfig};
 use common::*;
-use outpost_testkit::{pattern_bytes, Behaviour, MockOrigin};
+use outpost_testkit::{
+    connect_from, eventually, eventually_every, open_fds, pattern_bytes, Behaviour, MockOrigin,
+};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// The most any wait in these tests may take on a loaded two-core machine.
@@ -48,25 +50,17 @@ async fn scene_holding(
     descriptors: Box<dyn std::any::Any + Send>,
     tweak: impl FnOnce(&mut Config, &MockOrigin),
 ) -> (MockOrigin, Held, TestNode) {
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
-    tweak(&mut config, &origin);
-    let node = TestNode::start(config).await;
+    let (origin, storage, node) = origin_and_node_configured(|storage, origin| {
+        let mut config = usual_config(storage, &origin.base_url());
+        tweak(&mut config, origin);
+        config
+    })
+    .await;
     let held = Held {
         _storage: storage,
         _descriptors: descriptors,
     };
     (origin, held, node)
-}
-
-/// A TCP connection to `addr` from the loopback address `source` (any of 127.0.0.0/8).
-async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket
-        .bind(SocketAddr::new(source.parse().unwrap(), 0))
-        .unwrap();
-    socket.connect(addr).await.unwrap()
 }
 
 /// Opens `count` connections from `source` that send the start of a request and never finish
@@ -94,7 +88,7 @@ async fn slow_connections_in_order(source: &str, node: &TestNode, count: usize) 
     for _ in 0..count {
         let before = edge.connections_open.get();
         streams.extend(slow_header_connections(source, node.addr, 1).await);
-        wait_until("the node admits the connection", || {
+        eventually("the node admits the connection", PATIENCE, || {
             edge.connections_open.get() == before + 1
         })
         .await;
@@ -120,20 +114,6 @@ async fn wait_closed(stream: &mut TcpStream, deadline: Instant) -> bool {
 fn still_open(stream: &TcpStream) -> bool {
     let mut buffer = [0u8; 1];
     matches!(stream.try_read(&mut buffer), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
-}
-
-/// The file descriptors this process has open (the node runs in it).
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-/// Polls `condition` until it holds, failing with `what` after [`PATIENCE`].
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// An HTTP answer read off a raw connection.
@@ -203,7 +183,7 @@ async fn slow_headers_are_cut_at_the_header_timeout_and_their_descriptors_come_b
 
     let opened = Instant::now();
     let mut slow = slow_header_connections("127.0.0.1", node.addr, SLOW).await;
-    wait_until("the node holds every slow connection", || {
+    eventually("the node holds every slow connection", PATIENCE, || {
         edge.connections_open.get() == SLOW as u64
     })
     .await;
@@ -233,7 +213,7 @@ async fn slow_headers_are_cut_at_the_header_timeout_and_their_descriptors_come_b
         opened.elapsed()
     );
     assert_eq!(edge.header_timeouts.get(), SLOW as u64);
-    wait_until("the node's connections are all closed", || {
+    eventually("the node's connections are all closed", PATIENCE, || {
         edge.connections_open.get() == 0
     })
     .await;
@@ -369,7 +349,7 @@ async fn with_every_connection_busy_new_ones_are_refused_and_the_busy_ones_finis
         .collect();
     // Busy: each connection's request has reached the handler, which waits for the origin.
     let stats = &node.node.stats;
-    wait_until("every connection is busy", || {
+    eventually("every connection is busy", PATIENCE, || {
         edge.connections_open.get() == CAP as u64 && stats.requests.get() == CAP as u64
     })
     .await;
@@ -401,9 +381,11 @@ async fn an_address_over_its_cap_makes_room_from_its_own_idle_connections() {
     origin.put("/good.bin", content.clone());
     let edge = node.node.stats.edge.clone();
     let neighbour = slow_header_connections("127.0.0.3", node.addr, PER_CLIENT).await;
-    wait_until("the node holds the neighbour's connections", || {
-        edge.connections_open.get() == PER_CLIENT as u64
-    })
+    eventually(
+        "the node holds the neighbour's connections",
+        PATIENCE,
+        || edge.connections_open.get() == PER_CLIENT as u64,
+    )
     .await;
     let mut attacker = slow_connections_in_order("127.0.0.2", &node, PER_CLIENT).await;
     attacker.extend(slow_header_connections("127.0.0.2", node.addr, 4).await);
@@ -687,25 +669,27 @@ async fn wrong_admin_tokens_are_throttled_per_address_and_the_right_one_still_wo
     assert_eq!(purged.status, 200, "{}", purged.text());
     assert_eq!(purged.text(), format!("purged {ORIGIN_HOST}/two.bin\n"));
     // The flooding address may try again once it has waited.
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let answer = raw_exchange(
-            "127.0.0.1",
-            node.admin_addr,
-            &delete("one.bin", "the-real-token-0123456789"),
-        )
-        .await;
-        if answer.status == 200 {
-            assert_eq!(answer.text(), format!("purged {ORIGIN_HOST}/one.bin\n"));
-            break;
-        }
-        assert_eq!(answer.status, 429, "{}", answer.text());
-        assert!(
-            Instant::now() < deadline,
-            "the right token never worked again"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // Every try is a request the throttle sees: they keep the pace of a patient client.
+    eventually_every(
+        "the right token to work again",
+        PATIENCE,
+        Duration::from_millis(200),
+        async || {
+            let answer = raw_exchange(
+                "127.0.0.1",
+                node.admin_addr,
+                &delete("one.bin", "the-real-token-0123456789"),
+            )
+            .await;
+            if answer.status == 200 {
+                assert_eq!(answer.text(), format!("purged {ORIGIN_HOST}/one.bin\n"));
+                return true;
+            }
+            assert_eq!(answer.status, 429, "{}", answer.text());
+            false
+        },
+    )
+    .await;
     let edge = &node.node.stats.edge;
     assert_eq!(edge.admin_auth_failures.get(), burst as u64);
     assert!(edge.admin_auth_throttled.get() >= (30 - burst + 1) as u64);
@@ -869,9 +853,11 @@ async fn the_peering_api_refuses_what_it_must_and_sweeps_what_expires() {
     assert_eq!(json_of(&listed)["peers"].as_array().unwrap().len(), 2);
     assert_eq!(tracker.counts(), (1, 3));
     // Nobody renews or asks again: the periodic sweep drops them all.
-    wait_until("the sweep dropped the expired announcements", || {
-        tracker.counts() == (0, 0)
-    })
+    eventually(
+        "the sweep dropped the expired announcements",
+        PATIENCE,
+        || tracker.counts() == (0, 0),
+    )
     .await;
     node.stop().await;
 }

@@ -18,42 +18,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use cache_node::config::Config;
 use common::*;
-use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
+use outpost_testkit::{
+    connect_from, eventually, eventually_async, eventually_every, pattern_bytes, resident_bytes,
+    sha256_hex, Behaviour, MockOrigin,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Runs the tests of this file one at a time (the lock works across their runtimes, and a
 /// failed test does not poison it).
 async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     SERIAL.lock().await
-}
-
-/// Waits (bounded) until `condition` holds.
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// The process's resident memory in bytes, from `/proc/self/status`.
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .expect("VmRSS in /proc/self/status");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|number| number.parse().ok())
-        .expect("VmRSS in kB");
-    kib * 1024
 }
 
 /// Samples the resident memory every millisecond on its own thread, keeping the peak.
@@ -65,14 +41,14 @@ struct PeakMemory {
 
 impl PeakMemory {
     fn start() -> PeakMemory {
-        let peak = Arc::new(AtomicU64::new(resident_bytes()));
+        let peak = Arc::new(AtomicU64::new(resident_bytes(std::process::id())));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::spawn({
             let peak = peak.clone();
             let stop = stop.clone();
             move || {
                 while !stop.load(Ordering::Relaxed) {
-                    peak.fetch_max(resident_bytes(), Ordering::Relaxed);
+                    peak.fetch_max(resident_bytes(std::process::id()), Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
@@ -94,7 +70,7 @@ impl PeakMemory {
 
 const MIB: u64 = 1 << 20;
 
-/// The usual test config with `[fill]` set by `tune`.
+/// The usual test config with room for 4 GiB and `[fill]` set by `tune`.
 fn config_with(
     origin: &MockOrigin,
     storage: &std::path::Path,
@@ -103,6 +79,11 @@ fn config_with(
     let mut config = test_config(storage, &origin.base_url(), TEST_SLICE, "4GiB");
     tune(&mut config);
     config
+}
+
+/// A mock origin and a node in front of it with [`config_with`]`(tune)`.
+async fn scene(tune: impl FnOnce(&mut Config)) -> (MockOrigin, tempfile::TempDir, TestNode) {
+    origin_and_node_configured(|storage, origin| config_with(origin, storage, tune)).await
 }
 
 fn throttled(chunk_size: usize, delay_ms: u64) -> Behaviour {
@@ -121,13 +102,6 @@ fn raw_get(node: &TestNode, path: &str, extra: &str) -> String {
         "GET {target} HTTP/1.1\r\nHost: {}\r\n{extra}Connection: close\r\n\r\n",
         node.addr
     )
-}
-
-/// Connects to the node from `source` (any loopback address).
-async fn connect_from(source: &str, node: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    socket.connect(node).await.unwrap()
 }
 
 /// A response read from a raw socket.
@@ -179,12 +153,6 @@ async fn exchange(mut stream: TcpStream, request: &str, body_limit: usize) -> Ra
     RawResponse { status, head, body }
 }
 
-fn stat(stats: &serde_json::Value, name: &str) -> u64 {
-    stats[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{name} in {stats}"))
-}
-
 /// Item 2: the amplification attack in small. Forty distinct cold 8 MiB URLs, each client
 /// reading 1 KiB of the whole object and closing, used to make the node fetch all 320 MiB.
 /// Now each fill stops at the end of the slice it is in once its client is gone, fills take
@@ -192,14 +160,12 @@ fn stat(stats: &serde_json::Value, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_abandoned_cold_downloads_cost_a_few_slices_each_within_the_fill_caps() {
     let _serial = serial().await;
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(config_with(&origin, storage.path(), |config| {
+    let (origin, _storage, node) = scene(|config| {
         config.fill.max_concurrent = 4;
         config.fill.max_per_client = 64;
         config.fill.max_memory = "4MiB".into();
         config.fill.finish_objects_up_to = "1MiB".into();
-    }))
+    })
     .await;
     let urls = 40;
     let content = pattern_bytes(8 * MIB as usize, 201);
@@ -211,7 +177,7 @@ async fn forty_abandoned_cold_downloads_cost_a_few_slices_each_within_the_fill_c
             throttled(16 << 10, 2),
         );
     }
-    let baseline = resident_bytes();
+    let baseline = resident_bytes(std::process::id());
     let peak_memory = PeakMemory::start();
     let watcher = {
         let node = node.node.clone();
@@ -249,7 +215,7 @@ async fn forty_abandoned_cold_downloads_cost_a_few_slices_each_within_the_fill_c
         assert_eq!(status, 200);
         assert_eq!(body, &content[..1024], "the first kilobyte is the object's");
     }
-    eventually("every fill has ended", || {
+    eventually("every fill has ended", Duration::from_secs(30), || {
         let stats = node.node.stats_snapshot();
         stats.fills_in_flight == 0
             && stats.fills_waiting == 0
@@ -301,12 +267,10 @@ async fn forty_abandoned_cold_downloads_cost_a_few_slices_each_within_the_fill_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_over_its_cold_fill_cap_gets_503_while_others_are_served() {
     let _serial = serial().await;
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(config_with(&origin, storage.path(), |config| {
+    let (origin, _storage, node) = scene(|config| {
         config.fill.max_per_client = 2;
         config.fill.client_wait = Duration::from_millis(300);
-    }))
+    })
     .await;
     let content = pattern_bytes(2 * MIB as usize, 202);
     for path in ["/held/a.bin", "/held/b.bin", "/held/c.bin", "/held/d.bin"] {
@@ -360,18 +324,20 @@ async fn a_client_over_its_cold_fill_cap_gets_503_while_others_are_served() {
 
     // Once the held downloads end, the address may start cold fills again.
     drop(held);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let again = loop {
-        let answer = exchange(
-            connect_from("127.0.0.1", node.addr).await,
-            &raw_get(&node, "/held/c.bin", ""),
-            4 * MIB as usize,
-        )
-        .await;
-        if answer.status != 503 || tokio::time::Instant::now() > deadline {
-            break answer;
-        }
-    };
+    let again = eventually_async(
+        "the address to start cold fills again",
+        Duration::from_secs(20),
+        async || {
+            let answer = exchange(
+                connect_from("127.0.0.1", node.addr).await,
+                &raw_get(&node, "/held/c.bin", ""),
+                4 * MIB as usize,
+            )
+            .await;
+            (answer.status != 503).then_some(answer)
+        },
+    )
+    .await;
     assert_eq!(again.status, 200);
     assert_eq!(sha256_hex(&again.body), sha256_hex(&content));
     node.stop().await;
@@ -383,13 +349,11 @@ async fn a_client_over_its_cold_fill_cap_gets_503_while_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifest_requests_count_take_client_slots_and_prefill_to_the_end() {
     let _serial = serial().await;
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(config_with(&origin, storage.path(), |config| {
+    let (origin, _storage, node) = scene(|config| {
         config.fill.max_per_client = 1;
         config.fill.client_wait = Duration::from_millis(200);
         config.fill.finish_objects_up_to = "64KiB".into();
-    }))
+    })
     .await;
     let content = pattern_bytes(3 * MIB as usize, 203);
     origin.put_with("/slow.bin", content.clone(), throttled(16 << 10, 20));
@@ -420,23 +384,26 @@ async fn manifest_requests_count_take_client_slots_and_prefill_to_the_end() {
 
     // Once the slot is free, a manifest request that does not wait starts a prefill; it runs to
     // the end of the object although no client reads it, and the manifest then comes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let response = client().get(manifest_url("0")).send().await.unwrap();
-        let status = response.status().as_u16();
-        if status == 200 {
-            let manifest: serde_json::Value =
-                serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
-            assert_eq!(manifest["size"].as_u64(), Some(content.len() as u64));
-            break;
-        }
-        assert!(matches!(status, 202 | 503), "{status}");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the prefill never finished"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Every try is a manifest request the node counts and may start a prefill for: they keep
+    // the pace of a client that polls.
+    eventually_every(
+        "the prefill to finish",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        async || {
+            let response = client().get(manifest_url("0")).send().await.unwrap();
+            let status = response.status().as_u16();
+            if status == 200 {
+                let manifest: serde_json::Value =
+                    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+                assert_eq!(manifest["size"].as_u64(), Some(content.len() as u64));
+                return true;
+            }
+            assert!(matches!(status, 202 | 503), "{status}");
+            false
+        },
+    )
+    .await;
     node.settle().await;
     let stored = get(&node.mcc_url("/manifest.bin"), &[]).await;
     assert_eq!(stored.header("x-cache").as_deref(), Some("HIT"));
@@ -524,7 +491,7 @@ async fn fills_against_a_slow_disk_hold_no_more_than_the_memory_budget() {
     for path in &paths {
         origin.put(path, content.clone());
     }
-    let baseline = resident_bytes();
+    let baseline = resident_bytes(std::process::id());
     let peak_memory = PeakMemory::start();
     let peak_fill_memory = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -596,11 +563,9 @@ async fn stream_and_compare(url: &str, content: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revalidation_answered_with_the_whole_object_reads_only_its_headers() {
     let _serial = serial().await;
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(config_with(&origin, storage.path(), |config| {
+    let (origin, _storage, node) = scene(|config| {
         config.upstream.revalidate_after = Duration::ZERO;
-    }))
+    })
     .await;
     let content = pattern_bytes(64 * MIB as usize, 205);
     origin.put("/big.bin", content.clone());
@@ -615,7 +580,7 @@ async fn a_revalidation_answered_with_the_whole_object_reads_only_its_headers() 
         },
     );
     origin.reset_counters();
-    let baseline = resident_bytes();
+    let baseline = resident_bytes(std::process::id());
     let peak_memory = PeakMemory::start();
     let mut checks = Vec::new();
     for index in 0..6u64 {
@@ -661,9 +626,7 @@ async fn a_revalidation_answered_with_the_whole_object_reads_only_its_headers() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_encoded_answer_is_relayed_with_its_content_encoding_and_never_stored() {
     let _serial = serial().await;
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(config_with(&origin, storage.path(), |_| {})).await;
+    let (origin, _storage, node) = scene(|_| {}).await;
     let gzip = || Behaviour {
         headers: vec![
             ("content-encoding", "gzip".into()),
@@ -726,9 +689,7 @@ async fn an_encoded_answer_is_relayed_with_its_content_encoding_and_never_stored
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validator_less_versions_at_the_same_length_are_never_mixed() {
     let _serial = serial().await;
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(config_with(&origin, storage.path(), |_| {})).await;
+    let (origin, _storage, node) = scene(|_| {}).await;
     let bare = || Behaviour {
         omit_validators: true,
         ..Behaviour::default()
@@ -785,9 +746,7 @@ async fn validator_less_versions_at_the_same_length_are_never_mixed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_without_the_stored_etag_is_another_version() {
     let _serial = serial().await;
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(config_with(&origin, storage.path(), |_| {})).await;
+    let (origin, _storage, node) = scene(|_| {}).await;
     let first = pattern_bytes(500_000, 220);
     let second = pattern_bytes(500_000, 221);
     origin.put("/etag.bin", first.clone());
@@ -825,9 +784,7 @@ async fn an_answer_without_the_stored_etag_is_another_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_206_with_wrong_offsets_or_a_contradicting_length_is_never_served_or_stored() {
     let _serial = serial().await;
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(config_with(&origin, storage.path(), |_| {})).await;
+    let (origin, _storage, node) = scene(|_| {}).await;
     let content = pattern_bytes(500_000, 230);
     let faults = [
         Behaviour {
@@ -890,11 +847,9 @@ async fn a_206_with_wrong_offsets_or_a_contradicting_length_is_never_served_or_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origin_that_ignores_range_on_a_later_fill_gives_the_right_bytes_and_stops_there() {
     let _serial = serial().await;
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(config_with(&origin, storage.path(), |config| {
+    let (origin, _storage, node) = scene(|config| {
         config.fill.finish_objects_up_to = "1MiB".into();
-    }))
+    })
     .await;
     let content = pattern_bytes(16 * MIB as usize, 240);
     origin.put("/later.bin", content.clone());
@@ -952,11 +907,9 @@ async fn an_origin_that_ignores_range_on_a_later_fill_gives_the_right_bytes_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_runs_fetch_across_stored_slices_with_one_request_and_serve_the_right_bytes() {
     let _serial = serial().await;
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(config_with(&origin, storage.path(), |config| {
+    let (origin, _storage, node) = scene(|config| {
         config.upstream.merge_gap_slices = 2;
-    }))
+    })
     .await;
     let slice = TEST_SLICE as usize;
     let content = pattern_bytes(12 * slice + 777, 250);
@@ -993,9 +946,7 @@ async fn merged_runs_fetch_across_stored_slices_with_one_request_and_serve_the_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_mid_body_keeps_only_complete_slices_and_the_next_request_heals() {
     let _serial = serial().await;
-    let origin = MockOrigin::start().await;
-    let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(config_with(&origin, storage.path(), |_| {})).await;
+    let (origin, _storage, node) = scene(|_| {}).await;
     let slice = TEST_SLICE as usize;
     let content = pattern_bytes(10 * slice, 260);
     origin.put("/reset.bin", content.clone());
@@ -1195,13 +1146,7 @@ async fn an_endless_chunked_body_yields_exactly_the_asked_range_and_is_cut_off()
     })
     .await;
     let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let node = TestNode::start(usual_config(storage.path(), &origin.base_url())).await;
     let part = get(
         &node.mcc_url("/endless.bin"),
         &[("range", "bytes=100000-199999")],
@@ -1261,13 +1206,7 @@ async fn a_body_longer_than_declared_is_cut_at_its_length_and_smuggles_nothing()
     })
     .await;
     let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let node = TestNode::start(usual_config(storage.path(), &origin.base_url())).await;
     let one = get(&node.mcc_url("/first.bin"), &[]).await;
     assert_eq!(sha256_hex(one.bytes()), sha256_hex(&first));
     node.settle().await;

@@ -22,23 +22,14 @@ use bytes::Bytes;
 use cache_node::cache::key::CacheKey;
 use cache_node::disk::{DiskFuture, SharedStorage, Storage};
 use common::*;
-use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
+use outpost_testkit::{
+    bytes_under, eventually, eventually_async, eventually_every, files_under, pattern_bytes,
+    resident_bytes, sha256_hex, Behaviour, MockOrigin,
+};
 use serde_json::Value;
 
 /// The longest any poll in this file waits.
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Waits (bounded) until `condition` holds.
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 fn cache_key(path: &str) -> CacheKey {
     CacheKey::new(ORIGIN_HOST, path)
@@ -77,34 +68,6 @@ async fn purge(node: &TestNode, path: &str) {
     assert_eq!(response.status().as_u16(), 200);
 }
 
-/// Every regular file under `root`.
-fn files_under(root: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut pending = vec![root.to_path_buf()];
-    while let Some(directory) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&directory) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                pending.push(entry.path());
-            } else {
-                files.push(entry.path());
-            }
-        }
-    }
-    files
-}
-
-/// Bytes in the regular files under `root`.
-fn bytes_on_disk(root: &Path) -> u64 {
-    files_under(root)
-        .iter()
-        .filter_map(|file| std::fs::metadata(file).ok())
-        .map(|metadata| metadata.len())
-        .sum()
-}
-
 /// The file of slice `index` of the stored version of `path`.
 fn slice_file(node: &TestNode, path: &str, index: u64) -> PathBuf {
     let entry = node
@@ -119,19 +82,13 @@ fn slice_file(node: &TestNode, path: &str, index: u64) -> PathBuf {
 
 /// Waits until `path` is stored complete.
 async fn stored_complete(node: &TestNode, path: &str) {
-    eventually("the object is stored complete", || {
+    eventually("the object is stored complete", DEADLINE, || {
         node.node
             .index
             .get(&cache_key(path))
             .is_some_and(|entry| entry.is_complete())
     })
     .await;
-}
-
-fn stat(stats: &Value, name: &str) -> u64 {
-    stats[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{name} missing from {stats}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -172,13 +129,7 @@ async fn an_origin_declaring_two_to_the_64_bytes_is_refused_with_502_and_the_nod
     assert_eq!(sha256_hex(honest.bytes()), sha256_hex(&content));
     node.settle().await;
     node.stop().await;
-    let restarted = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let restarted = TestNode::start(usual_config(storage.path(), &origin.base_url())).await;
     let hit = get(&restarted.mcc_url("/honest.bin"), &[]).await;
     assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
     assert_eq!(sha256_hex(hit.bytes()), sha256_hex(&content));
@@ -195,7 +146,7 @@ async fn an_origin_declaring_two_to_the_64_bytes_is_refused_with_502_and_the_nod
 async fn an_object_declaring_an_exabyte_below_the_limit_costs_what_is_stored_across_a_restart() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     config.storage.max_object_size = "1048576TiB".into();
     let declared: u64 = 1 << 60;
     let content = pattern_bytes(4 * TEST_SLICE as usize, 2);
@@ -248,7 +199,7 @@ async fn an_object_declaring_an_exabyte_below_the_limit_costs_what_is_stored_acr
 async fn a_restart_over_metadata_declaring_two_to_the_64_bytes_deletes_it_and_starts() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let config = usual_config(storage.path(), &origin.base_url());
     // What a node without storage.max_object_size left behind for the lying origin.
     let layout = cache_node::cache::store::Layout::create(storage.path()).unwrap();
     let key = cache_key("/liar.bin");
@@ -291,21 +242,6 @@ async fn a_restart_over_metadata_declaring_two_to_the_64_bytes_deletes_it_and_st
     node.stop().await;
 }
 
-/// The resident set of process `pid`, in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .expect("VmRSS in /proc/<pid>/status");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|value| value.parse().ok())
-        .expect("VmRSS is a number of kB");
-    kib * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_objects_declaring_a_terabyte_each_keep_the_node_small() {
     const OBJECTS: usize = 60;
@@ -336,16 +272,14 @@ async fn sixty_objects_declaring_a_terabyte_each_keep_the_node_small() {
     // Every code path runs once before the baseline, so the baseline holds the node's working set.
     let warm = get(&url("/warm-up.bin"), &[]).await;
     assert_eq!(warm.bytes(), &content[..]);
-    let stored_slices = |admin| async move { stat(&admin_stats(admin).await, "slices_stored") };
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while stored_slices(process.admin_addr).await < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "warm-up never stored"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let baseline = rss_bytes(process.child.id());
+    let stored_slices = async || stat(&admin_stats(process.admin_addr).await, "slices_stored");
+    // One deadline for both waits below.
+    let started = tokio::time::Instant::now();
+    eventually_async("the warm-up to be stored", DEADLINE, async || {
+        stored_slices().await >= 1
+    })
+    .await;
+    let baseline = resident_bytes(process.child.id());
 
     for index in 0..OBJECTS {
         let ranged = get(
@@ -356,14 +290,14 @@ async fn sixty_objects_declaring_a_terabyte_each_keep_the_node_small() {
         assert_eq!(ranged.status, 206);
         assert_eq!(ranged.bytes(), &content[..]);
     }
-    while stored_slices(process.admin_addr).await < 1 + OBJECTS as u64 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "slices never stored"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let after = rss_bytes(process.child.id());
+    eventually_async(
+        "a slice of every object to be stored",
+        DEADLINE.saturating_sub(started.elapsed()),
+        // The warm-up's slice and one of each object.
+        async || stored_slices().await > OBJECTS as u64,
+    )
+    .await;
+    let after = resident_bytes(process.child.id());
     let growth = after.saturating_sub(baseline);
     eprintln!(
         "RSS with {OBJECTS} objects declaring 1 TiB: {} MiB -> {} MiB (+{} MiB)",
@@ -388,7 +322,7 @@ async fn sixty_objects_declaring_a_terabyte_each_keep_the_node_small() {
     .await;
     assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
     assert_eq!(hit.bytes(), &content[1000..=2000]);
-    let restarted_rss = rss_bytes(restarted.child.id());
+    let restarted_rss = resident_bytes(restarted.child.id());
     eprintln!("RSS after the restart: {} MiB", restarted_rss >> 20);
     assert!(restarted_rss < 200 << 20, "RSS {restarted_rss} bytes");
     restarted.kill_9();
@@ -400,7 +334,7 @@ async fn sixty_objects_declaring_a_terabyte_each_keep_the_node_small() {
 
 /// A node whose every disk read for a hit is checked against the piece hashes.
 async fn checking_node(origin: &MockOrigin, storage: &Path) -> TestNode {
-    let mut config = test_config(storage, &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage, &origin.base_url());
     config.storage.verify_hits = 1.0;
     config.peering.piece_size = "64KiB".into();
     TestNode::start(config).await
@@ -537,7 +471,10 @@ async fn a_corrupted_slice_is_caught_by_its_piece_hashes_and_never_served() {
         .node
         .layout
         .pieces_path(&entry.key, entry.meta.generation);
-    eventually("pieces.sha256 is written", || pieces_file.exists()).await;
+    eventually("pieces.sha256 is written", DEADLINE, || {
+        pieces_file.exists()
+    })
+    .await;
     drop(entry);
 
     // The same length, other bytes: only the hashes can tell.
@@ -568,7 +505,7 @@ async fn a_corrupted_slice_is_caught_by_its_piece_hashes_and_never_served() {
     assert!(stat(&stats, "slices_verified") >= 3, "{stats}");
     // The version is dropped: the admin view says so, its files go, the next request refetches.
     assert!(object_report(&node, "/rot.bin").await.is_none());
-    eventually("the corrupt version's files are deleted", || {
+    eventually("the corrupt version's files are deleted", DEADLINE, || {
         !pieces_file.exists()
     })
     .await;
@@ -586,7 +523,7 @@ async fn a_corrupted_slice_is_caught_by_its_piece_hashes_and_never_served() {
 async fn a_slice_corrupted_while_the_node_was_down_is_caught_before_the_first_manifest() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     config.peering.piece_size = "64KiB".into();
     // Hits are never checked here: only the manifest's check can catch the damage.
     config.storage.verify_hits = 0.0;
@@ -603,7 +540,10 @@ async fn a_slice_corrupted_while_the_node_was_down_is_caught_before_the_first_ma
         .node
         .layout
         .pieces_path(&entry.key, entry.meta.generation);
-    eventually("pieces.sha256 is written", || pieces_file.exists()).await;
+    eventually("pieces.sha256 is written", DEADLINE, || {
+        pieces_file.exists()
+    })
+    .await;
     let damaged = slice_file(&node, "/down.bin", 3);
     drop(entry);
     node.stop().await;
@@ -651,7 +591,7 @@ async fn a_slice_corrupted_while_the_node_was_down_is_caught_before_the_first_ma
 async fn recovery_drops_what_it_cannot_trust_and_serves_the_rest() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let config = usual_config(storage.path(), &origin.base_url());
     let contents: Vec<(String, Bytes)> = ["/kept", "/edited", "/garbled"]
         .iter()
         .enumerate()
@@ -704,7 +644,7 @@ async fn recovery_drops_what_it_cannot_trust_and_serves_the_rest() {
     let stats = resliced.stats().await;
     assert_eq!(stat(&stats, "objects"), 0, "{stats}");
     assert_eq!(stat(&stats, "cache_used_bytes"), 0);
-    assert_eq!(bytes_on_disk(&storage.path().join("objects")), 0);
+    assert_eq!(bytes_under(&storage.path().join("objects")), 0);
     let refetched = get(&resliced.mcc_url("/kept.bin"), &[]).await;
     assert_eq!(refetched.header("x-cache").as_deref(), Some("MISS"));
     assert_eq!(refetched.bytes(), &contents[0].1[..]);
@@ -746,7 +686,7 @@ impl Storage for SmallDisk {
         Box::pin(async move {
             let _one_at_a_time = writing.lock().await;
             let length: u64 = chunks.iter().map(|chunk| chunk.len() as u64).sum();
-            if bytes_on_disk(&root) + length > capacity {
+            if bytes_under(&root) + length > capacity {
                 return Err(cache_node::error::DiskError::io(
                     "write",
                     path,
@@ -796,7 +736,7 @@ async fn a_full_filesystem_makes_room(node: &TestNode, origin: &MockOrigin, root
         "the least recently used object made room"
     );
     let a_directory = node.node.layout.object_dir(&cache_key("/a.bin"));
-    eventually("the evicted object's files are deleted", || {
+    eventually("the evicted object's files are deleted", DEADLINE, || {
         files_under(&a_directory).is_empty()
     })
     .await;
@@ -824,8 +764,8 @@ async fn a_full_filesystem_makes_room(node: &TestNode, origin: &MockOrigin, root
     let b = get(&node.mcc_url("/b.bin"), &[]).await;
     assert_eq!(b.header("x-cache").as_deref(), Some("HIT"));
     assert_eq!(b.bytes(), &objects[1].1[..]);
-    eventually("the evicted files are deleted", || {
-        bytes_on_disk(root) <= 1 << 20
+    eventually("the evicted files are deleted", DEADLINE, || {
+        bytes_under(root) <= 1 << 20
     })
     .await;
 }
@@ -958,7 +898,7 @@ async fn read_across(
 /// Waits until the generation directory of `path`'s current version holds no file.
 async fn files_deleted(node: &TestNode, generation_dir: &Path) {
     let _ = node;
-    eventually("the version's files are deleted", || {
+    eventually("the version's files are deleted", DEADLINE, || {
         files_under(generation_dir).is_empty()
     })
     .await;
@@ -1148,7 +1088,7 @@ const PENDING_WRITE_BYTES_PER_FILL: u64 = 64 << 20;
 async fn a_slow_disk_holds_the_fill_back_and_a_purge_in_mid_write_leaves_nothing() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let valid = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB")
+    let valid = usual_config(storage.path(), &origin.base_url())
         .validate()
         .unwrap();
     let layout = cache_node::cache::store::Layout::create_drives(&valid.drives).unwrap();
@@ -1177,23 +1117,24 @@ async fn a_slow_disk_holds_the_fill_back_and_a_purge_in_mid_write_leaves_nothing
         })
     };
     // The writes pile up until the fill stops for the disk: wait until the pile stops growing.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+    // Stopped means unchanged over 20 looks 25 ms apart, so the pace is part of the condition.
     let (mut last, mut unchanged) = ((0usize, 0u64), 0);
-    while unchanged < 20 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the fill never stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        let now = (disk.waiting.load(Ordering::SeqCst), origin.bytes_sent());
-        unchanged = if now.0 > 0 && now == last {
-            unchanged + 1
-        } else {
-            0
-        };
-        last = now;
-    }
-    let (waiting, sent) = last;
+    let (waiting, sent) = eventually_every(
+        "the fill to stop for the disk",
+        DEADLINE,
+        Duration::from_millis(25),
+        async || {
+            let now = (disk.waiting.load(Ordering::SeqCst), origin.bytes_sent());
+            unchanged = if now.0 > 0 && now == last {
+                unchanged + 1
+            } else {
+                0
+            };
+            last = now;
+            (unchanged >= 20).then_some(now)
+        },
+    )
+    .await;
     // The fill holds at most its window of finished slices for the disk, and reads no more
     // from the origin than that window plus what sockets and buffers hold.
     let slots = (PENDING_WRITE_BYTES_PER_FILL / TEST_SLICE) as usize;
@@ -1222,14 +1163,14 @@ async fn a_slow_disk_holds_the_fill_back_and_a_purge_in_mid_write_leaves_nothing
         .unwrap();
     eprintln!("reader of the purged object: {received} bytes, complete: {complete}");
     // Once no slice of the purged version is in flight, no write of it can come any more...
-    eventually("the fill of the purged object is over", || {
+    eventually("the fill of the purged object is over", DEADLINE, || {
         purged.table().inflight.is_empty()
     })
     .await;
     assert!(disk.slice_writes.load(Ordering::SeqCst) >= waiting as u64);
     // ...and every slice written after the purge is deleted again, directory and all.
     let objects = storage.path().join("objects");
-    eventually("nothing of the purged object is left", || {
+    eventually("nothing of the purged object is left", DEADLINE, || {
         files_under(&objects).is_empty() && !directory.exists()
     })
     .await;
@@ -1283,7 +1224,7 @@ async fn a_whole_get_of_an_object_declaring_a_terabyte_claims_slices_as_it_strea
     let url = |path: &str| mcc_url(process.addr, path);
     let warm = get(&url("/warm-up.bin"), &[]).await;
     assert_eq!(warm.bytes(), &content[..]);
-    let baseline = rss_bytes(process.child.id());
+    let baseline = resident_bytes(process.child.id());
 
     // The first slice makes the node learn the declared length.
     let first = get(&url("/tera.bin"), &[("range", "bytes=0-1048575")]).await;
@@ -1311,7 +1252,7 @@ async fn a_whole_get_of_an_object_declaring_a_terabyte_claims_slices_as_it_strea
         process.addr
     );
     let _ = get(&manifest_url, &[]).await;
-    let after = rss_bytes(process.child.id());
+    let after = resident_bytes(process.child.id());
     let growth = after.saturating_sub(baseline);
     eprintln!(
         "RSS around a whole GET and a manifest of an object declaring 1 TiB: {} MiB -> {} MiB (+{} MiB)",

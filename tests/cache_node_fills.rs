@@ -8,20 +8,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
-use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
+use outpost_testkit::{
+    eventually, eventually_every, files_under, pattern_bytes, sha256_hex, Behaviour, MockOrigin,
+};
 
-/// Waits (bounded) until `condition` holds; used for background effects such as a fill that
-/// finishes after its client left.
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+/// How long a background effect (a fill that finishes after its client left, files deleted after
+/// an eviction) may take.
+const PATIENCE: Duration = Duration::from_secs(20);
 
 fn slow(chunk_delay_ms: u64) -> Behaviour {
     Behaviour {
@@ -80,14 +73,14 @@ async fn concurrent_clients(
 
 /// Resolves when the origin has sent `total` body bytes in all, at the moment it sees that.
 async fn origin_sent(origin: &MockOrigin, total: u64) -> Instant {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while origin.bytes_sent() < total {
-        assert!(
-            Instant::now() < deadline,
-            "the origin never sent {total} bytes"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    // Looked at every millisecond: the moment is compared with when clients got their first bytes.
+    eventually_every(
+        &format!("the origin to send {total} bytes"),
+        Duration::from_secs(60),
+        Duration::from_millis(1),
+        async || origin.bytes_sent() >= total,
+    )
+    .await;
     Instant::now()
 }
 
@@ -173,7 +166,7 @@ async fn a_client_gets_bytes_before_the_fill_ends_and_the_fill_outlives_it() {
     );
     drop(stream);
 
-    eventually("the abandoned fill completes", || {
+    eventually("the abandoned fill completes", PATIENCE, || {
         node.node.index.used_bytes() == content.len() as u64
     })
     .await;
@@ -338,7 +331,7 @@ async fn an_origin_that_ignores_range_is_stored_whole_and_one_without_length_is_
     .await;
     assert_eq!(part.status, 206);
     assert_eq!(part.bytes(), &content[300_000..300_100]);
-    eventually("the whole body is stored", || {
+    eventually("the whole body is stored", PATIENCE, || {
         node.node.index.used_bytes() == content.len() as u64
     })
     .await;
@@ -381,7 +374,7 @@ async fn eviction_keeps_the_store_under_max_size_and_deletes_the_files() {
         origin.put(&path, content.clone());
         let fetched = get(&node.mcc_url(&path), &[]).await;
         assert_eq!(sha256_hex(fetched.bytes()), sha256_hex(&content));
-        eventually("the object is stored", || {
+        eventually("the object is stored", PATIENCE, || {
             node.node
                 .index
                 .get(&cache_key(&path))
@@ -391,7 +384,7 @@ async fn eviction_keeps_the_store_under_max_size_and_deletes_the_files() {
         .await;
     }
     let limit = 4 * 1024 * 1024;
-    eventually("evicted files are deleted", || {
+    eventually("evicted files are deleted", PATIENCE, || {
         disk_usage(storage.path()) <= limit + 64 * 1024
     })
     .await;
@@ -438,7 +431,7 @@ fn disk_usage(root: &std::path::Path) -> u64 {
 async fn origin_timeouts_give_a_clean_gateway_error_or_an_aborted_body() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     config.upstream.first_byte_timeout = Duration::from_millis(300);
     config.upstream.idle_read_timeout = Duration::from_millis(300);
     let node = TestNode::start(config).await;
@@ -533,7 +526,7 @@ impl cache_node::disk::Storage for FullDisk {
 async fn a_full_disk_still_serves_every_byte_correctly_and_stores_nothing_broken() {
     let origin = MockOrigin::start().await;
     let storage_dir = tempfile::tempdir().unwrap();
-    let valid = test_config(storage_dir.path(), &origin.base_url(), TEST_SLICE, "1GiB")
+    let valid = usual_config(storage_dir.path(), &origin.base_url())
         .validate()
         .unwrap();
     let layout = cache_node::cache::store::Layout::create_drives(&valid.drives).unwrap();
@@ -575,13 +568,7 @@ async fn a_full_disk_still_serves_every_byte_correctly_and_stores_nothing_broken
     node.stop().await;
 
     // After a restart on a working disk, nothing broken was left behind.
-    let restarted = TestNode::start(test_config(
-        storage_dir.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let restarted = TestNode::start(usual_config(storage_dir.path(), &origin.base_url())).await;
     let healed = get(&restarted.mcc_url("/full.bin"), &[]).await;
     assert_eq!(sha256_hex(healed.bytes()), sha256_hex(&content));
     restarted.stop().await;
@@ -592,7 +579,7 @@ async fn stored_versions_are_revalidated_after_revalidate_after_and_served_stale
 ) {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     // Every request is checked (a volatile mirror's index files need that).
     config.upstream.revalidate_after = Duration::ZERO;
     let node = TestNode::start(config).await;
@@ -680,7 +667,7 @@ async fn the_origins_cache_control_sets_how_long_a_version_is_served_unchecked()
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
     // The node's own default would check every request; the origin says otherwise per object.
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     config.upstream.revalidate_after = Duration::ZERO;
     let node = TestNode::start(config.clone()).await;
     let long = pattern_bytes(150_000, 31);
@@ -785,7 +772,7 @@ async fn content_marked_no_store_or_private_is_relayed_ranges_and_all_and_never_
     assert_eq!(stats["hit_bytes"].as_u64(), Some(0), "{stats}");
     node.stop().await;
     // Nothing on disk either: no metadata or slice file anywhere under the store.
-    let stored: Vec<_> = walk_files(storage.path())
+    let stored: Vec<_> = files_under(storage.path())
         .into_iter()
         .filter(|path| !path.to_string_lossy().contains("peer"))
         .collect();
@@ -796,7 +783,7 @@ async fn content_marked_no_store_or_private_is_relayed_ranges_and_all_and_never_
 async fn a_stored_version_the_origin_later_marks_no_store_is_dropped_and_relayed() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     config.upstream.revalidate_after = Duration::ZERO;
     let node = TestNode::start(config).await;
     let content = pattern_bytes(120_000, 36);
@@ -817,7 +804,7 @@ async fn a_stored_version_the_origin_later_marks_no_store_is_dropped_and_relayed
 async fn in_ignore_mode_everything_is_stored_as_lancache_does() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     config.upstream.cache_control = "ignore".into();
     let node = TestNode::start(config).await;
     let content = pattern_bytes(120_000, 37);
@@ -832,19 +819,6 @@ async fn in_ignore_mode_everything_is_stored_as_lancache_does() {
     assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
     assert_eq!(sha256_hex(hit.bytes()), sha256_hex(&content));
     node.stop().await;
-}
-
-fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(walk_files(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
 
 fn proxied_config(
@@ -943,7 +917,7 @@ async fn https_origins_are_tunnelled_and_no_proxy_hosts_go_direct() {
 async fn an_origin_can_override_the_freshness_settings() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     // The subdomains (a Linux mirror, say) are checked on every request whatever the origin
     // says; the main host keeps the global settings and honours max-age.
     config.origin[1].revalidate_after = Some(Duration::ZERO);
@@ -983,7 +957,7 @@ async fn an_origin_can_override_the_freshness_settings() {
 async fn while_the_origin_does_not_answer_stale_hits_wait_out_one_timeout_not_one_each() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     config.upstream.revalidate_after = Duration::ZERO;
     config.upstream.first_byte_timeout = Duration::from_secs(2);
     let node = TestNode::start(config).await;

@@ -9,7 +9,10 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use common::*;
-use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
+use outpost_testkit::{
+    eventually, eventually_async, eventually_every, pattern_bytes, sha256_hex, Behaviour,
+    MockOrigin,
+};
 use serde_json::{json, Value};
 
 /// Slices of 256 KiB and pieces of 64 KiB: four pieces a slice, so piece and slice arithmetic
@@ -140,14 +143,12 @@ async fn manifests_hash_the_origin_pieces_cold_warm_and_after_restarts() {
         .pieces_path(&entry.key, entry.meta.generation);
     // The manifest is answered from memory as soon as the last hash is known; the file lands
     // right after.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !pieces_file.exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "hashes are stored with the object"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "the hashes to be stored with the object",
+        Duration::from_secs(10),
+        || pieces_file.exists(),
+    )
+    .await;
     drop(entry);
     node.stop().await;
 
@@ -219,19 +220,16 @@ async fn a_slow_fill_gets_202_with_retry_after_and_then_the_manifest() {
     let pending: Value = serde_json::from_slice(first.bytes()).unwrap();
     assert_eq!(pending["status"], "filling");
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually_async("the fill to finish", Duration::from_secs(20), async || {
         let (status, answer) = manifest(&node, "/slow.cab").await;
         if status == 200 {
             assert_eq!(pieces_of(&answer), expected_pieces(&content));
-            break;
+            return true;
         }
         assert_eq!(status, 202, "{answer}");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the fill never finished"
-        );
-    }
+        false
+    })
+    .await;
     assert_eq!(origin.max_fetches_of_any_byte("/slow.cab"), 1);
     node.stop().await;
 }
@@ -479,28 +477,30 @@ async fn announcements_expire_unless_renewed_and_bounds_refuse_with_retry_after(
     assert_eq!(peers_from(&node, "127.0.0.9", &query).await.len(), 2);
     // 127.0.0.2 renews its announcement every 500 ms; 127.0.0.3 does not. The unrenewed one goes
     // (bounded wait on the node's real clock) while the renewed one stays listed throughout.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        assert_eq!(
-            announce_from(&node, "127.0.0.2", holding.clone()).await.0,
-            200
-        );
-        let listed = peers_from(&node, "127.0.0.9", &query).await;
-        assert!(
-            listed
-                .iter()
-                .any(|address| address.starts_with("127.0.0.2:")),
-            "a renewed announcement never expires: {listed:?}"
-        );
-        if listed.len() == 1 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the unrenewed announcement never expired: {listed:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    eventually_every(
+        "the unrenewed announcement to expire",
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+        async || {
+            assert_eq!(
+                announce_from(&node, "127.0.0.2", holding.clone()).await.0,
+                200
+            );
+            let listed = peers_from(&node, "127.0.0.9", &query).await;
+            assert!(
+                listed
+                    .iter()
+                    .any(|address| address.starts_with("127.0.0.2:")),
+                "a renewed announcement never expires: {listed:?}"
+            );
+            if listed.len() == 1 {
+                Ok(())
+            } else {
+                Err(format!("{listed:?}"))
+            }
+        },
+    )
+    .await;
     // And the expired one's room is free again.
     assert_eq!(announce_from(&node, "127.0.0.4", holding).await.0, 200);
     node.stop().await;

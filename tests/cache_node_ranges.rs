@@ -325,13 +325,7 @@ async fn origins_outside_the_allowlist_and_other_methods_are_refused() {
     let origin = MockOrigin::start().await;
     origin.put("/a.bin", pattern_bytes(10, 1));
     let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let node = TestNode::start(usual_config(storage.path(), &origin.base_url())).await;
 
     let mcc = get(
         &format!("http://{}/a.bin?cacheHostOrigin=evil.example", node.addr),
@@ -388,7 +382,7 @@ async fn reverse_proxy_mode_serves_requests_that_name_no_origin_from_the_default
     let content = pattern_bytes(150_000, 12);
     origin.put("/pool/main/a.deb", content.clone());
     let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     config.server.default_upstream = Some(origin.base_url());
     let node = TestNode::start(config).await;
     let url = format!("http://{}/pool/main/a.deb", node.addr);
@@ -414,7 +408,7 @@ async fn reverse_proxy_mode_serves_requests_that_name_no_origin_from_the_default
 async fn an_upstream_that_points_back_at_the_node_is_a_quick_error_not_a_hang() {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let mut config = test_config(storage.path(), &origin.base_url(), TEST_SLICE, "1GiB");
+    let mut config = usual_config(storage.path(), &origin.base_url());
     let listeners = cache_node::server::bind_client_listeners(
         "127.0.0.1:0".parse().unwrap(),
         config.server.workers,
@@ -457,13 +451,7 @@ async fn the_admin_listener_reports_and_purges_with_the_token() {
     let content = pattern_bytes(200_000, 13);
     origin.put("/admin.bin", content.clone());
     let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let node = TestNode::start(usual_config(storage.path(), &origin.base_url())).await;
     let admin = format!("http://{}", node.admin_addr);
     assert_eq!(get(&format!("{admin}/health"), &[]).await.bytes(), b"ok\n");
 

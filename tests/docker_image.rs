@@ -17,7 +17,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
-use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
+use outpost_testkit::{eventually_async, eventually_every, pattern_bytes, sha256_hex, MockOrigin};
 
 fn docker(arguments: &[&str]) -> Output {
     Command::new("docker")
@@ -110,23 +110,37 @@ fn health(container: &str) -> String {
     docker_ok(&["inspect", "-f", "{{.State.Health.Status}}", container])
 }
 
-async fn wait_healthy(container: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = health(container);
-        if status == "healthy" {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the container never turned healthy (last: {status}); logs:\n{}",
-            {
-                let logs = docker(&["logs", "--tail", "50", container]);
-                String::from_utf8_lossy(&[logs.stdout, logs.stderr].concat()).into_owned()
-            }
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+/// A container's health status short of healthy; displayed (with the container's last log
+/// lines, fetched only then) when the wait for health times out.
+struct NotHealthy<'a> {
+    container: &'a str,
+    status: String,
+}
+
+impl std::fmt::Display for NotHealthy<'_> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let logs = docker(&["logs", "--tail", "50", self.container]);
+        let logs = String::from_utf8_lossy(&[logs.stdout, logs.stderr].concat()).into_owned();
+        write!(formatter, "{}; logs:\n{logs}", self.status)
     }
+}
+
+async fn wait_healthy(container: &str) {
+    // Each look runs `docker inspect`: four a second are plenty.
+    eventually_every(
+        "the container to turn healthy",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        async || {
+            let status = health(container);
+            if status == "healthy" {
+                Ok(())
+            } else {
+                Err(NotHealthy { container, status })
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,15 +248,17 @@ async fn the_image_serves_survives_restart_and_stops_cleanly() {
     );
 
     // Every slice is on disk before the restart: wait for the fill to persist them.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while admin_stats(admin_addr).await["slices_stored"]
-        .as_u64()
-        .unwrap()
-        < 4
-    {
-        assert!(Instant::now() < deadline, "slices were never stored");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_async(
+        "the slices to be stored",
+        Duration::from_secs(20),
+        async || {
+            admin_stats(admin_addr).await["slices_stored"]
+                .as_u64()
+                .unwrap()
+                >= 4
+        },
+    )
+    .await;
     let origin_requests = origin.request_count();
     docker_ok(&["restart", "-t", "10", &cleanup.container]);
     wait_healthy(&cleanup.container).await;

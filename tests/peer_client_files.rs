@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use outpost_testkit::{pattern_bytes, sha256_hex, Behaviour, MockOrigin};
+use outpost_testkit::{
+    eventually, eventually_async, pattern_bytes, sha256_hex, Behaviour, MockOrigin,
+};
 use peer_client::integrity::{parse_sha256_hex, PieceManifest};
 use peer_client::partial::{decode_bitmap, PartialPaths, ResumeState};
 use peer_client::{DownloadError, DownloadRequest, Downloader, Event};
@@ -87,18 +89,21 @@ async fn a_download_killed_with_sigkill_resumes_where_it_stopped() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while done_pieces(&output) < 4 {
-        assert!(
-            Instant::now() < deadline,
-            "the first run never checkpointed"
-        );
-        assert!(
-            first_run.try_wait().unwrap().is_none(),
-            "the first run ended early"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the first run to checkpoint",
+        Duration::from_secs(20),
+        || {
+            if done_pieces(&output) >= 4 {
+                return true;
+            }
+            assert!(
+                first_run.try_wait().unwrap().is_none(),
+                "the first run ended early"
+            );
+            false
+        },
+    )
+    .await;
     first_run.kill().unwrap();
     first_run.wait().unwrap();
     assert!(
@@ -178,14 +183,12 @@ async fn node_with_a_corrupt_copy() -> (MockOrigin, KillableNode, Bytes, String)
         file_sha256(&directory.path().join("warm.bin")),
         sha256_hex(&content)
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while node.stats().await["cache_used_bytes"].as_u64().unwrap() < content.len() as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "the node never stored the object"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_async(
+        "the node to store the object",
+        Duration::from_secs(20),
+        async || node.stats().await["cache_used_bytes"].as_u64().unwrap() >= content.len() as u64,
+    )
+    .await;
     origin.set_behaviour("/files/corrupt.bin", Behaviour::default());
     (origin, node, content, url)
 }

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
+use outpost_testkit::{
+    eventually, eventually_every, open_fds, pattern_bytes, sha256_hex, MockOrigin,
+};
 use peer_client::tracker::ContentId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -56,15 +58,6 @@ async fn control_post(socket: &Path, content_type: &str, body: &str) -> (u16, St
 /// The daemon's `perf-snap` counter `name`.
 fn counter(daemon: &TestDaemon, name: &str) -> u64 {
     daemon.daemon.perf_snap()[name].as_u64().unwrap()
-}
-
-/// Polls `condition` every 20 ms until it holds, failing after `limit`.
-async fn until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !condition() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,7 +403,7 @@ async fn sixteen_peers_that_stop_reading_are_dropped_and_a_real_peer_then_gets_i
         );
     }
     let uploads = daemon.daemon.shared().uploads.clone();
-    until(Duration::from_secs(10), "16 uploads running", || {
+    eventually("16 uploads running", Duration::from_secs(10), || {
         uploads.active() == 16
     })
     .await;
@@ -419,19 +412,21 @@ async fn sixteen_peers_that_stop_reading_are_dropped_and_a_real_peer_then_gets_i
     // A real peer is refused while the slots are held, then served once the daemon dropped the
     // peers that stopped reading.
     let range = 3 * PIECE..4 * PIECE;
-    let body = loop {
-        let (status, body) = get_piece_range(daemon.peer_addr, id, range.clone()).await;
-        if status == 206 {
-            break body;
-        }
-        assert_eq!(status, 503);
-        assert!(
-            held_at.elapsed() < Duration::from_secs(30),
-            "the slots are still held after {:?}",
-            held_at.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // Every try is a request the daemon refuses or serves: they keep the pace of a real peer.
+    let body = eventually_every(
+        "a slot to be free for a real peer",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        async || {
+            let (status, body) = get_piece_range(daemon.peer_addr, id, range.clone()).await;
+            if status == 206 {
+                return Some(body);
+            }
+            assert_eq!(status, 503);
+            None
+        },
+    )
+    .await;
     assert_eq!(body, content[range]);
     assert!(
         held_at.elapsed() >= send_timeout / 2,
@@ -442,15 +437,15 @@ async fn sixteen_peers_that_stop_reading_are_dropped_and_a_real_peer_then_gets_i
         "a real peer was served {:?} after 16 non-reading peers held every slot",
         held_at.elapsed()
     );
-    until(Duration::from_secs(10), "16 drops counted", || {
+    eventually("16 drops counted", Duration::from_secs(10), || {
         counter(&daemon, "SlowPeersDropped") == 16
     })
     .await;
     // The daemon's side of the 16 connections (and the files they read) is closed: this process
     // holds the 16 client sockets the test keeps, and nothing more.
-    until(
-        Duration::from_secs(10),
+    eventually(
         "the daemon's sockets closed",
+        Duration::from_secs(10),
         || open_fds() <= fds_before + 16 + 4,
     )
     .await;
@@ -472,10 +467,6 @@ async fn sixteen_peers_that_stop_reading_are_dropped_and_a_real_peer_then_gets_i
 }
 
 /// File descriptors this process has open (the daemon, the node and the test's clients).
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_take_every_upload_slot() {
     let (_origin, _node, daemon, id, content) = daemon_with_big_content(76, |_| {}).await;
@@ -484,7 +475,7 @@ async fn one_address_cannot_take_every_upload_slot() {
         hogs.push(non_reading_peer("127.0.1.50", daemon.peer_addr, id).await);
     }
     let uploads = daemon.daemon.shared().uploads.clone();
-    until(Duration::from_secs(10), "4 uploads running", || {
+    eventually("4 uploads running", Duration::from_secs(10), || {
         uploads.active() == 4
     })
     .await;
@@ -523,7 +514,7 @@ async fn when_every_upload_slot_is_taken_the_peer_port_answers_503_then_serves_a
     let first = non_reading_peer("127.0.1.60", daemon.peer_addr, id).await;
     let second = non_reading_peer("127.0.1.61", daemon.peer_addr, id).await;
     let uploads = daemon.daemon.shared().uploads.clone();
-    until(Duration::from_secs(10), "2 uploads running", || {
+    eventually("2 uploads running", Duration::from_secs(10), || {
         uploads.active() == 2
     })
     .await;
@@ -538,7 +529,7 @@ async fn when_every_upload_slot_is_taken_the_peer_port_answers_503_then_serves_a
     assert!(busy.head.to_ascii_lowercase().contains("retry-after: 5"));
     // The two peers hang up: their slots come back and the next request is served.
     drop((first, second));
-    until(Duration::from_secs(10), "slots released", || {
+    eventually("slots released", Duration::from_secs(10), || {
         uploads.active() == 0
     })
     .await;
@@ -595,7 +586,7 @@ async fn a_get_that_hangs_up_leaves_the_daemon_to_finish_and_cache_the_download(
     let client =
         tokio::spawn(async move { control_post(&socket, "application/json", &hand_off).await });
     let store = daemon.daemon.shared().store.clone();
-    until(Duration::from_secs(10), "the download started", || {
+    eventually("the download started", Duration::from_secs(10), || {
         store
             .entries()
             .first()
@@ -605,7 +596,7 @@ async fn a_get_that_hangs_up_leaves_the_daemon_to_finish_and_cache_the_download(
     // The CLI is interrupted (Ctrl-C): its connection closes mid-download.
     client.abort();
     let _ = client.await;
-    until(Duration::from_secs(30), "the download completed", || {
+    eventually("the download completed", Duration::from_secs(30), || {
         store
             .entries()
             .first()
@@ -646,7 +637,7 @@ async fn a_peer_reading_under_the_minimum_rate_is_dropped() {
     assert!(received < content.len() / 4, "{received}");
     eprintln!("dropped after {closed:?} and {received} bytes");
     let uploads = daemon.daemon.shared().uploads.clone();
-    until(Duration::from_secs(10), "the slot released", || {
+    eventually("the slot released", Duration::from_secs(10), || {
         uploads.active() == 0
     })
     .await;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
+use outpost_testkit::{eventually_async, pattern_bytes, sha256_hex, MockOrigin};
 use peer_client::tracker::{ContentId, NodeApi, PeerHoldings};
 use peer_client::{Config, Event};
 
@@ -333,26 +333,22 @@ async fn pieces_of_a_download_in_progress_are_announced_and_served() {
     }
     let content_id = slow.daemon.shared().store.entries()[0].0;
     // The tracker lists it as a partial peer holding those pieces.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let entry = loop {
-        let peers = tracked_peers(node.addr, content_id).await;
-        if let Some(entry) = peers
-            .into_iter()
-            .find(|peer| peer.address == slow.peer_addr)
-        {
-            if written
-                .iter()
-                .all(|&index| entry.holdings(32)[index as usize])
-            {
-                break entry;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the partial download was never announced"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let entry = eventually_async(
+        "the partial download to be announced",
+        Duration::from_secs(10),
+        async || {
+            tracked_peers(node.addr, content_id)
+                .await
+                .into_iter()
+                .find(|peer| peer.address == slow.peer_addr)
+                .filter(|entry| {
+                    written
+                        .iter()
+                        .all(|&index| entry.holdings(32)[index as usize])
+                })
+        },
+    )
+    .await;
     assert!(!entry.complete);
     // A held piece is served with the origin's bytes; the last piece is not there yet.
     let held = written[0] as usize;
@@ -804,17 +800,16 @@ async fn content_evicted_to_make_room_is_withdrawn_from_the_tracker_and_no_longe
     let (status, body) = get_piece_range(daemon.peer_addr, second_id, 0..PIECE).await;
     assert_eq!((status, body), (206, second[..PIECE].to_vec()));
     // The tracker stops offering it for the evicted content, long before its TTL.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tracked_peers(node.addr, first_id)
-        .await
-        .iter()
-        .any(|peer| peer.address == daemon.peer_addr)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the evicted content was never withdrawn"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_async(
+        "the evicted content to be withdrawn",
+        Duration::from_secs(10),
+        async || {
+            !tracked_peers(node.addr, first_id)
+                .await
+                .iter()
+                .any(|peer| peer.address == daemon.peer_addr)
+        },
+    )
+    .await;
     until_complete_peers(node.addr, second_id, 1).await;
 }

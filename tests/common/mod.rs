@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cache_node::config::{Config, OriginConfig, ValidConfig};
 use cache_node::node::Node;
-use outpost_testkit::MockOrigin;
+use outpost_testkit::{eventually, eventually_async, MockOrigin};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -80,19 +80,34 @@ pub fn expected_disk_backend(reported: &str) -> &'static str {
     }
 }
 
-/// The usual scene: a mock origin and a node in front of it with the test slice size and room
-/// for 1 GiB. The storage directory lives as long as the returned guard.
+/// The usual node's configuration: storage in `storage_dir`, `ORIGIN_HOST` sent to
+/// `origin_base`, the test slice size and room for 1 GiB.
+pub fn usual_config(storage_dir: &Path, origin_base: &str) -> Config {
+    test_config(storage_dir, origin_base, TEST_SLICE, "1GiB")
+}
+
+/// The usual scene: a mock origin and a node in front of it with [`usual_config`]. The storage
+/// directory lives as long as the returned guard.
 pub async fn origin_and_node() -> (MockOrigin, tempfile::TempDir, TestNode) {
+    origin_and_node_configured(|storage, origin| usual_config(storage, &origin.base_url())).await
+}
+
+/// A mock origin and a node in front of it whose configuration `configure` makes from the
+/// storage directory and the origin (for scenes that are not the usual one).
+pub async fn origin_and_node_configured(
+    configure: impl FnOnce(&Path, &MockOrigin) -> Config,
+) -> (MockOrigin, tempfile::TempDir, TestNode) {
     let origin = MockOrigin::start().await;
     let storage = tempfile::tempdir().unwrap();
-    let node = TestNode::start(test_config(
-        storage.path(),
-        &origin.base_url(),
-        TEST_SLICE,
-        "1GiB",
-    ))
-    .await;
+    let node = TestNode::start(configure(storage.path(), &origin)).await;
     (origin, storage, node)
+}
+
+/// The counter `name` of a `/stats` document.
+pub fn stat(stats: &serde_json::Value, name: &str) -> u64 {
+    stats[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name} missing from {stats}"))
 }
 
 /// A node running inside the test process.
@@ -169,14 +184,10 @@ impl TestNode {
     /// Waits (bounded) until no fill is in flight, so every slice fetched so far is on disk and
     /// the next read of it is a hit.
     pub async fn settle(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while self.node.index.inflight_slice_count() > 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "fills never settled"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually("the fills to settle", Duration::from_secs(20), || {
+            self.node.index.inflight_slice_count() == 0
+        })
+        .await;
     }
 
     /// The `/stats` document.
@@ -309,23 +320,24 @@ impl NodeProcess {
 
     /// Waits until the admin listener answers `/health`.
     pub async fn wait_healthy(&mut self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(response) = reqwest::get(format!("http://{}/health", self.admin_addr)).await {
-                if response.status().is_success() {
-                    return;
+        let health = format!("http://{}/health", self.admin_addr);
+        eventually_async(
+            "the node to become healthy",
+            Duration::from_secs(20),
+            async || {
+                if let Ok(response) = reqwest::get(&health).await {
+                    if response.status().is_success() {
+                        return true;
+                    }
                 }
-            }
-            assert!(
-                self.child.try_wait().unwrap().is_none(),
-                "cache-node exited during start-up"
-            );
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "node never became healthy"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+                assert!(
+                    self.child.try_wait().unwrap().is_none(),
+                    "cache-node exited during start-up"
+                );
+                false
+            },
+        )
+        .await;
     }
 
     /// Sends SIGKILL and reaps the process.

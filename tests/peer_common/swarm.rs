@@ -4,10 +4,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
+use outpost_testkit::{eventually_async, pattern_bytes, sha256_hex, MockOrigin};
 use peer_client::tracker::{ContentId, NodeApi, PeerEntry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -58,18 +58,19 @@ pub async fn tracked_peers(node: SocketAddr, content: ContentId) -> Vec<PeerEntr
 
 /// Waits (bounded) until the tracker lists `count` complete peers of `content`.
 pub async fn until_complete_peers(node: SocketAddr, content: ContentId, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let peers = tracked_peers(node, content).await;
-        if peers.iter().filter(|peer| peer.complete).count() >= count {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "peers never announced: {peers:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_async(
+        &format!("{count} complete peers to be announced"),
+        Duration::from_secs(10),
+        async || {
+            let peers = tracked_peers(node, content).await;
+            if peers.iter().filter(|peer| peer.complete).count() >= count {
+                Ok(())
+            } else {
+                Err(format!("{peers:?}"))
+            }
+        },
+    )
+    .await;
 }
 
 /// An origin with one 8 MiB file; returns its URL and digest.

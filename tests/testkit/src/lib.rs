@@ -13,14 +13,23 @@
 //!   other bytes or a `Content-Length` that contradicts its `Content-Range`.
 //! - [`proxy`]: [`MockProxy`], a forward HTTP proxy (absolute-form requests and `CONNECT`
 //!   tunnels, optional `Proxy-Authorization`), as a corporate proxy in front of the WAN.
+//! - [`host`]: what a scenario sees of the machine: connections from a chosen loopback address,
+//!   the files under a directory and their bytes, a process's resident memory and open
+//!   descriptors.
+//! - [`wait`]: [`eventually`], the one bounded wait for background effects that every scenario
+//!   polls with, and its async forms.
 //! - This file: content helpers shared by tests, [`pattern_bytes`] (fast deterministic
 //!   pseudo-random content) and [`sha256_hex`] (digests for comparing large bodies).
 
+pub mod host;
 pub mod origin;
 pub mod proxy;
+pub mod wait;
 
+pub use host::{bytes_under, connect_from, files_under, open_fds, resident_bytes};
 pub use origin::{Behaviour, MockOrigin, RecordedRequest};
 pub use proxy::{MockProxy, ProxiedRequest};
+pub use wait::{eventually, eventually_async, eventually_every};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
