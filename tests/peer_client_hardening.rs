@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
-use peer_client::tracker::ContentId;
+use peer_client::sources::node_api::ContentId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use peer_common::swarm::{

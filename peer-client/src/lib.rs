@@ -49,29 +49,15 @@
 //!
 //! Around them: [`config`] (the one config struct) and [`error`] (typed errors).
 
-pub mod ban;
-pub mod bandwidth;
-pub mod cache_host;
 pub mod config;
-pub mod control;
+pub mod content;
 pub mod daemon;
 pub mod download;
 pub mod error;
-pub mod fallback;
-pub mod http;
-pub mod integrity;
-pub mod partial;
-pub mod peer_server;
-pub mod progress;
-pub mod scheduler;
-pub mod send_guard;
-pub mod source;
-pub mod store;
-pub mod tracker;
-pub mod uploads;
-pub mod url_policy;
+pub mod net;
+pub mod sources;
 
 pub use config::{Config, ValidConfig};
+pub use download::progress::{Event, Status};
 pub use download::{DownloadRequest, Downloader};
 pub use error::DownloadError;
-pub use progress::{Event, Status};

@@ -34,11 +34,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::daemon::Daemon;
-use crate::integrity::{self, PieceHashes, PieceManifest, Sha256Digest, StreamCheck};
-use crate::peer_server::{serve_connection, text_response, ChannelBody};
-use crate::store::ContentStore;
-use crate::tracker::{ContentId, Manifest};
+use crate::content::integrity::{self, PieceHashes, PieceManifest, Sha256Digest, StreamCheck};
+use crate::content::store::ContentStore;
+use crate::daemon::peer_server::{serve_connection, text_response, ChannelBody};
+use crate::daemon::service::Daemon;
+use crate::sources::node_api::{ContentId, Manifest};
 
 /// A file reference not used within this time is forgotten (and a transient file deleted).
 pub const FILE_REF_LIFETIME: Duration = Duration::from_secs(600);

@@ -21,11 +21,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
-use crate::bandwidth::BandwidthMeter;
 use crate::config::ValidConfig;
+use crate::content::partial::Validator;
 use crate::error::FetchError;
-use crate::partial::Validator;
-use crate::source::SourceKind;
+use crate::net::bandwidth::BandwidthMeter;
+use crate::sources::source::SourceKind;
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::bandwidth::BandwidthLimit;
-use crate::cache_host::CacheHost;
+use crate::net::bandwidth::BandwidthLimit;
+use crate::sources::cache_host::CacheHost;
 
 /// Why a configuration could not be used. Each variant names the key at fault.
 #[derive(Debug, thiserror::Error)]

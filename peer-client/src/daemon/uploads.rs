@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::bandwidth::{Bandwidth, BandwidthLimit, BandwidthMeter};
+use crate::net::bandwidth::{Bandwidth, BandwidthLimit, BandwidthMeter};
 
 /// The persisted monthly count.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

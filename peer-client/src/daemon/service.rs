@@ -1,6 +1,6 @@
 //! `peer-client daemon`: runs this machine's downloads into its content cache, serves the
 //! cached pieces to peers, announces them to the cache node's tracker, and answers the local
-//! control API ([`crate::control`]).
+//! control API ([`crate::daemon::control`]).
 //!
 //! **Downloads count.** `peer-client get` hands its work to a running daemon (over the control
 //! API) rather than writing into the daemon's cache itself. One process then owns the cache: it
@@ -12,13 +12,13 @@
 //! but serves nothing.
 //!
 //! **What the daemon fetches and hands back.** Unless `daemon.allow_private_urls` is set, it
-//! refuses URLs on non-public addresses ([`crate::url_policy`]). Content already in the cache is
+//! refuses URLs on non-public addresses ([`crate::net::url_policy`]). Content already in the cache is
 //! checked against its manifest's piece hashes before it is handed over: a copy altered on disk
 //! is dropped and downloaded again, and a `--sha256` it does not match is an error.
 //!
 //! Layout: [`Daemon`] (the shared state and [`Daemon::download`]) and the announcer task
-//! ([`AnnounceSchedule`] is its timing). The control API is [`crate::control`], the peer port
-//! [`crate::peer_server`], the cache [`crate::store`], the limits [`crate::uploads`].
+//! ([`AnnounceSchedule`] is its timing). The control API is [`crate::daemon::control`], the peer port
+//! [`crate::daemon::peer_server`], the cache [`crate::content::store`], the limits [`crate::daemon::uploads`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,16 +34,16 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::ValidConfig;
-use crate::control::{ControlListener, FileRefs};
+use crate::content::integrity::{self, Sha256Digest};
+use crate::content::store::{Begin, ContentStore};
+use crate::daemon::control::{ControlListener, FileRefs};
+use crate::daemon::peer_server::{self, ConnectionLimits};
+use crate::daemon::uploads::UploadLimits;
+use crate::download::progress::{Event, Status};
 use crate::download::{DownloadRequest, Downloader};
 use crate::error::DownloadError;
-use crate::integrity::{self, Sha256Digest};
-use crate::peer_server::{self, ConnectionLimits};
-use crate::progress::{Event, Status};
-use crate::source::SourceKind;
-use crate::store::{Begin, ContentStore};
-use crate::tracker::{Announcement, ContentId, Manifest};
-use crate::uploads::UploadLimits;
+use crate::sources::node_api::{Announcement, ContentId, Manifest};
+use crate::sources::source::SourceKind;
 
 /// Announcements of a changing download are sent at most this often.
 const MIN_ANNOUNCE_INTERVAL: Duration = Duration::from_millis(500);
@@ -268,7 +268,8 @@ impl Daemon {
                 stopped(stop.clone()),
             )
         };
-        let status = crate::control::serve(self.clone(), control_listener, stopped(stop.clone()));
+        let status =
+            crate::daemon::control::serve(self.clone(), control_listener, stopped(stop.clone()));
         let background = self.background(stopped(stop.clone()));
         let trigger = async move {
             shutdown.await;
@@ -403,7 +404,7 @@ impl Daemon {
     ) -> Result<DaemonDownload, DownloadError> {
         let shared = &self.shared;
         if !shared.config.raw.daemon.allow_private_urls {
-            if let Err(refusal) = crate::url_policy::check_public(url).await {
+            if let Err(refusal) = crate::net::url_policy::check_public(url).await {
                 shared.stats.urls_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(url, %refusal, "download refused");
                 return Err(DownloadError::InvalidRequest(refusal.to_string()));
@@ -618,7 +619,7 @@ impl Daemon {
                 bytes_from_peers: 0,
                 bytes_from_http: 0,
                 percent_peer_caching: 0.0,
-                download_duration: crate::progress::format_duration(Duration::ZERO),
+                download_duration: crate::download::progress::format_duration(Duration::ZERO),
                 status: "Complete".into(),
                 cache_host: String::new(),
                 download_mode: self.shared.config.download_mode.number(),
@@ -655,7 +656,7 @@ impl Daemon {
                 record.bytes_from_peers = progress.bytes_from(SourceKind::Peer);
                 record.bytes_from_cache_server = progress.bytes_from(SourceKind::CacheHost);
                 record.bytes_from_http = progress.bytes_from(SourceKind::Origin);
-                record.percent_peer_caching = crate::progress::percent_of(
+                record.percent_peer_caching = crate::download::progress::percent_of(
                     record.bytes_from_peers + record.bytes_from_cache_server,
                     progress.received_bytes,
                 );

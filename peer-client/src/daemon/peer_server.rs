@@ -27,11 +27,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::daemon::DaemonShared;
-use crate::send_guard::{SendGuard, SendLimits};
-use crate::store::ContentStore;
-use crate::tracker::ContentId;
-use crate::uploads::Refusal;
+use crate::content::store::ContentStore;
+use crate::daemon::service::DaemonShared;
+use crate::daemon::uploads::Refusal;
+use crate::net::send_guard::{SendGuard, SendLimits};
+use crate::sources::node_api::ContentId;
 
 /// Bytes read and sent per chunk.
 const CHUNK_BYTES: usize = 64 * 1024;
@@ -320,7 +320,7 @@ async fn send_range(
     shared: Arc<DaemonShared>,
     id: ContentId,
     range: std::ops::Range<u64>,
-    mut upload: crate::uploads::Upload,
+    mut upload: crate::daemon::uploads::Upload,
     sender: mpsc::Sender<std::io::Result<Bytes>>,
 ) {
     let mut sent = 0_u64;

@@ -23,6 +23,9 @@
 //! [`PEER_FAILURES_BEFORE_RETIRING`] failed requests in a row, is not asked again in this
 //! download. `delay_http_fallback_secs` keeps the origin closed for that long after the start.
 
+pub mod progress;
+pub mod scheduler;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,21 +39,23 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::ban::{BanList, BanReason};
-use crate::bandwidth::{Bandwidth, RateProbe};
-use crate::cache_host::{self, CacheHost};
 use crate::config::ValidConfig;
-use crate::error::{DownloadError, ErrorSource, FailureClass, FetchError};
-use crate::fallback::{Backoff, FallbackPolicy, OriginGate};
-use crate::http::{HttpClients, RangeFailure, RangeRequest, RangeResponse};
-use crate::integrity::{self, PieceHashes, Sha256Digest};
-use crate::partial::{
+use crate::content::integrity::{self, PieceHashes, Sha256Digest};
+use crate::content::partial::{
     encode_bitmap, PartialFile, PartialPaths, ResumeState, Validator, STATE_VERSION,
 };
-use crate::progress::{self, Event, Progress, SourceProgress, Status};
-use crate::scheduler::{AttemptId, Claim, Completion, Scheduler};
-use crate::source::{Source, SourceId, SourceKind, SourceSlot, SourceTable};
-use crate::tracker::{ContentId, Manifest, ManifestExt, NodeApi, PeerEntry, PeerHoldings};
+use crate::download::progress::{Event, Progress, SourceProgress, Status};
+use crate::download::scheduler::{AttemptId, Claim, Completion, Scheduler};
+use crate::error::{DownloadError, ErrorSource, FailureClass, FetchError};
+use crate::net::bandwidth::{Bandwidth, RateProbe};
+use crate::net::http::{HttpClients, RangeFailure, RangeRequest, RangeResponse};
+use crate::sources::ban::{BanList, BanReason};
+use crate::sources::cache_host::{self, CacheHost};
+use crate::sources::fallback::{Backoff, FallbackPolicy, OriginGate};
+use crate::sources::node_api::{
+    ContentId, Manifest, ManifestExt, NodeApi, PeerEntry, PeerHoldings,
+};
+use crate::sources::source::{Source, SourceId, SourceKind, SourceSlot, SourceTable};
 
 /// A cache host that sends this many pieces failing their hash is banned for the origin; a peer
 /// is banned for the rest of the download.
@@ -259,7 +264,7 @@ struct RequestContext {
     url: Uri,
     kind: SourceKind,
     http: HttpClients,
-    meter: crate::bandwidth::BandwidthMeter,
+    meter: crate::net::bandwidth::BandwidthMeter,
     received: Arc<Vec<AtomicU64>>,
 }
 

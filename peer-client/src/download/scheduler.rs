@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
-use crate::source::{SourceId, SourceKind, SourceTable};
+use crate::sources::source::{SourceId, SourceKind, SourceTable};
 
 /// How much slower than the fastest source a source may be and still take one of the last
 /// pieces.
@@ -520,7 +520,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{Source, SourceSlot};
+    use crate::sources::source::{Source, SourceSlot};
 
     const MIB: u64 = 1 << 20;
 

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::config::CacheSizeLimit;
-use crate::tracker::{piece_ranges, ContentId, Manifest};
+use crate::sources::node_api::{piece_ranges, ContentId, Manifest};
 
 /// The most piece ranges one announcement carries (the tracker's bound).
 pub const MAX_ANNOUNCED_RANGES: usize = 64;
