@@ -178,7 +178,7 @@ async fn start_malicious_peer(
 /// `peer` announces itself to the node as a complete peer of `content_id`, from its own address.
 async fn announce_complete(node: SocketAddr, peer: SocketAddr, content_id: ContentId) {
     let api = NodeApi::new(
-        &peer_client::sources::cache_host::CacheHost::parse(&node.to_string()).unwrap(),
+        &peer_client::config::CacheHost::parse(&node.to_string()).unwrap(),
         Some(peer.ip()),
         Duration::from_secs(2),
     );
@@ -574,7 +574,7 @@ async fn a_manifest_still_filling_is_asked_again_after_retry_after_within_the_ti
         config.peering.manifest_wait = Duration::from_millis(100);
     });
     let api = NodeApi::new(
-        &peer_client::sources::cache_host::CacheHost::parse(&node.addr.to_string()).unwrap(),
+        &peer_client::config::CacheHost::parse(&node.addr.to_string()).unwrap(),
         None,
         Duration::from_secs(2),
     );

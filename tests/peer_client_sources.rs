@@ -10,8 +10,9 @@ mod peer_common;
 use std::time::Duration;
 
 use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
+use peer_client::config::CacheHost;
 use peer_client::sources::ban::BanReason;
-use peer_client::sources::cache_host::{content_key, rendezvous_order, CacheHost};
+use peer_client::sources::cache_host::{content_key, rendezvous_order};
 use peer_client::{DownloadError, DownloadRequest, Event};
 use tokio::sync::mpsc;
 

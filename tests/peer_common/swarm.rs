@@ -47,7 +47,7 @@ pub fn start_node_with(
 /// The tracker's answer for `content` as a mode-3 client on 127.0.0.250 sees it.
 pub async fn tracked_peers(node: SocketAddr, content: ContentId) -> Vec<PeerEntry> {
     let api = NodeApi::new(
-        &peer_client::sources::cache_host::CacheHost::parse(&node.to_string()).unwrap(),
+        &peer_client::config::CacheHost::parse(&node.to_string()).unwrap(),
         Some("127.0.0.250".parse().unwrap()),
         Duration::from_secs(2),
     );

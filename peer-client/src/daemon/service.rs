@@ -42,8 +42,8 @@ use crate::daemon::uploads::UploadLimits;
 use crate::download::progress::{Event, Status};
 use crate::download::{DownloadRequest, Downloader};
 use crate::error::DownloadError;
+use crate::net::http::SourceKind;
 use crate::sources::node_api::{Announcement, ContentId, Manifest};
-use crate::sources::source::SourceKind;
 
 /// Announcements of a changing download are sent at most this often.
 const MIN_ANNOUNCE_INTERVAL: Duration = Duration::from_millis(500);

@@ -16,7 +16,8 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::net::bandwidth::{Bandwidth, BandwidthLimit, BandwidthMeter};
+use crate::config::BandwidthLimit;
+use crate::net::bandwidth::{Bandwidth, BandwidthMeter};
 
 /// The persisted monthly count.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,10 +13,11 @@ use crate::download::progress::Event;
 use crate::download::scheduler::{Claim, Scheduler};
 use crate::error::{DownloadError, FetchError};
 use crate::net::bandwidth::RateProbe;
+use crate::net::http::SourceKind;
 use crate::net::http::{HttpClients, RangeFailure, RangeRequest, RangeResponse};
 use crate::sources::ban::BanReason;
 use crate::sources::fallback::OriginGate;
-use crate::sources::source::{SourceId, SourceKind};
+use crate::sources::source::SourceId;
 
 use super::{Engine, RunningAttempt, TaskOutcome};
 

@@ -5,7 +5,8 @@ use tokio::time::Instant;
 
 use crate::download::progress::Event;
 use crate::error::{DownloadError, ErrorSource, FailureClass, FetchError};
-use crate::sources::source::{Source, SourceId, SourceKind};
+use crate::net::http::SourceKind;
+use crate::sources::source::{Source, SourceId};
 
 use super::{Engine, BAD_PIECES_BEFORE_BAN, PEER_FAILURES_BEFORE_RETIRING};
 

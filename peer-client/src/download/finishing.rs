@@ -3,11 +3,11 @@
 
 use std::sync::atomic::Ordering;
 
+use crate::config::CacheHost;
 use crate::content::integrity::{self};
 use crate::download::progress::{self, Event, Status};
 use crate::error::DownloadError;
-use crate::sources::cache_host::CacheHost;
-use crate::sources::source::SourceKind;
+use crate::net::http::SourceKind;
 
 use super::{Engine, BAD_PIECES_BEFORE_BAN};
 

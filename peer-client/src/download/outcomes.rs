@@ -12,7 +12,8 @@ use crate::download::progress::Event;
 use crate::download::scheduler::{AttemptId, Completion, Scheduler};
 use crate::error::{DownloadError, FetchError};
 use crate::net::http::RangeResponse;
-use crate::sources::source::{SourceId, SourceKind};
+use crate::net::http::SourceKind;
+use crate::sources::source::SourceId;
 
 use super::{Engine, Layout, TaskOutcome};
 

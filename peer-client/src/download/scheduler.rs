@@ -26,7 +26,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
-use crate::sources::source::{SourceId, SourceKind, SourceTable};
+use crate::net::http::SourceKind;
+use crate::sources::source::{SourceId, SourceTable};
 
 /// How much slower than the fastest source a source may be and still take one of the last
 /// pieces.

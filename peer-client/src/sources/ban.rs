@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::sources::cache_host::CacheHost;
+use crate::config::CacheHost;
 
 /// Why a host is banned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,10 +15,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::config::CacheHost;
 use crate::config::DownloadMode;
 use crate::content::integrity::{PieceHashes, Sha256Digest};
 use crate::content::partial::Validator;
-use crate::sources::cache_host::CacheHost;
 
 /// Largest JSON answer read from the node (a manifest of a 64 GiB file in 1 MiB pieces is
 /// about 4.3 MB).

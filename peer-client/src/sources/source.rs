@@ -6,25 +6,13 @@
 //! the source holds; all three kinds speak HTTP range requests (`crate::net::http`).
 
 use http::Uri;
-use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::sources::cache_host::CacheHost;
+use crate::config::CacheHost;
+use crate::net::http::SourceKind;
 
 /// Index of a source in its [`SourceTable`].
 pub type SourceId = usize;
-
-/// What kind of source, for accounting (DO's `BytesFromCacheServer`, `BytesFromHttp`,
-/// `BytesFromPeers`) and for policy (the origin is the fallback and the repair source).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub enum SourceKind {
-    /// A cache node.
-    CacheHost,
-    /// The URL's own server (DO's "HTTP" or CDN source).
-    Origin,
-    /// A peer's daemon.
-    Peer,
-}
 
 /// One place pieces can be fetched from.
 #[derive(Debug, Clone)]
