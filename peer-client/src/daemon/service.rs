@@ -1,6 +1,6 @@
-//! `peer-client daemon`: runs this machine's downloads into its content cache, serves the
-//! cached pieces to peers, announces them to the cache node's tracker, and answers the local
-//! control API ([`crate::daemon::control`]).
+//! The daemon's service: runs this machine's downloads into its content cache, hands the
+//! cached pieces to the peer port, announces them to the cache node, and keeps the records the
+//! local control API (`daemon::control`, which sits above this module) reports.
 //!
 //! **Downloads count.** `peer-client get` hands its work to a running daemon (over the control
 //! API) rather than writing into the daemon's cache itself. One process then owns the cache: it
@@ -17,8 +17,10 @@
 //! is dropped and downloaded again, and a `--sha256` it does not match is an error.
 //!
 //! Layout: [`Daemon`] (the shared state and [`Daemon::download`]) and the announcer task
-//! ([`AnnounceSchedule`] is its timing). The control API is [`crate::daemon::control`], the peer port
-//! [`crate::daemon::peer_server`], the cache [`crate::content::store`], the limits [`crate::daemon::uploads`].
+//! ([`AnnounceSchedule`] is its timing). The peer port is [`crate::daemon::peer_server`] (it
+//! sees only [`DaemonShared::peer_port`]), the cache [`crate::content::store`], the limits
+//! [`crate::daemon::uploads`]. `Daemon::run`, which starts the peer port, the control API and
+//! the background tasks together, is in the `daemon` module above this one.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,15 +31,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::ValidConfig;
 use crate::content::integrity::{self, Sha256Digest};
 use crate::content::store::{Begin, ContentStore};
-use crate::daemon::control::{ControlListener, FileRefs};
-use crate::daemon::peer_server::{self, ConnectionLimits};
+use crate::daemon::file_refs::FileRefs;
+use crate::daemon::peer_server::{PeerPort, UploadCounters};
 use crate::daemon::uploads::UploadLimits;
 use crate::download::progress::{Event, Status};
 use crate::download::{DownloadRequest, Downloader};
@@ -72,15 +73,15 @@ pub struct DaemonStats {
     /// Requests sent to origins.
     pub http_connections: AtomicU64,
     /// Uploads served whole.
-    pub uploads: AtomicU64,
+    pub uploads: Arc<AtomicU64>,
     /// Bytes sent to peers.
-    pub bytes_uploaded: AtomicU64,
+    pub bytes_uploaded: Arc<AtomicU64>,
     /// Content files opened to serve a peer.
-    pub files_opened: AtomicU64,
+    pub files_opened: Arc<AtomicU64>,
     /// Announcements the tracker accepted.
     pub announcements: AtomicU64,
     /// Peer requests answered `503` (every slot, or this address's share, taken; monthly cap).
-    pub uploads_refused: AtomicU64,
+    pub uploads_refused: Arc<AtomicU64>,
     /// Peer connections dropped for not reading, or reading under the minimum rate.
     pub slow_peers_dropped: Arc<AtomicU64>,
     /// Download hand-overs refused because the caller is not the daemon's user or root.
@@ -143,6 +144,23 @@ pub struct DaemonShared {
     withdrawals: Mutex<Vec<(ContentId, String)>>,
     announce_now: Notify,
     next_transient: AtomicU64,
+}
+
+impl DaemonShared {
+    /// What the peer port needs of the daemon: the store, the upload limits and the upload
+    /// counters (shared with [`DaemonStats`]).
+    pub fn peer_port(&self) -> PeerPort {
+        PeerPort {
+            store: self.store.clone(),
+            uploads: self.uploads.clone(),
+            counters: UploadCounters {
+                uploads: Arc::clone(&self.stats.uploads),
+                bytes_uploaded: Arc::clone(&self.stats.bytes_uploaded),
+                files_opened: Arc::clone(&self.stats.files_opened),
+                uploads_refused: Arc::clone(&self.stats.uploads_refused),
+            },
+        }
+    }
 }
 
 /// A running daemon's handle.
@@ -240,42 +258,6 @@ impl Daemon {
     /// The shared state (tests read the counters and the store).
     pub fn shared(&self) -> &Arc<DaemonShared> {
         &self.shared
-    }
-
-    /// Serves peers, the control API and the background tasks until `shutdown` resolves.
-    pub async fn run(
-        self,
-        peer_listener: TcpListener,
-        control_listener: ControlListener,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) {
-        let (stop_sender, stop) = tokio::sync::watch::channel(false);
-        let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
-        };
-        let peers = {
-            let shared = Arc::clone(&self.shared);
-            let limits = ConnectionLimits::from_config(
-                &shared.config.raw.daemon,
-                Arc::clone(&shared.stats.slow_peers_dropped),
-            );
-            peer_server::serve_http(
-                peer_listener,
-                limits,
-                move |request, remote: SocketAddr| {
-                    peer_server::handle(Arc::clone(&shared), request, remote.ip())
-                },
-                stopped(stop.clone()),
-            )
-        };
-        let status =
-            crate::daemon::control::serve(self.clone(), control_listener, stopped(stop.clone()));
-        let background = self.background(stopped(stop.clone()));
-        let trigger = async move {
-            shutdown.await;
-            let _ = stop_sender.send(true);
-        };
-        tokio::join!(peers, status, background, trigger);
     }
 
     /// The announcer and the cache policy, until `shutdown` resolves.
