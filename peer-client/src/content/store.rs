@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use outpost_shared::sync::lock;
 use serde::{Deserialize, Serialize};
 
 use crate::config::CacheSizeLimit;
@@ -113,9 +114,7 @@ impl ContentStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ContentId, Entry>> {
-        self.entries
-            .lock()
-            .expect("the store lock is never poisoned")
+        lock(&self.entries)
     }
 
     /// The directory of `id`.

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use outpost_shared::sync::lock;
 use tokio::time::Instant;
 
 use crate::sources::node_api::{ContentId, Manifest};
@@ -31,7 +32,7 @@ pub struct FileRefs {
 impl FileRefs {
     pub(crate) fn insert(&self, file: HandedFile) -> String {
         let reference = format!("{:032x}", rand::random::<u128>());
-        let mut files = self.files.lock().expect("never poisoned");
+        let mut files = lock(&self.files);
         let now = Instant::now();
         files.retain(|_, handed| {
             let keep = handed.expires > now;
@@ -47,7 +48,7 @@ impl FileRefs {
     /// Takes the file of `reference` if `uid` asked for it (anyone else finds nothing, and the
     /// reference stays for its owner).
     pub(crate) fn take(&self, reference: &str, uid: u32) -> Option<HandedFile> {
-        let mut files = self.files.lock().expect("never poisoned");
+        let mut files = lock(&self.files);
         let handed = files.get(reference)?;
         if handed.owner_uid != uid || handed.expires <= Instant::now() {
             return None;
@@ -57,7 +58,7 @@ impl FileRefs {
 
     /// References outstanding.
     pub fn len(&self) -> usize {
-        self.files.lock().expect("never poisoned").len()
+        lock(&self.files).len()
     }
 
     /// True when none are outstanding.

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use outpost_shared::sync::lock;
 use serde::Serialize;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -285,7 +286,7 @@ impl Daemon {
     /// downloaded, which its caller is about to read).
     fn enforce_cache_policy(&self, keep: Option<ContentId>) {
         let shared = &self.shared;
-        let mut busy = shared.busy.lock().expect("never poisoned").clone();
+        let mut busy = lock(&shared.busy).clone();
         busy.extend(keep);
         let urls: HashMap<ContentId, String> = shared
             .store
@@ -301,7 +302,7 @@ impl Daemon {
         if !removed.is_empty() {
             tracing::info!(evicted = removed.len(), "cache limits applied");
             // Withdrawn by the announcer, including content a previous run announced.
-            let mut withdrawals = shared.withdrawals.lock().expect("never poisoned");
+            let mut withdrawals = lock(&shared.withdrawals);
             withdrawals.extend(
                 removed
                     .into_iter()
@@ -316,7 +317,7 @@ impl Daemon {
         let shared = &self.shared;
         let entries = shared.store.entries();
         let now = Instant::now();
-        let evicted = std::mem::take(&mut *shared.withdrawals.lock().expect("never poisoned"));
+        let evicted = std::mem::take(&mut *lock(&shared.withdrawals));
         let mut gone: Vec<(ContentId, String)> = schedules
             .iter()
             .filter(|(id, _)| !entries.iter().any(|(held, _)| held == *id))
@@ -394,7 +395,7 @@ impl Daemon {
         }
         let manifest = shared.downloader.fetch_manifest(url).await.map(Arc::new);
         let record_index = {
-            let mut records = shared.records.lock().expect("never poisoned");
+            let mut records = lock(&shared.records);
             records.push(DownloadRecord {
                 url: url.to_owned(),
                 content_id: manifest.as_ref().map(|m| m.content_id.to_string()),
@@ -466,7 +467,7 @@ impl Daemon {
             }
             (Some(manifest), Some(Begin::Fresh)) => {
                 let id = manifest.content_id;
-                shared.busy.lock().expect("never poisoned").push(id);
+                lock(&shared.busy).push(id);
                 shared.store.data_path(id)
             }
             _ => {
@@ -501,11 +502,7 @@ impl Daemon {
         let _ = forwarder.await;
         let id = cached_id;
         if let Some(id) = id {
-            shared
-                .busy
-                .lock()
-                .expect("never poisoned")
-                .retain(|busy| *busy != id);
+            lock(&shared.busy).retain(|busy| *busy != id);
             match &result {
                 Ok(_) => {
                     shared.store.completed(id);
@@ -517,7 +514,7 @@ impl Daemon {
             }
             shared.announce_now.notify_one();
         }
-        let mut records = shared.records.lock().expect("never poisoned");
+        let mut records = lock(&shared.records);
         let record = &mut records[record_index];
         match result {
             Ok(status) => {
@@ -566,7 +563,7 @@ impl Daemon {
 
     /// Marks the download of `record_index` failed with `error`, and returns the error.
     fn failed(&self, record_index: usize, error: DownloadError) -> DownloadError {
-        let mut records = self.shared.records.lock().expect("never poisoned");
+        let mut records = lock(&self.shared.records);
         let record = &mut records[record_index];
         record.status = "Error".into();
         record.error = Some(error.to_string());
@@ -589,7 +586,7 @@ impl Daemon {
     fn cached(&self, record_index: usize, manifest: &Arc<Manifest>) -> DaemonDownload {
         let size = manifest.size;
         let id = manifest.content_id;
-        let mut records = self.shared.records.lock().expect("never poisoned");
+        let mut records = lock(&self.shared.records);
         let record = &mut records[record_index];
         record.status = "Complete".into();
         record.bytes_done = size;
@@ -631,7 +628,7 @@ impl Daemon {
                 }
             }
             Event::Progress(progress) => {
-                let mut records = shared.records.lock().expect("never poisoned");
+                let mut records = lock(&shared.records);
                 let record = &mut records[record_index];
                 record.file_size = progress.file_len.unwrap_or(0);
                 record.bytes_done = progress.done_bytes;
@@ -655,7 +652,7 @@ impl Daemon {
     /// `peer-client status`: this run's downloads, then cached content from earlier runs.
     pub fn status(&self) -> Vec<DownloadRecord> {
         let shared = &self.shared;
-        let mut records = shared.records.lock().expect("never poisoned").clone();
+        let mut records = lock(&shared.records).clone();
         for (id, entry) in shared.store.entries() {
             let listed = records
                 .iter()
