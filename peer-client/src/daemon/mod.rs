@@ -2,7 +2,7 @@
 //! them, the peer port that serves them, upload accounting and the local control API.
 
 pub mod control;
-pub mod file_refs;
+pub(crate) mod file_refs;
 pub mod peer_server;
 pub mod service;
 pub mod uploads;

@@ -5,7 +5,7 @@
 //!
 //! A peer cannot hold a connection, or an upload slot, for as long as it likes: the request head
 //! must arrive within `daemon.peer_header_timeout` (also the idle keep-alive limit), every
-//! connection's writes go through a [`SendGuard`] (send timeout and minimum rate), and one
+//! connection's writes go through a `SendGuard` (send timeout and minimum rate), and one
 //! address holds at most `daemon.max_uploads_per_address` uploads.
 //!
 //! **Invariant:** no path is ever built from the request. The path must be `/content/` followed

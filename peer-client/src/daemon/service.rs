@@ -12,7 +12,7 @@
 //! but serves nothing.
 //!
 //! **What the daemon fetches and hands back.** Unless `daemon.allow_private_urls` is set, it
-//! refuses URLs on non-public addresses ([`crate::net::url_policy`]). Content already in the cache is
+//! refuses URLs on non-public addresses (`net::url_policy`). Content already in the cache is
 //! checked against its manifest's piece hashes before it is handed over: a copy altered on disk
 //! is dropped and downloaded again, and a `--sha256` it does not match is an error.
 //!
@@ -184,7 +184,7 @@ pub struct DaemonDownload {
 }
 
 /// When the announcement of one content is due: when what it holds changed (at most every
-/// [`MIN_ANNOUNCE_INTERVAL`]), and before its TTL runs out (at half of it).
+/// `MIN_ANNOUNCE_INTERVAL`), and before its TTL runs out (at half of it).
 #[derive(Debug, Clone, Default)]
 pub struct AnnounceSchedule {
     sent_generation: Option<u64>,

@@ -1,8 +1,8 @@
 //! [`Downloader`], the embeddable entry point, and the engine that runs one download.
 //!
 //! The engine is one loop that owns all scheduling state (no locks): it asks the
-//! [`FallbackPolicy`] and the [`BanList`] which sources may be used now, offers pieces to them
-//! through the [`Scheduler`] (fastest source first), and spawns one task per request into a
+//! `FallbackPolicy` and the [`BanList`] which sources may be used now, offers pieces to them
+//! through the `Scheduler` (fastest source first), and spawns one task per request into a
 //! `JoinSet`. Fetch tasks return whole pieces (checked against the piece hashes when there are
 //! some); the winner of each piece is written at its offset by a blocking-pool task, and only then
 //! marked done. A ticker emits progress, writes the resume checkpoint and sets a percentage
@@ -30,7 +30,7 @@ mod outcomes;
 mod peering;
 pub mod progress;
 mod resume;
-pub mod scheduler;
+pub(crate) mod scheduler;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

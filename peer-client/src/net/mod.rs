@@ -3,5 +3,5 @@
 
 pub mod bandwidth;
 pub mod http;
-pub mod send_guard;
-pub mod url_policy;
+pub(crate) mod send_guard;
+pub(crate) mod url_policy;

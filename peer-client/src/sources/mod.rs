@@ -3,6 +3,6 @@
 
 pub mod ban;
 pub mod cache_host;
-pub mod fallback;
+pub(crate) mod fallback;
 pub mod node_api;
 pub mod source;
