@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
-use peer_client::bandwidth::{Bandwidth, BandwidthLimit};
+use peer_client::config::BandwidthLimit;
+use peer_client::net::bandwidth::Bandwidth;
 use peer_common::{KillableNode, TestDaemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};

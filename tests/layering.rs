@@ -29,30 +29,11 @@ const CACHE_NODE_LAYERS: &[(&str, &[&str])] = &[
 /// peer-client's layers, bottom to top: top-level modules of `peer-client/src`.
 const PEER_CLIENT_LAYERS: &[(&str, &[&str])] = &[
     ("foundation", &["error", "config"]),
-    (
-        "everything else (to be split)",
-        &[
-            "ban",
-            "bandwidth",
-            "cache_host",
-            "control",
-            "daemon",
-            "download",
-            "fallback",
-            "http",
-            "integrity",
-            "partial",
-            "peer_server",
-            "progress",
-            "scheduler",
-            "send_guard",
-            "source",
-            "store",
-            "tracker",
-            "uploads",
-            "url_policy",
-        ],
-    ),
+    ("content", &["content"]),
+    ("net", &["net"]),
+    ("sources", &["sources"]),
+    ("download", &["download"]),
+    ("daemon", &["daemon"]),
 ];
 
 /// A module's path inside its crate, e.g. `["cache", "index"]`; empty for `lib.rs`/`main.rs`.
@@ -130,18 +111,37 @@ fn path_at(text: &str) -> (Vec<String>, Option<&str>) {
 /// The module paths a source text refers to with `crate::...`, including the items of
 /// `crate::{a, b::c}` and `crate::a::{b, c}` groups (one level deep).
 fn crate_paths(text: &str) -> Vec<Vec<String>> {
+    paths_after(text, "crate::", &[])
+}
+
+/// The crate-relative module paths the `super::` paths of module `module` refer to.
+fn super_paths(text: &str, module: &[String]) -> Vec<Vec<String>> {
+    (1..=module.len())
+        .flat_map(|depth| {
+            let base = &module[..module.len() - depth];
+            paths_after(text, &"super::".repeat(depth), base)
+        })
+        .collect()
+}
+
+/// The paths written after each `marker` (`crate::`, `super::`...), prefixed with `base`.
+fn paths_after(text: &str, marker: &str, base: &[String]) -> Vec<Vec<String>> {
     let mut paths = Vec::new();
-    for (at, _) in text.match_indices("crate::") {
-        if at > 0 && text[..at].ends_with(is_ident) {
-            continue; // e.g. `outpost_crate::`
+    for (at, _) in text.match_indices(marker) {
+        if at > 0 && (text[..at].ends_with(is_ident) || text[..at].ends_with("::")) {
+            continue; // e.g. `outpost_crate::`, or the tail of a longer `super::super::` chain
         }
-        let rest = &text[at + "crate::".len()..];
+        let rest = &text[at + marker.len()..];
+        if rest.starts_with("super::") {
+            continue; // a longer chain, read with its own marker
+        }
         let (prefix, group) = match rest.strip_prefix('{') {
             Some(group) => (Vec::new(), Some(group)),
             None => path_at(rest),
         };
+        let prefix: Vec<String> = base.iter().cloned().chain(prefix).collect();
         let Some(group) = group else {
-            if !prefix.is_empty() {
+            if prefix.len() > base.len() {
                 paths.push(prefix);
             }
             continue;
@@ -151,7 +151,7 @@ fn crate_paths(text: &str) -> Vec<Vec<String>> {
             let (tail, _) = path_at(item.trim());
             let mut path = prefix.clone();
             if tail.is_empty() || tail == ["self"] {
-                if path.is_empty() {
+                if path.len() <= base.len() {
                     continue;
                 }
             } else {
@@ -258,7 +258,10 @@ fn check_crate(name: &str, src: &Path, layers: &[(&str, &[&str])]) -> Vec<String
             ));
         }
         let text = std::fs::read_to_string(file).unwrap();
-        for path in crate_paths(without_tests(&text)) {
+        let source = without_tests(&text);
+        let mut referred = crate_paths(source);
+        referred.extend(super_paths(source, module));
+        for path in referred {
             let Some(target) = resolve(&modules, &path) else {
                 continue;
             };
@@ -352,6 +355,15 @@ fn the_reader_finds_grouped_and_nested_paths_and_skips_tests() {
             "http::range::parse"
         ]
     );
+    let module = vec!["download".to_string(), "dispatch".to_string()];
+    let found: Vec<String> = super_paths(
+        "use super::{Engine, scheduler::Plan};\nuse super::super::net::http;",
+        &module,
+    )
+    .iter()
+    .map(|p| p.join("::"))
+    .collect();
+    assert_eq!(found, ["download::scheduler", "net::http"]);
     let mut edges = BTreeMap::new();
     let a = vec!["a".to_string()];
     let b = vec!["b".to_string()];

@@ -16,8 +16,8 @@ use bytes::Bytes;
 use outpost_testkit::{
     eventually, eventually_async, pattern_bytes, sha256_hex, Behaviour, MockOrigin,
 };
-use peer_client::integrity::{parse_sha256_hex, PieceManifest};
-use peer_client::partial::{decode_bitmap, PartialPaths, ResumeState};
+use peer_client::content::integrity::{parse_sha256_hex, PieceManifest};
+use peer_client::content::partial::{decode_bitmap, PartialPaths, ResumeState};
 use peer_client::{DownloadError, DownloadRequest, Downloader, Event};
 
 use peer_common::{downloader, file_sha256, peer_config, run_download, KillableNode};

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full};
 use outpost_testkit::{
     eventually, eventually_every, open_fds, pattern_bytes, sha256_hex, MockOrigin,
 };
-use peer_client::tracker::ContentId;
+use peer_client::sources::node_api::ContentId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use peer_common::swarm::{

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use outpost_testkit::{eventually_async, pattern_bytes, sha256_hex, MockOrigin};
-use peer_client::tracker::{ContentId, NodeApi, PeerHoldings};
+use peer_client::sources::node_api::{ContentId, NodeApi, PeerHoldings};
 use peer_client::{Config, Event};
 
 use peer_common::swarm::{
@@ -155,7 +155,7 @@ async fn start_malicious_peer(
     etag: String,
 ) -> (SocketAddr, Arc<AtomicU64>) {
     start_fake_peer(ip, move |request| {
-        let range = peer_client::peer_server::parse_range(
+        let range = peer_client::daemon::peer_server::parse_range(
             request.headers().get("range").and_then(|v| v.to_str().ok()),
             content.len() as u64,
         )
@@ -178,11 +178,11 @@ async fn start_malicious_peer(
 /// `peer` announces itself to the node as a complete peer of `content_id`, from its own address.
 async fn announce_complete(node: SocketAddr, peer: SocketAddr, content_id: ContentId) {
     let api = NodeApi::new(
-        &peer_client::cache_host::CacheHost::parse(&node.to_string()).unwrap(),
+        &peer_client::config::CacheHost::parse(&node.to_string()).unwrap(),
         Some(peer.ip()),
         Duration::from_secs(2),
     );
-    api.announce(&peer_client::tracker::Announcement {
+    api.announce(&peer_client::sources::node_api::Announcement {
         content_id,
         port: peer.port(),
         group_id: None,
@@ -198,7 +198,7 @@ async fn announce_complete(node: SocketAddr, peer: SocketAddr, content_id: Conte
 async fn download_with_events(
     client: &TestDaemon,
     url: &str,
-) -> (peer_client::daemon::DaemonDownload, Vec<Event>) {
+) -> (peer_client::daemon::service::DaemonDownload, Vec<Event>) {
     let (download, mut received) = spawn_download(client, url);
     let mut events = Vec::new();
     while let Some(event) = received.recv().await {
@@ -570,7 +570,7 @@ async fn a_manifest_still_filling_is_asked_again_after_retry_after_within_the_ti
         config.peering.manifest_wait = Duration::from_millis(100);
     });
     let api = NodeApi::new(
-        &peer_client::cache_host::CacheHost::parse(&node.addr.to_string()).unwrap(),
+        &peer_client::config::CacheHost::parse(&node.addr.to_string()).unwrap(),
         None,
         Duration::from_secs(2),
     );
@@ -579,8 +579,8 @@ async fn a_manifest_still_filling_is_asked_again_after_retry_after_within_the_ti
     assert!(
         matches!(
             hurried,
-            Err(peer_client::tracker::TrackerError::NotReady
-                | peer_client::tracker::TrackerError::Timeout(_))
+            Err(peer_client::sources::node_api::TrackerError::NotReady
+                | peer_client::sources::node_api::TrackerError::Timeout(_))
         ),
         "{hurried:?}"
     );

@@ -10,8 +10,9 @@ mod peer_common;
 use std::time::Duration;
 
 use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
-use peer_client::ban::BanReason;
-use peer_client::cache_host::{content_key, rendezvous_order, CacheHost};
+use peer_client::config::CacheHost;
+use peer_client::sources::ban::BanReason;
+use peer_client::sources::cache_host::{content_key, rendezvous_order};
 use peer_client::{DownloadError, DownloadRequest, Event};
 use tokio::sync::mpsc;
 
@@ -149,7 +150,8 @@ async fn a_cache_node_killed_mid_download_still_completes_from_the_origin() {
         format!("{}/files/killed.bin", origin.base_url()),
         directory.path().join("killed.bin"),
     );
-    request.sha256 = Some(peer_client::integrity::parse_sha256_hex(&sha256_hex(&content)).unwrap());
+    request.sha256 =
+        Some(peer_client::content::integrity::parse_sha256_hex(&sha256_hex(&content)).unwrap());
     let (sender, mut events) = mpsc::unbounded_channel();
     request.events = Some(sender);
 

@@ -20,58 +20,57 @@
 //!
 //! # Layout
 //!
-//! A download flows through these modules:
+//! Folders are layers, bottom to top; a module imports only from its own layer or the layers
+//! below it, and no two modules import each other.
 //!
+//! - Foundation:
+//!   - [`error`]: typed errors with their source and retry class.
+//!   - [`config`]: the one config struct and its validation; `config/values.rs` holds the parsed
+//!     setting types ([`config::CacheHost`], [`config::BandwidthLimit`]).
+//! - [`content`]: this machine's disk.
+//!   - [`content::partial`]: the partial file with positional writes and the resume state.
+//!   - [`content::integrity`]: the whole-file SHA-256 and the piece-hash interface.
+//!   - [`content::store`]: the daemon's content cache (pieces of running downloads included).
+//! - [`net`]: the wire.
+//!   - [`net::bandwidth`]: the shared download rate cap (governor).
+//!   - [`net::http`]: one checked range request, with the stall watchdog.
+//!   - `net::send_guard`: drops peers that stop reading or read too slowly.
+//!   - `net::url_policy`: the daemon fetches public URLs only, unless configured otherwise.
+//! - [`sources`]: where pieces come from.
+//!   - [`sources::cache_host`]: where cache hosts come from (flags, config, DHCP option 235), the
+//!     MCC URL rewrite and rendezvous hashing.
+//!   - [`sources::node_api`]: the client of the cache node's peering API (piece manifests, peer
+//!     lists, announcements).
+//!   - [`sources::source`]: cache hosts, the origin and peers as sources with stats and limits.
+//!   - `sources::fallback`: DO's timing rules (when the origin may be used, backoff).
+//!   - [`sources::ban`]: the cache-host bans.
 //! - [`download`]: [`Downloader`] and the engine loop that runs one download.
-//! - [`cache_host`]: where cache hosts come from (flags, config, DHCP option 235), the MCC URL
-//!   rewrite and rendezvous hashing.
-//! - [`fallback`] and [`ban`]: DO's timing rules (when the origin may be used, backoff) and the
-//!   cache-host bans.
-//! - [`source`]: cache hosts, the origin and peers as [`source::Source`]s with stats and limits.
-//! - [`tracker`]: the cache node's peering API (piece manifests, peer lists, announcements).
-//! - [`scheduler`]: which piece each source fetches next (in order, feedback by speed, endgame).
-//! - [`http`]: one checked range request, with the stall watchdog.
-//! - [`bandwidth`]: the shared rate cap (governor).
-//! - [`partial`]: the partial file with positional writes and the resume state.
-//! - [`integrity`]: the whole-file SHA-256 and the piece-hash interface.
-//! - [`progress`]: events and the final status with DO's field names.
+//!   - `download::scheduler`: which piece each source fetches next (in order, feedback by
+//!     speed, endgame).
+//!   - [`download::progress`]: events and the final status with DO's field names.
+//!   - `dispatch`, `outcomes`, `failures`, `peering`, `resume`, `finishing`: the engine's
+//!     `impl` blocks, one concern each.
+//! - [`daemon`]: `peer-client daemon`; `Daemon::run` wires its parts together.
+//!   - [`daemon::uploads`]: upload rate, concurrency (overall and per address) and monthly caps.
+//!   - [`daemon::peer_server`]: the peer port, serving pieces to other machines; it sees only the
+//!     content store and upload accounting.
+//!   - [`daemon::service`]: runs this machine's downloads into the content cache and announces
+//!     them.
+//!   - `daemon::file_refs`: files handed back through the control API, by reference.
+//!   - [`daemon::control`]: the local control API on a Unix socket (status, hand-over of
+//!     downloads by the daemon's user and root) and the CLI's client of it.
 //!
-//! `peer-client daemon` adds:
-//!
-//! - [`daemon`]: runs this machine's downloads into the content cache and announces them.
-//! - [`control`]: the local control API on a Unix socket (status, hand-over of downloads by the
-//!   daemon's user and root) and the CLI's client of it, which verifies what it writes.
-//! - [`url_policy`]: the daemon fetches public URLs only, unless configured otherwise.
-//! - [`store`]: the content cache (pieces of running downloads included) and its policy.
-//! - [`peer_server`]: the peer port, serving pieces to other machines; [`send_guard`] drops
-//!   peers that stop reading or read too slowly.
-//! - [`uploads`]: upload rate, concurrency (overall and per address) and monthly caps.
-//!
-//! Around them: [`config`] (the one config struct) and [`error`] (typed errors).
+//! The binary (`main.rs`) sits on top and only parses arguments and calls into these.
 
-pub mod ban;
-pub mod bandwidth;
-pub mod cache_host;
 pub mod config;
-pub mod control;
+pub mod content;
 pub mod daemon;
 pub mod download;
 pub mod error;
-pub mod fallback;
-pub mod http;
-pub mod integrity;
-pub mod partial;
-pub mod peer_server;
-pub mod progress;
-pub mod scheduler;
-pub mod send_guard;
-pub mod source;
-pub mod store;
-pub mod tracker;
-pub mod uploads;
-pub mod url_policy;
+pub mod net;
+pub mod sources;
 
 pub use config::{Config, ValidConfig};
+pub use download::progress::{Event, Status};
 pub use download::{DownloadRequest, Downloader};
 pub use error::DownloadError;
-pub use progress::{Event, Status};

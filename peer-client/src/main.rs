@@ -16,8 +16,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::mpsc;
 
-use peer_client::control::{self, ControlListener, HandOffOutcome};
-use peer_client::integrity::parse_sha256_hex;
+use peer_client::content::integrity::parse_sha256_hex;
+use peer_client::daemon::control::{self, ControlListener, HandOffOutcome};
 use peer_client::{Config, DownloadRequest, Downloader, Event};
 
 /// Outpost peer-client: downloads through the branch office's cache node, falling back to the
@@ -121,7 +121,7 @@ fn run_daemon(config: Config) -> anyhow::Result<ExitCode> {
         let socket = config.raw.daemon.control_socket.clone();
         let control = ControlListener::bind(&socket)
             .with_context(|| format!("daemon.control_socket: cannot bind {}", socket.display()))?;
-        let daemon = peer_client::daemon::Daemon::new(config, peers.local_addr()?)
+        let daemon = peer_client::daemon::service::Daemon::new(config, peers.local_addr()?)
             .context("cannot open daemon.cache_dir")?;
         tracing::info!(peers = %peers.local_addr()?, control = %socket.display(), "daemon running");
         daemon

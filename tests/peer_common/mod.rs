@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use cache_node::config::OriginConfig;
 use cache_node::node::Node;
-use peer_client::control::ControlListener;
-use peer_client::daemon::{Daemon, DaemonDownload};
+use peer_client::daemon::control::ControlListener;
+use peer_client::daemon::service::{Daemon, DaemonDownload};
 use peer_client::{Config, DownloadError, DownloadRequest, Downloader, Event, Status};
 use tokio::sync::mpsc;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use outpost_testkit::{eventually_async, pattern_bytes, sha256_hex, MockOrigin};
-use peer_client::tracker::{ContentId, NodeApi, PeerEntry};
+use peer_client::sources::node_api::{ContentId, NodeApi, PeerEntry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{KillableNode, TestDaemon};
@@ -47,7 +47,7 @@ pub fn start_node_with(
 /// The tracker's answer for `content` as a mode-3 client on 127.0.0.250 sees it.
 pub async fn tracked_peers(node: SocketAddr, content: ContentId) -> Vec<PeerEntry> {
     let api = NodeApi::new(
-        &peer_client::cache_host::CacheHost::parse(&node.to_string()).unwrap(),
+        &peer_client::config::CacheHost::parse(&node.to_string()).unwrap(),
         Some("127.0.0.250".parse().unwrap()),
         Duration::from_secs(2),
     );
@@ -191,7 +191,7 @@ pub fn spawn_download(
     url: &str,
 ) -> (
     tokio::task::JoinHandle<
-        Result<peer_client::daemon::DaemonDownload, peer_client::DownloadError>,
+        Result<peer_client::daemon::service::DaemonDownload, peer_client::DownloadError>,
     >,
     tokio::sync::mpsc::UnboundedReceiver<peer_client::Event>,
 ) {

@@ -9,9 +9,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use outpost_shared::sync::lock;
 use tokio::time::Instant;
 
-use crate::cache_host::CacheHost;
+use crate::config::CacheHost;
 
 /// Why a host is banned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +50,7 @@ impl BanList {
     /// Bans `host` for every origin until `now + duration`.
     pub fn ban_unreachable(&self, host: &CacheHost, now: Instant, duration: Duration) {
         let until = now + duration;
-        let mut bans = self.unreachable.lock().expect("ban list lock");
+        let mut bans = lock(&self.unreachable);
         let entry = bans.entry(host.clone()).or_insert(until);
         *entry = (*entry).max(until);
     }
@@ -57,7 +58,7 @@ impl BanList {
     /// Bans `host` for `origin` until `now + duration`.
     pub fn ban_for_origin(&self, host: &CacheHost, origin: &str, now: Instant, duration: Duration) {
         let until = now + duration;
-        let mut bans = self.refused.lock().expect("ban list lock");
+        let mut bans = lock(&self.refused);
         let entry = bans
             .entry((host.clone(), origin.to_owned()))
             .or_insert(until);
@@ -67,7 +68,7 @@ impl BanList {
     /// The ban in force on `host` for `origin` at `now`, if any (an unreachable ban first).
     pub fn ban_on(&self, host: &CacheHost, origin: &str, now: Instant) -> Option<Ban> {
         {
-            let mut bans = self.unreachable.lock().expect("ban list lock");
+            let mut bans = lock(&self.unreachable);
             if let Some(&until) = bans.get(host) {
                 if until > now {
                     return Some(Ban {
@@ -79,7 +80,7 @@ impl BanList {
             }
         }
         let key = (host.clone(), origin.to_owned());
-        let mut bans = self.refused.lock().expect("ban list lock");
+        let mut bans = lock(&self.refused);
         match bans.get(&key) {
             Some(&until) if until > now => Some(Ban {
                 reason: BanReason::RefusedOrigin,
@@ -95,11 +96,8 @@ impl BanList {
 
     /// Lifts every ban on `host` (an admin fixed it, or a test resets).
     pub fn clear(&self, host: &CacheHost) {
-        self.unreachable.lock().expect("ban list lock").remove(host);
-        self.refused
-            .lock()
-            .expect("ban list lock")
-            .retain(|(banned_host, _), _| banned_host != host);
+        lock(&self.unreachable).remove(host);
+        lock(&self.refused).retain(|(banned_host, _), _| banned_host != host);
     }
 }
 

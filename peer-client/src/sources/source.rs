@@ -3,28 +3,16 @@
 //! A [`Source`] is a cache host (reached by the MCC URL rewrite), the origin, or a peer (another
 //! machine's `peer-client daemon`, found through the cache node's tracker). The scheduler only
 //! sees a [`SourceId`], a [`SourceKind`], a connection limit, a measured rate and which pieces
-//! the source holds; all three kinds speak HTTP range requests (`crate::http`).
+//! the source holds; all three kinds speak HTTP range requests (`crate::net::http`).
 
 use http::Uri;
-use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::cache_host::CacheHost;
+use crate::config::CacheHost;
+use crate::net::http::SourceKind;
 
 /// Index of a source in its [`SourceTable`].
 pub type SourceId = usize;
-
-/// What kind of source, for accounting (DO's `BytesFromCacheServer`, `BytesFromHttp`,
-/// `BytesFromPeers`) and for policy (the origin is the fallback and the repair source).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub enum SourceKind {
-    /// A cache node.
-    CacheHost,
-    /// The URL's own server (DO's "HTTP" or CDN source).
-    Origin,
-    /// A peer's daemon.
-    Peer,
-}
 
 /// One place pieces can be fetched from.
 #[derive(Debug, Clone)]
@@ -65,7 +53,10 @@ impl Source {
         match self {
             Source::CacheHost { host, .. } => format!("cache {host}"),
             Source::Origin { url } => {
-                format!("origin {}", crate::cache_host::origin_authority(url))
+                format!(
+                    "origin {}",
+                    crate::sources::cache_host::origin_authority(url)
+                )
             }
             Source::Peer { address, .. } => format!("peer {address}"),
         }

@@ -26,7 +26,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
-use crate::source::{SourceId, SourceKind, SourceTable};
+use crate::net::http::SourceKind;
+use crate::sources::source::{SourceId, SourceTable};
 
 /// How much slower than the fastest source a source may be and still take one of the last
 /// pieces.
@@ -520,7 +521,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{Source, SourceSlot};
+    use crate::sources::source::{Source, SourceSlot};
 
     const MIB: u64 = 1 << 20;
 

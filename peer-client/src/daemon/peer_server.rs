@@ -5,7 +5,7 @@
 //!
 //! A peer cannot hold a connection, or an upload slot, for as long as it likes: the request head
 //! must arrive within `daemon.peer_header_timeout` (also the idle keep-alive limit), every
-//! connection's writes go through a [`SendGuard`] (send timeout and minimum rate), and one
+//! connection's writes go through a `SendGuard` (send timeout and minimum rate), and one
 //! address holds at most `daemon.max_uploads_per_address` uploads.
 //!
 //! **Invariant:** no path is ever built from the request. The path must be `/content/` followed
@@ -16,7 +16,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -27,11 +27,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::daemon::DaemonShared;
-use crate::send_guard::{SendGuard, SendLimits};
-use crate::store::ContentStore;
-use crate::tracker::ContentId;
-use crate::uploads::Refusal;
+use crate::content::store::ContentStore;
+use crate::daemon::uploads::{Refusal, UploadLimits};
+use crate::net::send_guard::{SendGuard, SendLimits};
+use crate::sources::node_api::ContentId;
 
 /// Bytes read and sent per chunk.
 const CHUNK_BYTES: usize = 64 * 1024;
@@ -211,9 +210,34 @@ pub fn parse_range(value: Option<&str>, len: u64) -> Result<std::ops::Range<u64>
     Ok(first..end)
 }
 
+/// What the peer port serves from and accounts to: the content store, the upload limits and
+/// the upload counters. It sees nothing else of the daemon.
+#[derive(Debug, Clone)]
+pub struct PeerPort {
+    /// The content cache pieces are read from.
+    pub store: ContentStore,
+    /// Upload rate, concurrency (overall and per address) and the monthly cap.
+    pub uploads: UploadLimits,
+    /// Counters the daemon's `perf-snap` reads.
+    pub counters: UploadCounters,
+}
+
+/// The peer port's counters, shared with the daemon's statistics.
+#[derive(Debug, Clone, Default)]
+pub struct UploadCounters {
+    /// Uploads served whole.
+    pub uploads: Arc<AtomicU64>,
+    /// Bytes sent to peers.
+    pub bytes_uploaded: Arc<AtomicU64>,
+    /// Content files opened to serve a peer.
+    pub files_opened: Arc<AtomicU64>,
+    /// Peer requests answered `503` (every slot, or this address's share, taken; monthly cap).
+    pub uploads_refused: Arc<AtomicU64>,
+}
+
 /// Answers one peer request from `peer`.
 pub async fn handle(
-    shared: Arc<DaemonShared>,
+    port: Arc<PeerPort>,
     request: Request<Incoming>,
     peer: std::net::IpAddr,
 ) -> Response<ChannelBody> {
@@ -232,7 +256,7 @@ pub async fn handle(
     else {
         return text_response(StatusCode::NOT_FOUND, "no such content");
     };
-    let Some(entry) = shared.store.get(id) else {
+    let Some(entry) = port.store.get(id) else {
         return text_response(StatusCode::NOT_FOUND, "no such content");
     };
     let range = match parse_range(
@@ -259,10 +283,12 @@ pub async fn handle(
         return text_response(StatusCode::NOT_FOUND, "those pieces are not here (yet)");
     }
     let length = range.end - range.start;
-    let upload = match shared.uploads.start(length, peer) {
+    let upload = match port.uploads.start(length, peer) {
         Ok(upload) => upload,
         Err(refusal) => {
-            shared.stats.uploads_refused.fetch_add(1, Ordering::Relaxed);
+            port.counters
+                .uploads_refused
+                .fetch_add(1, Ordering::Relaxed);
             let text = match refusal {
                 Refusal::Busy => "too many uploads",
                 Refusal::AddressBusy => "too many uploads to this address",
@@ -275,12 +301,12 @@ pub async fn handle(
             return response;
         }
     };
-    shared.store.touch(id);
-    shared.stats.files_opened.fetch_add(1, Ordering::Relaxed);
+    port.store.touch(id);
+    port.counters.files_opened.fetch_add(1, Ordering::Relaxed);
     let (sender, receiver) = mpsc::channel(4);
     tokio::spawn(send_range(
-        shared.store.clone(),
-        Arc::clone(&shared),
+        port.store.clone(),
+        Arc::clone(&port),
         id,
         range.clone(),
         upload,
@@ -317,10 +343,10 @@ pub async fn handle(
 /// Reads `range` of `id` in chunks, charging the upload cap, into the response channel.
 async fn send_range(
     store: ContentStore,
-    shared: Arc<DaemonShared>,
+    port: Arc<PeerPort>,
     id: ContentId,
     range: std::ops::Range<u64>,
-    mut upload: crate::uploads::Upload,
+    mut upload: crate::daemon::uploads::Upload,
     sender: mpsc::Sender<std::io::Result<Bytes>>,
 ) {
     let mut sent = 0_u64;
@@ -359,13 +385,12 @@ async fn send_range(
         }
         offset += len as u64;
         sent += len as u64;
-        shared
-            .stats
+        port.counters
             .bytes_uploaded
             .fetch_add(len as u64, Ordering::Relaxed);
     }
     if sent == range.end - range.start {
-        shared.stats.uploads.fetch_add(1, Ordering::Relaxed);
+        port.counters.uploads.fetch_add(1, Ordering::Relaxed);
     }
     upload.finish(sent);
 }

@@ -15,10 +15,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::cache_host::CacheHost;
+use crate::config::CacheHost;
 use crate::config::DownloadMode;
-use crate::integrity::{PieceHashes, Sha256Digest};
-use crate::partial::Validator;
+use crate::content::integrity::{PieceHashes, Sha256Digest};
+use crate::content::partial::Validator;
 
 /// Largest JSON answer read from the node (a manifest of a 64 GiB file in 1 MiB pieces is
 /// about 4.3 MB).
@@ -104,23 +104,6 @@ impl PeerHoldings for PeerEntry {
         }
         held
     }
-}
-
-/// Inclusive ranges of the `true` entries of `held`, at most `max_ranges` of them (the first
-/// ones: under-reporting is safe, a peer is then just asked less).
-pub fn piece_ranges(held: &[bool], max_ranges: usize) -> Vec<[u64; 2]> {
-    let mut ranges: Vec<[u64; 2]> = Vec::new();
-    for (index, _) in held.iter().enumerate().filter(|(_, &held)| held) {
-        let index = index as u64;
-        if let Some(last) = ranges.last_mut().filter(|last| last[1] + 1 == index) {
-            last[1] = index;
-        } else if ranges.len() == max_ranges {
-            break;
-        } else {
-            ranges.push([index, index]);
-        }
-    }
-    ranges
 }
 
 /// A client of one cache node's peering API.
@@ -295,6 +278,8 @@ mod tests {
 
     #[test]
     fn held_pieces_become_ranges_and_back() {
+        use crate::content::store::piece_ranges;
+
         let held = [true, true, false, true, false, false, true, true];
         assert_eq!(piece_ranges(&held, 64), [[0, 1], [3, 3], [6, 7]]);
         assert_eq!(piece_ranges(&held, 2), [[0, 1], [3, 3]]);

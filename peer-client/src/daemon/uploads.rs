@@ -13,10 +13,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use outpost_shared::sync::lock;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::bandwidth::{Bandwidth, BandwidthLimit, BandwidthMeter};
+use crate::config::BandwidthLimit;
+use crate::net::bandwidth::{Bandwidth, BandwidthMeter};
 
 /// The persisted monthly count.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +92,7 @@ struct AddressSlot {
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
-        let mut counts = self.counts.lock().expect("never poisoned");
+        let mut counts = lock(&self.counts);
         if let Some(count) = counts.get_mut(&self.address) {
             *count -= 1;
             if *count == 0 {
@@ -158,7 +160,7 @@ impl UploadLimits {
 
     /// Bytes counted this month.
     pub fn uploaded_this_month(&self) -> u64 {
-        let mut count = self.count.lock().expect("never poisoned");
+        let mut count = lock(&self.count);
         roll_month(&mut count);
         count.bytes
     }
@@ -166,7 +168,7 @@ impl UploadLimits {
     /// Starts an upload of `bytes` to `peer`, or says why not.
     pub fn start(&self, bytes: u64, peer: IpAddr) -> Result<Upload, Refusal> {
         let address_slot = {
-            let mut counts = self.per_address.lock().expect("never poisoned");
+            let mut counts = lock(&self.per_address);
             let count = counts.entry(peer).or_insert(0);
             if *count >= self.max_per_address {
                 return Err(Refusal::AddressBusy);
@@ -181,7 +183,7 @@ impl UploadLimits {
             .try_acquire_owned()
             .map_err(|_| Refusal::Busy)?;
         {
-            let mut count = self.count.lock().expect("never poisoned");
+            let mut count = lock(&self.count);
             roll_month(&mut count);
             if let Some(cap) = self.monthly_cap {
                 if count.bytes.saturating_add(bytes) > cap {
@@ -202,7 +204,7 @@ impl UploadLimits {
 
     fn release(&self, bytes: u64) {
         if bytes > 0 {
-            let mut count = self.count.lock().expect("never poisoned");
+            let mut count = lock(&self.count);
             count.bytes = count.bytes.saturating_sub(bytes);
         }
         self.persist();
@@ -210,7 +212,7 @@ impl UploadLimits {
 
     /// Writes the monthly count (atomically: a temporary file renamed over the old one).
     fn persist(&self) {
-        let count = self.count.lock().expect("never poisoned").clone();
+        let count = lock(&self.count).clone();
         let temporary = self.path.with_extension("json.tmp");
         let written = serde_json::to_vec(&count)
             .map_err(std::io::Error::other)
@@ -317,6 +319,6 @@ mod tests {
         assert_eq!(limits.start(1, PEER).unwrap_err(), Refusal::AddressBusy);
         drop((other, third, fourth));
         assert_eq!(limits.active(), 0);
-        assert!(limits.per_address.lock().unwrap().is_empty());
+        assert!(lock(&limits.per_address).is_empty());
     }
 }

@@ -15,43 +15,9 @@ use std::path::Path;
 use http::Uri;
 use sha2::{Digest, Sha256};
 
-/// One cache host: an authority (`host` or `host:port`) spoken to in plain HTTP.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CacheHost {
-    authority: String,
-}
+use crate::config::CacheHost;
 
 impl CacheHost {
-    /// Parses `host`, `host:port` or `http://host[:port][/]`.
-    pub fn parse(text: &str) -> Result<CacheHost, String> {
-        let trimmed = text.trim();
-        let without_scheme = trimmed.strip_prefix("http://").unwrap_or(trimmed);
-        let authority = without_scheme.trim_end_matches('/');
-        let bad = || {
-            format!(
-                "\"{text}\" is not a cache host; use a host name or address with an optional port, e.g. \"cache.branch.example:80\" (cache hosts speak plain HTTP)"
-            )
-        };
-        if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
-            return Err(bad());
-        }
-        let parsed: http::uri::Authority = authority.parse().map_err(|_| bad())?;
-        if parsed.host().is_empty() {
-            return Err(bad());
-        }
-        let authority = match parsed.port_u16() {
-            Some(80) => parsed.host().to_ascii_lowercase(),
-            Some(port) => format!("{}:{port}", parsed.host().to_ascii_lowercase()),
-            None => parsed.host().to_ascii_lowercase(),
-        };
-        Ok(CacheHost { authority })
-    }
-
-    /// `host` or `host:port`.
-    pub fn authority(&self) -> &str {
-        &self.authority
-    }
-
     /// The MCC-form URL of `origin_url` on this cache host.
     pub fn mcc_url(&self, origin_url: &Uri) -> String {
         let origin_host = origin_authority(origin_url);
@@ -64,19 +30,13 @@ impl CacheHost {
         match origin_url.query() {
             Some(query) if !query.is_empty() => format!(
                 "http://{}{path}?{query}&cacheHostOrigin={encoded_origin}",
-                self.authority
+                self.authority()
             ),
             _ => format!(
                 "http://{}{path}?cacheHostOrigin={encoded_origin}",
-                self.authority
+                self.authority()
             ),
         }
-    }
-}
-
-impl std::fmt::Display for CacheHost {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str(&self.authority)
     }
 }
 
@@ -182,7 +142,7 @@ pub fn rendezvous_order(hosts: &[CacheHost], content_key: &str) -> Vec<CacheHost
 /// agrees on the order (a std hasher would not).
 fn rendezvous_weight(host: &CacheHost, content_key: &str) -> u64 {
     let mut hasher = Sha256::new();
-    hasher.update(host.authority.as_bytes());
+    hasher.update(host.authority().as_bytes());
     hasher.update([0]);
     hasher.update(content_key.as_bytes());
     let digest = hasher.finalize();

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::bandwidth::BandwidthLimit;
-use crate::cache_host::CacheHost;
+mod values;
+
+pub use values::{BandwidthLimit, CacheHost, MIN_BYTES_PER_SEC};
 
 /// Why a configuration could not be used. Each variant names the key at fault.
 #[derive(Debug, thiserror::Error)]

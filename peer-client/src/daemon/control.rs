@@ -16,11 +16,9 @@
 //! the length), and renames the copy into place only when everything matches; otherwise the copy
 //! is deleted and the error says why.
 
-use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,11 +32,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::daemon::Daemon;
-use crate::integrity::{self, PieceHashes, PieceManifest, Sha256Digest, StreamCheck};
-use crate::peer_server::{serve_connection, text_response, ChannelBody};
-use crate::store::ContentStore;
-use crate::tracker::{ContentId, Manifest};
+use crate::content::integrity::{self, PieceHashes, PieceManifest, Sha256Digest, StreamCheck};
+use crate::content::store::ContentStore;
+use crate::daemon::file_refs::HandedFile;
+use crate::daemon::peer_server::{serve_connection, text_response, ChannelBody};
+use crate::daemon::service::Daemon;
 
 /// A file reference not used within this time is forgotten (and a transient file deleted).
 pub const FILE_REF_LIFETIME: Duration = Duration::from_secs(600);
@@ -141,63 +139,6 @@ impl ControlListener {
 struct Caller {
     uid: u32,
     may_submit: bool,
-}
-
-/// A file handed back to the user who asked for it.
-#[derive(Debug)]
-struct HandedFile {
-    path: PathBuf,
-    owner_uid: u32,
-    expires: Instant,
-    /// The manifest to check the stream against, and the cache entry to drop if it fails.
-    manifest: Option<Arc<Manifest>>,
-    cached: Option<ContentId>,
-    /// A transient file (content that is not cached) is deleted once sent or expired.
-    transient: bool,
-}
-
-/// The references handed out and not yet used.
-#[derive(Debug, Default)]
-pub struct FileRefs {
-    files: Mutex<HashMap<String, HandedFile>>,
-}
-
-impl FileRefs {
-    fn insert(&self, file: HandedFile) -> String {
-        let reference = format!("{:032x}", rand::random::<u128>());
-        let mut files = self.files.lock().expect("never poisoned");
-        let now = Instant::now();
-        files.retain(|_, handed| {
-            let keep = handed.expires > now;
-            if !keep && handed.transient {
-                let _ = std::fs::remove_file(&handed.path);
-            }
-            keep
-        });
-        files.insert(reference.clone(), file);
-        reference
-    }
-
-    /// Takes the file of `reference` if `uid` asked for it (anyone else finds nothing, and the
-    /// reference stays for its owner).
-    fn take(&self, reference: &str, uid: u32) -> Option<HandedFile> {
-        let mut files = self.files.lock().expect("never poisoned");
-        let handed = files.get(reference)?;
-        if handed.owner_uid != uid || handed.expires <= Instant::now() {
-            return None;
-        }
-        files.remove(reference)
-    }
-
-    /// References outstanding.
-    pub fn len(&self) -> usize {
-        self.files.lock().expect("never poisoned").len()
-    }
-
-    /// True when none are outstanding.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Serves the control API on `listener` until `shutdown` resolves; the socket file is removed
@@ -744,7 +685,7 @@ mod tests {
 
     #[tokio::test]
     async fn file_references_are_random_single_use_and_bound_to_their_user() {
-        let refs = FileRefs::default();
+        let refs = crate::daemon::file_refs::FileRefs::default();
         let handed = |owner_uid| HandedFile {
             path: PathBuf::from("/nonexistent"),
             owner_uid,

@@ -17,47 +17,13 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
 
-/// Bytes per governor cell.
-pub const CELL_BYTES: u64 = 1024;
+use crate::config::{BandwidthLimit, MIN_BYTES_PER_SEC};
+
+/// Bytes per governor cell: the smallest absolute cap [`BandwidthLimit`] accepts.
+pub const CELL_BYTES: u64 = MIN_BYTES_PER_SEC;
 
 /// How long a download with a percentage cap runs unthrottled to measure its rate.
 pub const PERCENT_PROBE_WINDOW: Duration = Duration::from_secs(2);
-
-/// `max_download_bandwidth`, parsed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BandwidthLimit {
-    /// `"0"`: no cap.
-    Unlimited,
-    /// An absolute cap in bytes per second.
-    BytesPerSec(u64),
-    /// A cap as a percentage (1 to 100) of the rate measured during [`PERCENT_PROBE_WINDOW`].
-    PercentOfMeasured(u8),
-}
-
-impl BandwidthLimit {
-    /// Parses `"0"`, `"10MiB"` (per second) or `"50%"`.
-    pub fn parse(text: &str) -> Result<BandwidthLimit, String> {
-        let trimmed = text.trim();
-        if let Some(percent_text) = trimmed.strip_suffix('%') {
-            return match percent_text.trim().parse::<u8>() {
-                Ok(percent @ 1..=100) => Ok(BandwidthLimit::PercentOfMeasured(percent)),
-                _ => Err(format!(
-                    "\"{text}\" is not a percentage between 1% and 100%; use e.g. \"50%\""
-                )),
-            };
-        }
-        match crate::config::parse_size(trimmed) {
-            Ok(0) => Ok(BandwidthLimit::Unlimited),
-            Ok(bytes) if bytes < CELL_BYTES => Err(format!(
-                "\"{text}\" is below 1KiB per second; use \"0\" for no cap or e.g. \"10MiB\""
-            )),
-            Ok(bytes) => Ok(BandwidthLimit::BytesPerSec(bytes)),
-            Err(_) => Err(format!(
-                "\"{text}\" is not a rate; use \"0\" (no cap), bytes per second with a binary unit such as \"10MiB\", or a percentage such as \"50%\""
-            )),
-        }
-    }
-}
 
 /// A rate limiter for bytes.
 #[derive(Debug)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::source::SourceKind;
+use crate::net::http::SourceKind;
 
 /// Bytes received from one source so far.
 #[derive(Debug, Clone, PartialEq, Serialize)]

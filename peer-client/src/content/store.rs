@@ -16,10 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use outpost_shared::sync::lock;
 use serde::{Deserialize, Serialize};
 
 use crate::config::CacheSizeLimit;
-use crate::tracker::{piece_ranges, ContentId, Manifest};
+use outpost_shared::wire::{ContentId, Manifest};
 
 /// The most piece ranges one announcement carries (the tracker's bound).
 pub const MAX_ANNOUNCED_RANGES: usize = 64;
@@ -113,9 +114,7 @@ impl ContentStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ContentId, Entry>> {
-        self.entries
-            .lock()
-            .expect("the store lock is never poisoned")
+        lock(&self.entries)
     }
 
     /// The directory of `id`.
@@ -331,6 +330,23 @@ fn remove_path(path: &Path) -> std::io::Result<()> {
     } else {
         std::fs::remove_file(path)
     }
+}
+
+/// Inclusive ranges of the `true` entries of `held`, at most `max_ranges` of them (the first
+/// ones: under-reporting is safe, a peer is then just asked less).
+pub fn piece_ranges(held: &[bool], max_ranges: usize) -> Vec<[u64; 2]> {
+    let mut ranges: Vec<[u64; 2]> = Vec::new();
+    for (index, _) in held.iter().enumerate().filter(|(_, &held)| held) {
+        let index = index as u64;
+        if let Some(last) = ranges.last_mut().filter(|last| last[1] + 1 == index) {
+            last[1] = index;
+        } else if ranges.len() == max_ranges {
+            break;
+        } else {
+            ranges.push([index, index]);
+        }
+    }
+    ranges
 }
 
 #[cfg(test)]

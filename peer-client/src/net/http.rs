@@ -21,11 +21,23 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
-use crate::bandwidth::BandwidthMeter;
 use crate::config::ValidConfig;
+use crate::content::partial::Validator;
 use crate::error::FetchError;
-use crate::partial::Validator;
-use crate::source::SourceKind;
+use crate::net::bandwidth::BandwidthMeter;
+
+/// What kind of server a request goes to, for the connection pool and timeouts here, and for
+/// accounting (DO's `BytesFromCacheServer`, `BytesFromHttp`,
+/// `BytesFromPeers`) and for policy (the origin is the fallback and the repair source).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum SourceKind {
+    /// A cache node.
+    CacheHost,
+    /// The URL's own server (DO's "HTTP" or CDN source).
+    Origin,
+    /// A peer's daemon.
+    Peer,
+}
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 

@@ -1,6 +1,6 @@
-//! `peer-client daemon`: runs this machine's downloads into its content cache, serves the
-//! cached pieces to peers, announces them to the cache node's tracker, and answers the local
-//! control API ([`crate::control`]).
+//! The daemon's service: runs this machine's downloads into its content cache, hands the
+//! cached pieces to the peer port, announces them to the cache node, and keeps the records the
+//! local control API (`daemon::control`, which sits above this module) reports.
 //!
 //! **Downloads count.** `peer-client get` hands its work to a running daemon (over the control
 //! API) rather than writing into the daemon's cache itself. One process then owns the cache: it
@@ -12,13 +12,15 @@
 //! but serves nothing.
 //!
 //! **What the daemon fetches and hands back.** Unless `daemon.allow_private_urls` is set, it
-//! refuses URLs on non-public addresses ([`crate::url_policy`]). Content already in the cache is
+//! refuses URLs on non-public addresses (`net::url_policy`). Content already in the cache is
 //! checked against its manifest's piece hashes before it is handed over: a copy altered on disk
 //! is dropped and downloaded again, and a `--sha256` it does not match is an error.
 //!
 //! Layout: [`Daemon`] (the shared state and [`Daemon::download`]) and the announcer task
-//! ([`AnnounceSchedule`] is its timing). The control API is [`crate::control`], the peer port
-//! [`crate::peer_server`], the cache [`crate::store`], the limits [`crate::uploads`].
+//! ([`AnnounceSchedule`] is its timing). The peer port is [`crate::daemon::peer_server`] (it
+//! sees only [`DaemonShared::peer_port`]), the cache [`crate::content::store`], the limits
+//! [`crate::daemon::uploads`]. `Daemon::run`, which starts the peer port, the control API and
+//! the background tasks together, is in the `daemon` module above this one.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,22 +30,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use outpost_shared::sync::lock;
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::ValidConfig;
-use crate::control::{ControlListener, FileRefs};
+use crate::content::integrity::{self, Sha256Digest};
+use crate::content::store::{Begin, ContentStore};
+use crate::daemon::file_refs::FileRefs;
+use crate::daemon::peer_server::{PeerPort, UploadCounters};
+use crate::daemon::uploads::UploadLimits;
+use crate::download::progress::{Event, Status};
 use crate::download::{DownloadRequest, Downloader};
 use crate::error::DownloadError;
-use crate::integrity::{self, Sha256Digest};
-use crate::peer_server::{self, ConnectionLimits};
-use crate::progress::{Event, Status};
-use crate::source::SourceKind;
-use crate::store::{Begin, ContentStore};
-use crate::tracker::{Announcement, ContentId, Manifest};
-use crate::uploads::UploadLimits;
+use crate::net::http::SourceKind;
+use crate::sources::node_api::{Announcement, ContentId, Manifest};
 
 /// Announcements of a changing download are sent at most this often.
 const MIN_ANNOUNCE_INTERVAL: Duration = Duration::from_millis(500);
@@ -72,15 +74,15 @@ pub struct DaemonStats {
     /// Requests sent to origins.
     pub http_connections: AtomicU64,
     /// Uploads served whole.
-    pub uploads: AtomicU64,
+    pub uploads: Arc<AtomicU64>,
     /// Bytes sent to peers.
-    pub bytes_uploaded: AtomicU64,
+    pub bytes_uploaded: Arc<AtomicU64>,
     /// Content files opened to serve a peer.
-    pub files_opened: AtomicU64,
+    pub files_opened: Arc<AtomicU64>,
     /// Announcements the tracker accepted.
     pub announcements: AtomicU64,
     /// Peer requests answered `503` (every slot, or this address's share, taken; monthly cap).
-    pub uploads_refused: AtomicU64,
+    pub uploads_refused: Arc<AtomicU64>,
     /// Peer connections dropped for not reading, or reading under the minimum rate.
     pub slow_peers_dropped: Arc<AtomicU64>,
     /// Download hand-overs refused because the caller is not the daemon's user or root.
@@ -145,6 +147,23 @@ pub struct DaemonShared {
     next_transient: AtomicU64,
 }
 
+impl DaemonShared {
+    /// What the peer port needs of the daemon: the store, the upload limits and the upload
+    /// counters (shared with [`DaemonStats`]).
+    pub fn peer_port(&self) -> PeerPort {
+        PeerPort {
+            store: self.store.clone(),
+            uploads: self.uploads.clone(),
+            counters: UploadCounters {
+                uploads: Arc::clone(&self.stats.uploads),
+                bytes_uploaded: Arc::clone(&self.stats.bytes_uploaded),
+                files_opened: Arc::clone(&self.stats.files_opened),
+                uploads_refused: Arc::clone(&self.stats.uploads_refused),
+            },
+        }
+    }
+}
+
 /// A running daemon's handle.
 #[derive(Debug, Clone)]
 pub struct Daemon {
@@ -165,7 +184,7 @@ pub struct DaemonDownload {
 }
 
 /// When the announcement of one content is due: when what it holds changed (at most every
-/// [`MIN_ANNOUNCE_INTERVAL`]), and before its TTL runs out (at half of it).
+/// `MIN_ANNOUNCE_INTERVAL`), and before its TTL runs out (at half of it).
 #[derive(Debug, Clone, Default)]
 pub struct AnnounceSchedule {
     sent_generation: Option<u64>,
@@ -242,41 +261,6 @@ impl Daemon {
         &self.shared
     }
 
-    /// Serves peers, the control API and the background tasks until `shutdown` resolves.
-    pub async fn run(
-        self,
-        peer_listener: TcpListener,
-        control_listener: ControlListener,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) {
-        let (stop_sender, stop) = tokio::sync::watch::channel(false);
-        let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
-        };
-        let peers = {
-            let shared = Arc::clone(&self.shared);
-            let limits = ConnectionLimits::from_config(
-                &shared.config.raw.daemon,
-                Arc::clone(&shared.stats.slow_peers_dropped),
-            );
-            peer_server::serve_http(
-                peer_listener,
-                limits,
-                move |request, remote: SocketAddr| {
-                    peer_server::handle(Arc::clone(&shared), request, remote.ip())
-                },
-                stopped(stop.clone()),
-            )
-        };
-        let status = crate::control::serve(self.clone(), control_listener, stopped(stop.clone()));
-        let background = self.background(stopped(stop.clone()));
-        let trigger = async move {
-            shutdown.await;
-            let _ = stop_sender.send(true);
-        };
-        tokio::join!(peers, status, background, trigger);
-    }
-
     /// The announcer and the cache policy, until `shutdown` resolves.
     pub async fn background(&self, shutdown: impl Future<Output = ()>) {
         let shared = &self.shared;
@@ -302,7 +286,7 @@ impl Daemon {
     /// downloaded, which its caller is about to read).
     fn enforce_cache_policy(&self, keep: Option<ContentId>) {
         let shared = &self.shared;
-        let mut busy = shared.busy.lock().expect("never poisoned").clone();
+        let mut busy = lock(&shared.busy).clone();
         busy.extend(keep);
         let urls: HashMap<ContentId, String> = shared
             .store
@@ -318,7 +302,7 @@ impl Daemon {
         if !removed.is_empty() {
             tracing::info!(evicted = removed.len(), "cache limits applied");
             // Withdrawn by the announcer, including content a previous run announced.
-            let mut withdrawals = shared.withdrawals.lock().expect("never poisoned");
+            let mut withdrawals = lock(&shared.withdrawals);
             withdrawals.extend(
                 removed
                     .into_iter()
@@ -333,7 +317,7 @@ impl Daemon {
         let shared = &self.shared;
         let entries = shared.store.entries();
         let now = Instant::now();
-        let evicted = std::mem::take(&mut *shared.withdrawals.lock().expect("never poisoned"));
+        let evicted = std::mem::take(&mut *lock(&shared.withdrawals));
         let mut gone: Vec<(ContentId, String)> = schedules
             .iter()
             .filter(|(id, _)| !entries.iter().any(|(held, _)| held == *id))
@@ -403,7 +387,7 @@ impl Daemon {
     ) -> Result<DaemonDownload, DownloadError> {
         let shared = &self.shared;
         if !shared.config.raw.daemon.allow_private_urls {
-            if let Err(refusal) = crate::url_policy::check_public(url).await {
+            if let Err(refusal) = crate::net::url_policy::check_public(url).await {
                 shared.stats.urls_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(url, %refusal, "download refused");
                 return Err(DownloadError::InvalidRequest(refusal.to_string()));
@@ -411,7 +395,7 @@ impl Daemon {
         }
         let manifest = shared.downloader.fetch_manifest(url).await.map(Arc::new);
         let record_index = {
-            let mut records = shared.records.lock().expect("never poisoned");
+            let mut records = lock(&shared.records);
             records.push(DownloadRecord {
                 url: url.to_owned(),
                 content_id: manifest.as_ref().map(|m| m.content_id.to_string()),
@@ -483,7 +467,7 @@ impl Daemon {
             }
             (Some(manifest), Some(Begin::Fresh)) => {
                 let id = manifest.content_id;
-                shared.busy.lock().expect("never poisoned").push(id);
+                lock(&shared.busy).push(id);
                 shared.store.data_path(id)
             }
             _ => {
@@ -518,11 +502,7 @@ impl Daemon {
         let _ = forwarder.await;
         let id = cached_id;
         if let Some(id) = id {
-            shared
-                .busy
-                .lock()
-                .expect("never poisoned")
-                .retain(|busy| *busy != id);
+            lock(&shared.busy).retain(|busy| *busy != id);
             match &result {
                 Ok(_) => {
                     shared.store.completed(id);
@@ -534,7 +514,7 @@ impl Daemon {
             }
             shared.announce_now.notify_one();
         }
-        let mut records = shared.records.lock().expect("never poisoned");
+        let mut records = lock(&shared.records);
         let record = &mut records[record_index];
         match result {
             Ok(status) => {
@@ -583,7 +563,7 @@ impl Daemon {
 
     /// Marks the download of `record_index` failed with `error`, and returns the error.
     fn failed(&self, record_index: usize, error: DownloadError) -> DownloadError {
-        let mut records = self.shared.records.lock().expect("never poisoned");
+        let mut records = lock(&self.shared.records);
         let record = &mut records[record_index];
         record.status = "Error".into();
         record.error = Some(error.to_string());
@@ -606,7 +586,7 @@ impl Daemon {
     fn cached(&self, record_index: usize, manifest: &Arc<Manifest>) -> DaemonDownload {
         let size = manifest.size;
         let id = manifest.content_id;
-        let mut records = self.shared.records.lock().expect("never poisoned");
+        let mut records = lock(&self.shared.records);
         let record = &mut records[record_index];
         record.status = "Complete".into();
         record.bytes_done = size;
@@ -618,7 +598,7 @@ impl Daemon {
                 bytes_from_peers: 0,
                 bytes_from_http: 0,
                 percent_peer_caching: 0.0,
-                download_duration: crate::progress::format_duration(Duration::ZERO),
+                download_duration: crate::download::progress::format_duration(Duration::ZERO),
                 status: "Complete".into(),
                 cache_host: String::new(),
                 download_mode: self.shared.config.download_mode.number(),
@@ -648,14 +628,14 @@ impl Daemon {
                 }
             }
             Event::Progress(progress) => {
-                let mut records = shared.records.lock().expect("never poisoned");
+                let mut records = lock(&shared.records);
                 let record = &mut records[record_index];
                 record.file_size = progress.file_len.unwrap_or(0);
                 record.bytes_done = progress.done_bytes;
                 record.bytes_from_peers = progress.bytes_from(SourceKind::Peer);
                 record.bytes_from_cache_server = progress.bytes_from(SourceKind::CacheHost);
                 record.bytes_from_http = progress.bytes_from(SourceKind::Origin);
-                record.percent_peer_caching = crate::progress::percent_of(
+                record.percent_peer_caching = crate::download::progress::percent_of(
                     record.bytes_from_peers + record.bytes_from_cache_server,
                     progress.received_bytes,
                 );
@@ -672,7 +652,7 @@ impl Daemon {
     /// `peer-client status`: this run's downloads, then cached content from earlier runs.
     pub fn status(&self) -> Vec<DownloadRecord> {
         let shared = &self.shared;
-        let mut records = shared.records.lock().expect("never poisoned").clone();
+        let mut records = lock(&shared.records).clone();
         for (id, entry) in shared.store.entries() {
             let listed = records
                 .iter()
