@@ -1,0 +1,382 @@
+//! Discovery: learning an unknown object's length and validators from one ranged origin
+//! request, shared by every request that asks for it meanwhile.
+
+use super::*;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, StatusCode};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+
+use crate::cache::discovery::DiscoveryWaiter;
+pub use crate::cache::discovery::{DiscoverError, DiscoveryOutcome};
+use crate::cache::fill_limits::ClientSlot;
+pub use crate::cache::fill_limits::Requester;
+use crate::cache::freshness::{self, Freshness, NotStorable};
+pub use crate::cache::index::Demand;
+use crate::cache::index::ObjectEntry;
+use crate::cache::key::CacheKey;
+use crate::cache::store::{unix_now, ObjectMeta};
+use crate::error::OriginError;
+use crate::http::range::{parse_content_range, ContentRange};
+use crate::node::Node;
+use crate::upstream::router::Route;
+
+/// Headers of an origin response that are stored and replayed to clients, besides the
+/// validators and `Content-Type`, which have their own fields.
+pub(super) const REPLAYED_HEADERS: [header::HeaderName; 4] = [
+    header::CACHE_CONTROL,
+    header::EXPIRES,
+    header::CONTENT_DISPOSITION,
+    header::CONTENT_LANGUAGE,
+];
+
+/// The slices a discovery should fetch: `first..=last`, or `first..` to the end when `last` is
+/// `None`.
+#[derive(Debug, Clone, Copy)]
+pub struct SliceSpan {
+    /// First slice index.
+    pub first: u64,
+    /// Last slice index, inclusive; `None` means through the end of the object.
+    pub last: Option<u64>,
+}
+
+/// Returns the current entry for the route's key, discovering the object from the origin if the
+/// index does not know it. Concurrent callers for one key share one discovery. The caller that
+/// started the discovery also gets the [`Demand`] on the slices it claimed, so the fill keeps
+/// going for it until it registers its own.
+pub async fn lookup_or_discover(
+    node: &Arc<Node>,
+    route: &Route,
+    span: SliceSpan,
+    requester: &Requester,
+) -> Result<(Arc<ObjectEntry>, Demand), DiscoverError> {
+    let key = route.cache_key();
+    let mut client_slot: Option<Arc<ClientSlot>> = None;
+    let (waiter, own_demand) = loop {
+        match look_up_or_start(node, route, &key, span, &mut client_slot) {
+            Lookup::Found(entry) => return Ok((entry, Demand::default())),
+            Lookup::NotStorable(reason) => return Err(DiscoverError::NotStorable(reason)),
+            Lookup::Waiting(waiter, own_demand) => break (waiter, own_demand),
+            // A discovery is a cold fill of this client's: take its slot first (maybe waiting),
+            // outside the lock, then look again.
+            Lookup::NeedsSlot => {
+                let slot = requester
+                    .slot(&node.fill_limits)
+                    .await
+                    .map_err(DiscoverError::Refused)?;
+                client_slot = Some(slot);
+            }
+        }
+    };
+    let outcome = waiter.outcome().await;
+    // The demand was sent before the outcome was published.
+    let demand = own_demand
+        .and_then(|mut receiver| receiver.try_recv().ok())
+        .unwrap_or_default();
+    outcome.map(|entry| (entry, demand))
+}
+
+/// What [`look_up_or_start`] found.
+pub(super) enum Lookup {
+    Found(Arc<ObjectEntry>),
+    NotStorable(NotStorable),
+    /// A discovery is running; the demand receiver is there when this caller started it.
+    Waiting(DiscoveryWaiter, Option<oneshot::Receiver<Demand>>),
+    /// A discovery must start, and the caller has no client slot for it yet.
+    NeedsSlot,
+}
+
+/// Under the discoveries lock: the indexed entry, the uncacheable verdict, the running
+/// discovery, or a new discovery started with `client_slot` (taken from it).
+pub(super) fn look_up_or_start(
+    node: &Arc<Node>,
+    route: &Route,
+    key: &CacheKey,
+    span: SliceSpan,
+    client_slot: &mut Option<Arc<ClientSlot>>,
+) -> Lookup {
+    let mut discoveries = node.discoveries.lock();
+    if let Some(entry) = node.index.get(key) {
+        return Lookup::Found(entry);
+    }
+    if let Some(reason) = node.uncacheable.get(key) {
+        return Lookup::NotStorable(reason);
+    }
+    if let Some(waiter) = discoveries.waiter(key) {
+        return Lookup::Waiting(waiter, None);
+    }
+    let Some(slot) = client_slot.take() else {
+        return Lookup::NeedsSlot;
+    };
+    let (permit, waiter) = discoveries.start(key);
+    let (demand_sender, demand_receiver) = oneshot::channel();
+    let node = node.clone();
+    let route = route.clone();
+    let key = key.clone();
+    tokio::spawn(async move {
+        // The entry is in the index before the permit is finished, so a new request always
+        // finds one or the other; if this task dies first, the permit frees the key itself.
+        let outcome = discover(&node, &route, &key, span, slot, demand_sender).await;
+        permit.finish(outcome);
+    });
+    Lookup::Waiting(waiter, Some(demand_receiver))
+}
+
+/// Refuses a discovered object whose declared length is above `storage.max_object_size`,
+/// before anything is sized from it.
+pub(super) fn check_object_size(
+    node: &Node,
+    key: &CacheKey,
+    length: u64,
+) -> Result<(), OriginError> {
+    if length <= node.max_object_size {
+        return Ok(());
+    }
+    node.stats.objects_refused_too_large.inc();
+    tracing::warn!(
+        key = key.as_str(),
+        length,
+        max_object_size = node.max_object_size,
+        "origin declares an object longer than storage.max_object_size; refused"
+    );
+    Err(OriginError::TooLarge {
+        length,
+        max: node.max_object_size,
+    })
+}
+
+/// A validated origin response carrying object bytes.
+pub(super) struct OriginBody {
+    pub(super) length: u64,
+    pub(super) headers: HeaderMap,
+    /// Absolute offset of the first body byte.
+    pub(super) body_start: u64,
+    /// Absolute offset one past the last body byte.
+    pub(super) body_end: u64,
+    pub(super) body: Option<Incoming>,
+}
+
+pub(super) fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// True when the body carries a `Content-Encoding` other than `identity`.
+pub(super) fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|value| value.to_str().unwrap_or("unreadable").split(','))
+        .any(|coding| {
+            let coding = coding.trim();
+            !coding.is_empty() && !coding.eq_ignore_ascii_case("identity")
+        })
+}
+
+pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Sends a ranged request for absolute bytes `first..=last` (or `first..` when `last` is None)
+/// and checks that the answer is what was asked for.
+pub(super) async fn fetch_range(
+    node: &Node,
+    route: &Route,
+    first: u64,
+    last: Option<u64>,
+    if_range: Option<String>,
+) -> Result<OriginBody, DiscoverError> {
+    let range = match last {
+        Some(last) => format!("bytes={first}-{last}"),
+        None => format!("bytes={first}-"),
+    };
+    let response = node
+        .client
+        .fetch(route.fetch_request(Method::GET, Some(range), if_range))
+        .await
+        .map_err(DiscoverError::Origin)?;
+    let (parts, body) = response.into_parts();
+    let protocol = |message: String| DiscoverError::Origin(OriginError::Protocol(message));
+    if matches!(parts.status, StatusCode::OK | StatusCode::PARTIAL_CONTENT)
+        && is_encoded(&parts.headers)
+    {
+        // The body is dropped unread, which closes that origin connection.
+        node.stats.encoded_responses.inc();
+        return Err(DiscoverError::NotStorable(NotStorable::Encoded));
+    }
+    match parts.status {
+        StatusCode::PARTIAL_CONTENT => {
+            let content_range = header_text(&parts.headers, header::CONTENT_RANGE)
+                .and_then(|value| parse_content_range(&value));
+            let Some(ContentRange::Bytes {
+                first: got_first,
+                last: got_last,
+                complete_len: Some(length),
+            }) = content_range
+            else {
+                return Err(protocol("206 without a usable Content-Range".into()));
+            };
+            let wanted_last = last.unwrap_or(u64::MAX).min(length.saturating_sub(1));
+            if got_first != first || got_last != wanted_last {
+                return Err(protocol(format!(
+                    "asked for bytes {first}-{wanted_last}, got {got_first}-{got_last}"
+                )));
+            }
+            if let Some(declared) = content_length(&parts.headers) {
+                if declared != got_last - got_first + 1 {
+                    return Err(protocol(format!(
+                        "Content-Length {declared} contradicts Content-Range {got_first}-{got_last}"
+                    )));
+                }
+            }
+            Ok(OriginBody {
+                length,
+                headers: parts.headers,
+                body_start: got_first,
+                body_end: got_last + 1,
+                body: Some(body),
+            })
+        }
+        StatusCode::OK => {
+            let Some(length) = content_length(&parts.headers) else {
+                return Err(DiscoverError::NotStorable(NotStorable::NoLength));
+            };
+            Ok(OriginBody {
+                length,
+                headers: parts.headers,
+                body_start: 0,
+                body_end: length,
+                body: Some(body),
+            })
+        }
+        StatusCode::RANGE_NOT_SATISFIABLE => {
+            match header_text(&parts.headers, header::CONTENT_RANGE)
+                .and_then(|value| parse_content_range(&value))
+            {
+                Some(ContentRange::Unsatisfied { complete_len }) => Ok(OriginBody {
+                    length: complete_len,
+                    headers: parts.headers,
+                    body_start: 0,
+                    body_end: 0,
+                    body: None,
+                }),
+                _ => Err(protocol("416 without Content-Range: bytes */length".into())),
+            }
+        }
+        status => Err(DiscoverError::Origin(OriginError::Status(status.as_u16()))),
+    }
+}
+
+pub(super) fn meta_from_response(
+    node: &Node,
+    key: &CacheKey,
+    origin: &OriginBody,
+    freshness: Freshness,
+) -> ObjectMeta {
+    let extra_headers = REPLAYED_HEADERS
+        .iter()
+        .filter_map(|name| {
+            header_text(&origin.headers, name.clone())
+                .map(|value| (name.as_str().to_owned(), value))
+        })
+        .collect();
+    ObjectMeta {
+        key: key.as_str().to_owned(),
+        generation: rand::random(),
+        length: origin.length,
+        slice_len: node.slice_len,
+        etag: header_text(&origin.headers, header::ETAG),
+        last_modified: header_text(&origin.headers, header::LAST_MODIFIED),
+        content_type: header_text(&origin.headers, header::CONTENT_TYPE),
+        extra_headers,
+        stored_at_unix: unix_now(),
+        fresh_for_secs: freshness.to_secs(),
+    }
+}
+
+pub(super) async fn discover(
+    node: &Arc<Node>,
+    route: &Route,
+    key: &CacheKey,
+    span: SliceSpan,
+    client_slot: Arc<ClientSlot>,
+    demand_sender: oneshot::Sender<Demand>,
+) -> DiscoveryOutcome {
+    let fill_slot = node.fill_limits.start_fill(Some(client_slot)).await;
+    let first_byte = span.first * node.slice_len;
+    let last_byte = span
+        .last
+        .map(|last| last * node.slice_len + node.slice_len - 1);
+    let mut origin = match fetch_range(node, route, first_byte, last_byte, None).await {
+        // A first byte past the end is answered 416 with the length; that is enough to index
+        // the object (the client's own range is then judged against it).
+        Ok(origin) => origin,
+        Err(DiscoverError::NotStorable(reason)) => return Err(not_storable(node, key, reason)),
+        Err(error) => {
+            node.stats.origin_errors.inc();
+            return Err(error);
+        }
+    };
+    // Nothing is sized from a declared length above storage.max_object_size.
+    check_object_size(node, key, origin.length).map_err(DiscoverError::Origin)?;
+    let freshness = match freshness::judge(&origin.headers, route.target.policy.cache_control) {
+        Ok(freshness) => freshness,
+        // The body is dropped unread, which closes that origin connection.
+        Err(reason) => return Err(not_storable(node, key, reason)),
+    };
+    let meta = meta_from_response(node, key, &origin, freshness);
+    let meta_json = serde_json::to_vec_pretty(&meta).expect("metadata serialises");
+    let meta_path = node.layout.meta_path(key, meta.generation);
+    if let Err(error) = node
+        .storage
+        .write_file_atomic(meta_path, vec![Bytes::from(meta_json)], node.fsync)
+        .await
+    {
+        // The content is still served from the fill; without metadata its slices are orphans
+        // that the next start-up deletes.
+        node.stats.disk_write_errors.inc();
+        tracing::warn!(key = key.as_str(), %error, "could not store object metadata");
+    }
+    let entry = Arc::new(ObjectEntry::new(meta));
+    let (run, demand) = {
+        let mut table = entry.table();
+        let run = Run::claim(&mut table, &entry.meta, origin.body_start, origin.body_end);
+        let mut demand = Demand::default();
+        if let Some(run) = &run {
+            demand.register(&entry, &mut table, run.first, run.last, false);
+        }
+        (run, demand)
+    };
+    // The requester that started this discovery keeps the fill going until it registers its
+    // own demand; if it left meanwhile, the demand is dropped here.
+    let _ = demand_sender.send(demand);
+    node.index.insert(entry.clone());
+    if let (Some(body), Some(run)) = (origin.body.take(), run) {
+        let node = node.clone();
+        let entry = entry.clone();
+        let body_start = origin.body_start;
+        tokio::spawn(async move {
+            stream_into_slices(&node, &entry, body, body_start, run, fill_slot).await;
+        });
+    }
+    Ok(entry)
+}
+
+/// Remembers content the node may not store, so requests for it go straight to the origin until
+/// `upstream.revalidate_after` has passed.
+pub(super) fn not_storable(node: &Node, key: &CacheKey, reason: NotStorable) -> DiscoverError {
+    tracing::debug!(
+        key = key.as_str(),
+        %reason,
+        "not storable; passing requests through"
+    );
+    node.uncacheable.insert(key.clone(), reason);
+    DiscoverError::NotStorable(reason)
+}

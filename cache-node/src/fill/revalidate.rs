@@ -1,0 +1,138 @@
+//! Revalidation: asking the origin whether a stored version past its lifetime is still current.
+
+use super::*;
+use std::sync::Arc;
+
+use http::header;
+use http_body_util::BodyExt;
+
+pub use crate::cache::discovery::DiscoverError;
+use crate::cache::freshness::{self};
+use crate::cache::index::ObjectEntry;
+use crate::cache::store::ObjectMeta;
+use crate::error::OriginError;
+use crate::node::Node;
+use crate::upstream::router::Route;
+
+/// The most body bytes a revalidation reads (to let the pooled connection be reused). It asks for
+/// one byte; an origin that ignores the range and sends the object has its connection dropped.
+pub(super) const REVALIDATION_BODY_MAX: u64 = 64 << 10;
+
+/// What checking a stored version against the origin found.
+#[derive(Debug)]
+pub enum Revalidation {
+    /// The version is current (or was checked recently enough): serve it.
+    Fresh,
+    /// The origin has another version, or no longer has the content; the stored version was
+    /// dropped from the index, so a new lookup discovers what the origin has now.
+    Changed,
+    /// The origin could not be asked; the stored version is served as it is.
+    Unreachable(OriginError),
+}
+
+/// Checks a stored version with the origin when it was last confirmed more than
+/// `upstream.revalidate_after` ago: a one-byte range request with `If-Range` set to the version's
+/// validator. Concurrent requests for the same version wait for one check.
+pub async fn revalidate_if_stale(
+    node: &Node,
+    route: &Route,
+    entry: &Arc<ObjectEntry>,
+) -> Revalidation {
+    if !entry.needs_revalidation(route.target.policy.revalidate_after) {
+        return Revalidation::Fresh;
+    }
+    let _checking = entry.revalidation.lock().await;
+    if entry.is_removed() {
+        return Revalidation::Changed;
+    }
+    if !entry.needs_revalidation(route.target.policy.revalidate_after) {
+        return Revalidation::Fresh;
+    }
+    if node
+        .unreachable_origins
+        .contains_key(&route.target.upstream_base)
+    {
+        // The origin did not answer a moment ago: serve what is stored without waiting for
+        // another timeout.
+        return Revalidation::Unreachable(OriginError::Connect(format!(
+            "{} was unreachable moments ago",
+            route.target.upstream_base
+        )));
+    }
+    node.stats.revalidations.inc();
+    let validator = if_range_validator(&entry.meta);
+    let answer = fetch_range(node, route, 0, Some(0), validator).await;
+    // `Some(freshness)` when the origin confirmed this version and still lets it be stored.
+    let confirmed = match answer {
+        Ok(mut origin) => {
+            if let Some(body) = origin.body.take() {
+                // The byte asked for is drained (within the idle timeout) so the pooled
+                // connection can be reused. From an origin that ignores Range the answer is the
+                // whole object: only its headers are needed, and dropping the body unread
+                // closes the connection instead of holding the object in memory.
+                if origin.body_end - origin.body_start <= REVALIDATION_BODY_MAX {
+                    let limited =
+                        http_body_util::Limited::new(body, REVALIDATION_BODY_MAX as usize);
+                    let _ = tokio::time::timeout(node.idle_read_timeout, limited.collect()).await;
+                }
+            }
+            let same_version = entry.meta.same_version(
+                origin.length,
+                header_text(&origin.headers, header::ETAG).as_deref(),
+                header_text(&origin.headers, header::LAST_MODIFIED).as_deref(),
+            );
+            match freshness::judge(&origin.headers, route.target.policy.cache_control) {
+                Ok(freshness) if same_version => Some(freshness),
+                Ok(_) => None,
+                // Maybe the same bytes, but the origin now forbids storing them: not a version
+                // change, so neither counted nor logged as one.
+                Err(reason) => {
+                    not_storable(node, &entry.key, reason);
+                    node.index.remove(entry);
+                    return Revalidation::Changed;
+                }
+            }
+        }
+        // Gone (404, 410...) or no longer sliceable: what the origin has now is not this.
+        Err(
+            DiscoverError::Origin(OriginError::Status(400..=499)) | DiscoverError::NotStorable(_),
+        ) => None,
+        // Never produced by a plain range request; served as stored.
+        Err(DiscoverError::Refused(refused)) => {
+            return Revalidation::Unreachable(OriginError::Protocol(refused.to_string()))
+        }
+        Err(DiscoverError::Origin(error)) => {
+            node.stats.origin_errors.inc();
+            tracing::warn!(key = entry.key.as_str(), %error, "cannot revalidate; serving the stored version");
+            if matches!(
+                error,
+                OriginError::Connect(_) | OriginError::FirstByteTimeout(_)
+            ) {
+                node.unreachable_origins
+                    .insert(route.target.upstream_base.clone(), ());
+            }
+            return Revalidation::Unreachable(error);
+        }
+    };
+    if let Some(freshness) = confirmed {
+        entry.mark_validated_for(freshness);
+        Revalidation::Fresh
+    } else {
+        node.stats.version_changes.inc();
+        tracing::info!(
+            key = entry.key.as_str(),
+            "origin content changed; dropping the stored version"
+        );
+        node.index.remove(entry);
+        Revalidation::Changed
+    }
+}
+
+/// The strongest validator of a stored version, for `If-Range` on later fills: a strong ETag,
+/// or else Last-Modified.
+pub(super) fn if_range_validator(meta: &ObjectMeta) -> Option<String> {
+    match &meta.etag {
+        Some(etag) if !etag.starts_with("W/") => Some(etag.clone()),
+        _ => meta.last_modified.clone(),
+    }
+}
