@@ -7,7 +7,8 @@
 //! used: one request's panic must not turn every later request that touches the same table into
 //! a panic too, which is what `.lock().unwrap()` would do.
 //!
-//! **Invariant:** code outside this module takes `std::sync::Mutex` guards only through [`lock`].
+//! **Invariant:** the workspace's code (both programs, the shared crate and the test kit) takes
+//! `std::sync::Mutex` guards only through [`lock`].
 
 use std::sync::{Mutex, MutexGuard};
 

@@ -3,6 +3,7 @@
 //! [`AUTH_FAILURE_REFILL`]. The admin listener asks it before looking at a token; the node owns
 //! one. Bounded: at most a few thousand addresses are remembered.
 
+use outpost_shared::sync::lock;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -43,9 +44,7 @@ impl FailureBucket {
 
 impl AuthThrottle {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientKey, FailureBucket>> {
-        self.buckets
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.buckets)
     }
 
     /// How long `client` must wait before its token is looked at again, or `None` when it may

@@ -15,6 +15,7 @@
 //! How far a fill goes once its clients have left is decided in the `fill` module; the object size
 //! under which it goes to the end anyway is `fill.finish_objects_up_to`.
 
+use outpost_shared::sync::lock;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -230,9 +231,7 @@ impl FillLimits {
     }
 
     fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Arc<Semaphore>>> {
-        self.clients
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.clients)
     }
 
     /// Drops the semaphore of an address nobody holds or waits for, so the map stays as small
@@ -327,19 +326,12 @@ impl Requester {
 
     /// This request's client slot: the one its running fills share, or a new one.
     pub async fn slot(&self, limits: &Arc<FillLimits>) -> Result<Arc<ClientSlot>, FillRefused> {
-        let current = self
-            .slot
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .upgrade();
+        let current = lock(&self.slot).upgrade();
         if let Some(slot) = current {
             return Ok(slot);
         }
         let slot = limits.client_slot(self.client).await?;
-        *self
-            .slot
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::downgrade(&slot);
+        *lock(&self.slot) = Arc::downgrade(&slot);
         Ok(slot)
     }
 }

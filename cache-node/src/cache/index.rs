@@ -17,6 +17,7 @@
 //! moment and evicts the least recently used objects down to a margin below it, so the objects
 //! being filled find room instead of fetching their missing slices again on every request.
 
+use outpost_shared::sync::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -38,13 +39,6 @@ use crate::stats::{DriveUsage, Stats};
 /// moka weights are `u32`, so objects are weighed in units of this many bytes; that still allows
 /// objects of up to 16 TiB.
 const WEIGHT_UNIT_BYTES: u64 = 4096;
-
-/// Locks `mutex`, ignoring poisoning (the data are plain figures).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// A clock that ticks on every lookup, for the least-recently-used order of
 /// [`DriveIndex::shrink_to`] (moka keeps its own order but does not expose it).
@@ -217,9 +211,7 @@ impl ObjectEntry {
     }
 
     fn validation(&self) -> MutexGuard<'_, Validation> {
-        self.validated
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.validated)
     }
 
     /// Records that the origin confirmed this version now.
@@ -292,9 +284,7 @@ impl ObjectEntry {
 
     /// Locks the slice table. Hold it only for bookkeeping, never across I/O.
     pub fn table(&self) -> MutexGuard<'_, SliceTable> {
-        self.table
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.table)
     }
 
     /// Bytes of this object stored on disk.

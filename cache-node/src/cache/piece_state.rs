@@ -2,6 +2,7 @@
 //! as fills hash their slices, taken for writing once complete, and marked on disk after. Part of
 //! the entry's state, kept in its index entry.
 
+use outpost_shared::sync::lock;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -67,9 +68,7 @@ pub enum Recorded {
 
 impl PieceState {
     pub(crate) fn lock(&self) -> MutexGuard<'_, PieceInner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner)
     }
 
     /// Notes that a complete `pieces.sha256` for `piece_len` is on disk (found at start-up, or

@@ -5,6 +5,7 @@
 //!
 //! This is part of an entry's state, kept in its slice table; the fill layer drives it.
 
+use outpost_shared::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -77,34 +78,21 @@ impl SliceBuffer {
     }
 
     pub(crate) fn hold_memory(&self, reservation: MemoryReservation) {
-        *self
-            .memory
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(reservation);
+        *lock(&self.memory) = Some(reservation);
     }
 
     pub(crate) fn holds_memory(&self) -> bool {
-        self.memory
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .is_some()
+        lock(&self.memory).is_some()
     }
 
     /// Returns the slice's fill memory to the budget: its bytes are on disk, or were dropped.
     /// Readers still streaming them keep the bytes alive until they are done.
     pub(crate) fn release_memory(&self) {
-        drop(
-            self.memory
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .take(),
-        );
+        drop(lock(&self.memory).take());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BufferInner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner)
     }
 
     /// Appends bytes; returns true when the slice is now complete.

@@ -109,6 +109,7 @@ impl Storage for ReportsFullDisk {
 mod tests {
     use super::*;
     use crate::error::DiskError;
+    use outpost_shared::sync::lock;
     use std::sync::Mutex;
 
     /// Refuses every write with `ENOSPC`, or with `EIO` for paths ending in `eio`.
@@ -137,9 +138,7 @@ mod tests {
         let sink = reported.clone();
         let storage = ReportsFullDisk::new(
             Arc::new(Refusing),
-            Arc::new(move |path: &Path, _: RefusedWrite| {
-                sink.lock().unwrap().push(path.to_path_buf())
-            }),
+            Arc::new(move |path: &Path, _: RefusedWrite| lock(&sink).push(path.to_path_buf())),
         );
         assert_eq!(storage.backend_name(), "refusing");
         let full = storage
@@ -150,20 +149,20 @@ mod tests {
             .write_file_atomic("/d/eio".into(), Vec::new(), false)
             .await
             .is_err());
-        assert_eq!(*reported.lock().unwrap(), vec![PathBuf::from("/d/full")]);
+        assert_eq!(*lock(&reported), vec![PathBuf::from("/d/full")]);
         // A write refused while another is in flight says how many bytes may still land.
         let pending = Arc::new(Mutex::new(Vec::new()));
         let sink = pending.clone();
         let storage = ReportsFullDisk::new(
             Arc::new(Refusing),
             Arc::new(move |_: &Path, refused: RefusedWrite| {
-                sink.lock().unwrap().push(refused.other_pending_bytes)
+                lock(&sink).push(refused.other_pending_bytes)
             }),
         );
         let earlier =
             storage.write_file_atomic("/d/a".into(), vec![Bytes::from(vec![0; 10])], false);
         let later = storage.write_file_atomic("/d/b".into(), vec![Bytes::from(vec![0; 3])], false);
         assert!(later.await.is_err() && earlier.await.is_err());
-        assert_eq!(*pending.lock().unwrap(), vec![10, 0]);
+        assert_eq!(*lock(&pending), vec![10, 0]);
     }
 }

@@ -4,6 +4,7 @@
 //! A buffer leaves the pool for one read, travels to hyper inside a `Bytes` (through
 //! `Bytes::from_owner`), and comes back when the last `Bytes` pointing at it is dropped.
 
+use outpost_shared::sync::lock;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -43,9 +44,7 @@ impl BufferPool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        self.free
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.free)
     }
 }
 

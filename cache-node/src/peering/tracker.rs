@@ -29,6 +29,7 @@
 //!
 //! Time is tokio's clock, so tests drive expiry with a paused clock.
 
+use outpost_shared::sync::lock;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, MutexGuard};
@@ -299,9 +300,7 @@ impl Tracker {
     }
 
     fn lock(&self) -> MutexGuard<'_, TrackerInner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner)
     }
 
     /// Records or renews an announcement. An announcement holding no piece and not complete

@@ -14,7 +14,7 @@ mod response;
 
 pub use body::{text_response, ResponseBody};
 pub(crate) use response::origin_failure_status;
-use response::{origin_failure_response, refused_response, respond, NotAnswered};
+use response::{origin_failure_response, refused_response, respond, ContentRequest, NotAnswered};
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -191,17 +191,16 @@ pub(super) async fn serve_routed(
             // Served as stored: current, or the origin cannot be asked (stale-if-error).
             _ => {}
         }
-        let answer = respond(
+        let request = ContentRequest {
             node,
             route,
             method,
             headers,
-            range_specs.as_deref(),
-            &entry,
-            spans.clone(),
+            range_specs: range_specs.as_deref(),
+            spans: spans.clone(),
             requester,
-        )
-        .await;
+        };
+        let answer = respond(&request, &entry).await;
         match answer {
             Err(NotAnswered::Origin(OriginError::VersionChanged))
                 if attempt < VERSION_CHANGE_RETRIES =>

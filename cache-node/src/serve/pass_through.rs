@@ -2,7 +2,7 @@
 
 use super::body::{BodyKind, ResponseBody};
 use super::header_str;
-use super::response::{origin_failure_response, set_cache_status};
+use super::response::{origin_failure_response, set_cache_status, CacheStatus};
 use std::sync::Arc;
 
 use http::{header, HeaderMap, Method, Response};
@@ -20,7 +20,7 @@ pub(super) async fn pass_through(
     method: &Method,
     request_headers: &HeaderMap,
 ) -> Response<ResponseBody> {
-    node.stats.pass_through_requests.inc();
+    CacheStatus::Bypass.count(&node.stats);
     let (range, if_range) = if *method == Method::GET {
         (
             header_str(request_headers, header::RANGE).map(str::to_owned),
@@ -63,8 +63,8 @@ pub(super) async fn pass_through(
                     response.headers_mut().insert(name, value.clone());
                 }
             }
-            set_cache_status(response.headers_mut(), "BYPASS");
-            tracing::Span::current().record("cache", "BYPASS");
+            set_cache_status(response.headers_mut(), CacheStatus::Bypass);
+            tracing::Span::current().record("cache", CacheStatus::Bypass.as_str());
             response
         }
     }

@@ -11,13 +11,14 @@ use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::cache::index::ObjectEntry;
+use crate::cache::index::{ObjectEntry, SliceTable};
 use crate::cache::store::ObjectMeta;
 use crate::error::OriginError;
 use crate::fill::{self, Demand, FillRefused, Requester};
 use crate::http::range::{self, ByteRange, ByteRangeSpec, MultipartPlan, RangeOutcome};
 use crate::http::sendfile::SpanQueue;
 use crate::node::Node;
+use crate::stats::Stats;
 use crate::upstream::router::Route;
 
 /// The status that reports an origin failure to a client.
@@ -99,17 +100,85 @@ pub(super) fn object_headers(headers: &mut HeaderMap, meta: &ObjectMeta) {
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
 }
 
+/// What a content request asks for, as every step of answering it reads it: built once per
+/// request by [`super::serve_routed`] and passed down instead of eight arguments.
+pub(super) struct ContentRequest<'a> {
+    pub(super) node: &'a Arc<Node>,
+    pub(super) route: &'a Route,
+    pub(super) method: &'a Method,
+    pub(super) headers: &'a HeaderMap,
+    /// The parsed `Range` of a GET; `None` when there is none (or it is ignored).
+    pub(super) range_specs: Option<&'a [ByteRangeSpec]>,
+    /// The connection's zero-copy queue, when its stored bytes may leave with `sendfile`.
+    pub(super) spans: Option<SpanQueue>,
+    pub(super) requester: &'a Requester,
+}
+
+/// Where a response's bytes come from, as the `X-Cache` header, the request's log span and the
+/// request counters report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CacheStatus {
+    /// Every byte from disk (also a `304` for a stored object).
+    Hit,
+    /// Every byte from fills started for it or running already.
+    Miss,
+    /// Some bytes from disk, some from fills.
+    Partial,
+    /// Relayed from the origin without storing.
+    Bypass,
+}
+
+impl CacheStatus {
+    /// The header and log value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Partial => "PARTIAL",
+            CacheStatus::Bypass => "BYPASS",
+        }
+    }
+
+    /// The status of a response reading slices `needed` (inclusive runs) of an entry whose
+    /// slice table is `table`.
+    fn of_slices(table: &SliceTable, needed: &[(u64, u64)]) -> CacheStatus {
+        let (stored, total) = needed
+            .iter()
+            .fold((0, 0), |(stored, total), (first, last)| {
+                let present = table.present.count_in(*first, *last);
+                (stored + present, total + (last - first + 1))
+            });
+        if stored == total {
+            CacheStatus::Hit
+        } else if stored == 0 {
+            CacheStatus::Miss
+        } else {
+            CacheStatus::Partial
+        }
+    }
+
+    /// Counts a request answered with this status.
+    pub(super) fn count(self, stats: &Stats) {
+        match self {
+            CacheStatus::Hit => stats.hit_requests.inc(),
+            CacheStatus::Miss => stats.miss_requests.inc(),
+            CacheStatus::Partial => stats.partial_requests.inc(),
+            CacheStatus::Bypass => stats.pass_through_requests.inc(),
+        };
+    }
+}
+
+/// The status, framing and length of a body, and the object bytes it carries.
+struct BodyPlan {
+    status: StatusCode,
+    segments: Vec<Segment>,
+    length: u64,
+}
+
 /// The answer for a known object. Returns `Err` only before anything was committed.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn respond(
-    node: &Arc<Node>,
-    route: &Route,
-    method: &Method,
-    request_headers: &HeaderMap,
-    range_specs: Option<&[ByteRangeSpec]>,
+    request: &ContentRequest<'_>,
     entry: &Arc<ObjectEntry>,
-    spans: Option<SpanQueue>,
-    requester: &Requester,
 ) -> Result<Response<ResponseBody>, NotAnswered> {
     let meta = &entry.meta;
     let mut response = Response::new(ResponseBody::empty());
@@ -121,54 +190,117 @@ pub(super) async fn respond(
             .headers_mut()
             .insert(header::AGE, HeaderValue::from(age.as_secs()));
     }
+    if not_modified(request.headers, meta) {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        set_cache_status(response.headers_mut(), CacheStatus::Hit);
+        return Ok(response);
+    }
+    let Some(selection) = select(request, meta) else {
+        request.node.stats.refused_requests.inc();
+        *response.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+        set_header(
+            response.headers_mut(),
+            header::CONTENT_RANGE,
+            &range::format_unsatisfied_content_range(meta.length),
+        );
+        *response.body_mut() = ResponseBody::full("range not satisfiable\n");
+        return Ok(response);
+    };
+    let whole_object = matches!(selection, Selection::Full);
+    let plan = plan_body(selection, meta, response.headers_mut());
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(plan.length));
+    *response.status_mut() = plan.status;
 
-    // Conditionals first (RFC 9110 §13.2.2): If-None-Match wins over If-Modified-Since.
-    let not_modified = match header_str(request_headers, header::IF_NONE_MATCH) {
+    let slice_len = meta.slice_len;
+    let needed: Vec<(u64, u64)> = plan
+        .segments
+        .iter()
+        .filter_map(|segment| match segment {
+            Segment::Object(range) => Some((range.first / slice_len, range.last / slice_len)),
+            Segment::Framing(_) => None,
+        })
+        .collect();
+    let cache_status = CacheStatus::of_slices(&entry.table(), &needed);
+    set_cache_status(response.headers_mut(), cache_status);
+    tracing::Span::current().record("cache", cache_status.as_str());
+    if *request.method == Method::HEAD {
+        return Ok(response);
+    }
+    let mut demand = Demand::default();
+    for (first, last) in &needed {
+        match fill::ensure_filling(
+            request.node,
+            request.route,
+            entry,
+            *first,
+            *last,
+            request.requester,
+        )
+        .await
+        {
+            Ok(more) => demand.merge(more),
+            Err(refused) => {
+                return Err(NotAnswered::Refused {
+                    refused,
+                    whole_object,
+                })
+            }
+        }
+    }
+    cache_status.count(&request.node.stats);
+    // Commit to this answer only once the first needed slice is known to be coming.
+    if let Some((first_slice, _)) = needed.first() {
+        let first_buffer = entry.table().inflight.get(first_slice).cloned();
+        if let Some(buffer) = first_buffer {
+            buffer.wait_started().await?;
+        }
+    }
+    *response.body_mut() = start_body(request, entry, plan.segments, demand);
+    Ok(response)
+}
+
+/// True when the request's conditionals say the client's copy is current (RFC 9110 §13.2.2:
+/// If-None-Match wins over If-Modified-Since).
+fn not_modified(request_headers: &HeaderMap, meta: &ObjectMeta) -> bool {
+    match header_str(request_headers, header::IF_NONE_MATCH) {
         Some(if_none_match) => range::if_none_match_matches(if_none_match, meta.etag.as_deref()),
         None => header_str(request_headers, header::IF_MODIFIED_SINCE)
             .is_some_and(|since| range::not_modified_since(since, meta.last_modified.as_deref())),
-    };
-    if not_modified {
-        *response.status_mut() = StatusCode::NOT_MODIFIED;
-        set_cache_status(response.headers_mut(), "HIT");
-        return Ok(response);
     }
+}
 
-    let range_applies = range_specs.is_some()
-        && header_str(request_headers, header::IF_RANGE).is_none_or(|if_range| {
+/// Which part of the object the response carries: the whole object, unless a Range applies
+/// (and its If-Range matches). `None` when the Range cannot be satisfied or has too many ranges
+/// (answered `416`).
+fn select(request: &ContentRequest<'_>, meta: &ObjectMeta) -> Option<Selection> {
+    let range_applies = request.range_specs.is_some()
+        && header_str(request.headers, header::IF_RANGE).is_none_or(|if_range| {
             range::if_range_matches(
                 if_range,
                 meta.etag.as_deref(),
                 meta.last_modified.as_deref(),
             )
         });
-    let selection = match range_specs {
-        Some(specs) if range_applies => {
-            match range::resolve_ranges(specs, meta.length, node.max_ranges) {
-                RangeOutcome::Satisfiable(ranges) if ranges.len() == 1 => {
-                    Selection::Single(ranges[0])
-                }
-                RangeOutcome::Satisfiable(ranges) => Selection::Multi(ranges),
-                outcome @ (RangeOutcome::Unsatisfiable | RangeOutcome::TooManyRanges) => {
-                    node.stats.refused_requests.inc();
-                    tracing::info!(?outcome, length = meta.length, "range not satisfiable");
-                    *response.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-                    set_header(
-                        response.headers_mut(),
-                        header::CONTENT_RANGE,
-                        &range::format_unsatisfied_content_range(meta.length),
-                    );
-                    *response.body_mut() = ResponseBody::full("range not satisfiable\n");
-                    return Ok(response);
-                }
-            }
-        }
-        _ => Selection::Full,
+    let Some(specs) = request.range_specs.filter(|_| range_applies) else {
+        return Some(Selection::Full);
     };
+    match range::resolve_ranges(specs, meta.length, request.node.max_ranges) {
+        RangeOutcome::Satisfiable(ranges) if ranges.len() == 1 => {
+            Some(Selection::Single(ranges[0]))
+        }
+        RangeOutcome::Satisfiable(ranges) => Some(Selection::Multi(ranges)),
+        outcome @ (RangeOutcome::Unsatisfiable | RangeOutcome::TooManyRanges) => {
+            tracing::info!(?outcome, length = meta.length, "range not satisfiable");
+            None
+        }
+    }
+}
 
-    let whole_object = matches!(selection, Selection::Full);
-    let headers = response.headers_mut();
-    let (status, segments, body_length): (StatusCode, Vec<Segment>, u64) = match selection {
+/// The status, content headers and body segments for `selection`.
+fn plan_body(selection: Selection, meta: &ObjectMeta, headers: &mut HeaderMap) -> BodyPlan {
+    match selection {
         Selection::Full => {
             if let Some(content_type) = &meta.content_type {
                 set_header(headers, header::CONTENT_TYPE, content_type);
@@ -181,7 +313,11 @@ pub(super) async fn respond(
                     last: meta.length - 1,
                 })]
             };
-            (StatusCode::OK, segments, meta.length)
+            BodyPlan {
+                status: StatusCode::OK,
+                segments,
+                length: meta.length,
+            }
         }
         Selection::Single(range) => {
             if let Some(content_type) = &meta.content_type {
@@ -192,11 +328,11 @@ pub(super) async fn respond(
                 header::CONTENT_RANGE,
                 &range::format_content_range(range, meta.length),
             );
-            (
-                StatusCode::PARTIAL_CONTENT,
-                vec![Segment::Object(range)],
-                range.len(),
-            )
+            BodyPlan {
+                status: StatusCode::PARTIAL_CONTENT,
+                segments: vec![Segment::Object(range)],
+                length: range.len(),
+            }
         }
         Selection::Multi(ranges) => {
             let boundary = format!("outpost-{:016x}", rand::random::<u64>());
@@ -213,73 +349,31 @@ pub(super) async fn respond(
                 segments.push(Segment::Object(*range));
             }
             segments.push(Segment::Framing(plan.trailer.clone()));
-            (StatusCode::PARTIAL_CONTENT, segments, plan.body_len)
-        }
-    };
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_length));
-    *response.status_mut() = status;
-
-    let slice_len = meta.slice_len;
-    let needed: Vec<(u64, u64)> = segments
-        .iter()
-        .filter_map(|segment| match segment {
-            Segment::Object(range) => Some((range.first / slice_len, range.last / slice_len)),
-            Segment::Framing(_) => None,
-        })
-        .collect();
-    let cache_status = {
-        let table = entry.table();
-        let (stored, total) = needed
-            .iter()
-            .fold((0, 0), |(stored, total), (first, last)| {
-                let present = table.present.count_in(*first, *last);
-                (stored + present, total + (last - first + 1))
-            });
-        if stored == total {
-            "HIT"
-        } else if stored == 0 {
-            "MISS"
-        } else {
-            "PARTIAL"
-        }
-    };
-    set_cache_status(response.headers_mut(), cache_status);
-    tracing::Span::current().record("cache", cache_status);
-    if *method == Method::HEAD {
-        return Ok(response);
-    }
-    let mut demand = Demand::default();
-    for (first, last) in &needed {
-        match fill::ensure_filling(node, route, entry, *first, *last, requester).await {
-            Ok(more) => demand.merge(more),
-            Err(refused) => {
-                return Err(NotAnswered::Refused {
-                    refused,
-                    whole_object,
-                })
+            BodyPlan {
+                status: StatusCode::PARTIAL_CONTENT,
+                segments,
+                length: plan.body_len,
             }
         }
     }
-    match cache_status {
-        "HIT" => node.stats.hit_requests.inc(),
-        "MISS" => node.stats.miss_requests.inc(),
-        _ => node.stats.partial_requests.inc(),
-    };
-    // Commit to this answer only once the first needed slice is known to be coming.
-    if let Some((first_slice, _)) = needed.first() {
-        let first_buffer = entry.table().inflight.get(first_slice).cloned();
-        if let Some(buffer) = first_buffer {
-            buffer.wait_started().await?;
-        }
-    }
+}
+
+/// Spawns the producer task that walks `segments` into the body's channel, holding `demand` on
+/// the slices it will read.
+fn start_body(
+    request: &ContentRequest<'_>,
+    entry: &Arc<ObjectEntry>,
+    segments: Vec<Segment>,
+    demand: Demand,
+) -> ResponseBody {
     let (sender, receiver) = mpsc::channel(BODY_CHANNEL_DEPTH);
     let mut producer = BodyProducer {
-        node: node.clone(),
-        route: route.clone(),
+        node: request.node.clone(),
+        route: request.route.clone(),
         entry: entry.clone(),
-        zero_copy: spans.is_some(),
+        zero_copy: request.spans.is_some(),
         sender,
-        requester: requester.clone(),
+        requester: request.requester.clone(),
         demand,
     };
     tokio::spawn(
@@ -288,16 +382,16 @@ pub(super) async fn respond(
         }
         .in_current_span(),
     );
-    *response.body_mut() = ResponseBody {
+    ResponseBody {
         kind: BodyKind::Produced {
             receiver,
-            node: node.clone(),
-            spans,
+            node: request.node.clone(),
+            spans: request.spans.clone(),
         },
-    };
-    Ok(response)
+    }
 }
 
-pub(super) fn set_cache_status(headers: &mut HeaderMap, status: &'static str) {
-    headers.insert("x-cache", HeaderValue::from_static(status));
+/// Sets `X-Cache`.
+pub(super) fn set_cache_status(headers: &mut HeaderMap, status: CacheStatus) {
+    headers.insert("x-cache", HeaderValue::from_static(status.as_str()));
 }

@@ -26,6 +26,7 @@
 //! The table is shared by every worker thread: one lock per accept and per close, never per
 //! request. A connection's own state is atomics.
 
+use outpost_shared::sync::lock;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -343,9 +344,7 @@ impl ConnectionTable {
     }
 
     fn lock(&self) -> MutexGuard<'_, TableInner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner)
     }
 
     /// Makes room for a new connection from `client` and records it, or says no (`None`: close

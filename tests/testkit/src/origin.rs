@@ -7,6 +7,7 @@
 //! statuses. Bodies are streamed as cheap slices of the stored [`Bytes`], so objects of hundreds of
 //! MiB are served without copying them per request.
 
+use outpost_shared::sync::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
@@ -340,15 +341,11 @@ impl OriginShared {
     /// Locks the state, ignoring poisoning: a panicking test thread must not turn every later
     /// assertion of other tests sharing the origin into a confusing poison error.
     fn lock_state(&self) -> MutexGuard<'_, OriginState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     fn lock_connections(&self) -> MutexGuard<'_, ConnectionRegistry> {
-        self.connections
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.connections)
     }
 
     /// Accounts for `length` body bytes handed to hyper, which then owns their transmission. When
@@ -578,9 +575,7 @@ struct FlushSignalState {
 
 impl FlushSignal {
     fn lock(&self) -> MutexGuard<'_, FlushSignalState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     fn completed_flushes(&self) -> u64 {

@@ -2,6 +2,7 @@
 //! relays absolute-form requests (`GET http://host/path`) and `CONNECT host:port` tunnels, can
 //! demand `Proxy-Authorization`, and records what it was asked.
 
+use outpost_shared::sync::lock;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -88,7 +89,7 @@ impl MockProxy {
 
     /// Every request received so far, in order.
     pub fn requests(&self) -> Vec<ProxiedRequest> {
-        self.shared.requests.lock().unwrap().clone()
+        lock(&self.shared.requests).clone()
     }
 }
 
@@ -122,7 +123,7 @@ async fn relay(
     } else {
         request.uri().to_string()
     };
-    shared.requests.lock().unwrap().push(ProxiedRequest {
+    lock(&shared.requests).push(ProxiedRequest {
         method: request.method().to_string(),
         target: target.clone(),
         authorization: authorization.clone(),
