@@ -4,42 +4,37 @@
 //!
 //! # Layout
 //!
-//! A request flows through these modules in this order:
+//! Folders are layers, listed here bottom to top. A module refers only to its own layer or the
+//! layers below it, and no modules refer to each other in a circle (`tests/layering.rs` checks
+//! both; `docs/architecture.md` is the full map).
 //!
-//! - [`server`]: listeners, hyper connections, graceful shutdown.
-//! - [`connections`]: the edge: connection caps (global and per client), header and idle
-//!   timeouts, the open-file limit.
-//! - [`serve`]: the client request handler (conditionals, ranges, body streaming).
-//! - [`router`]: which origin a request is for (MCC, Host-header, proxy, reverse-proxy modes).
-//! - [`origin`]: the allowlist and the pooled HTTP/HTTPS client for origins.
-//! - [`outbound_proxy`]: reaching origins through a corporate HTTP proxy (`upstream.proxy`).
-//! - [`key`]: content identity (cache keys).
-//! - [`index`]: the in-memory object index (moka), bounded by bytes on disk.
-//! - [`fill`]: fetching missing slices once and streaming them to every waiting client.
-//! - [`fill_limits`]: the memory, concurrency and per-client bounds every fill runs under.
-//! - [`freshness`]: what the origin's `Cache-Control` and `Expires` allow: storing, and for how long
-//!   a stored version is served before it is checked again.
-//! - [`store`]: the on-disk layout and crash recovery.
-//! - [`disk`]: the [`disk::Storage`] trait and its backends.
-//! - [`range`]: Range, Content-Range and conditional-request parsing.
-//!
-//! Peering, for peer-clients: [`peering`] (the `/_outpost/v1/` API on the client listener),
-//! [`pieces`] (piece hashes computed during fills, and manifests) and [`tracker`] (which peers
-//! hold which pieces).
-//!
-//! Around them: [`config`] (the one config struct), [`node`] (shared state), [`stats`]
-//! (counters), [`admin`] (the admin listener), [`auth_throttle`] (its per-address throttle of wrong tokens) and [`error`] (typed errors).
+//! - Foundation: [`error`] (typed errors that say where a failure came from) and `stats`
+//!   (the counters behind `/stats` and `/metrics`).
+//! - `http`: Range and conditional parsing, `sendfile`, the per-client key, connection limits.
+//!   [`disk`]: the [`disk::Storage`] trait and its io_uring and portable backends.
+//! - [`cache`]: what an object is and where its bytes live: keys, freshness, the on-disk layout
+//!   and its recovery, the index, the read-while-write slice buffers, piece hashes, the
+//!   discovery lock and the fill budget.
+//! - `upstream`: which origins are allowed and which one a request is for, and the HTTP client
+//!   that reaches them (directly or through an outbound proxy).
+//! - [`peering`]: the `[peering]` settings and the tracker of which peers hold which pieces.
+//! - [`node`]: [`node::Node`], the struct of handles every layer above reads.
+//! - `fill`: fetching missing slices once (discovery, runs, streaming, revalidation).
+//! - `serve`: the content handler (responses, body production, pass-through).
+//! - [`api`]: the peering API on the client listener and the admin listener.
+//! - [`config`]: the one config struct, validated (and parsed, once) into `ValidConfig`.
+//! - [`server`]: start-up, listeners and workers, the dispatcher, connection caps and timeouts.
 
 pub mod api;
 pub mod cache;
 pub mod config;
 pub mod disk;
 pub mod error;
-pub mod fill;
-pub mod http;
+pub(crate) mod fill;
+pub(crate) mod http;
 pub mod node;
 pub mod peering;
-pub mod serve;
+pub(crate) mod serve;
 pub mod server;
-pub mod stats;
-pub mod upstream;
+pub(crate) mod stats;
+pub(crate) mod upstream;

@@ -3,4 +3,4 @@
 
 pub mod admin;
 pub mod auth_throttle;
-pub mod peering;
+pub(crate) mod peering;

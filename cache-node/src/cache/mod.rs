@@ -2,13 +2,13 @@
 //! request handling in it. Keys, freshness rules, the on-disk layout and its recovery, the
 //! in-memory index, piece hashes, and the budget fills run under.
 
-pub mod discovery;
-pub mod fill_limits;
-pub mod freshness;
-pub mod index;
+pub(crate) mod discovery;
+pub(crate) mod fill_limits;
+pub(crate) mod freshness;
+pub(crate) mod index;
 pub mod key;
-pub mod piece_file;
-pub mod piece_state;
-pub mod pieces;
-pub mod slice_buffer;
+pub(crate) mod piece_file;
+pub(crate) mod piece_state;
+pub(crate) mod pieces;
+pub(crate) mod slice_buffer;
 pub mod store;

@@ -34,7 +34,7 @@ pub(crate) struct PieceInner {
     pub(crate) writing: bool,
 }
 
-/// The piece hashes of one [`ObjectEntry`], with a signal for waiters.
+/// The piece hashes of one `ObjectEntry`, with a signal for waiters.
 #[derive(Debug)]
 pub struct PieceState {
     inner: Mutex<PieceInner>,

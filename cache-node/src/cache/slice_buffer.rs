@@ -220,7 +220,7 @@ impl SliceReader {
     }
 }
 
-/// The range-shaped fill state of one object, kept in its [`SliceTable`]: what running fills
+/// The range-shaped fill state of one object, kept in its `SliceTable`: what running fills
 /// have reserved, and which slices responses and prefills want. Its size follows the number of
 /// fills and responses, never the object's length.
 #[derive(Debug, Default)]

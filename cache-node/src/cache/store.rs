@@ -60,7 +60,7 @@ pub struct ObjectMeta {
     pub stored_at_unix: u64,
     /// How long the version is fresh after the origin confirms it, in seconds, from the origin's
     /// `Cache-Control` or `Expires`; absent when the origin said nothing, and
-    /// `upstream.revalidate_after` applies (see [`crate::cache::freshness`]).
+    /// `upstream.revalidate_after` applies (see `crate::cache::freshness`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fresh_for_secs: Option<u64>,
 }

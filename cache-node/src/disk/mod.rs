@@ -12,9 +12,9 @@
 //!   everywhere, and is the fallback when io_uring is unavailable (old kernels, Docker's default
 //!   seccomp profile).
 //!
-//! [`full::ReportsFullDisk`] wraps either and reports writes refused for lack of space.
+//! `full::ReportsFullDisk` wraps either and reports writes refused for lack of space.
 
-pub mod full;
+pub(crate) mod full;
 pub mod pool;
 pub mod portable;
 pub mod uring;

@@ -43,14 +43,14 @@ use discover::*;
 pub use discover::{lookup_or_discover, SliceSpan};
 use revalidate::*;
 pub use revalidate::{revalidate_if_stale, Revalidation};
+pub use runs::ensure_filling;
 use runs::*;
-pub use runs::{ensure_filling, splices_safely};
 use stream::*;
 
-pub use crate::cache::discovery::{DiscoverError, DiscoveryOutcome};
+pub use crate::cache::discovery::DiscoverError;
 pub use crate::cache::fill_limits::{FillRefused, Requester};
 pub use crate::cache::index::Demand;
-pub use crate::cache::slice_buffer::{BufferRead, Claims, SliceBuffer, SliceReader};
+pub use crate::cache::slice_buffer::{BufferRead, SliceBuffer};
 
 #[cfg(test)]
 mod tests {

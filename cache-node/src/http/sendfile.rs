@@ -71,7 +71,8 @@ impl SpanQueue {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// How many recorded spans have not been sent completely (for tests).
+    /// How many recorded spans have not been sent completely.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.lock().len()
     }

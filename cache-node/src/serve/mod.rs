@@ -42,7 +42,7 @@ pub(super) static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
 /// the node's own API elsewhere). Never fails: every problem becomes an HTTP answer.
 ///
 /// `spans` is the connection's zero-copy queue when its socket is a
-/// [`sendfile::ZeroCopyStream`]; stored bytes then leave with `sendfile` on HTTP/1 requests.
+/// [`crate::http::sendfile::ZeroCopyStream`]; stored bytes then leave with `sendfile` on HTTP/1 requests.
 pub async fn handle(
     node: Arc<Node>,
     request: Request<Incoming>,
@@ -188,7 +188,11 @@ pub(super) async fn serve_routed(
             };
         match fill::revalidate_if_stale(node, route, &entry).await {
             fill::Revalidation::Changed if attempt < VERSION_CHANGE_RETRIES => continue,
-            // Served as stored: current, or the origin cannot be asked (stale-if-error).
+            fill::Revalidation::Unreachable(error) => {
+                // Served as stored: the origin cannot be asked (stale-if-error).
+                tracing::debug!(%error, "revalidation impossible; serving the stored version");
+            }
+            // Served as stored: current, or changed again after the last retry.
             _ => {}
         }
         let request = ContentRequest {

@@ -12,7 +12,7 @@
 //!   for its next request, so it cannot give idle connections a longer wait than slow headers,
 //!   and HTTP/2 has nothing like it; the watchdog covers both protocols the same way.)
 //! - **Caps.** A [`ConnectionTable`] counts a listener's connections, in all and per client
-//!   address ([`ClientKey::address`]). Over
+//!   address (`ClientKey::address`). Over
 //!   `server.max_connections_per_client` the address's oldest idle connection is closed to make
 //!   room; at `server.max_connections` the oldest idle connections of any address are, a batch at
 //!   a time. When nothing is idle the new connection is refused: closed at once. A connection is
@@ -127,7 +127,7 @@ pub struct FdLimit {
     pub after: u64,
 }
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit (to [`UNLIMITED_FD_TARGET`] when the hard
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (to `UNLIMITED_FD_TARGET` when the hard
 /// limit is unlimited), so the connection cap derived from it is as high as the system allows.
 pub fn raise_fd_limit() -> io::Result<FdLimit> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};

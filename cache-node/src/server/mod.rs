@@ -12,20 +12,20 @@
 //! client and the counters. A fill runs on the worker whose request started it and feeds clients on
 //! any worker.
 //!
-//! Client sockets are [`ZeroCopyStream`]s, so stored slices go out with `sendfile` (see
-//! [`crate::http::sendfile`]). The admin listener runs on the caller's runtime.
+//! Client sockets are `ZeroCopyStream`s, so stored slices go out with `sendfile` (see
+//! `crate::http::sendfile`). The admin listener runs on the caller's runtime.
 //!
 //! Every accepted connection, on either listener, is first admitted by its listener's
 //! [`ConnectionTable`] (the caps), then served under a watchdog (the header and idle timeouts;
 //! see [`crate::server::connections`]). Requests whose target or `Host` routing cannot trust are
-//! answered 400 here, before the request handler sees them ([`router::check_request`]).
+//! answered 400 here, before the request handler sees them (`router::check_request`).
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind `127.0.0.1:0` and
 //! run many nodes in one process.
 
 pub mod connections;
-pub mod dispatch;
-pub mod startup;
+pub(crate) mod dispatch;
+pub(crate) mod startup;
 
 use std::convert::Infallible;
 use std::future::Future;
