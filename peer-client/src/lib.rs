@@ -21,7 +21,7 @@
 //! # Layout
 //!
 //! Folders are layers, bottom to top; a module imports only from its own layer or the layers
-//! below it, and no two modules import each other.
+//! below it, and no modules refer to each other in a circle (`tests/layering.rs` checks both).
 //!
 //! - Foundation:
 //!   - [`error`]: typed errors with their source and retry class.

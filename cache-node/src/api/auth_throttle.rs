@@ -1,7 +1,7 @@
 //! Failed admin-token attempts per client address, for throttling them: a leaky bucket per
 //! address (an IPv6 /64) that fills by one per failure and drains by one per
-//! [`AUTH_FAILURE_REFILL`]. The admin listener asks it before looking at a token; the node owns
-//! one. Bounded: at most a few thousand addresses are remembered.
+//! [`AUTH_FAILURE_REFILL`]. The admin listener asks it before looking at a token; the server
+//! creates one for the admin listener (`server::run_node`). Bounded: at most a few thousand addresses are remembered.
 
 use outpost_shared::sync::lock;
 use std::collections::HashMap;

@@ -8,8 +8,8 @@
 //! ([`crate::disk::uring::attach_worker_ring`]); with the portable backend it is a plain tokio
 //! current-thread runtime. The request path is the same either way.
 //!
-//! Everything else is shared through the [`Node`]: the index, the fill coordinator, the origin
-//! client and the counters. A fill runs on the worker whose request started it and feeds clients on
+//! Everything else is shared through the [`Node`]: the index, the pending discoveries, the fill
+//! limits, the origin client and the counters. A fill runs on the worker whose request started it and feeds clients on
 //! any worker.
 //!
 //! Client sockets are `ZeroCopyStream`s, so stored slices go out with `sendfile` (see
