@@ -9,8 +9,8 @@
 //! current-thread runtime. The request path is the same either way.
 //!
 //! Everything else is shared through the [`Node`]: the index, the pending discoveries, the fill
-//! limits, the origin client and the counters. A fill runs on the worker whose request started it and feeds clients on
-//! any worker.
+//! limits, the origin client and the counters. A fill runs on the worker whose request started
+//! it and feeds clients on any worker.
 //!
 //! Client sockets are `ZeroCopyStream`s, so stored slices go out with `sendfile` (see
 //! `crate::http::sendfile`). The admin listener runs on the caller's runtime.
