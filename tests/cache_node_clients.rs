@@ -11,23 +11,6 @@ use common::*;
 use outpost_testkit::{pattern_bytes, sha256_hex, MockOrigin};
 use tokio::process::Command;
 
-fn tool_available(name: &str) -> bool {
-    let found = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .output()
-        .map(|output| output.status.success())
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var("OUTPOST_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "{name} is required (OUTPOST_REQUIRE_TOOLS=1) but not installed"
-        );
-        eprintln!("{name} is not installed; skipping its checks");
-    }
-    found
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_ranges_through_the_node_match_the_origin() {
     if !tool_available("curl") {

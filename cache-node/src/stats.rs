@@ -123,6 +123,13 @@ pub struct Stats {
     pub slices_lost: Counter,
     /// Writes that failed because the filesystem was full.
     pub disk_full_events: Counter,
+    /// Requests relayed to their origin with another method than GET or HEAD, never stored.
+    pub relayed_requests: Counter,
+    /// Request body bytes relayed from clients to origins.
+    pub relayed_request_bytes: Counter,
+    /// Stored objects dropped because an unsafe method on their URL (or naming it in
+    /// `Location`/`Content-Location`) succeeded (RFC 9111 §4.4).
+    pub invalidations: Counter,
     cache_effective_max_bytes: Gauge<u64, AtomicU64>,
 }
 
@@ -209,6 +216,12 @@ pub struct StatsSnapshot {
     pub slices_lost: u64,
     /// Writes that failed because the filesystem was full.
     pub disk_full_events: u64,
+    /// Requests relayed with another method than GET or HEAD.
+    pub relayed_requests: u64,
+    /// Request body bytes relayed from clients to origins.
+    pub relayed_request_bytes: u64,
+    /// Stored objects dropped by a successful unsafe method.
+    pub invalidations: u64,
     /// The size the drives really allow together: `cache_max_bytes`, or less after a write
     /// failed for lack of space (see each drive's `effective_max_bytes`).
     pub cache_effective_max_bytes: u64,
@@ -300,6 +313,9 @@ impl Stats {
             slices_verified: Counter::default(),
             slices_lost: Counter::default(),
             disk_full_events: Counter::default(),
+            relayed_requests: Counter::default(),
+            relayed_request_bytes: Counter::default(),
+            invalidations: Counter::default(),
             cache_effective_max_bytes: Gauge::default(),
         };
         let stats = &stats_without_registry;
@@ -486,6 +502,32 @@ impl Stats {
         for (name, help, counter) in store_counters {
             registry.register(name, help, counter.clone());
         }
+        let relay_counters: [(&str, &str, &Counter, Option<Unit>); 3] = [
+            (
+                "relayed_requests",
+                "Requests relayed to origins with another method than GET or HEAD",
+                &stats.relayed_requests,
+                None,
+            ),
+            (
+                "relayed_request",
+                "Request body bytes relayed from clients to origins",
+                &stats.relayed_request_bytes,
+                Some(Unit::Bytes),
+            ),
+            (
+                "invalidations",
+                "Stored objects dropped because an unsafe method on their URL succeeded",
+                &stats.invalidations,
+                None,
+            ),
+        ];
+        for (name, help, counter, unit) in relay_counters {
+            match unit {
+                Some(unit) => registry.register_with_unit(name, help, unit, counter.clone()),
+                None => registry.register(name, help, counter.clone()),
+            }
+        }
         registry.register_with_unit(
             "cache_effective_max",
             "The size the cache drives really allow together: cache_max, or less after a full filesystem",
@@ -631,6 +673,9 @@ impl Stats {
             slices_verified: self.slices_verified.get(),
             slices_lost: self.slices_lost.get(),
             disk_full_events: self.disk_full_events.get(),
+            relayed_requests: self.relayed_requests.get(),
+            relayed_request_bytes: self.relayed_request_bytes.get(),
+            invalidations: self.invalidations.get(),
             cache_effective_max_bytes: self.cache_effective_max_bytes.get(),
         }
     }

@@ -266,6 +266,25 @@ pub async fn request(method: reqwest::Method, url: &str, headers: &[(&str, &str)
     }
 }
 
+/// True when the command-line tool `name` is installed. When it is not, the caller skips its
+/// checks, unless `OUTPOST_REQUIRE_TOOLS=1` (set in CI), where a missing tool is a failure.
+pub fn tool_available(name: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|output| output.status.success())
+        .unwrap_or(false);
+    if !found {
+        assert!(
+            std::env::var("OUTPOST_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "{name} is required (OUTPOST_REQUIRE_TOOLS=1) but not installed"
+        );
+        eprintln!("{name} is not installed; skipping its checks");
+    }
+    found
+}
+
 /// A node running as a child process (for kill -9 scenarios).
 pub struct NodeProcess {
     pub child: Child,

@@ -397,6 +397,20 @@ impl Index {
         self.drive(&entry.key).remove(entry);
     }
 
+    /// Drops the current version of `key`, if there is one (RFC 9111 §4.4: an unsafe method on
+    /// its URL succeeded). Returns whether a version was dropped. A fill still writing it stops
+    /// storing, as it does for any removed entry; the next request discovers the content anew.
+    pub fn invalidate(&self, key: &CacheKey) -> bool {
+        let drive = self.drive(key);
+        match drive.cache.get(key) {
+            Some(entry) => {
+                drive.remove(&entry);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Records that slice `index` of `entry` is now complete on disk and re-weighs the entry,
     /// which may evict others on its drive. Returns false when the entry was removed meanwhile
     /// (the caller deletes the orphan file).

@@ -10,6 +10,7 @@
 mod body;
 mod pass_through;
 mod producer;
+mod relay;
 mod response;
 
 pub use body::{text_response, ResponseBody};
@@ -58,16 +59,10 @@ pub async fn handle(
     );
     let request_id = NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed);
     let method = request.method().clone();
-    if method != Method::GET && method != Method::HEAD {
+    let relayed = relay::RELAYED_METHODS.contains(&method);
+    if method != Method::GET && method != Method::HEAD && !relayed {
         node.stats.refused_requests.inc();
-        let mut response = text_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method {method} is not supported by this cache; use GET or HEAD"),
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return Ok(response);
+        return Ok(method_not_allowed(&method));
     }
     let host_header = request
         .headers()
@@ -93,9 +88,15 @@ pub async fn handle(
         mode = route.mode.as_str(),
         cache = tracing::field::Empty,
     );
-    let response = serve_routed(&node, &route, &method, request.headers(), spans, &requester)
-        .instrument(span.clone())
-        .await;
+    let response = if relayed {
+        relay::relay(&node, &route, request)
+            .instrument(span.clone())
+            .await
+    } else {
+        serve_routed(&node, &route, &method, request.headers(), spans, &requester)
+            .instrument(span.clone())
+            .await
+    };
     span.in_scope(|| {
         tracing::info!(
             method = %method,
@@ -110,6 +111,23 @@ pub async fn handle(
         )
     });
     Ok(response)
+}
+
+/// The `405` for a method the node neither answers nor relays (`CONNECT`, `TRACE` and
+/// extension methods), with the `Allow` field RFC 9110 §15.5.6 asks for.
+pub fn method_not_allowed(method: &Method) -> Response<ResponseBody> {
+    let mut response = text_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "method {method} is not supported by this cache; it answers GET and HEAD and relays \
+             POST, PUT, PATCH, DELETE and OPTIONS to allowed origins"
+        ),
+    );
+    response.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static(relay::ALLOWED_METHODS),
+    );
+    response
 }
 
 /// What part of the object a response carries.

@@ -274,8 +274,15 @@ async fn accept_until(
     }
 }
 
-/// The 400 answer to a request that [`router::check_request`] refuses, if it does.
+/// The 400 answer to a request that [`router::check_request`] refuses, if it does, and the 405
+/// to `CONNECT`, whose authority-form target would otherwise be a 400: the node opens no
+/// tunnels.
 fn refuse_malformed(node: &Node, request: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+    if request.method() == http::Method::CONNECT {
+        node.stats.requests.inc();
+        node.stats.refused_requests.inc();
+        return Some(crate::serve::method_not_allowed(request.method()));
+    }
     let refusal =
         router::check_request(request.version(), request.uri(), request.headers()).err()?;
     node.stats.requests.inc();

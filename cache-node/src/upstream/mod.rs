@@ -5,5 +5,6 @@
 pub mod host_pattern;
 pub mod origin;
 pub mod outbound_proxy;
+pub mod request_body;
 pub mod router;
 pub mod settings;

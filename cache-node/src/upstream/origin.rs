@@ -6,9 +6,7 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, Uri};
-use http_body_util::Empty;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -18,6 +16,7 @@ use crate::cache::freshness::FreshnessPolicy;
 use crate::error::OriginError;
 pub use crate::upstream::host_pattern::HostPattern;
 use crate::upstream::outbound_proxy::{ProxySettings, UpstreamConnector};
+use crate::upstream::request_body::{RelayedBody, UpstreamRequestBody};
 use crate::upstream::settings::UpstreamConfig;
 use prometheus_client::metrics::counter::Counter;
 
@@ -249,10 +248,29 @@ pub struct FetchRequest<'a> {
     pub if_range: Option<String>,
 }
 
+/// A client's request the node relays to its origin unchanged and never stores: `POST`, `PUT`,
+/// `PATCH`, `DELETE`, `OPTIONS`.
+pub struct RelayRequest<'a> {
+    /// Where to connect and which host to name.
+    pub target: &'a OriginTarget,
+    /// Path and query to ask for (`cacheHostOrigin` already removed).
+    pub path_and_query: &'a str,
+    /// The client's method.
+    pub method: Method,
+    /// The client's end-to-end header fields (hop-by-hop fields and `Host` already removed);
+    /// the node adds its own `Via` entry after the client's.
+    pub headers: HeaderMap,
+    /// The client's body, streamed through.
+    pub body: RelayedBody,
+    /// Resolves when the body has been sent (or dropped): the first-byte timeout counts from
+    /// then, so a long upload is not taken for a silent origin.
+    pub body_sent: tokio::sync::oneshot::Receiver<()>,
+}
+
 /// A pooled HTTP/1.1 and HTTP/2 client for origins, with rustls and the webpki root store.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector, UpstreamRequestBody>,
     first_byte_timeout: Duration,
     /// `upstream.proxy`, for the `Proxy-Authorization` of plain requests through it.
     proxy: Option<ProxySettings>,
@@ -315,24 +333,9 @@ impl UpstreamClient {
         request: FetchRequest<'_>,
     ) -> Result<Response<Incoming>, OriginError> {
         self.origin_requests.inc();
-        let url = format!("{}{}", request.target.upstream_base, request.path_and_query);
-        let uri: Uri = url
-            .parse()
-            .map_err(|error| OriginError::Protocol(format!("bad upstream URL {url}: {error}")))?;
-        let mut builder = Request::builder().method(request.method);
+        let mut builder =
+            self.request_builder(request.target, request.path_and_query, request.method)?;
         let headers = builder.headers_mut().expect("a fresh builder has headers");
-        if let Some(authorization) = self
-            .proxy
-            .as_ref()
-            .and_then(|proxy| proxy.authorization_for(&uri))
-        {
-            headers.insert(header::PROXY_AUTHORIZATION, authorization.clone());
-        }
-        let mut builder = builder.uri(uri);
-        let headers = builder.headers_mut().expect("a fresh builder has headers");
-        if let Ok(host) = HeaderValue::from_str(&request.target.host) {
-            headers.insert(header::HOST, host);
-        }
         headers.insert(
             header::USER_AGENT,
             HeaderValue::from_static("outpost-cache-node/0.1"),
@@ -357,15 +360,87 @@ impl UpstreamClient {
             headers.insert(header::IF_RANGE, if_range);
         }
         let http_request = builder
-            .body(Empty::new())
+            .body(UpstreamRequestBody::Empty)
             .map_err(|error| OriginError::Protocol(error.to_string()))?;
-        match tokio::time::timeout(self.first_byte_timeout, self.client.request(http_request)).await
-        {
+        let answer =
+            tokio::time::timeout(self.first_byte_timeout, self.client.request(http_request)).await;
+        match answer {
             Err(_) => Err(OriginError::FirstByteTimeout(self.first_byte_timeout)),
-            Ok(Err(error)) => Err(OriginError::Connect(error_chain(&error))),
+            Ok(answer) => Self::checked_answer(answer),
+        }
+    }
+
+    /// Relays a client's request with its headers and streamed body, and waits for the response
+    /// headers: up to the first-byte timeout after the body was sent. The response body is left
+    /// to the caller. The node's `Via` entry follows the client's (RFC 9110 §7.6.3).
+    pub async fn relay(
+        &self,
+        request: RelayRequest<'_>,
+    ) -> Result<Response<Incoming>, OriginError> {
+        self.origin_requests.inc();
+        let mut builder =
+            self.request_builder(request.target, request.path_and_query, request.method)?;
+        let headers = builder.headers_mut().expect("a fresh builder has headers");
+        for (name, value) in &request.headers {
+            if name != header::HOST {
+                headers.append(name, value.clone());
+            }
+        }
+        headers.append(header::VIA, self.via.clone());
+        let http_request = builder
+            .body(UpstreamRequestBody::Relayed(request.body))
+            .map_err(|error| OriginError::Protocol(error.to_string()))?;
+        let answer = self.client.request(http_request);
+        let first_byte_timeout = self.first_byte_timeout;
+        let deadline = async move {
+            // Sent or dropped: either way the origin has had the whole body it will get.
+            let _ = request.body_sent.await;
+            tokio::time::sleep(first_byte_timeout).await;
+        };
+        tokio::select! {
+            answer = answer => Self::checked_answer(answer),
+            () = deadline => Err(OriginError::FirstByteTimeout(first_byte_timeout)),
+        }
+    }
+
+    /// A request to `target` for `path_and_query`, with `Host` and, through an outbound proxy
+    /// that wants them, its credentials.
+    fn request_builder(
+        &self,
+        target: &OriginTarget,
+        path_and_query: &str,
+        method: Method,
+    ) -> Result<http::request::Builder, OriginError> {
+        let url = format!("{}{}", target.upstream_base, path_and_query);
+        let uri: Uri = url
+            .parse()
+            .map_err(|error| OriginError::Protocol(format!("bad upstream URL {url}: {error}")))?;
+        let mut builder = Request::builder().method(method);
+        let headers = builder.headers_mut().expect("a fresh builder has headers");
+        if let Some(authorization) = self
+            .proxy
+            .as_ref()
+            .and_then(|proxy| proxy.authorization_for(&uri))
+        {
+            headers.insert(header::PROXY_AUTHORIZATION, authorization.clone());
+        }
+        let mut builder = builder.uri(uri);
+        let headers = builder.headers_mut().expect("a fresh builder has headers");
+        if let Ok(host) = HeaderValue::from_str(&target.host) {
+            headers.insert(header::HOST, host);
+        }
+        Ok(builder)
+    }
+
+    /// The origin's answer, or why it is none.
+    fn checked_answer(
+        answer: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+    ) -> Result<Response<Incoming>, OriginError> {
+        match answer {
+            Err(error) => Err(OriginError::Connect(error_chain(&error))),
             // Only a proxy asks for proxy credentials; passing its 407 on would tell the client
             // to authenticate to the node.
-            Ok(Ok(response))
+            Ok(response)
                 if response.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
             {
                 Err(OriginError::Connect(
@@ -373,7 +448,7 @@ impl UpstreamClient {
                         .into(),
                 ))
             }
-            Ok(Ok(response)) => Ok(response),
+            Ok(response) => Ok(response),
         }
     }
 }

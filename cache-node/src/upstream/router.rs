@@ -17,7 +17,9 @@
 use http::{header, HeaderMap, Uri};
 
 use crate::cache::key::{split_cache_host_origin, CacheKey};
-use crate::upstream::origin::{Allowlist, FetchRequest, LookupError, NamedHost, OriginTarget};
+use crate::upstream::origin::{
+    normalise_host, Allowlist, FetchRequest, LookupError, NamedHost, OriginTarget,
+};
 
 /// The path prefix reserved for the node's own API. It never reaches an origin in reverse-proxy
 /// mode; under an origin named by proxy, MCC or Host-header mode it is ordinary content.
@@ -79,6 +81,59 @@ impl Route {
     /// The content identity of this request.
     pub fn cache_key(&self) -> CacheKey {
         CacheKey::new(&self.target.host, &self.path_and_query)
+    }
+
+    /// The cache key of the URL a response's `Location` or `Content-Location` names, when it is
+    /// this route's origin (RFC 9111 §4.4 invalidates only same-origin URLs): a reference
+    /// relative to the request's path, or an absolute `http` or `https` URL with the origin's
+    /// host. `None` for another host, another scheme, or what is no URL at all.
+    pub fn same_origin_key(&self, reference: &str) -> Option<CacheKey> {
+        let reference = reference.trim();
+        if reference.is_empty() {
+            return None;
+        }
+        let path_and_query = if reference.starts_with("//") {
+            // A network-path reference names a host; a scheme-relative one is rare enough in a
+            // `Location` that it is not worth resolving.
+            return None;
+        } else if reference.starts_with('/') {
+            reference.to_owned()
+        } else if let Some((scheme, _)) = reference.split_once("://") {
+            // The key has no scheme (both reach the same stored object), so an `https`
+            // reference to the same host counts: invalidating one object too many is safe.
+            if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+                return None;
+            }
+            let uri: Uri = reference.parse().ok()?;
+            let authority = uri.authority()?;
+            if normalise_host(authority.as_str()).as_deref() != Some(self.target.host.as_str()) {
+                return None;
+            }
+            uri.path_and_query()
+                .map_or_else(|| "/".to_owned(), ToString::to_string)
+        } else {
+            // A path relative to the request's directory (RFC 3986 §5.2.3). Dot segments and
+            // anything with a space or a colon before its first slash are not resolved.
+            let first_segment = reference.split('/').next().unwrap_or("");
+            if reference.starts_with('.')
+                || first_segment.contains(':')
+                || reference.contains(char::is_whitespace)
+            {
+                return None;
+            }
+            let request_path = self.path_and_query.split(['?', '#']).next().unwrap_or("/");
+            let directory = &request_path[..=request_path.rfind('/').unwrap_or(0)];
+            format!("{directory}{reference}")
+        };
+        let path_and_query = path_and_query.split('#').next().unwrap_or("/");
+        let path_and_query = match path_and_query.split_once('?') {
+            Some((path, query)) => match split_cache_host_origin(query).0 {
+                query if query.is_empty() => path.to_owned(),
+                query => format!("{path}?{query}"),
+            },
+            None => path_and_query.to_owned(),
+        };
+        Some(CacheKey::new(&self.target.host, &path_and_query))
     }
 }
 
@@ -327,6 +382,51 @@ mod tests {
                 route.path_and_query.clone(),
             )
         })
+    }
+
+    #[test]
+    fn only_same_origin_locations_name_a_cache_key() {
+        let list = allowlist(None);
+        let route = route(
+            &list,
+            &"/pool/main/a/b.deb?cacheHostOrigin=deb.debian.org"
+                .parse()
+                .unwrap(),
+            None,
+        )
+        .unwrap();
+        let table: &[(&str, Option<&str>)] = &[
+            ("/pool/x.deb", Some("deb.debian.org/pool/x.deb")),
+            ("http://deb.debian.org/y?v=1", Some("deb.debian.org/y?v=1")),
+            ("http://DEB.debian.org:80/y#frag", Some("deb.debian.org/y")),
+            ("c.deb", Some("deb.debian.org/pool/main/a/c.deb")),
+            (
+                "/z?cacheHostOrigin=deb.debian.org&k=2",
+                Some("deb.debian.org/z?k=2"),
+            ),
+            ("http://other.org/pool/x.deb", None),
+            (
+                "https://deb.debian.org/pool/x.deb",
+                Some("deb.debian.org/pool/x.deb"),
+            ),
+            ("http://deb.debian.org:8080/pool/x.deb", None),
+            ("ftp://deb.debian.org/pool/x.deb", None),
+            ("mailto:x@deb.debian.org", None),
+            ("//other.org/pool/x.deb", None),
+            ("../up.deb", None),
+            ("", None),
+            ("not a url", None),
+        ];
+        for (reference, expected) in table {
+            assert_eq!(
+                route
+                    .same_origin_key(reference)
+                    .as_ref()
+                    .map(CacheKey::as_str),
+                *expected,
+                "{reference:?}"
+            );
+        }
     }
 
     #[test]

@@ -113,6 +113,8 @@ pub struct RecordedRequest {
     pub if_range: Option<String>,
     /// Every header in arrival order, with lowercase names and values decoded lossily as UTF-8.
     pub headers: Vec<(String, String)>,
+    /// The request body as received (empty for GET and HEAD, whose bodies are not read).
+    pub body: Bytes,
 }
 
 impl RecordedRequest {
@@ -676,6 +678,9 @@ async fn respond(
     flush_signal: Arc<FlushSignal>,
     request: Request<Incoming>,
 ) -> Result<Response<MockResponseBody>, Infallible> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return Ok(respond_to_other_method(shared, flush_signal, request).await);
+    }
     let recorded_request = record_request(&request);
     let snapshot = {
         let mut state = shared.lock_state();
@@ -712,7 +717,9 @@ async fn respond(
             .expect("mock origin: status_override must be a valid HTTP status code");
         let body_sender = BodySender::new(shared, flush_signal, None, 0);
         let text = format!("mock origin: status override {status_code}\n");
-        return Ok(short_text_response(status, &text, body_sender));
+        let mut response = short_text_response(status, &text, body_sender);
+        add_behaviour_headers(&mut response, &snapshot.behaviour);
+        return Ok(response);
     }
 
     let is_head = request.method() == Method::HEAD;
@@ -740,6 +747,110 @@ async fn respond(
         is_head,
         BodySender::new(shared, flush_signal, None, 0),
     ))
+}
+
+/// Answers `POST`, `PUT`, `PATCH`, `DELETE`, `OPTIONS` and anything else that is not GET or
+/// HEAD, after reading the whole body (recorded with the request). An object's
+/// `status_override` wins; otherwise `PUT` replaces the object with the body (as
+/// [`MockOrigin::put`] does, keeping its behaviour) and answers `201` or `204`, `DELETE` removes
+/// it (`204`, or `404` when there is none), `OPTIONS` answers `204` with `Allow`, and `POST` and
+/// `PATCH` answer `200` with a text naming the method, the length and the content type received.
+/// The object's `headers` are added to every answer but `OPTIONS`'s.
+async fn respond_to_other_method(
+    shared: Arc<OriginShared>,
+    flush_signal: Arc<FlushSignal>,
+    request: Request<Incoming>,
+) -> Response<MockResponseBody> {
+    use http_body_util::BodyExt;
+    let mut recorded_request = record_request(&request);
+    let body = match request.into_body().collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    recorded_request.body = body.clone();
+    let path = recorded_request.path.clone();
+    let method = recorded_request.method.clone();
+    let (existing_behaviour, status) = {
+        let mut state = shared.lock_state();
+        state.requests.push(recorded_request.clone());
+        let existing_behaviour = state
+            .objects
+            .get(&path)
+            .map(|object| object.behaviour.clone());
+        let overridden = existing_behaviour
+            .as_ref()
+            .and_then(|behaviour| behaviour.status_override);
+        let status = match (overridden, method.as_str()) {
+            (Some(code), _) => code,
+            (None, "PUT") => {
+                let etag = etag_for_content(&body);
+                let object_id = state.next_object_id;
+                state.next_object_id += 1;
+                let fetch_counts = ByteFetchCounter::new(body.len() as u64);
+                let replaced = state.objects.insert(
+                    path.clone(),
+                    StoredObject {
+                        object_id,
+                        content: body.clone(),
+                        etag,
+                        behaviour: existing_behaviour.clone().unwrap_or_default(),
+                        fetch_counts,
+                    },
+                );
+                if replaced.is_some() {
+                    204
+                } else {
+                    201
+                }
+            }
+            (None, "DELETE") => {
+                if state.objects.remove(&path).is_some() {
+                    204
+                } else {
+                    404
+                }
+            }
+            (None, "OPTIONS") => 204,
+            (None, _) => 200,
+        };
+        (existing_behaviour, status)
+    };
+    let status =
+        StatusCode::from_u16(status).expect("mock origin: status_override must be a valid status");
+    let body_sender = BodySender::new(shared, flush_signal, None, 0);
+    let text = if status == StatusCode::NO_CONTENT {
+        String::new()
+    } else {
+        let content_type = recorded_request.header("content-type").unwrap_or("-");
+        format!(
+            "mock origin: {method} of {} bytes ({content_type})\n",
+            body.len()
+        )
+    };
+    let mut response = short_text_response(status, &text, body_sender);
+    if status == StatusCode::NO_CONTENT {
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+        response.headers_mut().remove(header::CONTENT_TYPE);
+    }
+    if method == "OPTIONS" {
+        response.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+    } else if let Some(behaviour) = &existing_behaviour {
+        add_behaviour_headers(&mut response, behaviour);
+    }
+    response
+}
+
+/// Adds an object's extra [`Behaviour::headers`] to an answer that is not its content.
+fn add_behaviour_headers(response: &mut Response<MockResponseBody>, behaviour: &Behaviour) {
+    for (name, value) in &behaviour.headers {
+        response.headers_mut().append(
+            *name,
+            HeaderValue::from_str(value).expect("mock origin: header values are valid text"),
+        );
+    }
 }
 
 fn record_request(request: &Request<Incoming>) -> RecordedRequest {
@@ -772,6 +883,7 @@ fn record_request(request: &Request<Incoming>) -> RecordedRequest {
         range: header_text(header::RANGE),
         if_range: header_text(header::IF_RANGE),
         headers,
+        body: Bytes::new(),
     }
 }
 
