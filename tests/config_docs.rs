@@ -161,6 +161,7 @@ fn every_config_field_of_both_programs_is_documented_with_its_environment_variab
 
     let mut cache_node_config = cache_node::config::Config {
         origin: vec![cache_node::config::OriginConfig::default()],
+        content_set: vec![cache_node::config::ContentSetConfig::default()],
         ..cache_node::config::Config::default()
     };
     cache_node_config.storage.extra_drives = vec![cache_node::config::DriveConfig::default()];

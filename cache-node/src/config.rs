@@ -13,9 +13,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::freshness::FreshnessPolicy;
+use crate::upstream::address_policy;
 use crate::upstream::origin::{AllowedOrigin, Allowlist, HostPattern, OriginTarget};
 
-pub use crate::upstream::settings::{OriginConfig, UpstreamConfig};
+pub use crate::upstream::settings::{ContentSetConfig, OriginConfig, UpstreamConfig};
 
 /// The most worker threads `server.workers` accepts.
 const MAX_WORKERS: usize = 1024;
@@ -59,6 +60,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The origin allowlist: one `[[origin]]` table per allowed origin host.
     pub origin: Vec<OriginConfig>,
+    /// Settings of content sets (`[[content_set]]`), for sets that need any.
+    pub content_set: Vec<ContentSetConfig>,
     /// Piece manifests and the peer tracker for peer-clients.
     pub peering: crate::peering::PeeringConfig,
     /// Bounds on origin fills: memory, concurrency, per-client caps.
@@ -434,10 +437,32 @@ impl Config {
             }
             None => None,
         };
+        let host_headers = validate_content_sets(&self.content_set, &self.origin)?;
         let mut allowed = Vec::with_capacity(self.origin.len());
         for (index, origin) in self.origin.iter().enumerate() {
-            let pattern = HostPattern::parse(&origin.host)
-                .map_err(|message| invalid(&format!("origin[{index}].host"), message))?;
+            if origin.host.trim().is_empty() && origin.cidr.is_empty() {
+                return Err(invalid(
+                    &format!("origin[{index}].host"),
+                    "an [[origin]] needs a host pattern, cidr ranges or both, e.g. host = \"*.dl.delivery.mp.microsoft.com\" or cidr = [\"203.0.113.0/24\"]",
+                ));
+            }
+            let pattern = if origin.host.trim().is_empty() {
+                None
+            } else {
+                Some(
+                    HostPattern::parse(&origin.host)
+                        .map_err(|message| invalid(&format!("origin[{index}].host"), message))?,
+                )
+            };
+            let ranges = origin
+                .cidr
+                .iter()
+                .map(|text| address_policy::parse_cidr(text))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|message| invalid(&format!("origin[{index}].cidr"), message))?;
+            if let Some(name) = &origin.content_set {
+                check_content_set_name(&format!("origin[{index}].content_set"), name)?;
+            }
             if let Some(url) = &origin.upstream {
                 check_upstream_url(&format!("origin[{index}].upstream"), url)?;
             }
@@ -453,6 +478,12 @@ impl Config {
             }
             allowed.push(AllowedOrigin {
                 pattern,
+                ranges,
+                host_header: origin
+                    .content_set
+                    .as_ref()
+                    .and_then(|name| host_headers.get(name).cloned()),
+                content_set: origin.content_set.clone(),
                 upstream: origin
                     .upstream
                     .as_ref()
@@ -510,6 +541,72 @@ impl Config {
             verify_hits,
         })
     }
+}
+
+/// The longest content set name.
+const MAX_CONTENT_SET_NAME_LEN: usize = 63;
+
+fn check_content_set_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let well_formed = !name.is_empty()
+        && name.len() <= MAX_CONTENT_SET_NAME_LEN
+        && name.bytes().all(|byte| {
+            byte.is_ascii_lowercase() || byte.is_ascii_digit() || matches!(byte, b'-' | b'_' | b'.')
+        });
+    if well_formed {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!(
+                "\"{name}\" is not a content set name; use up to {MAX_CONTENT_SET_NAME_LEN} lower-case letters, digits, '-', '_' or '.', e.g. \"windows-update\""
+            ),
+        ))
+    }
+}
+
+/// Checks the `[[content_set]]` tables and returns each set's `host_header`, by name. A table
+/// must name a set some `[[origin]]` uses (a typo would silently do nothing), once.
+fn validate_content_sets(
+    content_sets: &[ContentSetConfig],
+    origins: &[OriginConfig],
+) -> Result<std::collections::HashMap<String, String>, ConfigError> {
+    let mut host_headers = std::collections::HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for (index, content_set) in content_sets.iter().enumerate() {
+        let key = |field: &str| format!("content_set[{index}].{field}");
+        check_content_set_name(&key("name"), &content_set.name)?;
+        if !seen.insert(content_set.name.as_str()) {
+            return Err(invalid(
+                &key("name"),
+                format!(
+                    "\"{}\" has another [[content_set]] table above; merge them",
+                    content_set.name
+                ),
+            ));
+        }
+        let used = origins
+            .iter()
+            .any(|origin| origin.content_set.as_deref() == Some(content_set.name.as_str()));
+        if !used {
+            return Err(invalid(
+                &key("name"),
+                format!(
+                    "no [[origin]] has content_set = \"{}\"; name the set in the origins it groups",
+                    content_set.name
+                ),
+            ));
+        }
+        if let Some(host_header) = &content_set.host_header {
+            let host = crate::upstream::origin::normalise_host(host_header).ok_or_else(|| {
+                invalid(
+                    &key("host_header"),
+                    format!("\"{host_header}\" is not a host; use e.g. \"dl.delivery.mp.microsoft.com\""),
+                )
+            })?;
+            host_headers.insert(content_set.name.clone(), host);
+        }
+    }
+    Ok(host_headers)
 }
 
 fn parse_cache_control(
@@ -847,6 +944,94 @@ upstream = "http://127.0.0.1:9"
             (
                 Box::new(|c| c.storage.verify_hits = f64::NAN),
                 "storage.verify_hits:",
+            ),
+        ];
+        assert_each_refused(cases);
+    }
+
+    #[test]
+    fn address_ranges_and_content_sets_are_validated() {
+        fn origin(host: &str, cidr: &[&str], content_set: Option<&str>) -> OriginConfig {
+            OriginConfig {
+                host: host.into(),
+                cidr: cidr.iter().map(|text| (*text).to_owned()).collect(),
+                content_set: content_set.map(str::to_owned),
+                ..Default::default()
+            }
+        }
+        let mut good = valid_base();
+        good.origin = vec![
+            origin("", &["203.0.113.0/24", "2001:db8::/32"], Some("cdn")),
+            origin("*.cdn.example", &[], Some("cdn")),
+        ];
+        good.content_set = vec![ContentSetConfig {
+            name: "cdn".into(),
+            host_header: Some("Dl.CDN.example".into()),
+        }];
+        let allowlist = good.validate().unwrap().allowlist;
+        let by_address = allowlist.resolve("203.0.113.9").unwrap();
+        assert_eq!(by_address.content_set.as_deref(), Some("cdn"));
+        assert_eq!(by_address.host_header.as_deref(), Some("dl.cdn.example"));
+        assert_eq!(by_address.upstream_base, "http://203.0.113.9");
+        assert!(allowlist.resolve("[2001:db8::1]").is_ok());
+        assert!(allowlist.resolve("198.51.100.1").is_err());
+        let cdn_set = |c: &mut Config| {
+            c.origin = vec![origin("a.example", &[], Some("cdn"))];
+        };
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|c| c.origin = vec![origin("", &[], None)]),
+                "origin[0].host: an [[origin]] needs a host pattern, cidr ranges or both",
+            ),
+            (
+                Box::new(|c| c.origin = vec![origin("", &["203.0.113.0/33"], None)]),
+                "origin[0].cidr: \"203.0.113.0/33\" is not an address range",
+            ),
+            (
+                Box::new(|c| c.origin = vec![origin("", &["203.0.113.9/24"], None)]),
+                "origin[0].cidr: \"203.0.113.9/24\" has bits set after the prefix",
+            ),
+            (
+                Box::new(|c| c.origin = vec![origin("a.example", &[], Some("Windows Update"))]),
+                "origin[0].content_set: \"Windows Update\" is not a content set name",
+            ),
+            (
+                Box::new(move |c| {
+                    cdn_set(c);
+                    c.content_set = vec![ContentSetConfig {
+                        name: "cnd".into(),
+                        host_header: None,
+                    }];
+                }),
+                "content_set[0].name: no [[origin]] has content_set = \"cnd\"",
+            ),
+            (
+                Box::new(move |c| {
+                    cdn_set(c);
+                    c.content_set = vec![ContentSetConfig::default()];
+                }),
+                "content_set[0].name: \"\" is not a content set name",
+            ),
+            (
+                Box::new(move |c| {
+                    cdn_set(c);
+                    let table = ContentSetConfig {
+                        name: "cdn".into(),
+                        host_header: None,
+                    };
+                    c.content_set = vec![table.clone(), table];
+                }),
+                "content_set[1].name: \"cdn\" has another [[content_set]] table above",
+            ),
+            (
+                Box::new(move |c| {
+                    cdn_set(c);
+                    c.content_set = vec![ContentSetConfig {
+                        name: "cdn".into(),
+                        host_header: Some("a b".into()),
+                    }];
+                }),
+                "content_set[0].host_header: \"a b\" is not a host",
             ),
         ];
         assert_each_refused(cases);

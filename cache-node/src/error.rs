@@ -21,6 +21,10 @@ pub enum OriginError {
     /// No connection could be opened (refused, DNS, TLS handshake, connect timeout).
     #[error("cannot connect to origin: {0}")]
     Connect(String),
+    /// The origin's name resolves only to addresses the node may not fetch from (loopback, the
+    /// office network...); nothing was connected. Answered with 403, like a refused literal.
+    #[error("{0}")]
+    AddressRefused(String),
     /// The origin accepted the request but sent no response headers in time.
     #[error("origin sent no response within {0:?}")]
     FirstByteTimeout(std::time::Duration),
@@ -59,7 +63,10 @@ pub enum OriginError {
 impl OriginError {
     /// True when the same request may succeed if tried again.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, OriginError::Status(400..=499))
+        !matches!(
+            self,
+            OriginError::Status(400..=499) | OriginError::AddressRefused(_)
+        )
     }
 }
 

@@ -1,7 +1,10 @@
 //! Content identity: the cache key of a request, and the stable on-disk name derived from it.
 //!
 //! A key is the origin host, the path and the query with `cacheHostOrigin` removed, so the same
-//! content reached in MCC mode, Host-header mode or proxy mode is stored once.
+//! content reached in MCC mode, Host-header mode or proxy mode is stored once. An origin in a
+//! content set is keyed by the set instead of the host (`set:<name>` + path and query), so the
+//! same file reached under several names and addresses is stored once too. No host can be
+//! written `set:<name>` (a port is digits), so the two kinds of key never meet.
 
 use sha2::{Digest, Sha256};
 
@@ -18,6 +21,13 @@ impl CacheKey {
     pub fn new(host: &str, path_and_query: &str) -> CacheKey {
         CacheKey {
             text: format!("{host}{path_and_query}"),
+        }
+    }
+
+    /// Builds the key of an object of a content set (see the module documentation).
+    pub fn in_content_set(content_set: &str, path_and_query: &str) -> CacheKey {
+        CacheKey {
+            text: format!("{CONTENT_SET_PREFIX}{content_set}{path_and_query}"),
         }
     }
 
@@ -41,6 +51,9 @@ impl CacheKey {
         outpost_shared::wire::ContentId(Sha256::digest(self.text.as_bytes()).into())
     }
 }
+
+/// What a content set's keys start with.
+pub const CONTENT_SET_PREFIX: &str = "set:";
 
 /// Removes every `cacheHostOrigin` parameter from a raw query string, keeping the other
 /// parameters byte for byte and in order. Returns the remaining query (possibly empty) and the
@@ -142,6 +155,15 @@ mod tests {
             CacheKey::new("h.example", "/f?x=1").object_id()
         );
         assert_ne!(a.object_id(), b.object_id());
+    }
+
+    #[test]
+    fn content_set_keys_are_shared_by_hosts_and_differ_from_host_keys() {
+        let set = CacheKey::in_content_set("windows-update", "/f?x=1");
+        assert_eq!(set.as_str(), "set:windows-update/f?x=1");
+        assert_eq!(set, CacheKey::in_content_set("windows-update", "/f?x=1"));
+        assert_ne!(set, CacheKey::in_content_set("debian", "/f?x=1"));
+        assert_ne!(set, CacheKey::new("windows-update", "/f?x=1"));
     }
 
     #[test]

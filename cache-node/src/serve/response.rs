@@ -28,6 +28,9 @@ pub(crate) fn origin_failure_status(error: &OriginError) -> StatusCode {
         OriginError::FirstByteTimeout(_) | OriginError::IdleTimeout(_) => {
             StatusCode::GATEWAY_TIMEOUT
         }
+        // Found when resolving, before any connection: the same refusal as a disallowed
+        // literal, so a Delivery Optimization client bans this cache for the origin at once.
+        OriginError::AddressRefused(_) => StatusCode::FORBIDDEN,
         _ => StatusCode::BAD_GATEWAY,
     }
 }

@@ -85,6 +85,7 @@ impl Node {
             client: UpstreamClient::new(
                 &config.raw.upstream,
                 config.proxy.clone(),
+                config.allowlist.address_policy(),
                 stats.origin_requests.clone(),
             ),
             index,

@@ -1,7 +1,9 @@
-//! Everything about origins: which hosts may be fetched (the allowlist), which origin a request
+//! Everything about origins: which hosts and addresses may be fetched (the allowlist and the
+//! address policy), which origin a request
 //! is for (routing), and the pooled HTTP/HTTPS client that reaches them, directly or through an
 //! outbound proxy.
 
+pub mod address_policy;
 pub mod host_pattern;
 pub mod origin;
 pub mod outbound_proxy;

@@ -2,8 +2,13 @@
 //! (the optional `upstream` override), and the pooled HTTP/HTTPS client that does the fetching.
 //!
 //! The allowlist is what keeps the node from being an open proxy: a host that matches no
-//! `[[origin]]` entry is never contacted.
+//! `[[origin]]` entry is never contacted. An `[[origin]]` allows host names (a pattern), IP
+//! literals (`cidr` ranges, checked with `upstream::address_policy`), or both; it may put its
+//! objects in a content set, so one file reached under several names and addresses is stored
+//! once.
 
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri};
@@ -11,11 +16,13 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use ipnet::IpNet;
 
 use crate::cache::freshness::FreshnessPolicy;
 use crate::error::OriginError;
+use crate::upstream::address_policy::{self, AddressPolicy, AddressRefusal, NameRefused};
 pub use crate::upstream::host_pattern::HostPattern;
-use crate::upstream::outbound_proxy::{ProxySettings, UpstreamConnector};
+use crate::upstream::outbound_proxy::{OriginResolver, ProxySettings, UpstreamConnector};
 use crate::upstream::request_body::{RelayedBody, UpstreamRequestBody};
 use crate::upstream::settings::UpstreamConfig;
 use prometheus_client::metrics::counter::Counter;
@@ -31,6 +38,24 @@ pub struct OriginTarget {
     pub upstream_base: String,
     /// How long its stored versions stay fresh, and whether its `Cache-Control` counts.
     pub policy: FreshnessPolicy,
+    /// The content set its objects belong to: keyed by set, path and query instead of host.
+    pub content_set: Option<String>,
+    /// The `Host` to send upstream when it is not [`OriginTarget::host`] (the set's
+    /// `host_header`).
+    pub host_header: Option<String>,
+    /// Who chose where the node connects, which decides whether the addresses are checked.
+    pub chosen_by: ChosenBy,
+}
+
+/// Who chose the host the node connects to for an origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChosenBy {
+    /// The client named it: what a name resolves to is checked against the
+    /// [`AddressPolicy`] before anything is connected.
+    Client,
+    /// The admin wrote it (`[[origin]] upstream`, `server.default_upstream`): a parent cache or
+    /// mirror on the LAN, or a test origin on loopback, reached wherever it resolves.
+    Admin,
 }
 
 /// The allowlist built from `[[origin]]` tables and `[server] default_upstream`.
@@ -38,13 +63,21 @@ pub struct OriginTarget {
 pub struct Allowlist {
     entries: Vec<AllowedOrigin>,
     default_upstream: Option<OriginTarget>,
+    /// What names a client names may resolve to (every entry's `cidr` together).
+    address_policy: Arc<AddressPolicy>,
 }
 
 /// One `[[origin]]` table, parsed.
 #[derive(Debug, Clone)]
 pub struct AllowedOrigin {
-    /// `host`.
-    pub pattern: HostPattern,
+    /// `host`, if set.
+    pub pattern: Option<HostPattern>,
+    /// `cidr`: the IP literals this origin allows.
+    pub ranges: Vec<IpNet>,
+    /// `content_set`, if set.
+    pub content_set: Option<String>,
+    /// The `host_header` of its `[[content_set]]`, if set.
+    pub host_header: Option<String>,
     /// `upstream`, without a trailing `/`.
     pub upstream: Option<String>,
     /// The freshness settings for this origin (its own or the global ones).
@@ -70,6 +103,15 @@ pub enum LookupError {
         /// The port the client named.
         port: u16,
     },
+    /// An IP literal in a special-purpose block (private, loopback, link-local...) that no
+    /// configured range lists explicitly.
+    #[error("origin {host:?} is refused: {refusal}")]
+    AddressRefused {
+        /// The literal as the client named it, normalised.
+        host: String,
+        /// Why.
+        refusal: AddressRefusal,
+    },
 }
 
 impl OriginTarget {
@@ -82,6 +124,9 @@ impl OriginTarget {
             host,
             upstream_base: url.trim_end_matches('/').to_owned(),
             policy,
+            content_set: None,
+            host_header: None,
+            chosen_by: ChosenBy::Admin,
         })
     }
 }
@@ -90,10 +135,60 @@ impl Allowlist {
     /// The allowlist of parsed `[[origin]]` tables (first match wins) and the reverse-proxy
     /// mode's `server.default_upstream`.
     pub fn new(entries: Vec<AllowedOrigin>, default_upstream: Option<OriginTarget>) -> Allowlist {
+        let ranges = entries
+            .iter()
+            .flat_map(|allowed| allowed.ranges.iter().copied())
+            .collect();
         Allowlist {
             entries,
             default_upstream,
+            address_policy: Arc::new(AddressPolicy::new(ranges)),
         }
+    }
+
+    /// What names a client names may resolve to, for the connector.
+    pub fn address_policy(&self) -> Arc<AddressPolicy> {
+        Arc::clone(&self.address_policy)
+    }
+
+    /// The entry that allows `named`: by host pattern for a name; for an IP literal, by a `cidr`
+    /// range (see [`address_policy::range_allows`]) or a `host` that is exactly that literal
+    /// (the admin wrote the address). Wildcard patterns never match literals.
+    fn find(&self, named: &NamedHost) -> Result<&AllowedOrigin, LookupError> {
+        let Some(literal) = named.ip_literal() else {
+            return self
+                .entries
+                .iter()
+                .find(|allowed| {
+                    allowed
+                        .pattern
+                        .as_ref()
+                        .is_some_and(|pattern| pattern.matches(&named.name))
+                })
+                .ok_or_else(|| LookupError::NotAllowed(named.canonical()));
+        };
+        let mut refusal = None;
+        for allowed in &self.entries {
+            if matches!(&allowed.pattern, Some(HostPattern::Exact(exact)) if *exact == named.name) {
+                return Ok(allowed);
+            }
+            for range in &allowed.ranges {
+                match address_policy::range_allows(range, literal) {
+                    Ok(true) => return Ok(allowed),
+                    Ok(false) => {}
+                    Err(refused) => {
+                        refusal.get_or_insert(refused);
+                    }
+                }
+            }
+        }
+        Err(match refusal {
+            Some(refusal) => LookupError::AddressRefused {
+                host: named.canonical(),
+                refusal,
+            },
+            None => LookupError::NotAllowed(named.canonical()),
+        })
     }
 
     /// Looks up a host named by a client (with or without a port). Returns `None` when the host
@@ -109,11 +204,7 @@ impl Allowlist {
     pub fn resolve(&self, raw_host: &str) -> Result<OriginTarget, LookupError> {
         let named = NamedHost::parse(raw_host)
             .ok_or_else(|| LookupError::Malformed(raw_host.to_owned()))?;
-        let allowed = self
-            .entries
-            .iter()
-            .find(|allowed| allowed.pattern.matches(&named.name))
-            .ok_or_else(|| LookupError::NotAllowed(named.canonical()))?;
+        let allowed = self.find(&named)?;
         let port = named.effective_port();
         if !DEFAULT_ORIGIN_PORTS.contains(&port) && !allowed.ports.contains(&port) {
             return Err(LookupError::PortNotAllowed {
@@ -130,6 +221,13 @@ impl Allowlist {
             host,
             upstream_base,
             policy: allowed.policy,
+            content_set: allowed.content_set.clone(),
+            host_header: allowed.host_header.clone(),
+            chosen_by: if allowed.upstream.is_some() {
+                ChosenBy::Admin
+            } else {
+                ChosenBy::Client
+            },
         })
     }
 
@@ -209,6 +307,14 @@ impl NamedHost {
         Some(NamedHost { name, port })
     }
 
+    /// The address, when the host is an IPv4 literal or a bracketed IPv6 one.
+    pub fn ip_literal(&self) -> Option<IpAddr> {
+        match self.name.strip_prefix('[') {
+            Some(bracketed) => bracketed.strip_suffix(']')?.parse().ok(),
+            None => self.name.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4),
+        }
+    }
+
     /// The port a connection to this host would use: the named one, else 80.
     pub fn effective_port(&self) -> u16 {
         self.port.unwrap_or(80)
@@ -267,10 +373,13 @@ pub struct RelayRequest<'a> {
     pub body_sent: tokio::sync::oneshot::Receiver<()>,
 }
 
-/// A pooled HTTP/1.1 and HTTP/2 client for origins, with rustls and the webpki root store.
+/// Pooled HTTP/1.1 and HTTP/2 clients for origins, with rustls and the webpki root store.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector, UpstreamRequestBody>,
+    /// For hosts a client named ([`ChosenBy::Client`]): names are resolved, then checked.
+    checked: Client<HttpsConnector, UpstreamRequestBody>,
+    /// For hosts the admin configured ([`ChosenBy::Admin`]).
+    trusted: Client<HttpsConnector, UpstreamRequestBody>,
     first_byte_timeout: Duration,
     /// `upstream.proxy`, for the `Proxy-Authorization` of plain requests through it.
     proxy: Option<ProxySettings>,
@@ -286,26 +395,36 @@ impl UpstreamClient {
     pub fn new(
         settings: &UpstreamConfig,
         proxy: Option<ProxySettings>,
+        address_policy: Arc<AddressPolicy>,
         origin_requests: Counter,
     ) -> UpstreamClient {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(settings.connect_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .expect("the ring provider supports the default TLS versions")
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(UpstreamConnector::new(http, proxy.clone()));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-            .build(https);
+        let build = |resolver: OriginResolver| {
+            let mut direct = HttpConnector::new_with_resolver(resolver);
+            direct.enforce_http(false);
+            direct.set_nodelay(true);
+            direct.set_connect_timeout(Some(settings.connect_timeout));
+            let mut to_proxy = HttpConnector::new();
+            to_proxy.enforce_http(false);
+            to_proxy.set_nodelay(true);
+            to_proxy.set_connect_timeout(Some(settings.connect_timeout));
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+                .expect("the ring provider supports the default TLS versions")
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(UpstreamConnector::new(direct, to_proxy, proxy.clone()));
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(settings.pool_idle_timeout)
+                .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+                .build(https)
+        };
+        let checked = build(OriginResolver::checked(address_policy));
+        let trusted = build(OriginResolver::trusted());
         let via = format!("1.1 outpost-{:016x}", rand::random::<u64>());
         UpstreamClient {
-            client,
+            checked,
+            trusted,
             first_byte_timeout: settings.first_byte_timeout,
             proxy,
             via: HeaderValue::from_str(&via).expect("the Via entry is ASCII"),
@@ -362,8 +481,9 @@ impl UpstreamClient {
         let http_request = builder
             .body(UpstreamRequestBody::Empty)
             .map_err(|error| OriginError::Protocol(error.to_string()))?;
+        let client = self.client_for(request.target);
         let answer =
-            tokio::time::timeout(self.first_byte_timeout, self.client.request(http_request)).await;
+            tokio::time::timeout(self.first_byte_timeout, client.request(http_request)).await;
         match answer {
             Err(_) => Err(OriginError::FirstByteTimeout(self.first_byte_timeout)),
             Ok(answer) => Self::checked_answer(answer),
@@ -390,7 +510,7 @@ impl UpstreamClient {
         let http_request = builder
             .body(UpstreamRequestBody::Relayed(request.body))
             .map_err(|error| OriginError::Protocol(error.to_string()))?;
-        let answer = self.client.request(http_request);
+        let answer = self.client_for(request.target).request(http_request);
         let first_byte_timeout = self.first_byte_timeout;
         let deadline = async move {
             // Sent or dropped: either way the origin has had the whole body it will get.
@@ -426,10 +546,20 @@ impl UpstreamClient {
         }
         let mut builder = builder.uri(uri);
         let headers = builder.headers_mut().expect("a fresh builder has headers");
-        if let Ok(host) = HeaderValue::from_str(&target.host) {
+        let host = target.host_header.as_deref().unwrap_or(&target.host);
+        if let Ok(host) = HeaderValue::from_str(host) {
             headers.insert(header::HOST, host);
         }
         Ok(builder)
+    }
+
+    /// The pool for `target`: hosts a client named are resolved and checked against the
+    /// address policy; the admin's upstreams are trusted.
+    fn client_for(&self, target: &OriginTarget) -> &Client<HttpsConnector, UpstreamRequestBody> {
+        match target.chosen_by {
+            ChosenBy::Client => &self.checked,
+            ChosenBy::Admin => &self.trusted,
+        }
     }
 
     /// The origin's answer, or why it is none.
@@ -437,7 +567,10 @@ impl UpstreamClient {
         answer: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
     ) -> Result<Response<Incoming>, OriginError> {
         match answer {
-            Err(error) => Err(OriginError::Connect(error_chain(&error))),
+            Err(error) => Err(match refused_name(&error) {
+                Some(refused) => OriginError::AddressRefused(refused.to_string()),
+                None => OriginError::Connect(error_chain(&error)),
+            }),
             // Only a proxy asks for proxy credentials; passing its 407 on would tell the client
             // to authenticate to the node.
             Ok(response)
@@ -454,6 +587,18 @@ impl UpstreamClient {
 }
 
 pub use outpost_shared::errors::error_chain;
+
+/// The [`NameRefused`] in an error's chain of sources, if the connector refused the name.
+fn refused_name<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a NameRefused> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(refused) = error.downcast_ref::<NameRefused>() {
+            return Some(refused);
+        }
+        current = error.source();
+    }
+    None
+}
 
 #[cfg(test)]
 mod tests {
@@ -551,5 +696,55 @@ mod tests {
         assert!(allowlist.lookup("example.com").is_none());
         assert!(allowlist.lookup("other.org").is_none());
         assert!(allowlist.default_upstream().is_none());
+    }
+
+    #[test]
+    fn literals_match_ranges_and_exact_hosts_but_never_wildcards() {
+        let origin = |host: &str, cidr: &[&str], upstream: Option<&str>| OriginConfig {
+            host: host.into(),
+            cidr: cidr.iter().map(|text| (*text).to_owned()).collect(),
+            upstream: upstream.map(str::to_owned),
+            ..Default::default()
+        };
+        let config = Config {
+            origin: vec![
+                origin("*.0.0.1", &[], None),
+                origin("", &["0.0.0.0/0", "::/0"], None),
+                origin("", &["10.7.0.0/16"], None),
+                origin("127.0.0.9", &[], None),
+                origin("mirror.lan", &[], Some("http://10.1.1.1:3142")),
+            ],
+            ..Config::default()
+        };
+        let allowlist = config.validate().unwrap().allowlist;
+        let refused = |host: &str| match allowlist.resolve(host) {
+            Err(LookupError::AddressRefused { refusal, .. }) => Some(refusal.kind),
+            _ => None,
+        };
+        use crate::upstream::address_policy::SpecialKind;
+        let public = allowlist.resolve("203.0.113.7").unwrap();
+        assert_eq!(public.chosen_by, ChosenBy::Client);
+        assert_eq!(public.upstream_base, "http://203.0.113.7");
+        assert!(allowlist.resolve("[2001:db8::7]").is_ok());
+        // Listed explicitly by a range inside the private block, or as an exact host.
+        assert!(allowlist.resolve("10.7.3.4").is_ok());
+        assert!(allowlist.resolve("127.0.0.9").is_ok());
+        // The wildcard "*.0.0.1" would match "127.0.0.1" as a name; literals ignore wildcards.
+        assert_eq!(refused("127.0.0.1"), Some(SpecialKind::Loopback));
+        assert_eq!(refused("10.8.0.1"), Some(SpecialKind::Private));
+        assert_eq!(refused("[::ffff:10.8.0.1]"), Some(SpecialKind::Private));
+        assert_eq!(refused("169.254.169.254"), Some(SpecialKind::LinkLocal));
+        assert_eq!(refused("[fe80::1]"), Some(SpecialKind::LinkLocal));
+        // An upstream is the admin's choice; its address is not the client's.
+        let mirror = allowlist.resolve("mirror.lan").unwrap();
+        assert_eq!(mirror.chosen_by, ChosenBy::Admin);
+        let only_names = Config {
+            origin: vec![origin("*.example.com", &[], None)],
+            ..Config::default()
+        };
+        assert_eq!(
+            only_names.validate().unwrap().allowlist.resolve("10.0.0.1"),
+            Err(LookupError::NotAllowed("10.0.0.1".into()))
+        );
     }
 }

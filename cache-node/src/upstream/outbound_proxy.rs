@@ -10,21 +10,31 @@
 //!   request in absolute form (`GET http://host/path`), the way HTTP proxies expect plain
 //!   requests; many proxies refuse `CONNECT` to port 80.
 //!
+//! Direct connections resolve names with a [`OriginResolver`]: what a name resolves to is checked
+//! against the [`AddressPolicy`] before anything is connected, and only the addresses it allows
+//! are tried, so an allowed name that resolves to loopback or the office network reaches nothing.
+//! Through the proxy the proxy resolves, and the node cannot see where it connects: the
+//! addresses IP literals name are still checked when routing, but names are the proxy's affair.
+//!
 //! Credentials in the proxy URL (`http://user:password@proxy:3128`) go out as
 //! `Proxy-Authorization: Basic` on the `CONNECT` and, for plain requests, on every request
 //! ([`ProxySettings::authorization_for`]).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use headers::HeaderMapExt;
 use http::{HeaderValue, Uri};
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::upstream::address_policy::AddressPolicy;
 use crate::upstream::host_pattern::HostPattern;
 
 /// A parsed `upstream.proxy` with its `upstream.no_proxy` exceptions.
@@ -148,17 +158,81 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(decoded).ok()
 }
 
-/// The TCP connector under the TLS layer: direct, or through the proxy.
+/// The resolver of direct connections: the system's (`getaddrinfo`), then, for hosts a client
+/// named, the [`AddressPolicy`], so the connector only ever sees addresses that passed it. A
+/// name with no allowed address fails with
+/// [`NameRefused`](crate::upstream::address_policy::NameRefused) before any connection is
+/// attempted. IP literals are never resolved: the router checked them.
+#[derive(Debug, Clone)]
+pub struct OriginResolver {
+    system: GaiResolver,
+    /// `None` for hosts the admin configured.
+    policy: Option<Arc<AddressPolicy>>,
+}
+
+impl OriginResolver {
+    /// Resolves with the system resolver and keeps the addresses `policy` allows.
+    pub fn checked(policy: Arc<AddressPolicy>) -> OriginResolver {
+        OriginResolver {
+            system: GaiResolver::new(),
+            policy: Some(policy),
+        }
+    }
+
+    /// Resolves with the system resolver, for upstreams the admin configured.
+    pub fn trusted() -> OriginResolver {
+        OriginResolver {
+            system: GaiResolver::new(),
+            policy: None,
+        }
+    }
+}
+
+impl tower_service::Service<Name> for OriginResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.system.poll_ready(context).map_err(Into::into)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let policy = self.policy.clone();
+        let resolving = self.system.call(name.clone());
+        Box::pin(async move {
+            let resolved = resolving.await?;
+            let allowed = match policy {
+                Some(policy) => policy.filter_resolved(name.as_str(), resolved)?,
+                None => resolved.collect(),
+            };
+            Ok(allowed.into_iter())
+        })
+    }
+}
+
+/// The TCP connector under the TLS layer: direct (through the [`OriginResolver`]), or through
+/// the proxy.
 #[derive(Debug, Clone)]
 pub struct UpstreamConnector {
-    tcp: HttpConnector,
+    direct: HttpConnector<OriginResolver>,
+    to_proxy: HttpConnector,
     proxy: Option<ProxySettings>,
 }
 
 impl UpstreamConnector {
-    /// Connects with `tcp` (timeouts, nodelay), through `proxy` when set.
-    pub fn new(tcp: HttpConnector, proxy: Option<ProxySettings>) -> UpstreamConnector {
-        UpstreamConnector { tcp, proxy }
+    /// Connects directly with `direct`, or to `proxy` (when set and it applies) with `to_proxy`;
+    /// both carry the same timeouts and nodelay.
+    pub fn new(
+        direct: HttpConnector<OriginResolver>,
+        to_proxy: HttpConnector,
+        proxy: Option<ProxySettings>,
+    ) -> UpstreamConnector {
+        UpstreamConnector {
+            direct,
+            to_proxy,
+            proxy,
+        }
     }
 }
 
@@ -183,7 +257,8 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     }
 
     fn call(&mut self, destination: Uri) -> Self::Future {
-        let mut tcp = self.tcp.clone();
+        let mut direct = self.direct.clone();
+        let tcp = self.to_proxy.clone();
         let proxy = self.proxy.clone().filter(|proxy| {
             destination
                 .host()
@@ -191,7 +266,7 @@ impl tower_service::Service<Uri> for UpstreamConnector {
         });
         Box::pin(async move {
             let Some(proxy) = proxy else {
-                let inner = tcp.call(destination).await?;
+                let inner = direct.call(destination).await?;
                 return Ok(UpstreamStream {
                     inner,
                     proxied: false,
@@ -210,6 +285,7 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                     proxied: false,
                 });
             }
+            let mut tcp = tcp;
             let inner = tcp
                 .call(proxy.uri.clone())
                 .await

@@ -80,7 +80,10 @@ impl Route {
 
     /// The content identity of this request.
     pub fn cache_key(&self) -> CacheKey {
-        CacheKey::new(&self.target.host, &self.path_and_query)
+        match &self.target.content_set {
+            Some(content_set) => CacheKey::in_content_set(content_set, &self.path_and_query),
+            None => CacheKey::new(&self.target.host, &self.path_and_query),
+        }
     }
 
     /// The cache key of the URL a response's `Location` or `Content-Location` names, when it is
@@ -157,6 +160,15 @@ pub enum RouteError {
         /// The port the request named.
         port: u16,
     },
+    /// The named origin is an IP literal in a special-purpose block that no configured range
+    /// lists explicitly (403).
+    #[error("origin {host:?} is refused: {refusal}")]
+    AddressRefused {
+        /// The literal, normalised.
+        host: String,
+        /// Why.
+        refusal: crate::upstream::address_policy::AddressRefusal,
+    },
 }
 
 impl From<LookupError> for RouteError {
@@ -168,6 +180,9 @@ impl From<LookupError> for RouteError {
                 RouteError::NotAllowed(host)
             }
             LookupError::PortNotAllowed { host, port } => RouteError::PortNotAllowed { host, port },
+            LookupError::AddressRefused { host, refusal } => {
+                RouteError::AddressRefused { host, refusal }
+            }
         }
     }
 }

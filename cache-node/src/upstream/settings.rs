@@ -53,8 +53,18 @@ pub struct UpstreamConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct OriginConfig {
     /// An exact host name (`dl.delivery.mp.microsoft.com`) or a wildcard (`*.windowsupdate.com`,
-    /// which matches any subdomain but not the bare suffix).
+    /// which matches any subdomain but not the bare suffix). May be empty when `cidr` is set.
     pub host: String,
+    /// IP ranges whose literals clients may name as this origin (`?cacheHostOrigin=203.0.113.9`),
+    /// e.g. `["203.0.113.0/24", "2001:db8::/32"]`, or single addresses. Private, loopback,
+    /// link-local, multicast and other special-purpose addresses are allowed only by a range that
+    /// lies inside their block (`"10.1.0.0/16"`, `"::1/128"`), never by a broad one such as
+    /// `"0.0.0.0/0"`; the same goes for what allowed names resolve to.
+    pub cidr: Vec<String>,
+    /// The content set this origin's objects belong to: objects are keyed by set, path and query
+    /// instead of host, so one file reached under every host and address of the set is stored
+    /// and filled once. Unset: keyed by the host the client named.
+    pub content_set: Option<String>,
     /// Base URL the node really connects to for this origin, for example `http://127.0.0.1:8000`
     /// or a parent cache. Unset means `http://<requested host>`.
     pub upstream: Option<String>,
@@ -84,4 +94,16 @@ impl Default for UpstreamConfig {
             no_proxy: String::new(),
         }
     }
+}
+
+/// `[[content_set]]`: settings of a content set that `[[origin]]` tables name.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContentSetConfig {
+    /// The set's name, as `[[origin]] content_set` writes it.
+    pub name: String,
+    /// The `Host` sent to origins of this set, for CDNs that serve the set's content only under
+    /// its canonical name (`"dl.delivery.mp.microsoft.com"`) even when reached by address. Unset:
+    /// the host or address the client named.
+    pub host_header: Option<String>,
 }
