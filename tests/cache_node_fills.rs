@@ -664,13 +664,13 @@ async fn the_origins_cache_control_sets_how_long_a_version_is_served_unchecked()
     origin.put_with(
         "/pool/long.deb",
         long.clone(),
-        Behaviour::with_headers(&[("cache-control", "public, max-age=3600")]),
+        with_headers(&[("cache-control", "public, max-age=3600")]),
     );
     let volatile = pattern_bytes(150_000, 32);
     origin.put_with(
         "/dists/InRelease",
         volatile.clone(),
-        Behaviour::with_headers(&[("cache-control", "no-cache")]),
+        with_headers(&[("cache-control", "no-cache")]),
     );
     let _ = get(&node.mcc_url("/pool/long.deb"), &[]).await;
     let _ = get(&node.mcc_url("/dists/InRelease"), &[]).await;
@@ -680,7 +680,7 @@ async fn the_origins_cache_control_sets_how_long_a_version_is_served_unchecked()
     origin.put_with(
         "/pool/long.deb",
         pattern_bytes(150_000, 33),
-        Behaviour::with_headers(&[("cache-control", "public, max-age=3600")]),
+        with_headers(&[("cache-control", "public, max-age=3600")]),
     );
     let requests = origin.request_count();
     let hit = get(&node.mcc_url("/pool/long.deb"), &[]).await;
@@ -703,7 +703,7 @@ async fn the_origins_cache_control_sets_how_long_a_version_is_served_unchecked()
     origin.put_with(
         "/dists/InRelease",
         newer.clone(),
-        Behaviour::with_headers(&[("cache-control", "no-cache")]),
+        with_headers(&[("cache-control", "no-cache")]),
     );
     let changed = get(&node.mcc_url("/dists/InRelease"), &[]).await;
     assert_eq!(sha256_hex(changed.bytes()), sha256_hex(&newer));
@@ -731,7 +731,7 @@ async fn content_marked_no_store_or_private_is_relayed_ranges_and_all_and_never_
         origin.put_with(
             path,
             content.clone(),
-            Behaviour::with_headers(&[("cache-control", cache_control)]),
+            with_headers(&[("cache-control", cache_control)]),
         );
         let whole = get(&node.mcc_url(path), &[]).await;
         assert_eq!(whole.status, 200, "{path}");
@@ -782,10 +782,7 @@ async fn a_stored_version_the_origin_later_marks_no_store_is_dropped_and_relayed
     node.settle().await;
     assert_eq!(node.node.index.object_count(), 1);
 
-    origin.set_behaviour(
-        "/feed.xml",
-        Behaviour::with_headers(&[("cache-control", "no-store")]),
-    );
+    origin.set_behaviour("/feed.xml", with_headers(&[("cache-control", "no-store")]));
     let relayed = get(&node.mcc_url("/feed.xml"), &[]).await;
     assert_eq!(relayed.header("x-cache").as_deref(), Some("BYPASS"));
     assert_eq!(sha256_hex(relayed.bytes()), sha256_hex(&content));
@@ -804,7 +801,7 @@ async fn in_ignore_mode_everything_is_stored_as_lancache_does() {
     origin.put_with(
         "/update.cab",
         content.clone(),
-        Behaviour::with_headers(&[("cache-control", "private, no-store")]),
+        with_headers(&[("cache-control", "private, no-store")]),
     );
     let _ = get(&node.mcc_url("/update.cab"), &[]).await;
     node.settle().await;
@@ -921,7 +918,7 @@ async fn an_origin_can_override_the_freshness_settings() {
         node.addr
     );
     let main_url = node.mcc_url("/dists/InRelease");
-    let headers = Behaviour::with_headers(&[("cache-control", "max-age=3600")]);
+    let headers = with_headers(&[("cache-control", "max-age=3600")]);
     origin.put_with(
         "/dists/InRelease",
         pattern_bytes(50_000, 44),

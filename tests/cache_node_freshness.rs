@@ -56,8 +56,7 @@ async fn store(node: &TestNode, path: &str) -> Fetched {
 #[tokio::test]
 async fn stale_while_revalidate_answers_from_disk_at_once_and_checks_once_in_the_background() {
     let (origin, _storage, node) = origin_and_node().await;
-    let directives =
-        Behaviour::with_headers(&[("cache-control", "max-age=1, stale-while-revalidate=60")]);
+    let directives = with_headers(&[("cache-control", "max-age=1, stale-while-revalidate=60")]);
     let version_one = pattern_bytes(150_000, 1);
     origin.put_with("/swr.bin", version_one.clone(), directives.clone());
     store(&node, "/swr.bin").await;
@@ -117,12 +116,12 @@ async fn stale_if_error_serves_the_stored_version_inside_its_window_and_504_beyo
     origin.put_with(
         "/inside.bin",
         inside.clone(),
-        Behaviour::with_headers(&[("cache-control", "max-age=1, stale-if-error=600")]),
+        with_headers(&[("cache-control", "max-age=1, stale-if-error=600")]),
     );
     origin.put_with(
         "/beyond.bin",
         pattern_bytes(100_000, 4),
-        Behaviour::with_headers(&[("cache-control", "max-age=1, stale-if-error=1")]),
+        with_headers(&[("cache-control", "max-age=1, stale-if-error=1")]),
     );
     store(&node, "/inside.bin").await;
     store(&node, "/beyond.bin").await;
@@ -153,7 +152,7 @@ async fn the_stale_if_error_window_is_configurable_when_the_origin_gives_none() 
     origin.put_with(
         "/plain.bin",
         pattern_bytes(100_000, 5),
-        Behaviour::with_headers(&[("cache-control", "max-age=1")]),
+        with_headers(&[("cache-control", "max-age=1")]),
     );
     store(&node, "/plain.bin").await;
     let_lifetime_pass(Duration::ZERO).await;
@@ -181,7 +180,7 @@ async fn must_revalidate_is_never_served_stale_unless_the_origin_is_switched_to_
         origin.put_with(
             path,
             pattern_bytes(100_000, 6),
-            Behaviour::with_headers(&[("cache-control", directive)]),
+            with_headers(&[("cache-control", directive)]),
         );
         store(&strict, path).await;
         store(&lenient, path).await;
@@ -208,7 +207,7 @@ async fn the_directives_survive_a_restart() {
     origin.put_with(
         "/must.bin",
         pattern_bytes(100_000, 7),
-        Behaviour::with_headers(&[("cache-control", "max-age=1, must-revalidate")]),
+        with_headers(&[("cache-control", "max-age=1, must-revalidate")]),
     );
     store(&node, "/must.bin").await;
     node.stop().await;
@@ -229,7 +228,7 @@ async fn serve_stale_while_revalidating_answers_every_stale_hit_at_once() {
     })
     .await;
     // No stale-while-revalidate from the origin: the switch alone decides.
-    let directives = Behaviour::with_headers(&[("cache-control", "max-age=1")]);
+    let directives = with_headers(&[("cache-control", "max-age=1")]);
     let version_one = pattern_bytes(100_000, 8);
     origin.put_with("/mcc.bin", version_one.clone(), directives.clone());
     store(&node, "/mcc.bin").await;
@@ -268,7 +267,7 @@ async fn the_heuristic_lifetime_is_a_tenth_of_the_time_since_last_modified() {
     origin.put_with(
         "/heuristic.bin",
         pattern_bytes(100_000, 9),
-        Behaviour::with_headers(&[("date", "Mon, 01 Jan 2024 00:00:20 GMT")]),
+        with_headers(&[("date", "Mon, 01 Jan 2024 00:00:20 GMT")]),
     );
     let url = node.mcc_url("/heuristic.bin");
     store(&node, "/heuristic.bin").await;
@@ -298,7 +297,7 @@ async fn a_clients_no_cache_forces_one_conditional_check_unless_the_origin_ignor
     origin.put_with(
         "/long.bin",
         pattern_bytes(100_000, 10),
-        Behaviour::with_headers(&[("cache-control", "max-age=100000")]),
+        with_headers(&[("cache-control", "max-age=100000")]),
     );
     store(&obeying, "/long.bin").await;
     store(&ignoring, "/long.bin").await;

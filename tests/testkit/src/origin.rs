@@ -99,19 +99,6 @@ pub struct Behaviour {
     pub content_length_delta: Option<i64>,
 }
 
-impl Behaviour {
-    /// A well-behaved origin that adds `headers` to every answer (`Cache-Control`, `Date`...).
-    pub fn with_headers(headers: &[(&'static str, &str)]) -> Behaviour {
-        Behaviour {
-            headers: headers
-                .iter()
-                .map(|(name, value)| (*name, (*value).to_owned()))
-                .collect(),
-            ..Behaviour::default()
-        }
-    }
-}
-
 /// One request as the origin received it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordedRequest {
