@@ -582,18 +582,12 @@ async fn a_revalidation_answered_with_the_whole_object_reads_only_its_headers() 
     origin.reset_counters();
     let baseline = resident_bytes(std::process::id());
     let peak_memory = PeakMemory::start();
-    let mut checks = Vec::new();
-    for index in 0..6u64 {
-        let url = node.mcc_url("/big.bin");
-        checks.push(tokio::spawn(async move {
-            let first = index * 1000;
-            let range = format!("bytes={first}-{}", first + 1023);
-            get(&url, &[("range", &range)]).await
-        }));
-    }
-    for (index, check) in checks.into_iter().enumerate() {
-        let answer = check.await.unwrap();
+    // One after the other: concurrent requests would share one check (checks of one version
+    // run one at a time anyway, and a request is satisfied by a check that ends after it came).
+    for index in 0..6usize {
         let first = index * 1000;
+        let range = format!("bytes={first}-{}", first + 1023);
+        let answer = get(&node.mcc_url("/big.bin"), &[("range", &range)]).await;
         assert_eq!(answer.status, 206);
         assert_eq!(answer.header("x-cache").as_deref(), Some("HIT"));
         assert_eq!(answer.bytes(), &content[first..first + 1024]);

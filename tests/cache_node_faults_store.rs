@@ -214,6 +214,10 @@ async fn a_restart_over_metadata_declaring_two_to_the_64_bytes_deletes_it_and_st
         extra_headers: vec![],
         stored_at_unix: cache_node::cache::store::unix_now(),
         fresh_for_secs: None,
+        heuristic_fresh_for_secs: None,
+        stale_while_revalidate_secs: None,
+        stale_if_error_secs: None,
+        must_revalidate: false,
     };
     std::fs::create_dir_all(layout.generation_dir(&key, 7)).unwrap();
     std::fs::write(

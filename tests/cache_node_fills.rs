@@ -652,16 +652,6 @@ async fn within_revalidate_after_a_stored_version_is_served_without_asking_the_o
     node.stop().await;
 }
 
-fn with_headers(headers: &[(&'static str, &str)]) -> Behaviour {
-    Behaviour {
-        headers: headers
-            .iter()
-            .map(|(name, value)| (*name, (*value).to_owned()))
-            .collect(),
-        ..Behaviour::default()
-    }
-}
-
 #[tokio::test]
 async fn the_origins_cache_control_sets_how_long_a_version_is_served_unchecked() {
     let origin = MockOrigin::start().await;

@@ -364,11 +364,14 @@ impl Config {
             }
         };
         let global_policy = FreshnessPolicy {
-            revalidate_after: self.upstream.revalidate_after,
-            cache_control: parse_cache_control(
-                "upstream.cache_control",
-                &self.upstream.cache_control,
+            stale_if_error: check_stale_if_error(
+                "upstream.stale_if_error",
+                self.upstream.stale_if_error,
             )?,
+            ..FreshnessPolicy::new(
+                self.upstream.revalidate_after,
+                parse_cache_control("upstream.cache_control", &self.upstream.cache_control)?,
+            )
         };
         let proxy = crate::upstream::outbound_proxy::ProxySettings::parse(
             &self.upstream.proxy,
@@ -493,6 +496,16 @@ impl Config {
                         .revalidate_after
                         .unwrap_or(global_policy.revalidate_after),
                     cache_control,
+                    stale_if_error: match origin.stale_if_error {
+                        Some(window) => check_stale_if_error(
+                            &format!("origin[{index}].stale_if_error"),
+                            window,
+                        )?,
+                        None => global_policy.stale_if_error,
+                    },
+                    serve_stale_on_error: origin.serve_stale_on_error,
+                    serve_stale_while_revalidating: origin.serve_stale_while_revalidating,
+                    ignore_client_no_cache: origin.ignore_client_no_cache,
                 },
                 ports: origin.ports.clone(),
             });
@@ -621,6 +634,22 @@ fn parse_cache_control(
     })
 }
 
+/// The longest `stale_if_error` window accepted: a year.
+const MAX_STALE_IF_ERROR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn check_stale_if_error(key: &str, window: Duration) -> Result<Duration, ConfigError> {
+    if window > MAX_STALE_IF_ERROR {
+        return Err(invalid(
+            key,
+            format!(
+                "{} days is longer than a year; use e.g. \"7d\", or \"0s\" to never serve stale content when the origin fails",
+                window.as_secs().div_ceil(86_400)
+            ),
+        ));
+    }
+    Ok(window)
+}
+
 fn parse_listen(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {
         invalid(
@@ -721,6 +750,20 @@ mod tests {
             (
                 Box::new(|c| c.server.listen = "localhost".into()),
                 "server.listen:",
+            ),
+            (
+                Box::new(|c| c.upstream.stale_if_error = Duration::from_secs(400 * 86_400)),
+                "upstream.stale_if_error: 400 days is longer than a year",
+            ),
+            (
+                Box::new(|c| {
+                    c.origin = vec![OriginConfig {
+                        host: "mirror.lan".into(),
+                        stale_if_error: Some(Duration::from_secs(400 * 86_400)),
+                        ..Default::default()
+                    }]
+                }),
+                "origin[0].stale_if_error:",
             ),
             (
                 Box::new(|c| c.admin.listen = "1.2.3.4".into()),

@@ -84,6 +84,12 @@ pub struct Stats {
     pub version_changes: Counter,
     /// Checks of stored versions against the origin (`upstream.revalidate_after`).
     pub revalidations: Counter,
+    /// Stale versions answered at once and checked in the background (`stale-while-revalidate`,
+    /// `serve_stale_while_revalidating`).
+    pub background_revalidations: Counter,
+    /// Checks that failed when the stored version could not be served stale (`must-revalidate`,
+    /// beyond `stale-if-error`), answered `504`.
+    pub stale_refusals: Counter,
     /// Requests relayed from the origin without storing: no length, or the origin's
     /// `Cache-Control` forbids a shared cache to store the content.
     pub pass_through_requests: Counter,
@@ -169,6 +175,10 @@ pub struct StatsSnapshot {
     pub version_changes: u64,
     /// Checks of stored versions against the origin.
     pub revalidations: u64,
+    /// Stale versions served while checked in the background.
+    pub background_revalidations: u64,
+    /// Failed checks answered `504` rather than with the stale version.
+    pub stale_refusals: u64,
     /// Requests relayed uncached.
     pub pass_through_requests: u64,
     /// Failed slice writes.
@@ -292,6 +302,8 @@ impl Stats {
             origin_errors: Counter::default(),
             version_changes: Counter::default(),
             revalidations: Counter::default(),
+            background_revalidations: Counter::default(),
+            stale_refusals: Counter::default(),
             pass_through_requests: Counter::default(),
             disk_write_errors: Counter::default(),
             slices_stored: Counter::default(),
@@ -319,7 +331,7 @@ impl Stats {
             cache_effective_max_bytes: Gauge::default(),
         };
         let stats = &stats_without_registry;
-        let counters: [(&str, &str, &Counter, Option<Unit>); 20] = [
+        let counters: [(&str, &str, &Counter, Option<Unit>); 22] = [
             (
                 "requests",
                 "Client requests received",
@@ -402,6 +414,18 @@ impl Stats {
                 "revalidations",
                 "Checks of stored versions against the origin",
                 &stats.revalidations,
+                None,
+            ),
+            (
+                "background_revalidations",
+                "Stale versions served while checked in the background",
+                &stats.background_revalidations,
+                None,
+            ),
+            (
+                "stale_refusals",
+                "Failed checks answered 504 rather than with a stale version",
+                &stats.stale_refusals,
                 None,
             ),
             (
@@ -650,6 +674,8 @@ impl Stats {
             origin_errors: self.origin_errors.get(),
             version_changes: self.version_changes.get(),
             revalidations: self.revalidations.get(),
+            background_revalidations: self.background_revalidations.get(),
+            stale_refusals: self.stale_refusals.get(),
             pass_through_requests: self.pass_through_requests.get(),
             disk_write_errors: self.disk_write_errors.get(),
             slices_stored: self.slices_stored.get(),

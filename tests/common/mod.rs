@@ -110,6 +110,18 @@ pub fn stat(stats: &serde_json::Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} missing from {stats}"))
 }
 
+/// A well-behaved origin object whose answers carry `headers` besides the usual ones
+/// (`Cache-Control`, `Date`...).
+pub fn with_headers(headers: &[(&'static str, &str)]) -> outpost_testkit::Behaviour {
+    outpost_testkit::Behaviour {
+        headers: headers
+            .iter()
+            .map(|(name, value)| (*name, (*value).to_owned()))
+            .collect(),
+        ..outpost_testkit::Behaviour::default()
+    }
+}
+
 /// A node running inside the test process.
 pub struct TestNode {
     pub addr: SocketAddr,

@@ -22,6 +22,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Serialize;
 
+use crate::cache::freshness::ClientDirectives;
 use crate::cache::pieces::{self, CollectError};
 use crate::fill::{self, DiscoverError, SliceSpan};
 use crate::node::Node;
@@ -187,7 +188,15 @@ async fn manifest(
         // A manifest describes the version the origin has now, as a GET would serve it. A
         // changed version was dropped: the next lookup discovers the new one, which is confirmed
         // by that discovery, so this repeats at most once.
-        if let fill::Revalidation::Changed = fill::revalidate_if_stale(node, &route, &entry).await {
+        if let fill::Revalidation::Changed = fill::revalidate_if_stale(
+            node,
+            &route,
+            &entry,
+            ClientDirectives::default(),
+            std::time::Instant::now(),
+        )
+        .await
+        {
             continue;
         }
         let mut changed = entry.pieces.subscribe();

@@ -27,7 +27,9 @@ use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
 use tokio::sync::mpsc;
 
-use crate::cache::freshness::Freshness;
+use crate::cache::freshness::{
+    self, Check, ClientDirectives, Freshness, FreshnessPolicy, StaleDirectives,
+};
 use crate::cache::key::CacheKey;
 use crate::cache::slice_buffer::SliceBuffer;
 use crate::cache::store::{Layout, ObjectMeta};
@@ -189,6 +191,8 @@ pub struct ObjectEntry {
     validated: Mutex<Validation>,
     /// Held while this version is being revalidated, so concurrent requests wait for one check.
     pub revalidation: tokio::sync::Mutex<()>,
+    /// True while a background check of this version runs (see [`BackgroundCheckClaim`]).
+    background_check: AtomicBool,
     /// [`USE_CLOCK`] at the last lookup, for eviction when a disk fills before `max_size`.
     last_used: AtomicU64,
 }
@@ -200,6 +204,28 @@ struct Validation {
     at: Option<std::time::Instant>,
     /// From the origin's last answer about this version.
     freshness: Freshness,
+    /// What the origin's last answer allows once the version is stale.
+    directives: StaleDirectives,
+}
+
+/// The one background check of a version at a time: held by the task that checks, released
+/// when dropped, however the task ends.
+#[derive(Debug)]
+pub struct BackgroundCheckClaim {
+    entry: Arc<ObjectEntry>,
+}
+
+impl BackgroundCheckClaim {
+    /// The version being checked.
+    pub fn entry(&self) -> &Arc<ObjectEntry> {
+        &self.entry
+    }
+}
+
+impl Drop for BackgroundCheckClaim {
+    fn drop(&mut self) {
+        self.entry.background_check.store(false, Ordering::Release);
+    }
 }
 
 impl ObjectEntry {
@@ -224,6 +250,44 @@ impl ObjectEntry {
         let mut validation = self.validation();
         validation.at = Some(std::time::Instant::now());
         validation.freshness = freshness;
+    }
+
+    /// Records that the origin confirmed this version now, with new freshness information and
+    /// stale directives.
+    pub fn mark_validated_with(&self, freshness: Freshness, directives: StaleDirectives) {
+        let mut validation = self.validation();
+        validation.at = Some(std::time::Instant::now());
+        validation.freshness = freshness;
+        validation.directives = directives;
+    }
+
+    /// True when the origin confirmed this version at or after `instant` (a request that arrived
+    /// then and must see a check is satisfied by it).
+    pub fn validated_since(&self, instant: std::time::Instant) -> bool {
+        self.validation().at.is_some_and(|at| at >= instant)
+    }
+
+    /// What a request with the client's `client` directives must do about this version before
+    /// serving it, under its origin's `policy` (see [`freshness::check_needed`]).
+    pub fn check_needed(&self, policy: &FreshnessPolicy, client: ClientDirectives) -> Check {
+        let validation = *self.validation();
+        freshness::check_needed(
+            policy,
+            validation.freshness,
+            validation.directives,
+            validation.at.map(|at| at.elapsed()),
+            client,
+        )
+    }
+
+    /// Claims the one background check of this version; `None` while another runs.
+    pub fn claim_background_check(self: &Arc<Self>) -> Option<BackgroundCheckClaim> {
+        self.background_check
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| BackgroundCheckClaim {
+                entry: self.clone(),
+            })
     }
 
     /// Records that the origin confirmed this version `age` ago (for versions recovered from
@@ -261,7 +325,12 @@ impl ObjectEntry {
                 stored_bytes += meta.slice_length(index);
             }
         }
-        let freshness = Freshness::from_secs(meta.fresh_for_secs);
+        let freshness = Freshness::from_stored(meta.fresh_for_secs, meta.heuristic_fresh_for_secs);
+        let directives = StaleDirectives::from_stored(
+            meta.stale_while_revalidate_secs,
+            meta.stale_if_error_secs,
+            meta.must_revalidate,
+        );
         ObjectEntry {
             key: CacheKey::from_text(meta.key.clone()),
             meta,
@@ -276,8 +345,10 @@ impl ObjectEntry {
             validated: Mutex::new(Validation {
                 at: None,
                 freshness,
+                directives,
             }),
             revalidation: tokio::sync::Mutex::new(()),
+            background_check: AtomicBool::new(false),
             last_used: AtomicU64::new(0),
         }
     }

@@ -63,6 +63,19 @@ pub struct ObjectMeta {
     /// `upstream.revalidate_after` applies (see `crate::cache::freshness`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fresh_for_secs: Option<u64>,
+    /// The heuristic lifetime (RFC 9111 §4.2.2) in seconds, when the origin gave only
+    /// `Last-Modified`; capped by `upstream.revalidate_after` when used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heuristic_fresh_for_secs: Option<u64>,
+    /// The origin's `stale-while-revalidate` window in seconds (RFC 5861).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_while_revalidate_secs: Option<u64>,
+    /// The origin's `stale-if-error` window in seconds (RFC 5861).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_if_error_secs: Option<u64>,
+    /// The origin sent `must-revalidate` or `proxy-revalidate`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub must_revalidate: bool,
 }
 
 impl ObjectMeta {
@@ -122,6 +135,10 @@ impl ObjectMeta {
             extra_headers: vec![],
             stored_at_unix: 0,
             fresh_for_secs: None,
+            heuristic_fresh_for_secs: None,
+            stale_while_revalidate_secs: None,
+            stale_if_error_secs: None,
+            must_revalidate: false,
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::cache::discovery::DiscoveryWaiter;
 pub use crate::cache::discovery::{DiscoverError, DiscoveryOutcome};
 use crate::cache::fill_limits::ClientSlot;
 pub use crate::cache::fill_limits::Requester;
-use crate::cache::freshness::{self, Freshness, NotStorable};
+use crate::cache::freshness::{self, Freshness, NotStorable, StaleDirectives};
 pub use crate::cache::index::Demand;
 use crate::cache::index::ObjectEntry;
 use crate::cache::key::CacheKey;
@@ -76,6 +76,11 @@ pub async fn lookup_or_discover(
         .and_then(|mut receiver| receiver.try_recv().ok())
         .unwrap_or_default();
     outcome.map(|entry| (entry, demand))
+}
+
+/// The current entry for the route's key, if the index has one; never contacts the origin.
+pub fn lookup(node: &Node, route: &Route) -> Option<Arc<ObjectEntry>> {
+    node.index.get(&route.cache_key())
 }
 
 /// What [`look_up_or_start`] found.
@@ -279,7 +284,10 @@ pub(super) fn meta_from_response(
     key: &CacheKey,
     origin: &OriginBody,
     freshness: Freshness,
+    directives: StaleDirectives,
 ) -> ObjectMeta {
+    let (stale_while_revalidate_secs, stale_if_error_secs, must_revalidate) =
+        directives.to_stored();
     let extra_headers = REPLAYED_HEADERS
         .iter()
         .filter_map(|name| {
@@ -298,6 +306,10 @@ pub(super) fn meta_from_response(
         extra_headers,
         stored_at_unix: unix_now(),
         fresh_for_secs: freshness.to_secs(),
+        heuristic_fresh_for_secs: freshness.heuristic_secs(),
+        stale_while_revalidate_secs,
+        stale_if_error_secs,
+        must_revalidate,
     }
 }
 
@@ -331,7 +343,8 @@ pub(super) async fn discover(
         // The body is dropped unread, which closes that origin connection.
         Err(reason) => return Err(not_storable(node, key, reason)),
     };
-    let meta = meta_from_response(node, key, &origin, freshness);
+    let directives = StaleDirectives::of(&origin.headers, route.target.policy.cache_control);
+    let meta = meta_from_response(node, key, &origin, freshness, directives);
     let meta_json = serde_json::to_vec_pretty(&meta).expect("metadata serialises");
     let meta_path = node.layout.meta_path(key, meta.generation);
     if let Err(error) = node

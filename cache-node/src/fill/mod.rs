@@ -40,7 +40,7 @@ mod runs;
 mod stream;
 
 use discover::*;
-pub use discover::{lookup_or_discover, SliceSpan};
+pub use discover::{lookup, lookup_or_discover, SliceSpan};
 use revalidate::*;
 pub use revalidate::{revalidate_if_stale, Revalidation};
 pub use runs::ensure_filling;

@@ -2,12 +2,13 @@
 
 use super::*;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::header;
 use http_body_util::BodyExt;
 
 pub use crate::cache::discovery::DiscoverError;
-use crate::cache::freshness::{self};
+use crate::cache::freshness::{self, Check, ClientDirectives, StaleDirectives};
 use crate::cache::index::ObjectEntry;
 use crate::cache::store::ObjectMeta;
 use crate::error::OriginError;
@@ -23,31 +24,95 @@ pub(super) const REVALIDATION_BODY_MAX: u64 = 64 << 10;
 pub enum Revalidation {
     /// The version is current (or was checked recently enough): serve it.
     Fresh,
+    /// The version is stale but may be served while it is checked in the background
+    /// (`stale-while-revalidate`, or the origin's `serve_stale_while_revalidating`).
+    StaleWhileChecking,
     /// The origin has another version, or no longer has the content; the stored version was
     /// dropped from the index, so a new lookup discovers what the origin has now.
     Changed,
-    /// The origin could not be asked; the stored version is served as it is.
+    /// The origin could not be asked; the stored version is served as it is (within
+    /// `stale-if-error`).
     Unreachable(OriginError),
+    /// The origin could not be asked and the version may not be served without a check
+    /// (`must-revalidate`, or stale beyond the `stale-if-error` window): the client gets a `504`.
+    Failed(OriginError),
 }
 
-/// Checks a stored version with the origin when it was last confirmed more than
-/// `upstream.revalidate_after` ago: a one-byte range request with `If-Range` set to the version's
-/// validator. Concurrent requests for the same version wait for one check.
+/// Checks a stored version with the origin when its freshness, the origin's directives and the
+/// client's request directives call for it (see [`crate::cache::freshness::check_needed`]): a
+/// one-byte range request with `If-Range` set to the version's validator. Concurrent requests
+/// for the same version wait for one check; a request that `arrived` before a check finished is
+/// satisfied by it. Within `stale-while-revalidate`, the check runs in the background, one at a
+/// time per version, and the stored version is served at once.
 pub async fn revalidate_if_stale(
-    node: &Node,
+    node: &Arc<Node>,
     route: &Route,
     entry: &Arc<ObjectEntry>,
+    client: ClientDirectives,
+    arrived: Instant,
 ) -> Revalidation {
-    if !entry.needs_revalidation(route.target.policy.revalidate_after) {
-        return Revalidation::Fresh;
+    let policy = &route.target.policy;
+    match entry.check_needed(policy, client) {
+        Check::None => return Revalidation::Fresh,
+        Check::Background => {
+            check_in_background(node, route, entry);
+            return Revalidation::StaleWhileChecking;
+        }
+        Check::Foreground { .. } => {}
     }
     let _checking = entry.revalidation.lock().await;
     if entry.is_removed() {
         return Revalidation::Changed;
     }
-    if !entry.needs_revalidation(route.target.policy.revalidate_after) {
+    if entry.validated_since(arrived) {
         return Revalidation::Fresh;
     }
+    let serve_stale_on_failure = match entry.check_needed(policy, client) {
+        Check::None => return Revalidation::Fresh,
+        // Became stale while this request waited: it checks now, as it already waits.
+        Check::Background => true,
+        Check::Foreground {
+            serve_stale_on_failure,
+        } => serve_stale_on_failure,
+    };
+    match check_with_origin(node, route, entry).await {
+        Revalidation::Unreachable(error) if !serve_stale_on_failure => {
+            tracing::info!(key = entry.key.as_str(), %error, "cannot revalidate; the stored version may not be served stale");
+            Revalidation::Failed(error)
+        }
+        outcome => outcome,
+    }
+}
+
+/// Starts the background check of a stale version unless one is running.
+fn check_in_background(node: &Arc<Node>, route: &Route, entry: &Arc<ObjectEntry>) {
+    let Some(claim) = entry.claim_background_check() else {
+        return;
+    };
+    node.stats.background_revalidations.inc();
+    let node = node.clone();
+    let route = route.clone();
+    tokio::spawn(async move {
+        let entry = claim.entry();
+        let _checking = entry.revalidation.lock().await;
+        // A foreground check may have confirmed or replaced the version meanwhile.
+        if entry.is_removed()
+            || entry.check_needed(&route.target.policy, ClientDirectives::default()) == Check::None
+        {
+            return;
+        }
+        let outcome = check_with_origin(&node, &route, entry).await;
+        tracing::debug!(
+            key = entry.key.as_str(),
+            ?outcome,
+            "background revalidation"
+        );
+    });
+}
+
+/// Asks the origin whether `entry` is still its current version, under the entry's
+/// revalidation lock: confirms it, drops it when it changed, or reports the origin unreachable.
+async fn check_with_origin(node: &Node, route: &Route, entry: &Arc<ObjectEntry>) -> Revalidation {
     if node
         .unreachable_origins
         .contains_key(&route.target.upstream_base)
@@ -62,7 +127,8 @@ pub async fn revalidate_if_stale(
     node.stats.revalidations.inc();
     let validator = if_range_validator(&entry.meta);
     let answer = fetch_range(node, route, 0, Some(0), validator).await;
-    // `Some(freshness)` when the origin confirmed this version and still lets it be stored.
+    // `Some((freshness, directives))` when the origin confirmed this version and still lets it
+    // be stored.
     let confirmed = match answer {
         Ok(mut origin) => {
             if let Some(body) = origin.body.take() {
@@ -82,7 +148,10 @@ pub async fn revalidate_if_stale(
                 header_text(&origin.headers, header::LAST_MODIFIED).as_deref(),
             );
             match freshness::judge(&origin.headers, route.target.policy.cache_control) {
-                Ok(freshness) if same_version => Some(freshness),
+                Ok(freshness) if same_version => Some((
+                    freshness,
+                    StaleDirectives::of(&origin.headers, route.target.policy.cache_control),
+                )),
                 Ok(_) => None,
                 // Maybe the same bytes, but the origin now forbids storing them: not a version
                 // change, so neither counted nor logged as one.
@@ -114,8 +183,8 @@ pub async fn revalidate_if_stale(
             return Revalidation::Unreachable(error);
         }
     };
-    if let Some(freshness) = confirmed {
-        entry.mark_validated_for(freshness);
+    if let Some((freshness, directives)) = confirmed {
+        entry.mark_validated_with(freshness, directives);
         Revalidation::Fresh
     } else {
         node.stats.version_changes.inc();

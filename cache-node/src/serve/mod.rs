@@ -20,12 +20,14 @@ use response::{origin_failure_response, refused_response, respond, ContentReques
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
+use crate::cache::freshness::{Check, ClientDirectives};
 use crate::error::OriginError;
 use crate::fill::{self, DiscoverError, FillRefused, Requester, SliceSpan};
 use crate::http::range::{self, ByteRange, ByteRangeSpec};
@@ -193,6 +195,20 @@ pub(super) async fn serve_routed(
         None
     };
     let span = discovery_span(method, range_specs.as_deref(), node.slice_len);
+    let arrived = Instant::now();
+    let client = ClientDirectives::of(headers);
+    let request = ContentRequest {
+        node,
+        route,
+        method,
+        headers,
+        range_specs: range_specs.as_deref(),
+        spans,
+        requester,
+    };
+    if client.only_if_cached {
+        return only_if_cached(&request).await;
+    }
     for attempt in 0..=VERSION_CHANGE_RETRIES {
         // The discovery's demand keeps its fill going until `respond` has registered its own.
         let (entry, _discovery_demand) =
@@ -204,24 +220,25 @@ pub(super) async fn serve_routed(
                 Err(DiscoverError::Origin(error)) => return origin_failure_response(node, &error),
                 Err(DiscoverError::Refused(refused)) => return refused_response(node, refused),
             };
-        match fill::revalidate_if_stale(node, route, &entry).await {
+        match fill::revalidate_if_stale(node, route, &entry, client, arrived).await {
             fill::Revalidation::Changed if attempt < VERSION_CHANGE_RETRIES => continue,
             fill::Revalidation::Unreachable(error) => {
                 // Served as stored: the origin cannot be asked (stale-if-error).
                 tracing::debug!(%error, "revalidation impossible; serving the stored version");
             }
+            fill::Revalidation::Failed(error) => {
+                node.stats.stale_refusals.inc();
+                return text_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("the stored version is stale and may not be served without a check with the origin, which failed: {error}"),
+                );
+            }
+            fill::Revalidation::StaleWhileChecking => {
+                tracing::debug!("stale; served while checked in the background");
+            }
             // Served as stored: current, or changed again after the last retry.
             _ => {}
         }
-        let request = ContentRequest {
-            node,
-            route,
-            method,
-            headers,
-            range_specs: range_specs.as_deref(),
-            spans: spans.clone(),
-            requester,
-        };
         let answer = respond(&request, &entry).await;
         match answer {
             Err(NotAnswered::Origin(OriginError::VersionChanged))
@@ -251,6 +268,34 @@ pub(super) async fn serve_routed(
         }
     }
     unreachable!("the last attempt always returns")
+}
+
+/// `Cache-Control: only-if-cached` (RFC 9111 §5.2.1.7): the stored version, whole on disk, if
+/// it may be served without a check; otherwise `504`. The origin is never contacted, so an
+/// object only partly on disk counts as a miss.
+async fn only_if_cached(request: &ContentRequest<'_>) -> Response<ResponseBody> {
+    let route = request.route;
+    let servable = fill::lookup(request.node, route).filter(|entry| {
+        entry.is_complete()
+            && !matches!(
+                entry.check_needed(&route.target.policy, ClientDirectives::default()),
+                Check::Foreground {
+                    serve_stale_on_failure: false
+                }
+            )
+    });
+    let Some(entry) = servable else {
+        return text_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "only-if-cached: the node has no stored version it may serve without the origin",
+        );
+    };
+    // Whole on disk: the answer starts no fill, so neither failure below contacts the origin.
+    match respond(request, &entry).await {
+        Ok(response) => response,
+        Err(NotAnswered::Origin(error)) => origin_failure_response(request.node, &error),
+        Err(NotAnswered::Refused { refused, .. }) => refused_response(request.node, refused),
+    }
 }
 
 #[cfg(test)]

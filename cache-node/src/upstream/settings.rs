@@ -39,6 +39,12 @@ pub struct UpstreamConfig {
     /// `revalidate_after` applies only when the origin says nothing) or `ignore` (store everything
     /// and check every version after `revalidate_after`, as lancache's nginx does).
     pub cache_control: String,
+    /// How long past its lifetime a stored version is still served when the check with the
+    /// origin fails (unreachable, timeout, 5xx), for content whose origin sends no
+    /// `stale-if-error` of its own. Beyond it, and for `must-revalidate` content, a failed check
+    /// is answered `504`. At most `365d`.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
     /// An outbound HTTP proxy every origin connection goes through, `http://host:port` with
     /// optional `user:password@`; empty connects directly. `https://` origins are tunnelled with
     /// `CONNECT` (TLS stays end to end); `http://` ones are sent to the proxy in absolute form.
@@ -77,6 +83,20 @@ pub struct OriginConfig {
     /// mirror on `mirror.lan:8080`. Any other port is refused with 403, so an allowed host name
     /// never reaches another service on the same machine.
     pub ports: Vec<u16>,
+    /// This origin's `upstream.stale_if_error`; unset uses the global one.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Option<Duration>,
+    /// Serve a stored version when the check with the origin fails (within `stale_if_error`)
+    /// even if the origin sent `must-revalidate` or `proxy-revalidate`, for offices that prefer
+    /// availability to the origin's word.
+    pub serve_stale_on_error: bool,
+    /// Answer every stale hit from disk at once and check with the origin in the background, as
+    /// Microsoft Connected Cache does, whatever `stale-while-revalidate` the origin sends
+    /// (never for `must-revalidate` content).
+    pub serve_stale_while_revalidating: bool,
+    /// Ignore the clients' `Cache-Control: no-cache`, `max-age` and `Pragma: no-cache`, which
+    /// otherwise force a check with the origin before a stored version is served.
+    pub ignore_client_no_cache: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -90,6 +110,7 @@ impl Default for UpstreamConfig {
             merge_gap_slices: 0,
             revalidate_after: Duration::from_secs(3600),
             cache_control: "honor".to_owned(),
+            stale_if_error: crate::cache::freshness::DEFAULT_STALE_IF_ERROR,
             proxy: String::new(),
             no_proxy: String::new(),
         }
