@@ -187,7 +187,9 @@ async fn manifest(
         // A manifest describes the version the origin has now, as a GET would serve it. A
         // changed version was dropped: the next lookup discovers the new one, which is confirmed
         // by that discovery, so this repeats at most once.
-        if let fill::Revalidation::Changed = fill::revalidate_if_stale(node, &route, &entry).await {
+        if let fill::Revalidation::Changed =
+            fill::revalidate_if_stale(node, &route, &entry, false).await
+        {
             continue;
         }
         let mut changed = entry.pieces.subscribe();
