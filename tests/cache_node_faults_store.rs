@@ -204,6 +204,7 @@ async fn a_restart_over_metadata_declaring_two_to_the_64_bytes_deletes_it_and_st
     let layout = cache_node::cache::store::Layout::create(storage.path()).unwrap();
     let key = cache_key("/liar.bin");
     let meta = cache_node::cache::store::ObjectMeta {
+        format: cache_node::cache::store::STORE_FORMAT,
         key: key.as_str().to_owned(),
         generation: 7,
         length: u64::MAX,
@@ -211,7 +212,8 @@ async fn a_restart_over_metadata_declaring_two_to_the_64_bytes_deletes_it_and_st
         etag: Some("\"x\"".into()),
         last_modified: None,
         content_type: None,
-        extra_headers: vec![],
+        content_encoding: None,
+        headers: vec![],
         stored_at_unix: cache_node::cache::store::unix_now(),
         fresh_for_secs: None,
         heuristic_fresh_for_secs: None,

@@ -93,6 +93,26 @@ pub enum DiskError {
     /// A background disk task could not complete (the runtime is shutting down).
     #[error("disk task was cancelled")]
     Cancelled,
+    /// The store was written by a newer cache-node, in a format this one cannot read. Nothing is
+    /// deleted: the node refuses to start.
+    #[error("{path} is in store format {found}, newer than this cache-node knows (format {known}); nothing was deleted: run a cache-node that knows format {found}, or point the drive at an empty directory")]
+    NewerFormat {
+        /// The `format` file or `meta.json` that says so.
+        path: PathBuf,
+        /// The format it names.
+        found: u32,
+        /// The newest format this node reads (`STORE_FORMAT` of the cache store).
+        known: u32,
+    },
+    /// A drive's `format` file does not hold a format number; the node refuses to start
+    /// rather than guess.
+    #[error(
+        "{path} does not hold a store format number; nothing was deleted: fix or remove the file"
+    )]
+    UnreadableFormat {
+        /// The `format` file.
+        path: PathBuf,
+    },
 }
 
 impl DiskError {
@@ -119,7 +139,9 @@ impl DiskError {
             DiskError::Io { source, .. } => {
                 source.kind() == io::ErrorKind::NotFound || source.raw_os_error() == Some(5)
             }
-            DiskError::Cancelled => false,
+            DiskError::Cancelled
+            | DiskError::NewerFormat { .. }
+            | DiskError::UnreadableFormat { .. } => false,
         }
     }
 }

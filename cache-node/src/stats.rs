@@ -114,13 +114,16 @@ pub struct Stats {
     pub fills_stopped: Counter,
     /// Requests answered `503` because their client had `fill.max_per_client` cold fills running.
     pub fill_refusals: Counter,
-    /// Origin answers with a `Content-Encoding`, relayed with it and never stored.
+    /// Origin answers with a `Content-Encoding`, stored and served with it as sent.
     pub encoded_responses: Counter,
     /// The defences at the edge: connection caps and timeouts, malformed requests, the
     /// tracker's quotas and the admin token's throttle.
     pub edge: EdgeCounters,
     /// Discoveries refused because the origin declared more than `storage.max_object_size`.
     pub objects_refused_too_large: Counter,
+    /// Responses not stored (relayed) because their header section was above
+    /// `MAX_STORED_HEADER_BYTES`.
+    pub objects_refused_headers_too_large: Counter,
     /// Stored slices that did not match their piece hashes (each dropped its object).
     pub integrity_failures: Counter,
     /// Stored slices compared with their piece hashes (sampled hits, manifest checks).
@@ -211,13 +214,15 @@ pub struct StatsSnapshot {
     pub fills_stopped: u64,
     /// Requests refused because their client had `fill.max_per_client` cold fills running.
     pub fill_refusals: u64,
-    /// Origin answers with a `Content-Encoding`, relayed and not stored.
+    /// Origin answers with a `Content-Encoding`, stored and served as sent.
     pub encoded_responses: u64,
     /// The edge defences' counters, at the top level of the document.
     #[serde(flatten)]
     pub edge: EdgeSnapshot,
     /// Discoveries refused for declaring more than `storage.max_object_size`.
     pub objects_refused_too_large: u64,
+    /// Responses relayed, not stored, for a header section above the stored bound.
+    pub objects_refused_headers_too_large: u64,
     /// Stored slices that failed their piece-hash check.
     pub integrity_failures: u64,
     /// Stored slices checked against their piece hashes.
@@ -321,6 +326,7 @@ impl Stats {
             encoded_responses: Counter::default(),
             edge: EdgeCounters::default(),
             objects_refused_too_large: Counter::default(),
+            objects_refused_headers_too_large: Counter::default(),
             integrity_failures: Counter::default(),
             slices_verified: Counter::default(),
             slices_lost: Counter::default(),
@@ -496,11 +502,16 @@ impl Stats {
             Unit::Bytes,
             stats.drive_max_bytes.clone(),
         );
-        let store_counters: [(&str, &str, &Counter); 5] = [
+        let store_counters: [(&str, &str, &Counter); 6] = [
             (
                 "objects_refused_too_large",
                 "Discoveries refused because the origin declared more than storage.max_object_size",
                 &stats.objects_refused_too_large,
+            ),
+            (
+                "objects_refused_headers_too_large",
+                "Responses relayed, not stored, because their header section was above the stored bound (64 KiB)",
+                &stats.objects_refused_headers_too_large,
             ),
             (
                 "integrity_failures",
@@ -587,7 +598,7 @@ impl Stats {
             ),
             (
                 "encoded_responses",
-                "Origin answers with a Content-Encoding, relayed and not stored",
+                "Origin answers with a Content-Encoding, stored and served as sent",
                 &stats.encoded_responses,
             ),
         ] {
@@ -695,6 +706,7 @@ impl Stats {
             encoded_responses: self.encoded_responses.get(),
             edge: self.edge.snapshot(),
             objects_refused_too_large: self.objects_refused_too_large.get(),
+            objects_refused_headers_too_large: self.objects_refused_headers_too_large.get(),
             integrity_failures: self.integrity_failures.get(),
             slices_verified: self.slices_verified.get(),
             slices_lost: self.slices_lost.get(),

@@ -206,6 +206,18 @@ impl TestNode {
     pub async fn stats(&self) -> serde_json::Value {
         admin_stats(self.admin_addr).await
     }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(format!("http://{}/metrics", self.admin_addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
 }
 
 /// The MCC-form URL of `path` on a node at `addr`.

@@ -194,6 +194,7 @@ async fn manifest(
             &entry,
             ClientDirectives::default(),
             std::time::Instant::now(),
+            false,
         )
         .await
         {

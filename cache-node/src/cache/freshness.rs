@@ -149,9 +149,9 @@ pub enum NotStorable {
     NoStore,
     /// `Cache-Control: private`: meant for one user, never for a shared cache.
     Private,
-    /// A `Content-Encoding` (gzip...) although the node asked for `identity`: the bytes are not
-    /// the resource's, and byte ranges of them mean something else.
-    Encoded,
+    /// The header section is above
+    /// [`MAX_STORED_HEADER_BYTES`](crate::cache::header_section::MAX_STORED_HEADER_BYTES).
+    HeadersTooLarge,
 }
 
 impl std::fmt::Display for NotStorable {
@@ -160,7 +160,7 @@ impl std::fmt::Display for NotStorable {
             NotStorable::NoLength => "no length",
             NotStorable::NoStore => "no-store",
             NotStorable::Private => "private",
-            NotStorable::Encoded => "content-encoding",
+            NotStorable::HeadersTooLarge => "header section too large",
         })
     }
 }

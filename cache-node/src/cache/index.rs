@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use http::HeaderMap;
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
@@ -30,6 +31,7 @@ use tokio::sync::mpsc;
 use crate::cache::freshness::{
     self, Check, ClientDirectives, Freshness, FreshnessPolicy, StaleDirectives,
 };
+use crate::cache::header_section;
 use crate::cache::key::CacheKey;
 use crate::cache::slice_buffer::SliceBuffer;
 use crate::cache::store::{Layout, ObjectMeta};
@@ -195,6 +197,10 @@ pub struct ObjectEntry {
     background_check: AtomicBool,
     /// [`USE_CLOCK`] at the last lookup, for eviction when a disk fills before `max_size`.
     last_used: AtomicU64,
+    /// The stored header section as answers replay it (validators, `Content-Encoding` and every
+    /// stored field; see [`crate::cache::header_section`]): parsed once, replaced whole when a
+    /// revalidation refreshes it, and cloned (refcounted values) into each answer.
+    replay: Mutex<Arc<HeaderMap>>,
 }
 
 /// When the origin last confirmed a version, and for how long a confirmation holds.
@@ -316,8 +322,40 @@ impl ObjectEntry {
         }
     }
 
-    /// Creates an entry whose listed slices are already on disk (after a restart).
-    pub fn with_present(meta: ObjectMeta, present_slices: &[u64]) -> ObjectEntry {
+    /// The header section every answer about this version replays.
+    pub fn replay_headers(&self) -> Arc<HeaderMap> {
+        lock(&self.replay).clone()
+    }
+
+    /// Replaces the replayed header section (after a revalidation refreshed it).
+    pub fn set_replay_headers(&self, headers: HeaderMap) {
+        *lock(&self.replay) = Arc::new(headers);
+    }
+
+    /// The metadata as `meta.json` holds it now: the stored header section and the freshness
+    /// of the last confirmation included.
+    pub fn meta_for_disk(&self) -> ObjectMeta {
+        let mut meta = self.meta.clone();
+        meta.headers = header_section::fields_of_map(&self.replay_headers());
+        meta.fresh_for_secs = self.freshness().to_secs();
+        meta
+    }
+
+    /// Creates an entry whose listed slices are already on disk (after a restart). The stored
+    /// header fields move out of `meta` into the entry's parsed map.
+    pub fn with_present(mut meta: ObjectMeta, present_slices: &[u64]) -> ObjectEntry {
+        let fields = std::mem::take(&mut meta.headers);
+        // Discovery builds valid fields and recovery rejects invalid ones, so this drops
+        // nothing in practice.
+        let replay =
+            header_section::replay_map(&meta.typed_fields(), &fields).unwrap_or_else(|problem| {
+                tracing::warn!(
+                    key = meta.key,
+                    problem,
+                    "stored header section not replayed"
+                );
+                HeaderMap::new()
+            });
         let mut present = SliceSet::new(meta.slice_count());
         let mut stored_bytes = 0;
         for &index in present_slices {
@@ -350,6 +388,7 @@ impl ObjectEntry {
             revalidation: tokio::sync::Mutex::new(()),
             background_check: AtomicBool::new(false),
             last_used: AtomicU64::new(0),
+            replay: Mutex::new(Arc::new(replay)),
         }
     }
 

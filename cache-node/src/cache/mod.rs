@@ -5,6 +5,7 @@
 pub(crate) mod discovery;
 pub(crate) mod fill_limits;
 pub(crate) mod freshness;
+pub mod header_section;
 pub(crate) mod index;
 pub mod key;
 pub(crate) mod piece_file;

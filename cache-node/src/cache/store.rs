@@ -1,6 +1,7 @@
 //! The on-disk layout of cached content, and the start-up scan that rebuilds the index from it.
 //!
 //! ```text
+//! <drive>/format
 //! <drive>/objects/<id[0..2]>/<id>/<generation>/meta.json
 //! <drive>/objects/<id[0..2]>/<id>/<generation>/<slice index>
 //! <drive>/objects/<id[0..2]>/<id>/<generation>/pieces.sha256
@@ -15,6 +16,11 @@
 //! generation directory is started and the old one deleted, so slices of two versions can never
 //! be read as one. Every file is written under a temporary name and renamed into place, so after a
 //! crash a slice file is either absent or complete. Only this module knows these paths.
+//!
+//! `format` holds the store format ([`STORE_FORMAT`]), which every `meta.json` repeats: recovery
+//! upgrades metadata of an older format in place (or deletes that version, counted and logged,
+//! when it cannot), and a drive or object of a newer format stops the node before anything is
+//! deleted.
 //!
 //! Recovery trusts nothing it reads: a `meta.json` that does not parse, names a key that does not
 //! hash to the directory it sits in, declares a length above `storage.max_object_size` or a slice
@@ -31,14 +37,28 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::cache::header_section::{self, StoredField, StoredValue};
 use crate::cache::key::CacheKey;
 use crate::cache::piece_file;
 use crate::disk::portable::TEMP_PREFIX;
 use crate::error::DiskError;
 
-/// What the node knows about one version of one piece of content. Written once per generation.
+/// The store format this node writes: the number in each drive's `format` file and in every
+/// `meta.json`. Format 1 (no `format` anywhere) kept only a few origin headers in
+/// `extra_headers`; format 2 keeps the whole stored header section (`headers`,
+/// `content_encoding`). Recovery upgrades format-1 metadata in place; a drive or object of a
+/// higher format stops the node at start-up, with nothing deleted.
+pub const STORE_FORMAT: u32 = 2;
+
+/// The name of the format file at each drive's root.
+const FORMAT_FILE: &str = "format";
+
+/// What the node knows about one version of one piece of content. Written once per generation,
+/// and again when a revalidation refreshes its headers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectMeta {
+    /// The store format this metadata is written in ([`STORE_FORMAT`]).
+    pub format: u32,
     /// The cache key text (origin host, path and query).
     pub key: String,
     /// Random identifier of this version's directory.
@@ -53,9 +73,15 @@ pub struct ObjectMeta {
     pub last_modified: Option<String>,
     /// The origin's `Content-Type`, if it sent one.
     pub content_type: Option<String>,
-    /// Other origin headers worth replaying to clients (`Cache-Control`, `Expires`,
-    /// `Content-Disposition`...), as name/value pairs.
-    pub extra_headers: Vec<(String, String)>,
+    /// The origin's `Content-Encoding`, if it sent one: the stored bytes are in that coding, and
+    /// an answer in another coding is another version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_encoding: Option<String>,
+    /// Every other stored field of the origin's header section, in its order (see
+    /// [`crate::cache::header_section`]). In memory, the index entry holds them as a parsed
+    /// map instead, and this list is empty.
+    #[serde(default)]
+    pub headers: Vec<StoredField>,
     /// When the node started storing this version, in seconds since the Unix epoch.
     pub stored_at_unix: u64,
     /// How long the version is fresh after the origin confirms it, in seconds, from the origin's
@@ -76,6 +102,62 @@ pub struct ObjectMeta {
     /// The origin sent `must-revalidate` or `proxy-revalidate`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub must_revalidate: bool,
+}
+
+/// A `meta.json` of store format 1, exactly as nodes before [`STORE_FORMAT`] 2 wrote it; read
+/// only to upgrade it.
+#[derive(Debug, Deserialize)]
+struct MetaFormat1 {
+    key: String,
+    generation: u64,
+    length: u64,
+    slice_len: u64,
+    etag: Option<String>,
+    last_modified: Option<String>,
+    content_type: Option<String>,
+    /// The few headers format 1 replayed (`Cache-Control`, `Expires`, `Content-Disposition`,
+    /// `Content-Language`).
+    extra_headers: Vec<(String, String)>,
+    stored_at_unix: u64,
+    #[serde(default)]
+    fresh_for_secs: Option<u64>,
+}
+
+impl MetaFormat1 {
+    /// The same version in the current format. Format 1 stored no encoded content, so there is
+    /// no `Content-Encoding` to carry over.
+    fn upgrade(self) -> ObjectMeta {
+        ObjectMeta {
+            format: STORE_FORMAT,
+            key: self.key,
+            generation: self.generation,
+            length: self.length,
+            slice_len: self.slice_len,
+            etag: self.etag,
+            last_modified: self.last_modified,
+            content_type: self.content_type,
+            content_encoding: None,
+            headers: self
+                .extra_headers
+                .into_iter()
+                .map(|(name, value)| (name, StoredValue::Text(value)))
+                .collect(),
+            stored_at_unix: self.stored_at_unix,
+            fresh_for_secs: self.fresh_for_secs,
+            // Format 1 kept no directives beyond the lifetime.
+            heuristic_fresh_for_secs: None,
+            stale_while_revalidate_secs: None,
+            stale_if_error_secs: None,
+            must_revalidate: false,
+        }
+    }
+}
+
+/// The `format` of a `meta.json`, read before the rest; absent in format 1.
+#[derive(Debug, Deserialize)]
+struct FormatProbe {
+    #[serde(default)]
+    format: Option<u32>,
 }
 
 impl ObjectMeta {
@@ -106,6 +188,19 @@ impl ObjectMeta {
         };
         self.length == length && same_validator
     }
+
+    /// The typed fields replayed from the index entry's header map (`Content-Type` is set per
+    /// answer).
+    pub fn typed_fields(&self) -> [(http::HeaderName, Option<&str>); 3] {
+        [
+            (http::header::ETAG, self.etag.as_deref()),
+            (http::header::LAST_MODIFIED, self.last_modified.as_deref()),
+            (
+                http::header::CONTENT_ENCODING,
+                self.content_encoding.as_deref(),
+            ),
+        ]
+    }
 }
 
 /// Parses a slice or piece size: a power of two between 64 KiB and 64 MiB. The error is a
@@ -125,6 +220,7 @@ impl ObjectMeta {
     /// Generation 1 of `key`, `length` bytes in slices of `slice_len`, without validators.
     pub(crate) fn for_tests(key: &str, length: u64, slice_len: u64) -> ObjectMeta {
         ObjectMeta {
+            format: STORE_FORMAT,
             key: key.to_owned(),
             generation: 1,
             length,
@@ -132,7 +228,8 @@ impl ObjectMeta {
             etag: None,
             last_modified: None,
             content_type: None,
-            extra_headers: vec![],
+            content_encoding: None,
+            headers: vec![],
             stored_at_unix: 0,
             fresh_for_secs: None,
             heuristic_fresh_for_secs: None,
@@ -190,9 +287,10 @@ pub struct RecoveredObject {
 /// The name of the piece hash file in a generation directory (see [`crate::cache::piece_file`]).
 const PIECES_FILE: &str = "pieces.sha256";
 
-/// The largest `meta.json` recovery reads; the node writes a few hundred bytes, plus the origin
-/// headers it replays.
-const MAX_META_FILE_BYTES: u64 = 256 << 10;
+/// The largest `meta.json` recovery reads; the node writes a few hundred bytes, plus the stored
+/// header section, itself at most [`header_section::MAX_STORED_HEADER_BYTES`] (which JSON
+/// escaping or a non-UTF-8 value written as numbers can grow at most fourfold).
+const MAX_META_FILE_BYTES: u64 = 1 << 20;
 
 /// The slice lengths any configuration allows (`storage.slice_size`).
 const SLICE_LEN_RANGE: std::ops::RangeInclusive<u64> = 64 << 10..=64 << 20;
@@ -231,6 +329,11 @@ enum Rejected {
     OtherSliceSize(u64),
     /// An older version of the same key (or an equally old one with a lower generation).
     Superseded,
+    /// Written in an older store format and could not be rewritten in the current one.
+    NotUpgraded(String),
+    /// Written in a newer store format than this node knows: never deleted, the node refuses
+    /// to start instead.
+    NewerFormat(u32),
 }
 
 /// Counts of what recovery deleted on one drive, for its log lines.
@@ -239,6 +342,10 @@ struct RecoveryTally {
     moved: u64,
     corrupt: u64,
     other_slice_size: u64,
+    /// Versions whose metadata was upgraded from an older store format.
+    upgraded: u64,
+    /// Versions of an older store format that could not be upgraded.
+    not_upgraded: u64,
 }
 
 impl RecoveryTally {
@@ -257,10 +364,22 @@ impl RecoveryTally {
                 self.corrupt,
                 "stored versions deleted: their metadata could not be trusted (see the lines above)",
             ),
+            (
+                self.not_upgraded,
+                "stored versions deleted: written in an older store format and could not be upgraded (see the lines above)",
+            ),
         ] {
             if count > 0 {
                 tracing::warn!(drive = %root.display(), count, "{what}");
             }
+        }
+        if self.upgraded > 0 {
+            tracing::info!(
+                drive = %root.display(),
+                count = self.upgraded,
+                format = STORE_FORMAT,
+                "stored versions upgraded from an older store format"
+            );
         }
     }
 }
@@ -274,11 +393,22 @@ impl Layout {
         }])
     }
 
-    /// A store over `drives` (at least one), creating their directories if needed.
+    /// A store over `drives` (at least one), creating their directories if needed. A drive
+    /// whose `format` file names a newer store format than [`STORE_FORMAT`] (or cannot be read)
+    /// is an error, found before anything on any drive is touched; the others get the current
+    /// format written (objects of an older one are upgraded one by one by
+    /// [`Layout::recover`], which their own `meta.json` tells apart).
     pub fn create_drives(drives: &[DriveSpec]) -> Result<Layout, DiskError> {
         assert!(!drives.is_empty(), "a store needs a drive");
+        for spec in drives {
+            check_format_file(&spec.root)?;
+        }
         let mut created = Vec::with_capacity(drives.len());
         for spec in drives {
+            let format_path = spec.root.join(FORMAT_FILE);
+            fs::create_dir_all(&spec.root)
+                .and_then(|()| fs::write(&format_path, format!("{STORE_FORMAT}\n")))
+                .map_err(|error| DiskError::io("write", &format_path, error))?;
             let objects_root = spec.root.join("objects");
             fs::create_dir_all(&objects_root)
                 .map_err(|error| DiskError::io("mkdir", &objects_root, error))?;
@@ -410,12 +540,35 @@ impl Layout {
     }
 }
 
+/// Refuses a drive whose `format` file names a store format newer than this node knows, or
+/// that is not a number. A missing file is a new drive or a format-1 store.
+fn check_format_file(root: &Path) -> Result<(), DiskError> {
+    let path = root.join(FORMAT_FILE);
+    let text = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(DiskError::io("read", &path, error)),
+    };
+    let found = std::str::from_utf8(&text)
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        .ok_or_else(|| DiskError::UnreadableFormat { path: path.clone() })?;
+    if found > STORE_FORMAT {
+        return Err(DiskError::NewerFormat {
+            path,
+            found,
+            known: STORE_FORMAT,
+        });
+    }
+    Ok(())
+}
+
 /// Reads and checks the metadata of one generation directory of `object_dir`.
 fn read_trusted_meta(
     object_dir: &Path,
     generation_dir: &Path,
     limits: RecoveryLimits,
-) -> Result<ObjectMeta, Rejected> {
+) -> Result<TrustedMeta, Rejected> {
     use std::io::Read;
     let path = generation_dir.join("meta.json");
     let mut bytes = Vec::new();
@@ -427,8 +580,29 @@ fn read_trusted_meta(
             "longer than {MAX_META_FILE_BYTES} bytes"
         )));
     }
-    let meta: ObjectMeta = serde_json::from_slice(&bytes)
-        .map_err(|error| Rejected::CorruptMeta(format!("not valid metadata: {error}")))?;
+    let corrupt =
+        |error: serde_json::Error| Rejected::CorruptMeta(format!("not valid metadata: {error}"));
+    let probe: FormatProbe = serde_json::from_slice(&bytes).map_err(corrupt)?;
+    let (meta, upgraded) = match probe.format {
+        None => (
+            serde_json::from_slice::<MetaFormat1>(&bytes)
+                .map_err(corrupt)?
+                .upgrade(),
+            true,
+        ),
+        Some(STORE_FORMAT) => (
+            serde_json::from_slice::<ObjectMeta>(&bytes).map_err(corrupt)?,
+            false,
+        ),
+        Some(format) if format > STORE_FORMAT => return Err(Rejected::NewerFormat(format)),
+        Some(format) => {
+            return Err(Rejected::CorruptMeta(format!(
+                "store format {format} does not exist"
+            )))
+        }
+    };
+    header_section::replay_map(&meta.typed_fields(), &meta.headers)
+        .map_err(Rejected::CorruptMeta)?;
     let directory_name = |path: &Path| {
         path.file_name()
             .map(|name| name.to_string_lossy().into_owned())
@@ -457,7 +631,28 @@ fn read_trusted_meta(
     if meta.slice_len != limits.slice_len {
         return Err(Rejected::OtherSliceSize(meta.slice_len));
     }
-    Ok(meta)
+    if upgraded {
+        if let Err(error) = write_meta_file(generation_dir, &meta) {
+            return Err(Rejected::NotUpgraded(error.to_string()));
+        }
+    }
+    Ok(TrustedMeta { meta, upgraded })
+}
+
+/// Metadata recovery trusts, and whether it was just upgraded from an older store format.
+struct TrustedMeta {
+    meta: ObjectMeta,
+    upgraded: bool,
+}
+
+/// Writes `meta` as the `meta.json` of `generation_dir`, under a temporary name renamed into
+/// place (recovery's upgrade; the running node writes through its storage backend).
+fn write_meta_file(generation_dir: &Path, meta: &ObjectMeta) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(meta).expect("metadata serialises");
+    let temporary = generation_dir.join(format!("{TEMP_PREFIX}meta.json"));
+    fs::write(&temporary, json)?;
+    fs::File::open(&temporary)?.sync_all()?;
+    fs::rename(&temporary, generation_dir.join("meta.json"))
 }
 
 /// Deletes a generation directory recovery will not serve, with a log line saying why.
@@ -485,7 +680,12 @@ fn reject_generation(generation_dir: &Path, reason: &Rejected, tally: &mut Recov
             );
         }
         Rejected::OtherSliceSize(_) => tally.other_slice_size += 1,
+        Rejected::NotUpgraded(error) => {
+            tally.not_upgraded += 1;
+            tracing::warn!(%path, error, "could not upgrade meta.json to the current store format; stored version deleted");
+        }
         Rejected::Superseded => {}
+        Rejected::NewerFormat(_) => unreachable!("a newer format stops recovery before deleting"),
     }
     remove_dir_quietly(generation_dir);
 }
@@ -516,7 +716,17 @@ fn recover_object(
             continue;
         }
         let meta = match read_trusted_meta(object_dir, &generation_dir, limits) {
-            Ok(meta) => meta,
+            Ok(TrustedMeta { meta, upgraded }) => {
+                tally.upgraded += u64::from(upgraded);
+                meta
+            }
+            Err(Rejected::NewerFormat(found)) => {
+                return Err(DiskError::NewerFormat {
+                    path: generation_dir.join("meta.json"),
+                    found,
+                    known: STORE_FORMAT,
+                })
+            }
             // A crash between creating the directory and writing meta.json leaves a generation
             // without metadata: an ordinary leftover, deleted without a warning.
             Err(Rejected::CorruptMeta(_)) if !generation_dir.join("meta.json").exists() => {
@@ -852,7 +1062,10 @@ mod tests {
         // A meta.json far larger than the node ever writes.
         let bloated_key = CacheKey::new("h.example", "/bloated");
         let mut bloated = meta(&bloated_key, 1, SLICE, 100);
-        bloated.extra_headers = vec![("x".into(), "y".repeat(MAX_META_FILE_BYTES as usize))];
+        bloated.headers = vec![(
+            "x".into(),
+            StoredValue::Text("y".repeat(MAX_META_FILE_BYTES as usize)),
+        )];
         write_meta(&layout, &bloated_key, &bloated);
         // A stray file where a shard directory belongs does not stop the node.
         fs::write(dir.path().join("objects").join("stray"), b"x").unwrap();

@@ -14,23 +14,15 @@ pub use crate::cache::discovery::{DiscoverError, DiscoveryOutcome};
 use crate::cache::fill_limits::ClientSlot;
 pub use crate::cache::fill_limits::Requester;
 use crate::cache::freshness::{self, Freshness, NotStorable, StaleDirectives};
+use crate::cache::header_section;
 pub use crate::cache::index::Demand;
 use crate::cache::index::ObjectEntry;
 use crate::cache::key::CacheKey;
-use crate::cache::store::{unix_now, ObjectMeta};
+use crate::cache::store::{unix_now, ObjectMeta, STORE_FORMAT};
 use crate::error::OriginError;
 use crate::http::range::{parse_content_range, ContentRange};
 use crate::node::Node;
 use crate::upstream::router::Route;
-
-/// Headers of an origin response that are stored and replayed to clients, besides the
-/// validators and `Content-Type`, which have their own fields.
-pub(super) const REPLAYED_HEADERS: [header::HeaderName; 4] = [
-    header::CACHE_CONTROL,
-    header::EXPIRES,
-    header::CONTENT_DISPOSITION,
-    header::CONTENT_LANGUAGE,
-];
 
 /// The slices a discovery should fetch: `first..=last`, or `first..` to the end when `last` is
 /// `None`.
@@ -170,16 +162,24 @@ pub(super) fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Opti
         .map(str::to_owned)
 }
 
-/// True when the body carries a `Content-Encoding` other than `identity`.
-pub(super) fn is_encoded(headers: &HeaderMap) -> bool {
-    headers
+/// The response's `Content-Encoding`, every value joined, as stored; `None` without one.
+pub(super) fn content_encoding(headers: &HeaderMap) -> Option<String> {
+    let values: Vec<&str> = headers
         .get_all(header::CONTENT_ENCODING)
         .iter()
-        .flat_map(|value| value.to_str().unwrap_or("unreadable").split(','))
-        .any(|coding| {
-            let coding = coding.trim();
-            !coding.is_empty() && !coding.eq_ignore_ascii_case("identity")
-        })
+        .map(|value| value.to_str().unwrap_or("unreadable"))
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// True when an origin answer describes the stored version `meta`: same length, validators and
+/// `Content-Encoding` (bytes of two codings are never put together).
+pub(super) fn answers_same_version(meta: &ObjectMeta, origin: &OriginBody) -> bool {
+    meta.same_version(
+        origin.length,
+        header_text(&origin.headers, header::ETAG).as_deref(),
+        header_text(&origin.headers, header::LAST_MODIFIED).as_deref(),
+    ) && content_encoding(&origin.headers) == meta.content_encoding
 }
 
 pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -187,6 +187,23 @@ pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().parse().ok())
+}
+
+/// A `200` carrying the whole object; without a `Content-Length` the node cannot slice it.
+pub(super) fn whole_object_answer(
+    headers: HeaderMap,
+    body: Incoming,
+) -> Result<OriginBody, DiscoverError> {
+    let Some(length) = content_length(&headers) else {
+        return Err(DiscoverError::NotStorable(NotStorable::NoLength));
+    };
+    Ok(OriginBody {
+        length,
+        headers,
+        body_start: 0,
+        body_end: length,
+        body: Some(body),
+    })
 }
 
 /// Sends a ranged request for absolute bytes `first..=last` (or `first..` when `last` is None)
@@ -210,11 +227,10 @@ pub(super) async fn fetch_range(
     let (parts, body) = response.into_parts();
     let protocol = |message: String| DiscoverError::Origin(OriginError::Protocol(message));
     if matches!(parts.status, StatusCode::OK | StatusCode::PARTIAL_CONTENT)
-        && is_encoded(&parts.headers)
+        && parts.headers.contains_key(header::CONTENT_ENCODING)
     {
-        // The body is dropped unread, which closes that origin connection.
+        // Stored as sent: the bytes and their Content-Encoding together.
         node.stats.encoded_responses.inc();
-        return Err(DiscoverError::NotStorable(NotStorable::Encoded));
     }
     match parts.status {
         StatusCode::PARTIAL_CONTENT => {
@@ -249,18 +265,7 @@ pub(super) async fn fetch_range(
                 body: Some(body),
             })
         }
-        StatusCode::OK => {
-            let Some(length) = content_length(&parts.headers) else {
-                return Err(DiscoverError::NotStorable(NotStorable::NoLength));
-            };
-            Ok(OriginBody {
-                length,
-                headers: parts.headers,
-                body_start: 0,
-                body_end: length,
-                body: Some(body),
-            })
-        }
+        StatusCode::OK => whole_object_answer(parts.headers, body),
         StatusCode::RANGE_NOT_SATISFIABLE => {
             match header_text(&parts.headers, header::CONTENT_RANGE)
                 .and_then(|value| parse_content_range(&value))
@@ -279,23 +284,19 @@ pub(super) async fn fetch_range(
     }
 }
 
+/// The metadata of a newly discovered version, with its stored header section; refused when
+/// that section is above [`header_section::MAX_STORED_HEADER_BYTES`].
 pub(super) fn meta_from_response(
     node: &Node,
     key: &CacheKey,
     origin: &OriginBody,
     freshness: Freshness,
     directives: StaleDirectives,
-) -> ObjectMeta {
+) -> Result<ObjectMeta, NotStorable> {
     let (stale_while_revalidate_secs, stale_if_error_secs, must_revalidate) =
         directives.to_stored();
-    let extra_headers = REPLAYED_HEADERS
-        .iter()
-        .filter_map(|name| {
-            header_text(&origin.headers, name.clone())
-                .map(|value| (name.as_str().to_owned(), value))
-        })
-        .collect();
-    ObjectMeta {
+    let meta = ObjectMeta {
+        format: STORE_FORMAT,
         key: key.as_str().to_owned(),
         generation: rand::random(),
         length: origin.length,
@@ -303,14 +304,36 @@ pub(super) fn meta_from_response(
         etag: header_text(&origin.headers, header::ETAG),
         last_modified: header_text(&origin.headers, header::LAST_MODIFIED),
         content_type: header_text(&origin.headers, header::CONTENT_TYPE),
-        extra_headers,
+        content_encoding: content_encoding(&origin.headers),
+        headers: header_section::stored_fields(&origin.headers),
         stored_at_unix: unix_now(),
         fresh_for_secs: freshness.to_secs(),
         heuristic_fresh_for_secs: freshness.heuristic_secs(),
         stale_while_revalidate_secs,
         stale_if_error_secs,
         must_revalidate,
+    };
+    let typed = meta.typed_fields();
+    let content_type = (header::CONTENT_TYPE, meta.content_type.as_deref());
+    let section_bytes = header_section::stored_section_bytes(
+        &meta.headers,
+        &typed
+            .iter()
+            .chain([&content_type])
+            .map(|(name, value)| (name, *value))
+            .collect::<Vec<_>>(),
+    );
+    if section_bytes > header_section::MAX_STORED_HEADER_BYTES {
+        node.stats.objects_refused_headers_too_large.inc();
+        tracing::warn!(
+            key = key.as_str(),
+            section_bytes,
+            max = header_section::MAX_STORED_HEADER_BYTES,
+            "origin header section too large to store; relayed"
+        );
+        return Err(NotStorable::HeadersTooLarge);
     }
+    Ok(meta)
 }
 
 pub(super) async fn discover(
@@ -344,7 +367,10 @@ pub(super) async fn discover(
         Err(reason) => return Err(not_storable(node, key, reason)),
     };
     let directives = StaleDirectives::of(&origin.headers, route.target.policy.cache_control);
-    let meta = meta_from_response(node, key, &origin, freshness, directives);
+    let meta = match meta_from_response(node, key, &origin, freshness, directives) {
+        Ok(meta) => meta,
+        Err(reason) => return Err(not_storable(node, key, reason)),
+    };
     let meta_json = serde_json::to_vec_pretty(&meta).expect("metadata serialises");
     let meta_path = node.layout.meta_path(key, meta.generation);
     if let Err(error) = node

@@ -31,8 +31,12 @@
 //!   the object has a validator the origin checks (`If-Range` with a strong ETag or
 //!   Last-Modified). A validator-less object keeps what its first fill brought, and missing slices
 //!   are refused ([`FillRefused::NoValidator`]) rather than spliced in from another request.
-//! - **Encodings.** An answer with a `Content-Encoding` is never stored: its bytes are not the
-//!   resource's. The request is relayed instead, header and all.
+//! - **Encodings.** An answer with a `Content-Encoding` is stored as sent: its bytes and its
+//!   `Content-Encoding` together, byte-exact. An answer in another coding than the stored one is
+//!   another version, so bytes of two codings are never put together.
+//! - **Revalidation.** A stale version is checked with a conditional `GET` (`If-None-Match` or
+//!   `If-Modified-Since`) when the answer is about the whole object, else with a one-byte
+//!   `If-Range` request; a confirming answer refreshes the stored header fields it carries.
 
 mod discover;
 mod revalidate;

@@ -4,7 +4,6 @@
 use super::*;
 use std::sync::Arc;
 
-use http::header;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
@@ -41,11 +40,7 @@ pub(super) async fn run_fill(
     let origin = fetch_range(&node, &route, first_byte, Some(last_byte), validator).await;
     let failure = match origin {
         Ok(mut origin) => {
-            let same_version = entry.meta.same_version(
-                origin.length,
-                header_text(&origin.headers, header::ETAG).as_deref(),
-                header_text(&origin.headers, header::LAST_MODIFIED).as_deref(),
-            );
+            let same_version = answers_same_version(&entry.meta, &origin);
             match origin.body.take() {
                 Some(body) if same_version => {
                     // An origin that ignores Range sends everything: keep what comes before the

@@ -220,7 +220,8 @@ pub(super) async fn serve_routed(
                 Err(DiscoverError::Origin(error)) => return origin_failure_response(node, &error),
                 Err(DiscoverError::Refused(refused)) => return refused_response(node, refused),
             };
-        match fill::revalidate_if_stale(node, route, &entry, client, arrived).await {
+        let whole_object = range_specs.is_none();
+        match fill::revalidate_if_stale(node, route, &entry, client, arrived, whole_object).await {
             fill::Revalidation::Changed if attempt < VERSION_CHANGE_RETRIES => continue,
             fill::Revalidation::Unreachable(error) => {
                 // Served as stored: the origin cannot be asked (stale-if-error).

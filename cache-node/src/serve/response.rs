@@ -87,18 +87,13 @@ pub(super) fn set_header(headers: &mut HeaderMap, name: header::HeaderName, valu
     }
 }
 
-/// Headers every answer about a stored object carries (also 304s).
-pub(super) fn object_headers(headers: &mut HeaderMap, meta: &ObjectMeta) {
-    if let Some(etag) = &meta.etag {
-        set_header(headers, header::ETAG, etag);
-    }
-    if let Some(last_modified) = &meta.last_modified {
-        set_header(headers, header::LAST_MODIFIED, last_modified);
-    }
-    for (name, value) in &meta.extra_headers {
-        if let Ok(name) = header::HeaderName::from_bytes(name.as_bytes()) {
-            set_header(headers, name, value);
-        }
+/// Headers every answer about a stored object carries (also 304s): the stored header section,
+/// copied from the entry's parsed map (no stored name or value is parsed per answer).
+pub(super) fn object_headers(headers: &mut HeaderMap, entry: &ObjectEntry) {
+    let replay = entry.replay_headers();
+    headers.reserve(replay.len() + 4);
+    for (name, value) in replay.iter() {
+        headers.append(name.clone(), value.clone());
     }
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
 }
@@ -185,7 +180,7 @@ pub(super) async fn respond(
 ) -> Result<Response<ResponseBody>, NotAnswered> {
     let meta = &entry.meta;
     let mut response = Response::new(ResponseBody::empty());
-    object_headers(response.headers_mut(), meta);
+    object_headers(response.headers_mut(), entry);
     // A stored response carries its age (RFC 9111 §4, §5.1): the time since the origin last
     // confirmed it, so caches and clients downstream count the origin's max-age correctly.
     if let Some(age) = entry.age() {

@@ -352,6 +352,11 @@ pub struct FetchRequest<'a> {
     pub range: Option<String>,
     /// The `If-Range` header to send, if any (a strong ETag or Last-Modified of the stored copy).
     pub if_range: Option<String>,
+    /// The `If-None-Match` header to send, if any (the stored copy's ETag, for a whole-object
+    /// revalidation).
+    pub if_none_match: Option<String>,
+    /// The `If-Modified-Since` header to send, if any (the stored copy's Last-Modified).
+    pub if_modified_since: Option<String>,
 }
 
 /// A client's request the node relays to its origin unchanged and never stores: `POST`, `PUT`,
@@ -477,6 +482,14 @@ impl UpstreamClient {
             .and_then(|value| HeaderValue::from_str(&value).ok())
         {
             headers.insert(header::IF_RANGE, if_range);
+        }
+        for (name, value) in [
+            (header::IF_NONE_MATCH, request.if_none_match),
+            (header::IF_MODIFIED_SINCE, request.if_modified_since),
+        ] {
+            if let Some(value) = value.and_then(|value| HeaderValue::from_str(&value).ok()) {
+                headers.insert(name, value);
+            }
         }
         let http_request = builder
             .body(UpstreamRequestBody::Empty)

@@ -75,6 +75,24 @@ impl Route {
             method,
             range,
             if_range,
+            if_none_match: None,
+            if_modified_since: None,
+        }
+    }
+
+    /// A conditional `GET` of the whole object: `If-None-Match` with `etag`, else
+    /// `If-Modified-Since` with `last_modified` (RFC 9111 §4.3.1), for a revalidation that
+    /// expects a `304`.
+    pub fn conditional_request(
+        &self,
+        etag: Option<String>,
+        last_modified: Option<String>,
+    ) -> FetchRequest<'_> {
+        let if_modified_since = if etag.is_none() { last_modified } else { None };
+        FetchRequest {
+            if_none_match: etag,
+            if_modified_since,
+            ..self.fetch_request(http::Method::GET, None, None)
         }
     }
 

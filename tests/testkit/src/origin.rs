@@ -736,6 +736,21 @@ async fn respond(
         return Ok(response);
     }
 
+    if is_not_modified(&snapshot, &recorded_request) {
+        // A conditional request whose validator matches: 304 with the validators and the
+        // object's extra headers (so a test changing them sees a revalidation refresh them).
+        let mut response = Response::new(MockResponseBody::empty());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        let headers = response.headers_mut();
+        insert_validators(headers, &snapshot.etag);
+        for (name, value) in &snapshot.behaviour.headers {
+            headers.append(
+                *name,
+                HeaderValue::from_str(value).expect("mock origin: header values are valid text"),
+            );
+        }
+        return Ok(response);
+    }
     let plan = plan_object_response(
         &snapshot,
         recorded_request.range.as_deref(),
@@ -887,6 +902,33 @@ fn record_request(request: &Request<Incoming>) -> RecordedRequest {
     }
 }
 
+/// Sets the object's `ETag` and the fixed `Last-Modified`.
+fn insert_validators(headers: &mut http::HeaderMap, etag: &str) {
+    headers.insert(
+        header::ETAG,
+        HeaderValue::from_str(etag).expect("mock origin: ETag is valid header text"),
+    );
+    headers.insert(
+        header::LAST_MODIFIED,
+        HeaderValue::from_static(MOCK_LAST_MODIFIED),
+    );
+}
+
+/// True when a conditional GET or HEAD names the object's current validator (RFC 9110 §13.1:
+/// `If-None-Match` with its ETag, or, without one, `If-Modified-Since` with its fixed date). An
+/// object served without validators never matches.
+fn is_not_modified(snapshot: &ObjectSnapshot, request: &RecordedRequest) -> bool {
+    if snapshot.behaviour.omit_validators {
+        return false;
+    }
+    match request.header("if-none-match") {
+        Some(if_none_match) => if_none_match
+            .split(',')
+            .any(|tag| tag.trim() == snapshot.etag || tag.trim() == "*"),
+        None => request.header("if-modified-since") == Some(MOCK_LAST_MODIFIED),
+    }
+}
+
 /// What to answer for an object, decided from the request headers and the object's behaviour.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ObjectResponsePlan {
@@ -1008,14 +1050,7 @@ fn build_object_response(
     let headers = response.headers_mut();
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if !behaviour.omit_validators {
-        headers.insert(
-            header::ETAG,
-            HeaderValue::from_str(&snapshot.etag).expect("mock origin: ETag is valid header text"),
-        );
-        headers.insert(
-            header::LAST_MODIFIED,
-            HeaderValue::from_static(MOCK_LAST_MODIFIED),
-        );
+        insert_validators(headers, &snapshot.etag);
     }
     headers.insert(
         header::CONTENT_TYPE,
