@@ -125,6 +125,14 @@ impl RecordedRequest {
             .find(|(header_name, _)| header_name.eq_ignore_ascii_case(name))
             .map(|(_, value)| value.as_str())
     }
+
+    /// True when the request is a validation: it carries `If-Range`, `If-None-Match` or
+    /// `If-Modified-Since`.
+    pub fn is_conditional(&self) -> bool {
+        self.if_range.is_some()
+            || self.header("if-none-match").is_some()
+            || self.header("if-modified-since").is_some()
+    }
 }
 
 /// A running mock origin. Dropping it shuts the server down, as [`MockOrigin::shutdown`] does.
