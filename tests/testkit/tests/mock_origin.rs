@@ -356,13 +356,18 @@ async fn head_sends_headers_without_a_body_and_counts_nothing() {
 }
 
 #[tokio::test]
-async fn other_methods_and_unknown_paths_are_refused() {
+async fn other_methods_are_described_and_unknown_paths_are_refused() {
     let origin = MockOrigin::start().await;
     origin.put("/present", pattern_bytes(10, 7));
 
+    // Other methods are answered (the node relays them): a POST is described, not stored.
     let post = send(&origin, Method::POST, "/present", &[]).await;
-    assert_eq!(post.status, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(post.header("allow"), Some("GET, HEAD"));
+    assert_eq!(post.status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&post.complete_body()).contains("POST of 0 bytes"));
+    assert_eq!(
+        get(&origin, "/present", &[]).await.complete_body().len(),
+        10
+    );
 
     let missing = get(&origin, "/absent", &[]).await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
@@ -370,8 +375,7 @@ async fn other_methods_and_unknown_paths_are_refused() {
     origin.remove("/present");
     let removed = get(&origin, "/present", &[]).await;
     assert_eq!(removed.status, StatusCode::NOT_FOUND);
-    assert!(origin.byte_fetch_counts("/present").is_empty());
-    assert_eq!(origin.request_count(), 3);
+    assert_eq!(origin.request_count(), 4);
 }
 
 #[tokio::test]
