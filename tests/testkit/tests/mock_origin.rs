@@ -363,7 +363,7 @@ async fn other_methods_are_described_and_unknown_paths_are_refused() {
     // Other methods are answered (the node relays them): a POST is described, not stored.
     let post = send(&origin, Method::POST, "/present", &[]).await;
     assert_eq!(post.status, StatusCode::OK);
-    assert!(String::from_utf8_lossy(&post.complete_body()).contains("POST of 0 bytes"));
+    assert!(String::from_utf8_lossy(post.complete_body()).contains("POST of 0 bytes"));
     assert_eq!(
         get(&origin, "/present", &[]).await.complete_body().len(),
         10
