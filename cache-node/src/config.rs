@@ -21,28 +21,8 @@ pub use crate::upstream::settings::{ContentSetConfig, OriginConfig, UpstreamConf
 /// The most worker threads `server.workers` accepts.
 const MAX_WORKERS: usize = 1024;
 
-/// Why a configuration could not be used. Each variant names the key at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read or parsed, or an environment override had the wrong type.
-    #[error("configuration could not be loaded: {0}")]
-    Load(#[from] config::ConfigError),
-    /// A key parsed but its value is not acceptable.
-    #[error("{key}: {message}")]
-    Invalid {
-        /// The dotted key, for example `storage.max_size`.
-        key: String,
-        /// What is wrong and what would be right.
-        message: String,
-    },
-}
-
-pub(crate) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.to_owned(),
-        message: message.into(),
-    }
-}
+pub(crate) use outpost_shared::config_loading::invalid;
+pub use outpost_shared::config_loading::ConfigError;
 
 /// The whole configuration of a cache node.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -7,6 +7,31 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 
+/// Why a configuration could not be used. Each variant names the key at fault. Both programs
+/// report their config errors with this type.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or an environment override had the wrong type.
+    #[error("configuration could not be loaded: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A key parsed but its value is not acceptable.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The dotted key, for example `storage.max_size`.
+        key: String,
+        /// What is wrong and what would be right.
+        message: String,
+    },
+}
+
+/// The [`ConfigError::Invalid`] of `key`.
+pub fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
 /// Reads `path` (when given; it must then exist) and the environment variables that start with
 /// `prefix` and `__`, and deserialises the result. `env` replaces the process environment when
 /// given (for tests).
