@@ -220,6 +220,7 @@ async fn a_restart_over_metadata_declaring_two_to_the_64_bytes_deletes_it_and_st
         stale_while_revalidate_secs: None,
         stale_if_error_secs: None,
         must_revalidate: false,
+        vary: Vec::new(),
     };
     std::fs::create_dir_all(layout.generation_dir(&key, 7)).unwrap();
     std::fs::write(

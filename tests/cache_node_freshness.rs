@@ -363,3 +363,110 @@ async fn only_if_cached_is_504_on_a_miss_and_200_on_a_hit_without_asking_the_ori
     assert_eq!(origin.request_count(), 0, "a hit never contacts the origin");
     node.stop().await;
 }
+
+#[tokio::test]
+async fn only_if_cached_serves_a_stored_range_of_a_partly_stored_object_and_504s_the_rest() {
+    let (origin, _storage, node) = origin_and_node().await;
+    // Eight 64 KiB slices; only the first is fetched by a ranged request, and the fill stops
+    // there (nobody wants the rest).
+    let content = pattern_bytes(8 * TEST_SLICE as usize, 12);
+    origin.put_with(
+        "/partial.bin",
+        content.clone(),
+        with_headers(&[("cache-control", "max-age=100000")]),
+    );
+    let url = node.mcc_url("/partial.bin");
+    let first = get(&url, &[("range", "bytes=0-999")]).await;
+    assert_eq!(first.status, 206);
+    node.settle().await;
+    origin.reset_counters();
+    let stored = get(
+        &url,
+        &[
+            ("cache-control", "only-if-cached"),
+            ("range", "bytes=100-199"),
+        ],
+    )
+    .await;
+    assert_eq!(stored.status, 206);
+    assert_eq!(stored.bytes(), &content[100..200]);
+    let not_stored = get(
+        &url,
+        &[
+            ("cache-control", "only-if-cached"),
+            ("range", "bytes=400000-400099"),
+        ],
+    )
+    .await;
+    assert_eq!(not_stored.status, 504);
+    assert_eq!(
+        origin.request_count(),
+        0,
+        "only-if-cached never asks the origin"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn max_stale_takes_a_stale_version_unchecked_and_min_fresh_forces_a_check() {
+    let (origin, _storage, node) = origin_and_node().await;
+    let content = pattern_bytes(50_000, 13);
+    origin.put_with(
+        "/short.bin",
+        content.clone(),
+        with_headers(&[("cache-control", "max-age=1")]),
+    );
+    origin.put_with(
+        "/strict.bin",
+        content.clone(),
+        with_headers(&[("cache-control", "max-age=1, must-revalidate")]),
+    );
+    origin.put_with(
+        "/long.bin",
+        content.clone(),
+        with_headers(&[("cache-control", "max-age=100")]),
+    );
+    for path in ["/short.bin", "/strict.bin", "/long.bin"] {
+        store(&node, path).await;
+    }
+    let_lifetime_pass(Duration::ZERO).await;
+    origin.reset_counters();
+    // Stale by well under a minute: taken as it is.
+    let stale = get(
+        &node.mcc_url("/short.bin"),
+        &[("cache-control", "max-stale=60")],
+    )
+    .await;
+    assert_eq!(stale.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(stale.bytes(), &content[..]);
+    assert_eq!(origin.request_count(), 0, "max-stale: no check");
+    // But never what the origin said must be revalidated.
+    let strict = get(
+        &node.mcc_url("/strict.bin"),
+        &[("cache-control", "max-stale")],
+    )
+    .await;
+    assert_eq!(strict.status, 200);
+    assert_eq!(
+        origin.request_count(),
+        1,
+        "must-revalidate wins over max-stale"
+    );
+    // Fresh for 100 s, but not for the 200 more the client wants: checked.
+    origin.reset_counters();
+    let checked = get(
+        &node.mcc_url("/long.bin"),
+        &[("cache-control", "min-fresh=200")],
+    )
+    .await;
+    assert_eq!(checked.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(origin.request_count(), 1, "min-fresh: checked");
+    assert!(origin.requests()[0].is_conditional());
+    let _ = get(
+        &node.mcc_url("/long.bin"),
+        &[("cache-control", "min-fresh=10")],
+    )
+    .await;
+    assert_eq!(origin.request_count(), 1, "fresh enough: no check");
+    node.stop().await;
+}

@@ -52,6 +52,12 @@ pub struct Node {
     /// `revalidate_after` so that later requests go straight to the origin instead of
     /// rediscovering it.
     pub uncacheable: moka::sync::Cache<CacheKey, crate::cache::freshness::NotStorable>,
+    /// Redirects, `404`s and `410`s the origin said are fresh, served from memory meanwhile.
+    pub status_answers: crate::cache::status_answer::StatusAnswers,
+    /// Per URL, the request fields its stored responses vary on, and its variants.
+    pub vary: crate::cache::vary::VaryIndex,
+    /// `upstream.not_found_max_age`: the longest a `404` is kept.
+    pub not_found_max_age: Duration,
     /// Origins (by upstream base URL) whose last revalidation could not connect or got no
     /// answer in time, for [`UNREACHABLE_ORIGIN_BACKOFF`]: while the WAN is down, stale hits are
     /// served at once instead of each waiting out a timeout.

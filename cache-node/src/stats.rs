@@ -90,6 +90,10 @@ pub struct Stats {
     /// Checks that failed when the stored version could not be served stale (`must-revalidate`,
     /// beyond `stale-if-error`), answered `504`.
     pub stale_refusals: Counter,
+    /// Origin answers other than content (`301`, `308`, `404`, `410`) kept while fresh.
+    pub status_answers_kept: Counter,
+    /// Requests answered with a kept `301`, `308`, `404` or `410`, without the origin.
+    pub status_answer_hits: Counter,
     /// Requests relayed from the origin without storing: no length, or the origin's
     /// `Cache-Control` forbids a shared cache to store the content.
     pub pass_through_requests: Counter,
@@ -182,6 +186,10 @@ pub struct StatsSnapshot {
     pub background_revalidations: u64,
     /// Failed checks answered `504` rather than with the stale version.
     pub stale_refusals: u64,
+    /// Redirects, `404`s and `410`s kept while fresh.
+    pub status_answers_kept: u64,
+    /// Requests answered with a kept redirect, `404` or `410`.
+    pub status_answer_hits: u64,
     /// Requests relayed uncached.
     pub pass_through_requests: u64,
     /// Failed slice writes.
@@ -309,6 +317,8 @@ impl Stats {
             revalidations: Counter::default(),
             background_revalidations: Counter::default(),
             stale_refusals: Counter::default(),
+            status_answers_kept: Counter::default(),
+            status_answer_hits: Counter::default(),
             pass_through_requests: Counter::default(),
             disk_write_errors: Counter::default(),
             slices_stored: Counter::default(),
@@ -337,7 +347,7 @@ impl Stats {
             cache_effective_max_bytes: Gauge::default(),
         };
         let stats = &stats_without_registry;
-        let counters: [(&str, &str, &Counter, Option<Unit>); 22] = [
+        let counters: [(&str, &str, &Counter, Option<Unit>); 24] = [
             (
                 "requests",
                 "Client requests received",
@@ -432,6 +442,18 @@ impl Stats {
                 "stale_refusals",
                 "Failed checks answered 504 rather than with a stale version",
                 &stats.stale_refusals,
+                None,
+            ),
+            (
+                "status_answers_kept",
+                "Redirects, 404s and 410s kept in memory while the origin says they are fresh",
+                &stats.status_answers_kept,
+                None,
+            ),
+            (
+                "status_answer_hits",
+                "Requests answered with a kept redirect, 404 or 410, without the origin",
+                &stats.status_answer_hits,
                 None,
             ),
             (
@@ -687,6 +709,8 @@ impl Stats {
             revalidations: self.revalidations.get(),
             background_revalidations: self.background_revalidations.get(),
             stale_refusals: self.stale_refusals.get(),
+            status_answers_kept: self.status_answers_kept.get(),
+            status_answer_hits: self.status_answer_hits.get(),
             pass_through_requests: self.pass_through_requests.get(),
             disk_write_errors: self.disk_write_errors.get(),
             slices_stored: self.slices_stored.get(),

@@ -167,7 +167,21 @@ async fn manifest(
     // A manifest needs every piece: its fills are prefills, which finish without readers. They
     // run under the same memory, concurrency and per-client bounds as a GET's.
     let requester = fill::Requester::prefill(client.map(|addr| addr.ip()));
+    let base_route = route;
+    let mut route = base_route.clone();
     loop {
+        // Peers ask for what a client without preferences gets: the identity variant of a
+        // varying URL.
+        match fill::select_variant(node, &base_route, &http::HeaderMap::new()) {
+            Ok(Some(varied)) => route = varied,
+            Ok(None) => {}
+            Err(reason) => {
+                return json_error(
+                    StatusCode::NOT_FOUND,
+                    &format!("the node may not store this content ({reason}); it has no manifest"),
+                )
+            }
+        }
         let (entry, _discovery_demand) =
             match fill::lookup_or_discover(node, &route, whole_object, &requester).await {
                 Ok(found) => found,
@@ -184,7 +198,16 @@ async fn manifest(
                     return json_error(status, &error.to_string());
                 }
                 Err(DiscoverError::Refused(refused)) => return refused_manifest(node, refused),
+                Err(DiscoverError::Answered { answer, .. }) => {
+                    return json_error(
+                        answer.status,
+                        &format!("the origin answered {} instead of content", answer.status),
+                    )
+                }
             };
+        if fill::other_variant(&entry, &route) && tokio::time::Instant::now() < deadline {
+            continue;
+        }
         // A manifest describes the version the origin has now, as a GET would serve it. A
         // changed version was dropped: the next lookup discovers the new one, which is confirmed
         // by that discovery, so this repeats at most once.

@@ -17,6 +17,7 @@ use crate::cache::fill_limits::FillRefused;
 use crate::cache::freshness::NotStorable;
 use crate::cache::index::ObjectEntry;
 use crate::cache::key::CacheKey;
+use crate::cache::status_answer::StatusAnswer;
 use crate::error::OriginError;
 
 /// Why an object could not be looked up or discovered.
@@ -29,6 +30,14 @@ pub enum DiscoverError {
     NotStorable(NotStorable),
     /// The request may not start a fill now (its client has too many running).
     Refused(FillRefused),
+    /// The origin answered with something other than content (a redirect, `404`, `410`, a
+    /// `5xx`...), relayed to every request as the origin sent it.
+    Answered {
+        /// The origin's answer.
+        answer: Arc<StatusAnswer>,
+        /// True when it was served from the kept answers rather than just received.
+        kept: bool,
+    },
 }
 
 /// What a discovery ends with: the indexed entry, or why there is none.

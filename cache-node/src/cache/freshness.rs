@@ -152,6 +152,18 @@ pub enum NotStorable {
     /// The header section is above
     /// [`MAX_STORED_HEADER_BYTES`](crate::cache::header_section::MAX_STORED_HEADER_BYTES).
     HeadersTooLarge,
+    /// `Vary: *`: the response depends on more than the request (RFC 9111 §4.1).
+    VaryAny,
+    /// `Vary` names more request fields than [`MAX_VARY_NAMES`](crate::cache::vary::MAX_VARY_NAMES).
+    VaryTooWide,
+    /// A `Vary` that is not a list of field names.
+    VaryUnreadable,
+    /// `Vary` names a field the node sets itself on origin requests (`Range`, `Host`, a
+    /// conditional, a hop-by-hop field).
+    VaryReserved,
+    /// The object already has [`MAX_VARIANTS`](crate::cache::vary::MAX_VARIANTS) variants, or
+    /// the request's value for a varying field is too long to key by.
+    TooManyVariants,
 }
 
 impl std::fmt::Display for NotStorable {
@@ -161,6 +173,11 @@ impl std::fmt::Display for NotStorable {
             NotStorable::NoStore => "no-store",
             NotStorable::Private => "private",
             NotStorable::HeadersTooLarge => "header section too large",
+            NotStorable::VaryAny => "Vary: *",
+            NotStorable::VaryTooWide => "Vary names too many fields",
+            NotStorable::VaryUnreadable => "unreadable Vary",
+            NotStorable::VaryReserved => "Vary names a field the node sets itself",
+            NotStorable::TooManyVariants => "too many variants",
         })
     }
 }
@@ -320,6 +337,11 @@ pub struct ClientDirectives {
     pub max_age: Option<Duration>,
     /// `only-if-cached`: answer from what is stored or `504`, never contact the origin.
     pub only_if_cached: bool,
+    /// `min-fresh=N`: the client wants a version that stays fresh for at least N more.
+    pub min_fresh: Option<Duration>,
+    /// `max-stale[=N]`: the client takes a version stale by at most N (any, without a value)
+    /// without a check, unless the origin said `must-revalidate`.
+    pub max_stale: Option<Duration>,
 }
 
 impl ClientDirectives {
@@ -349,6 +371,17 @@ impl ClientDirectives {
                     }
                 }
                 "only-if-cached" => directives.only_if_cached = true,
+                "min-fresh" => {
+                    if let Some(seconds) = value.and_then(|value| value.parse::<u64>().ok()) {
+                        directives.min_fresh = Some(Duration::from_secs(seconds));
+                    }
+                }
+                "max-stale" => {
+                    directives.max_stale = match value {
+                        None => Some(Duration::MAX),
+                        Some(value) => value.parse::<u64>().ok().map(Duration::from_secs),
+                    }
+                }
                 _ => {}
             }
         }
@@ -409,13 +442,27 @@ pub fn check_needed(
             serve_stale_on_failure: !strict,
         };
     };
-    let client_forces_check =
-        !policy.ignore_client_no_cache && client.max_age.is_some_and(|max_age| age > max_age);
+    let client_forces_check = !policy.ignore_client_no_cache
+        && (client.max_age.is_some_and(|max_age| age > max_age)
+            || client
+                .min_fresh
+                .is_some_and(|min_fresh| age.saturating_add(min_fresh) >= lifetime));
     let fresh = age < lifetime;
     if fresh && !client_forces_check {
         return Check::None;
     }
     let stale_for = age.saturating_sub(lifetime);
+    // RFC 9111 §5.2.1.2: a client may take a stale version, but never one the origin said
+    // must be revalidated.
+    if !fresh
+        && !client_forces_check
+        && !directives.must_revalidate
+        && client
+            .max_stale
+            .is_some_and(|max_stale| stale_for <= max_stale)
+    {
+        return Check::None;
+    }
     if !fresh && !client_forces_check && !directives.must_revalidate {
         let within_window = directives
             .while_revalidate
@@ -672,34 +719,55 @@ mod tests {
 
     #[test]
     fn client_directives_table() {
-        let cases: [(&[(&str, &str)], ClientDirectives); 7] = [
+        let cases: [(&[(&str, &str)], ClientDirectives); 10] = [
+            (
+                &[("cache-control", "min-fresh=30")],
+                ClientDirectives {
+                    min_fresh: Some(SECOND * 30),
+                    ..ClientDirectives::default()
+                },
+            ),
+            (
+                &[("cache-control", "max-stale")],
+                ClientDirectives {
+                    max_stale: Some(Duration::MAX),
+                    ..ClientDirectives::default()
+                },
+            ),
+            (
+                &[("cache-control", "max-stale=\"120\"")],
+                ClientDirectives {
+                    max_stale: Some(SECOND * 120),
+                    ..ClientDirectives::default()
+                },
+            ),
             (&[], ClientDirectives::default()),
             (
                 &[("cache-control", "no-cache")],
                 ClientDirectives {
                     max_age: Some(Duration::ZERO),
-                    only_if_cached: false,
+                    ..ClientDirectives::default()
                 },
             ),
             (
                 &[("cache-control", "max-age=0")],
                 ClientDirectives {
                     max_age: Some(Duration::ZERO),
-                    only_if_cached: false,
+                    ..ClientDirectives::default()
                 },
             ),
             (
                 &[("cache-control", "max-age=60, max-age=30")],
                 ClientDirectives {
                     max_age: Some(SECOND * 30),
-                    only_if_cached: false,
+                    ..ClientDirectives::default()
                 },
             ),
             (
                 &[("pragma", "no-cache")],
                 ClientDirectives {
                     max_age: Some(Duration::ZERO),
-                    only_if_cached: false,
+                    ..ClientDirectives::default()
                 },
             ),
             // Pragma counts only without a Cache-Control (RFC 9111 §5.4).
@@ -707,7 +775,7 @@ mod tests {
                 &[("pragma", "no-cache"), ("cache-control", "max-age=60")],
                 ClientDirectives {
                     max_age: Some(SECOND * 60),
-                    only_if_cached: false,
+                    ..ClientDirectives::default()
                 },
             ),
             (
@@ -715,6 +783,7 @@ mod tests {
                 ClientDirectives {
                     max_age: None,
                     only_if_cached: true,
+                    ..ClientDirectives::default()
                 },
             ),
         ];
@@ -739,7 +808,19 @@ mod tests {
         let client = ClientDirectives::default();
         let no_cache = ClientDirectives {
             max_age: Some(Duration::ZERO),
-            only_if_cached: false,
+            ..client
+        };
+        let min_fresh = ClientDirectives {
+            min_fresh: Some(SECOND * 5),
+            ..client
+        };
+        let max_stale = ClientDirectives {
+            max_stale: Some(SECOND * 60),
+            ..client
+        };
+        let any_stale = ClientDirectives {
+            max_stale: Some(Duration::MAX),
+            ..client
         };
         let serve = Check::Foreground {
             serve_stale_on_failure: true,
@@ -750,6 +831,33 @@ mod tests {
         let age = |secs| Some(SECOND * secs);
         let cases = [
             ("fresh", policy, none, age(9), client, Check::None),
+            (
+                "min-fresh met",
+                policy,
+                none,
+                age(4),
+                min_fresh,
+                Check::None,
+            ),
+            ("min-fresh not met", policy, none, age(6), min_fresh, serve),
+            ("max-stale", policy, none, age(70), max_stale, Check::None),
+            ("beyond max-stale", policy, none, age(71), max_stale, serve),
+            (
+                "max-stale",
+                policy,
+                none,
+                age(1_000_000),
+                any_stale,
+                Check::None,
+            ),
+            (
+                "max-stale, must-revalidate",
+                policy,
+                must,
+                age(12),
+                any_stale,
+                refuse,
+            ),
             ("stale", policy, none, age(11), client, serve),
             ("unknown age", policy, none, None, client, serve),
             (

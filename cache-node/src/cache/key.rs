@@ -9,7 +9,7 @@
 use sha2::{Digest, Sha256};
 
 /// The identity of one piece of cached content.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CacheKey {
     /// `host` + path-and-query, e.g. `dl.example.com/files/a.cab?x=1`.
     text: String,
@@ -29,6 +29,32 @@ impl CacheKey {
         CacheKey {
             text: format!("{CONTENT_SET_PREFIX}{content_set}{path_and_query}"),
         }
+    }
+
+    /// The key of a variant of this key's content (see [`crate::cache::vary`]): the primary key,
+    /// [`VARIANT_SEPARATOR`] and the variant's description.
+    pub fn variant(&self, description: &str) -> CacheKey {
+        CacheKey {
+            text: format!("{}{VARIANT_SEPARATOR}{description}", self.primary_text()),
+        }
+    }
+
+    /// The primary key of a variant's key (this key itself when it is no variant).
+    pub fn primary(&self) -> CacheKey {
+        CacheKey {
+            text: self.primary_text().to_owned(),
+        }
+    }
+
+    /// True for a variant's key.
+    pub fn is_variant(&self) -> bool {
+        self.text.contains(VARIANT_SEPARATOR)
+    }
+
+    fn primary_text(&self) -> &str {
+        self.text
+            .split_once(VARIANT_SEPARATOR)
+            .map_or(&self.text, |(primary, _)| primary)
     }
 
     /// Rebuilds a key from its text form (as stored in object metadata).
@@ -51,6 +77,10 @@ impl CacheKey {
         outpost_shared::wire::ContentId(Sha256::digest(self.text.as_bytes()).into())
     }
 }
+
+/// What separates a variant's description from its primary key: it starts with a space, which
+/// no request target holds, so no primary key contains it.
+pub const VARIANT_SEPARATOR: &str = " vary:";
 
 /// What a content set's keys start with.
 pub const CONTENT_SET_PREFIX: &str = "set:";

@@ -12,4 +12,6 @@ pub(crate) mod piece_file;
 pub(crate) mod piece_state;
 pub(crate) mod pieces;
 pub(crate) mod slice_buffer;
+pub(crate) mod status_answer;
 pub mod store;
+pub mod vary;

@@ -102,6 +102,11 @@ pub struct ObjectMeta {
     /// The origin sent `must-revalidate` or `proxy-revalidate`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub must_revalidate: bool,
+    /// The request fields the origin's `Vary` named, lower-case and sorted: this version is one
+    /// variant, and its key says which (see [`crate::cache::vary`]). Empty when it does not
+    /// vary.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vary: Vec<String>,
 }
 
 /// A `meta.json` of store format 1, exactly as nodes before [`STORE_FORMAT`] 2 wrote it; read
@@ -149,6 +154,7 @@ impl MetaFormat1 {
             stale_while_revalidate_secs: None,
             stale_if_error_secs: None,
             must_revalidate: false,
+            vary: Vec::new(),
         }
     }
 }
@@ -236,6 +242,7 @@ impl ObjectMeta {
             stale_while_revalidate_secs: None,
             stale_if_error_secs: None,
             must_revalidate: false,
+            vary: Vec::new(),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
@@ -18,7 +19,9 @@ use crate::cache::header_section;
 pub use crate::cache::index::Demand;
 use crate::cache::index::ObjectEntry;
 use crate::cache::key::CacheKey;
+use crate::cache::status_answer::{StatusAnswer, MAX_BODY_BYTES};
 use crate::cache::store::{unix_now, ObjectMeta, STORE_FORMAT};
+use crate::cache::vary::{self, Variant};
 use crate::error::OriginError;
 use crate::http::range::{parse_content_range, ContentRange};
 use crate::node::Node;
@@ -50,6 +53,7 @@ pub async fn lookup_or_discover(
         match look_up_or_start(node, route, &key, span, &mut client_slot) {
             Lookup::Found(entry) => return Ok((entry, Demand::default())),
             Lookup::NotStorable(reason) => return Err(DiscoverError::NotStorable(reason)),
+            Lookup::Answered(answer) => return Err(DiscoverError::Answered { answer, kept: true }),
             Lookup::Waiting(waiter, own_demand) => break (waiter, own_demand),
             // A discovery is a cold fill of this client's: take its slot first (maybe waiting),
             // outside the lock, then look again.
@@ -70,6 +74,41 @@ pub async fn lookup_or_discover(
     outcome.map(|entry| (entry, demand))
 }
 
+/// The route of the variant a request with `request_headers` selects, when responses for the
+/// route's URL are known to vary (see [`crate::cache::vary`]); `Ok(None)` when they are not, or
+/// when `route` already selects it. An error when the request's values cannot key a variant:
+/// it is relayed uncached.
+pub fn select_variant(
+    node: &Node,
+    route: &Route,
+    request_headers: &HeaderMap,
+) -> Result<Option<Route>, NotStorable> {
+    if !node.vary.in_use() {
+        return Ok(None);
+    }
+    let primary = route.primary_key();
+    let Some(names) = node.vary.names(&primary) else {
+        return Ok(None);
+    };
+    let variant =
+        Variant::of_request(&names, request_headers).ok_or(NotStorable::TooManyVariants)?;
+    // A URL whose variants are all taken is relayed for new ones without a discovery.
+    let stored = |key: &CacheKey| node.index.get(key).is_some();
+    if !node.vary.has_room(&primary, &variant.key(&primary), stored) {
+        return Err(NotStorable::TooManyVariants);
+    }
+    if route.variant.as_deref() == Some(&variant) {
+        return Ok(None);
+    }
+    Ok(Some(route.with_variant(Some(variant))))
+}
+
+/// True when `entry` is a variant other than the one `route` selects: the caller selects again
+/// (the discovery that found it has just learned the URL's `Vary`) and looks again.
+pub fn other_variant(entry: &ObjectEntry, route: &Route) -> bool {
+    !entry.meta.vary.is_empty() && entry.key != route.cache_key()
+}
+
 /// The current entry for the route's key, if the index has one; never contacts the origin.
 pub fn lookup(node: &Node, route: &Route) -> Option<Arc<ObjectEntry>> {
     node.index.get(&route.cache_key())
@@ -79,6 +118,8 @@ pub fn lookup(node: &Node, route: &Route) -> Option<Arc<ObjectEntry>> {
 pub(super) enum Lookup {
     Found(Arc<ObjectEntry>),
     NotStorable(NotStorable),
+    /// A kept answer other than content (a fresh redirect, `404` or `410`).
+    Answered(Arc<StatusAnswer>),
     /// A discovery is running; the demand receiver is there when this caller started it.
     Waiting(DiscoveryWaiter, Option<oneshot::Receiver<Demand>>),
     /// A discovery must start, and the caller has no client slot for it yet.
@@ -100,6 +141,9 @@ pub(super) fn look_up_or_start(
     }
     if let Some(reason) = node.uncacheable.get(key) {
         return Lookup::NotStorable(reason);
+    }
+    if let Some(answer) = node.status_answers.get(key) {
+        return Lookup::Answered(answer);
     }
     if let Some(waiter) = discoveries.waiter(key) {
         return Lookup::Waiting(waiter, None);
@@ -206,8 +250,15 @@ pub(super) fn whole_object_answer(
     })
 }
 
+/// What a ranged origin request brought: object bytes, or another answer (unread).
+pub(super) enum Fetched {
+    Content(OriginBody),
+    Other(http::response::Parts, Incoming),
+}
+
 /// Sends a ranged request for absolute bytes `first..=last` (or `first..` when `last` is None)
-/// and checks that the answer is what was asked for.
+/// and checks that the answer is what was asked for; any status but `200`, `206` and `416` is
+/// an [`OriginError::Status`].
 pub(super) async fn fetch_range(
     node: &Node,
     route: &Route,
@@ -215,6 +266,22 @@ pub(super) async fn fetch_range(
     last: Option<u64>,
     if_range: Option<String>,
 ) -> Result<OriginBody, DiscoverError> {
+    match fetch_range_or_other(node, route, first, last, if_range).await? {
+        Fetched::Content(origin) => Ok(origin),
+        Fetched::Other(parts, _) => Err(DiscoverError::Origin(OriginError::Status(
+            parts.status.as_u16(),
+        ))),
+    }
+}
+
+/// [`fetch_range`], handing back an answer other than content unread.
+pub(super) async fn fetch_range_or_other(
+    node: &Node,
+    route: &Route,
+    first: u64,
+    last: Option<u64>,
+    if_range: Option<String>,
+) -> Result<Fetched, DiscoverError> {
     let range = match last {
         Some(last) => format!("bytes={first}-{last}"),
         None => format!("bytes={first}-"),
@@ -257,30 +324,32 @@ pub(super) async fn fetch_range(
                     )));
                 }
             }
-            Ok(OriginBody {
+            Ok(Fetched::Content(OriginBody {
                 length,
                 headers: parts.headers,
                 body_start: got_first,
                 body_end: got_last + 1,
                 body: Some(body),
-            })
+            }))
         }
-        StatusCode::OK => whole_object_answer(parts.headers, body),
+        StatusCode::OK => whole_object_answer(parts.headers, body).map(Fetched::Content),
         StatusCode::RANGE_NOT_SATISFIABLE => {
             match header_text(&parts.headers, header::CONTENT_RANGE)
                 .and_then(|value| parse_content_range(&value))
             {
-                Some(ContentRange::Unsatisfied { complete_len }) => Ok(OriginBody {
-                    length: complete_len,
-                    headers: parts.headers,
-                    body_start: 0,
-                    body_end: 0,
-                    body: None,
-                }),
+                Some(ContentRange::Unsatisfied { complete_len }) => {
+                    Ok(Fetched::Content(OriginBody {
+                        length: complete_len,
+                        headers: parts.headers,
+                        body_start: 0,
+                        body_end: 0,
+                        body: None,
+                    }))
+                }
                 _ => Err(protocol("416 without Content-Range: bytes */length".into())),
             }
         }
-        status => Err(DiscoverError::Origin(OriginError::Status(status.as_u16()))),
+        _ => Ok(Fetched::Other(parts, body)),
     }
 }
 
@@ -292,6 +361,7 @@ pub(super) fn meta_from_response(
     origin: &OriginBody,
     freshness: Freshness,
     directives: StaleDirectives,
+    vary: &[http::HeaderName],
 ) -> Result<ObjectMeta, NotStorable> {
     let (stale_while_revalidate_secs, stale_if_error_secs, must_revalidate) =
         directives.to_stored();
@@ -312,6 +382,7 @@ pub(super) fn meta_from_response(
         stale_while_revalidate_secs,
         stale_if_error_secs,
         must_revalidate,
+        vary: vary.iter().map(|name| name.as_str().to_owned()).collect(),
     };
     let typed = meta.typed_fields();
     let content_type = (header::CONTENT_TYPE, meta.content_type.as_deref());
@@ -349,10 +420,13 @@ pub(super) async fn discover(
     let last_byte = span
         .last
         .map(|last| last * node.slice_len + node.slice_len - 1);
-    let mut origin = match fetch_range(node, route, first_byte, last_byte, None).await {
+    let mut origin = match fetch_range_or_other(node, route, first_byte, last_byte, None).await {
         // A first byte past the end is answered 416 with the length; that is enough to index
         // the object (the client's own range is then judged against it).
-        Ok(origin) => origin,
+        Ok(Fetched::Content(origin)) => origin,
+        Ok(Fetched::Other(parts, body)) => {
+            return Err(status_answer(node, route, key, parts, body).await)
+        }
         Err(DiscoverError::NotStorable(reason)) => return Err(not_storable(node, key, reason)),
         Err(error) => {
             node.stats.origin_errors.inc();
@@ -367,7 +441,27 @@ pub(super) async fn discover(
         Err(reason) => return Err(not_storable(node, key, reason)),
     };
     let directives = StaleDirectives::of(&origin.headers, route.target.policy.cache_control);
-    let meta = match meta_from_response(node, key, &origin, freshness, directives) {
+    let vary = match vary::names_of(&origin.headers) {
+        Ok(names) => names,
+        Err(reason) => return Err(not_storable(node, key, reason)),
+    };
+    // A varying answer is the variant of what was sent: stored under that variant's key, which
+    // may not be the key this discovery ran for (the first request for a URL, before its `Vary`
+    // was known). Requests that want another variant look again under their own.
+    let variant_key;
+    let key = if vary.is_empty() {
+        key
+    } else {
+        let primary = route.primary_key();
+        variant_key = Variant::as_sent(&vary, route.variant.as_deref()).key(&primary);
+        if !node.vary.learn(&primary, &vary, &variant_key, |stored| {
+            node.index.get(stored).is_some()
+        }) {
+            return Err(not_storable(node, key, NotStorable::TooManyVariants));
+        }
+        &variant_key
+    };
+    let meta = match meta_from_response(node, key, &origin, freshness, directives, &vary) {
         Ok(meta) => meta,
         Err(reason) => return Err(not_storable(node, key, reason)),
     };
@@ -406,6 +500,81 @@ pub(super) async fn discover(
         });
     }
     Ok(entry)
+}
+
+/// Reads an origin's answer other than content (at most [`MAX_BODY_BYTES`] of
+/// body, within `upstream.idle_read_timeout`) for every request waiting on this discovery, and
+/// keeps it while it is explicitly fresh, when its status may be kept.
+async fn status_answer(
+    node: &Node,
+    route: &Route,
+    key: &CacheKey,
+    mut parts: http::response::Parts,
+    body: Incoming,
+) -> DiscoverError {
+    let status = parts.status;
+    if status.is_server_error() {
+        node.stats.origin_errors.inc();
+    }
+    let declared_too_long =
+        content_length(&parts.headers).is_some_and(|length| length > MAX_BODY_BYTES as u64);
+    let read = if declared_too_long {
+        None
+    } else {
+        let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
+        tokio::time::timeout(node.idle_read_timeout, limited.collect())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|collected| collected.to_bytes())
+    };
+    let body = match read {
+        Some(body) => body,
+        None => {
+            // Too long, too slow or broken: the status and headers still go to the client, with
+            // a note of the node's instead of the origin's body; never kept.
+            parts.headers.remove(header::CACHE_CONTROL);
+            parts.headers.remove(header::EXPIRES);
+            parts.headers.remove(header::CONTENT_ENCODING);
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            Bytes::from(format!(
+                "origin answered {status}; its body was not relayed (longer than {MAX_BODY_BYTES} \
+                 bytes, or not read in time)\n"
+            ))
+        }
+    };
+    let answer = Arc::new(StatusAnswer::new(
+        status,
+        parts.headers,
+        body,
+        route.target.policy.cache_control,
+        node.not_found_max_age,
+    ));
+    if node.status_answers.keep(key, &answer) {
+        node.stats.status_answers_kept.inc();
+    }
+    let level_warn = status.is_server_error();
+    if level_warn {
+        tracing::warn!(
+            key = key.as_str(),
+            status = status.as_u16(),
+            "origin failure"
+        );
+    } else {
+        tracing::debug!(
+            key = key.as_str(),
+            status = status.as_u16(),
+            kept_for = ?answer.keep_for,
+            "origin answered without content"
+        );
+    }
+    DiscoverError::Answered {
+        answer,
+        kept: false,
+    }
 }
 
 /// Remembers content the node may not store, so requests for it go straight to the origin until

@@ -37,6 +37,9 @@
 //! - **Revalidation.** A stale version is checked with a conditional `GET` (`If-None-Match` or
 //!   `If-Modified-Since`) when the answer is about the whole object, else with a one-byte
 //!   `If-Range` request; a confirming answer refreshes the stored header fields it carries.
+//! - **Variants.** An answer with `Vary` is stored under its variant's key (what the node sent
+//!   for each field it names); [`select_variant`] keys later requests by their own values before
+//!   the lookup, and a request that finds another variant selects again ([`other_variant`]).
 
 mod discover;
 mod revalidate;
@@ -44,7 +47,7 @@ mod runs;
 mod stream;
 
 use discover::*;
-pub use discover::{lookup, lookup_or_discover, SliceSpan};
+pub use discover::{lookup, lookup_or_discover, other_variant, select_variant, SliceSpan};
 use revalidate::*;
 pub use revalidate::{revalidate_if_stale, Revalidation};
 pub use runs::ensure_filling;

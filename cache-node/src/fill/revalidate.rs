@@ -163,11 +163,15 @@ async fn check_with_origin(
             }
             origin.headers
         }
-        // Gone (404, 410...) or no longer sliceable: what the origin has now is not this.
+        // Moved (301, 302...), gone (404, 410...) or no longer sliceable: what the origin has
+        // now is not this; the request goes on with what the origin answers now.
         Err(
-            DiscoverError::Origin(OriginError::Status(400..=499)) | DiscoverError::NotStorable(_),
+            DiscoverError::Origin(OriginError::Status(300..=499)) | DiscoverError::NotStorable(_),
         ) => return version_changed(node, entry),
         // Never produced by a plain range request; served as stored.
+        Err(DiscoverError::Answered { answer, .. }) => {
+            return Revalidation::Unreachable(OriginError::Status(answer.status.as_u16()))
+        }
         Err(DiscoverError::Refused(refused)) => {
             return Revalidation::Unreachable(OriginError::Protocol(refused.to_string()))
         }

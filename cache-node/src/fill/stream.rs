@@ -83,6 +83,8 @@ pub(super) async fn run_fill(
             OriginError::VersionChanged
         }
         Err(DiscoverError::Refused(refused)) => OriginError::Protocol(refused.to_string()),
+        // Never produced by `fetch_range`, which turns other answers into statuses.
+        Err(DiscoverError::Answered { answer, .. }) => OriginError::Status(answer.status.as_u16()),
     };
     node.stats.origin_errors.inc();
     run.end(&mut entry.table(), failure);

@@ -15,8 +15,12 @@ mod response;
 
 pub use body::{text_response, ResponseBody};
 pub(crate) use response::origin_failure_status;
-use response::{origin_failure_response, refused_response, respond, ContentRequest, NotAnswered};
+use response::{
+    only_if_cached_miss, origin_failure_response, refused_response, respond,
+    status_answer_response, ContentRequest, NotAnswered,
+};
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -180,6 +184,12 @@ pub(super) fn discovery_span(
     }
 }
 
+/// How often a request selects its variant again after finding another one (the first request
+/// for a URL learns its `Vary` only from the answer).
+const VARIANT_RESELECTS: usize = 2;
+
+/// Serves a routed GET or HEAD: selects the variant the request asks for when the URL's
+/// responses vary (RFC 9111 §4.1), then answers it.
 pub(super) async fn serve_routed(
     node: &Arc<Node>,
     route: &Route,
@@ -188,6 +198,34 @@ pub(super) async fn serve_routed(
     spans: Option<SpanQueue>,
     requester: &Requester,
 ) -> Response<ResponseBody> {
+    for _ in 0..=VARIANT_RESELECTS {
+        let selected = match fill::select_variant(node, route, headers) {
+            Ok(Some(varied)) => Cow::Owned(varied),
+            Ok(None) => Cow::Borrowed(route),
+            Err(reason) => {
+                tracing::debug!(%reason, "no stored variant for this request; relayed");
+                break;
+            }
+        };
+        let answer =
+            serve_selected(node, &selected, method, headers, spans.clone(), requester).await;
+        if let Some(response) = answer {
+            return response;
+        }
+    }
+    pass_through::pass_through(node, route, method, headers).await
+}
+
+/// Answers a request for the variant `route` selects; `None` when the object turned out to
+/// vary and this request selects another variant.
+async fn serve_selected(
+    node: &Arc<Node>,
+    route: &Route,
+    method: &Method,
+    headers: &HeaderMap,
+    spans: Option<SpanQueue>,
+    requester: &Requester,
+) -> Option<Response<ResponseBody>> {
     // Only GET defines range handling (RFC 9110 §14.2); a Range on HEAD is ignored.
     let range_specs = if *method == Method::GET {
         header_str(headers, header::RANGE).and_then(range::parse_range_header)
@@ -205,9 +243,11 @@ pub(super) async fn serve_routed(
         range_specs: range_specs.as_deref(),
         spans,
         requester,
+        only_if_cached: client.only_if_cached,
     };
+    forget_unacceptable_status_answer(node, route, client);
     if client.only_if_cached {
-        return only_if_cached(&request).await;
+        return Some(only_if_cached(&request).await);
     }
     for attempt in 0..=VERSION_CHANGE_RETRIES {
         // The discovery's demand keeps its fill going until `respond` has registered its own.
@@ -215,11 +255,21 @@ pub(super) async fn serve_routed(
             match fill::lookup_or_discover(node, route, span, requester).await {
                 Ok(found) => found,
                 Err(DiscoverError::NotStorable(_)) => {
-                    return pass_through::pass_through(node, route, method, headers).await
+                    return Some(pass_through::pass_through(node, route, method, headers).await)
                 }
-                Err(DiscoverError::Origin(error)) => return origin_failure_response(node, &error),
-                Err(DiscoverError::Refused(refused)) => return refused_response(node, refused),
+                Err(DiscoverError::Origin(error)) => {
+                    return Some(origin_failure_response(node, &error))
+                }
+                Err(DiscoverError::Refused(refused)) => {
+                    return Some(refused_response(node, refused))
+                }
+                Err(DiscoverError::Answered { answer, kept }) => {
+                    return Some(status_answer_response(node, method, &answer, kept))
+                }
             };
+        if fill::other_variant(&entry, route) {
+            return None;
+        }
         let whole_object = range_specs.is_none();
         match fill::revalidate_if_stale(node, route, &entry, client, arrived, whole_object).await {
             fill::Revalidation::Changed if attempt < VERSION_CHANGE_RETRIES => continue,
@@ -229,10 +279,10 @@ pub(super) async fn serve_routed(
             }
             fill::Revalidation::Failed(error) => {
                 node.stats.stale_refusals.inc();
-                return text_response(
+                return Some(text_response(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!("the stored version is stale and may not be served without a check with the origin, which failed: {error}"),
-                );
+                ));
             }
             fill::Revalidation::StaleWhileChecking => {
                 tracing::debug!("stale; served while checked in the background");
@@ -247,7 +297,7 @@ pub(super) async fn serve_routed(
             {
                 continue
             }
-            Err(NotAnswered::Origin(error)) => return origin_failure_response(node, &error),
+            Err(NotAnswered::Origin(error)) => return Some(origin_failure_response(node, &error)),
             // A validator-less object cannot be completed from another request. Asked for
             // whole, it is fetched again whole, in one request; a range of it is relayed.
             Err(NotAnswered::Refused {
@@ -262,36 +312,57 @@ pub(super) async fn serve_routed(
                     node.index.remove(&entry);
                     continue;
                 }
-                return pass_through::pass_through(node, route, method, headers).await;
+                return Some(pass_through::pass_through(node, route, method, headers).await);
             }
-            Err(NotAnswered::Refused { refused, .. }) => return refused_response(node, refused),
-            Ok(response) => return response,
+            Err(NotAnswered::Refused { refused, .. }) => {
+                return Some(refused_response(node, refused))
+            }
+            Ok(response) => return Some(response),
         }
     }
     unreachable!("the last attempt always returns")
 }
 
-/// `Cache-Control: only-if-cached` (RFC 9111 §5.2.1.7): the stored version, whole on disk, if
-/// it may be served without a check; otherwise `504`. The origin is never contacted, so an
-/// object only partly on disk counts as a miss.
+/// Forgets the kept answer other than content for the route's key (a fresh `404`...) when the
+/// client will not take it (`no-cache`, or a `max-age` it is older than), so the origin is
+/// asked again, unless the origin's `ignore_client_no_cache` is set.
+fn forget_unacceptable_status_answer(node: &Node, route: &Route, client: ClientDirectives) {
+    if route.target.policy.ignore_client_no_cache {
+        return;
+    }
+    let Some(max_age) = client.max_age else {
+        return;
+    };
+    let key = route.cache_key();
+    if node
+        .status_answers
+        .get(&key)
+        .is_some_and(|answer| answer.age() > max_age || max_age.is_zero())
+    {
+        node.status_answers.forget(&key);
+    }
+}
+
+/// `Cache-Control: only-if-cached` (RFC 9111 §5.2.1.7): the stored version, if it may be served
+/// without a check and what was asked for is on disk (a range of a partly stored object
+/// counts); otherwise `504`. The origin is never contacted.
 async fn only_if_cached(request: &ContentRequest<'_>) -> Response<ResponseBody> {
     let route = request.route;
+    if let Some(answer) = request.node.status_answers.get(&route.cache_key()) {
+        return status_answer_response(request.node, request.method, &answer, true);
+    }
     let servable = fill::lookup(request.node, route).filter(|entry| {
-        entry.is_complete()
-            && !matches!(
-                entry.check_needed(&route.target.policy, ClientDirectives::default()),
-                Check::Foreground {
-                    serve_stale_on_failure: false
-                }
-            )
+        !matches!(
+            entry.check_needed(&route.target.policy, ClientDirectives::default()),
+            Check::Foreground {
+                serve_stale_on_failure: false
+            }
+        )
     });
     let Some(entry) = servable else {
-        return text_response(
-            StatusCode::GATEWAY_TIMEOUT,
-            "only-if-cached: the node has no stored version it may serve without the origin",
-        );
+        return only_if_cached_miss();
     };
-    // Whole on disk: the answer starts no fill, so neither failure below contacts the origin.
+    // `respond` starts no fill for it: bytes not on disk make it a 504 instead.
     match respond(request, &entry).await {
         Ok(response) => response,
         Err(NotAnswered::Origin(error)) => origin_failure_response(request.node, &error),

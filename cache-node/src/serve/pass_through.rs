@@ -1,19 +1,21 @@
 //! Pass-through: relaying the origin's answer for content the node may not store.
 
 use super::body::{BodyKind, ResponseBody};
-use super::header_str;
 use super::response::{origin_failure_response, set_cache_status, CacheStatus};
 use std::sync::Arc;
 
-use http::{header, HeaderMap, Method, Response};
+use http::{HeaderMap, Method, Response};
 
+use crate::http::hop_by_hop::remove_hop_by_hop;
 use crate::node::Node;
+use crate::upstream::origin::FetchRequest;
 use crate::upstream::router::Route;
 
 /// Serves a request for content the node may not store (the origin sent no length or a
 /// `Content-Encoding`, its `Cache-Control` says `no-store` or `private`, or the request needs
-/// slices of a validator-less object that are not stored) by relaying the origin's answer. A
-/// GET's `Range` and `If-Range` go along, so a ranged request still gets only its range.
+/// slices of a validator-less object that are not stored) by relaying the origin's answer. The
+/// client's end-to-end fields go along, so a ranged request still gets only its range and a
+/// negotiated one its own representation.
 pub(super) async fn pass_through(
     node: &Arc<Node>,
     route: &Route,
@@ -21,17 +23,14 @@ pub(super) async fn pass_through(
     request_headers: &HeaderMap,
 ) -> Response<ResponseBody> {
     CacheStatus::Bypass.count(&node.stats);
-    let (range, if_range) = if *method == Method::GET {
-        (
-            header_str(request_headers, header::RANGE).map(str::to_owned),
-            header_str(request_headers, header::IF_RANGE).map(str::to_owned),
-        )
-    } else {
-        (None, None)
-    };
+    // The client's own fields go along (its `Range`, `If-Range`, `Accept-Encoding`,
+    // credentials...): what comes back is for this client only and is never stored.
     let fetched = node
         .client
-        .fetch(route.fetch_request(method.clone(), range, if_range))
+        .fetch(FetchRequest {
+            client_headers: Some(request_headers),
+            ..route.fetch_request(method.clone(), None, None)
+        })
         .await;
     match fetched {
         Err(error) => origin_failure_response(node, &error),
@@ -44,25 +43,12 @@ pub(super) async fn pass_through(
                 },
             });
             *response.status_mut() = parts.status;
-            // The representation's headers go along unchanged: a `Content-Encoding` dropped
-            // here would hand the client compressed bytes as if they were the file.
-            for name in [
-                header::CONTENT_TYPE,
-                header::CONTENT_ENCODING,
-                header::VARY,
-                header::CONTENT_LENGTH,
-                header::CONTENT_RANGE,
-                header::ETAG,
-                header::LAST_MODIFIED,
-                header::CACHE_CONTROL,
-                header::EXPIRES,
-                header::CONTENT_DISPOSITION,
-                header::CONTENT_LANGUAGE,
-            ] {
-                if let Some(value) = parts.headers.get(&name) {
-                    response.headers_mut().insert(name, value.clone());
-                }
-            }
+            // Every end-to-end field goes along unchanged (RFC 9110 §7.6.1): a
+            // `Content-Encoding` dropped here would hand the client compressed bytes as if they
+            // were the file, a `Location` dropped would break a redirect.
+            let mut headers = parts.headers;
+            remove_hop_by_hop(&mut headers);
+            *response.headers_mut() = headers;
             set_cache_status(response.headers_mut(), CacheStatus::Bypass);
             tracing::Span::current().record("cache", CacheStatus::Bypass.as_str());
             response

@@ -100,10 +100,17 @@ fn invalidate(node: &Node, route: &Route, answer_headers: &http::HeaderMap) {
         .filter_map(|name| answer_headers.get(name))
         .filter_map(|value| value.to_str().ok())
         .filter_map(|reference| route.same_origin_key(reference));
-    let keys: Vec<CacheKey> = std::iter::once(route.cache_key()).chain(named).collect();
+    let urls: Vec<CacheKey> = std::iter::once(route.primary_key()).chain(named).collect();
+    // Every stored variant of those URLs goes too.
+    let keys: Vec<CacheKey> = urls
+        .iter()
+        .flat_map(|url| node.vary.variant_keys(url))
+        .chain(urls.iter().cloned())
+        .collect();
     for key in keys {
         // A "not storable" verdict is about the old representation too.
         node.uncacheable.invalidate(&key);
+        node.status_answers.forget(&key);
         if node.index.invalidate(&key) {
             node.stats.invalidations.inc();
             tracing::info!(

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::cache::index::{ObjectEntry, SliceTable};
+use crate::cache::status_answer::StatusAnswer;
 use crate::cache::store::ObjectMeta;
 use crate::error::OriginError;
 use crate::fill::{self, Demand, FillRefused, Requester};
@@ -81,6 +82,42 @@ pub(super) fn origin_failure_response(node: &Node, error: &OriginError) -> Respo
     text_response(status, error.to_string())
 }
 
+/// The answer relaying an origin's answer other than content: its status, header section and
+/// body, with `X-Cache: HIT` and an `Age` when it came from the kept answers (`kept`) and
+/// `MISS` when the origin was just asked. Conditionals and `Range` do not apply to it (RFC 9110
+/// §13.2.1, §14.2: they are for a `2xx`).
+pub(super) fn status_answer_response(
+    node: &Node,
+    method: &Method,
+    answer: &StatusAnswer,
+    kept: bool,
+) -> Response<ResponseBody> {
+    let body = if *method == Method::HEAD {
+        ResponseBody::empty()
+    } else {
+        ResponseBody::full(answer.body.clone())
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = answer.status;
+    let headers = response.headers_mut();
+    headers.reserve(answer.headers.len() + 3);
+    for (name, value) in &answer.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(answer.body.len()));
+    let cache_status = if kept {
+        node.stats.status_answer_hits.inc();
+        headers.insert(header::AGE, HeaderValue::from(answer.age().as_secs()));
+        CacheStatus::Hit
+    } else {
+        CacheStatus::Miss
+    };
+    cache_status.count(&node.stats);
+    set_cache_status(headers, cache_status);
+    tracing::Span::current().record("cache", cache_status.as_str());
+    response
+}
+
 pub(super) fn set_header(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         headers.insert(name, value);
@@ -110,6 +147,17 @@ pub(super) struct ContentRequest<'a> {
     /// The connection's zero-copy queue, when its stored bytes may leave with `sendfile`.
     pub(super) spans: Option<SpanQueue>,
     pub(super) requester: &'a Requester,
+    /// `Cache-Control: only-if-cached`: bytes not on disk are not fetched; the answer is then a
+    /// `504`.
+    pub(super) only_if_cached: bool,
+}
+
+/// The `504` of `only-if-cached` when what was asked for is not stored (RFC 9111 §5.2.1.7).
+pub(super) fn only_if_cached_miss() -> Response<ResponseBody> {
+    text_response(
+        StatusCode::GATEWAY_TIMEOUT,
+        "only-if-cached: the node has no stored version it may serve without the origin",
+    )
 }
 
 /// Where a response's bytes come from, as the `X-Cache` header, the request's log span and the
@@ -225,6 +273,10 @@ pub(super) async fn respond(
     tracing::Span::current().record("cache", cache_status.as_str());
     if *request.method == Method::HEAD {
         return Ok(response);
+    }
+    if request.only_if_cached && cache_status != CacheStatus::Hit {
+        // Some bytes asked for are not on disk, and the origin may not be asked for them.
+        return Ok(only_if_cached_miss());
     }
     let mut demand = Demand::default();
     for (first, last) in &needed {

@@ -55,7 +55,9 @@ impl Node {
         })?;
         let mut recovered_bytes = 0;
         let recovered_objects = recovered.len();
+        let vary = crate::cache::vary::VaryIndex::default();
         for object in recovered {
+            vary.learn_stored(&object.meta);
             let age = crate::cache::store::unix_now().saturating_sub(object.meta.stored_at_unix);
             let entry = Arc::new(ObjectEntry::with_present(
                 object.meta,
@@ -102,6 +104,9 @@ impl Node {
                 .max_capacity(UNCACHEABLE_KEYS)
                 .time_to_live(config.raw.upstream.revalidate_after)
                 .build(),
+            status_answers: Default::default(),
+            vary,
+            not_found_max_age: config.raw.upstream.not_found_max_age,
             unreachable_origins: moka::sync::Cache::builder()
                 .max_capacity(1024)
                 .time_to_live(UNREACHABLE_ORIGIN_BACKOFF)

@@ -20,6 +20,7 @@ use ipnet::IpNet;
 
 use crate::cache::freshness::FreshnessPolicy;
 use crate::error::OriginError;
+use crate::http::hop_by_hop::remove_hop_by_hop;
 use crate::upstream::address_policy::{self, AddressPolicy, AddressRefusal, NameRefused};
 pub use crate::upstream::host_pattern::HostPattern;
 use crate::upstream::outbound_proxy::{OriginResolver, ProxySettings, UpstreamConnector};
@@ -357,6 +358,13 @@ pub struct FetchRequest<'a> {
     pub if_none_match: Option<String>,
     /// The `If-Modified-Since` header to send, if any (the stored copy's Last-Modified).
     pub if_modified_since: Option<String>,
+    /// The request fields of the variant asked for (an `Accept-Encoding` here replaces the
+    /// `identity` sent otherwise).
+    pub variant: Option<&'a crate::cache::vary::Variant>,
+    /// A client's request fields to forward as they are, for a request relayed uncached
+    /// (pass-through): its end-to-end fields replace the node's defaults (`User-Agent`,
+    /// `Accept-Encoding`), and its `Via` entries come before the node's.
+    pub client_headers: Option<&'a HeaderMap>,
 }
 
 /// A client's request the node relays to its origin unchanged and never stores: `POST`, `PUT`,
@@ -464,13 +472,29 @@ impl UpstreamClient {
             header::USER_AGENT,
             HeaderValue::from_static("outpost-cache-node/0.1"),
         );
-        headers.insert(header::VIA, self.via.clone());
         // The node stores exactly what it is sent; a compressed transfer would change the bytes
         // and the length under the client's byte ranges.
         headers.insert(
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
         );
+        if let Some(client) = request.client_headers {
+            let mut forwarded = client.clone();
+            remove_hop_by_hop(&mut forwarded);
+            forwarded.remove(header::HOST);
+            for name in forwarded.keys() {
+                headers.remove(name);
+            }
+            for (name, value) in &forwarded {
+                headers.append(name, value.clone());
+            }
+        }
+        headers.append(header::VIA, self.via.clone());
+        for (name, value) in request.variant.iter().flat_map(|variant| &variant.fields) {
+            if let Some(value) = value {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
         if let Some(range) = request
             .range
             .and_then(|value| HeaderValue::from_str(&value).ok())

@@ -16,7 +16,10 @@
 
 use http::{header, HeaderMap, Uri};
 
+use std::sync::Arc;
+
 use crate::cache::key::{split_cache_host_origin, CacheKey};
+use crate::cache::vary::Variant;
 use crate::upstream::origin::{
     normalise_host, Allowlist, FetchRequest, LookupError, NamedHost, OriginTarget,
 };
@@ -59,6 +62,9 @@ pub struct Route {
     pub path_and_query: String,
     /// How the origin was named.
     pub mode: RouteMode,
+    /// The variant of a varying response this request selects (see [`crate::cache::vary`]):
+    /// part of the cache key, and its fields are sent to the origin.
+    pub variant: Option<Arc<Variant>>,
 }
 
 impl Route {
@@ -77,6 +83,8 @@ impl Route {
             if_range,
             if_none_match: None,
             if_modified_since: None,
+            variant: self.variant.as_deref(),
+            client_headers: None,
         }
     }
 
@@ -96,11 +104,28 @@ impl Route {
         }
     }
 
-    /// The content identity of this request.
+    /// The content identity of this request: its primary key, or its variant's key.
     pub fn cache_key(&self) -> CacheKey {
+        let primary = self.primary_key();
+        match &self.variant {
+            Some(variant) => variant.key(&primary),
+            None => primary,
+        }
+    }
+
+    /// The content identity of this request's URL, whatever variant it selects.
+    pub fn primary_key(&self) -> CacheKey {
         match &self.target.content_set {
             Some(content_set) => CacheKey::in_content_set(content_set, &self.path_and_query),
             None => CacheKey::new(&self.target.host, &self.path_and_query),
+        }
+    }
+
+    /// This route, selecting `variant`.
+    pub fn with_variant(&self, variant: Option<Variant>) -> Route {
+        Route {
+            variant: variant.map(Arc::new),
+            ..self.clone()
         }
     }
 
@@ -348,6 +373,7 @@ pub fn route(
                 target,
                 path_and_query: path_and_query.clone(),
                 mode,
+                variant: None,
             })
             .map_err(RouteError::from)
     };
@@ -372,6 +398,7 @@ pub fn route(
             target: target.clone(),
             path_and_query,
             mode: RouteMode::Reverse,
+            variant: None,
         }),
         None => Err(host_refusal.unwrap_or(RouteError::NoOrigin)),
     }

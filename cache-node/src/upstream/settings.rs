@@ -45,6 +45,11 @@ pub struct UpstreamConfig {
     /// is answered `504`. At most `365d`.
     #[serde(with = "humantime_serde")]
     pub stale_if_error: Duration,
+    /// The longest an origin's explicitly fresh `404 Not Found` is served from memory before the
+    /// origin is asked again (`301`, `308` and `410` are kept for their whole lifetime). `0s`
+    /// keeps no `404`.
+    #[serde(with = "humantime_serde")]
+    pub not_found_max_age: Duration,
     /// An outbound HTTP proxy every origin connection goes through, `http://host:port` with
     /// optional `user:password@`; empty connects directly. `https://` origins are tunnelled with
     /// `CONNECT` (TLS stays end to end); `http://` ones are sent to the proxy in absolute form.
@@ -111,6 +116,7 @@ impl Default for UpstreamConfig {
             revalidate_after: Duration::from_secs(3600),
             cache_control: "honor".to_owned(),
             stale_if_error: crate::cache::freshness::DEFAULT_STALE_IF_ERROR,
+            not_found_max_age: Duration::from_secs(300),
             proxy: String::new(),
             no_proxy: String::new(),
         }

@@ -97,6 +97,11 @@ pub struct Behaviour {
     /// gives; the body has the declared length (the range's bytes, cut short or followed by an
     /// abort when there are not enough).
     pub content_length_delta: Option<i64>,
+    /// Representations in other codings (`("gzip", bytes)`): a GET or HEAD whose
+    /// `Accept-Encoding` lists one of these codings (the first listed in this vector wins, `q=0`
+    /// aside) gets its bytes, with `Content-Encoding` and an ETag of their own. When set, every
+    /// answer carries `Vary: Accept-Encoding`.
+    pub encodings: Vec<(&'static str, Bytes)>,
 }
 
 /// One request as the origin received it.
@@ -681,6 +686,47 @@ struct ObjectSnapshot {
     behaviour: Behaviour,
 }
 
+impl ObjectSnapshot {
+    /// The representation `request` negotiates among the object's [`Behaviour::encodings`].
+    fn in_coding_for(mut self, request: &Request<Incoming>) -> ObjectSnapshot {
+        if self.behaviour.encodings.is_empty() {
+            return self;
+        }
+        self.behaviour
+            .headers
+            .push(("vary", "Accept-Encoding".to_owned()));
+        let accepted: Vec<String> = request
+            .headers()
+            .get_all(header::ACCEPT_ENCODING)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter(|item| !item.replace(' ', "").contains(";q=0"))
+            .map(|item| {
+                item.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .collect();
+        let chosen = self
+            .behaviour
+            .encodings
+            .iter()
+            .find(|(coding, _)| accepted.iter().any(|token| token == coding))
+            .cloned();
+        if let Some((coding, bytes)) = chosen {
+            self.etag = etag_for_content(&bytes);
+            self.content = bytes;
+            self.behaviour
+                .headers
+                .push(("content-encoding", coding.to_owned()));
+        }
+        self
+    }
+}
+
 async fn respond(
     shared: Arc<OriginShared>,
     flush_signal: Arc<FlushSignal>,
@@ -707,6 +753,7 @@ async fn respond(
             })
     };
 
+    let snapshot = snapshot.map(|snapshot| snapshot.in_coding_for(&request));
     let Some(snapshot) = snapshot else {
         let body_sender = BodySender::new(shared, flush_signal, None, 0);
         return Ok(short_text_response(
