@@ -154,14 +154,14 @@ pub enum NotStorable {
     HeadersTooLarge,
     /// `Vary: *`: the response depends on more than the request (RFC 9111 §4.1).
     VaryAny,
-    /// `Vary` names more request fields than [`MAX_VARY_NAMES`](crate::cache::vary::MAX_VARY_NAMES).
+    /// `Vary` names more request fields than the node keys variants by (four).
     VaryTooWide,
     /// A `Vary` that is not a list of field names.
     VaryUnreadable,
     /// `Vary` names a field the node sets itself on origin requests (`Range`, `Host`, a
     /// conditional, a hop-by-hop field).
     VaryReserved,
-    /// The object already has [`MAX_VARIANTS`](crate::cache::vary::MAX_VARIANTS) variants, or
+    /// The object already has as many variants as the node keeps (eight), or
     /// the request's value for a varying field is too long to key by.
     TooManyVariants,
 }

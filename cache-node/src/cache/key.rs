@@ -31,7 +31,7 @@ impl CacheKey {
         }
     }
 
-    /// The key of a variant of this key's content (see [`crate::cache::vary`]): the primary key,
+    /// The key of a variant of this key's content (see the `vary` module): the primary key,
     /// [`VARIANT_SEPARATOR`] and the variant's description.
     pub fn variant(&self, description: &str) -> CacheKey {
         CacheKey {

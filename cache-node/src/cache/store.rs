@@ -103,7 +103,7 @@ pub struct ObjectMeta {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub must_revalidate: bool,
     /// The request fields the origin's `Vary` named, lower-case and sorted: this version is one
-    /// variant, and its key says which (see [`crate::cache::vary`]). Empty when it does not
+    /// variant, and its key says which (see the `vary` module). Empty when it does not
     /// vary.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vary: Vec<String>,
