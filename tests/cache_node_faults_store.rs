@@ -215,6 +215,7 @@ async fn a_restart_over_metadata_declaring_two_to_the_64_bytes_deletes_it_and_st
         content_encoding: None,
         headers: vec![],
         stored_at_unix: cache_node::cache::store::unix_now(),
+        confirmed_at_unix: None,
         fresh_for_secs: None,
         heuristic_fresh_for_secs: None,
         stale_while_revalidate_secs: None,

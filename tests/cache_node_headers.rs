@@ -247,13 +247,19 @@ async fn a_304_refreshes_the_stored_headers_in_memory_and_on_disk() {
     assert_eq!(miss.header("cache-control"), Some("max-age=0"));
     node.settle().await;
 
-    origin.set_behaviour("/reval.bin", behaviour("max-age=100000", "v2"));
+    origin.set_behaviour(
+        "/reval.bin",
+        behaviour("max-age=100000, stale-while-revalidate=30", "v2"),
+    );
     let before = origin.request_count();
     let hit = curl(&url).await;
     assert_eq!(hit.status, 200);
     assert_eq!(hit.header("x-cache"), Some("HIT"));
     assert_eq!(sha256_hex(&hit.body), sha256_hex(&content));
-    assert_eq!(hit.header("cache-control"), Some("max-age=100000"));
+    assert_eq!(
+        hit.header("cache-control"),
+        Some("max-age=100000, stale-while-revalidate=30")
+    );
     assert_eq!(hit.header("x-outpost-test"), Some("v2"));
     // The whole-object check was a conditional GET answered 304, not a ranged If-Range.
     let checks = &origin.requests()[before..];
@@ -266,15 +272,30 @@ async fn a_304_refreshes_the_stored_headers_in_memory_and_on_disk() {
 
     // Fresh now: no more checks, and the refreshed headers survive a restart.
     let again = curl(&url).await;
-    assert_eq!(again.header("cache-control"), Some("max-age=100000"));
+    assert_eq!(
+        again.header("cache-control"),
+        Some("max-age=100000, stale-while-revalidate=30")
+    );
     assert_eq!(origin.request_count(), before + 1);
+    // On disk: the refreshed lifetime and directives, and when the origin confirmed it.
+    let meta_file = outpost_testkit::files_under(storage.path())
+        .into_iter()
+        .find(|path| path.ends_with("meta.json"))
+        .expect("a meta.json");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(meta_file).unwrap()).unwrap();
+    assert_eq!(meta["fresh_for_secs"], 100_000);
+    assert_eq!(meta["stale_while_revalidate_secs"], 30);
+    assert!(
+        meta["confirmed_at_unix"].as_u64().unwrap() >= meta["stored_at_unix"].as_u64().unwrap()
+    );
     node.stop().await;
     let restarted = TestNode::start(config).await;
     let after_restart = curl(&restarted.mcc_url("/reval.bin")).await;
     assert_eq!(after_restart.header("x-cache"), Some("HIT"));
     assert_eq!(
         after_restart.header("cache-control"),
-        Some("max-age=100000")
+        Some("max-age=100000, stale-while-revalidate=30")
     );
     assert_eq!(after_restart.header("x-outpost-test"), Some("v2"));
     assert_eq!(origin.request_count(), before + 1);

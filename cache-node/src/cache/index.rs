@@ -337,7 +337,17 @@ impl ObjectEntry {
     pub fn meta_for_disk(&self) -> ObjectMeta {
         let mut meta = self.meta.clone();
         meta.headers = header_section::fields_of_map(&self.replay_headers());
-        meta.fresh_for_secs = self.freshness().to_secs();
+        let validation = *self.validation();
+        meta.fresh_for_secs = validation.freshness.to_secs();
+        meta.heuristic_fresh_for_secs = validation.freshness.heuristic_secs();
+        (
+            meta.stale_while_revalidate_secs,
+            meta.stale_if_error_secs,
+            meta.must_revalidate,
+        ) = validation.directives.to_stored();
+        meta.confirmed_at_unix = validation
+            .at
+            .map(|at| crate::cache::store::unix_now().saturating_sub(at.elapsed().as_secs()));
         meta
     }
 

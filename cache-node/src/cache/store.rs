@@ -84,6 +84,11 @@ pub struct ObjectMeta {
     pub headers: Vec<StoredField>,
     /// When the node started storing this version, in seconds since the Unix epoch.
     pub stored_at_unix: u64,
+    /// When the origin last confirmed this version, when that was after it was stored (a
+    /// revalidation that refreshed the stored fields); a restarted node counts the version's
+    /// age from here, else from `stored_at_unix`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_at_unix: Option<u64>,
     /// How long the version is fresh after the origin confirms it, in seconds, from the origin's
     /// `Cache-Control` or `Expires`; absent when the origin said nothing, and
     /// `upstream.revalidate_after` applies (see `crate::cache::freshness`).
@@ -148,6 +153,7 @@ impl MetaFormat1 {
                 .map(|(name, value)| (name, StoredValue::Text(value)))
                 .collect(),
             stored_at_unix: self.stored_at_unix,
+            confirmed_at_unix: None,
             fresh_for_secs: self.fresh_for_secs,
             // Format 1 kept no directives beyond the lifetime.
             heuristic_fresh_for_secs: None,
@@ -237,6 +243,7 @@ impl ObjectMeta {
             content_encoding: None,
             headers: vec![],
             stored_at_unix: 0,
+            confirmed_at_unix: None,
             fresh_for_secs: None,
             heuristic_fresh_for_secs: None,
             stale_while_revalidate_secs: None,
@@ -840,6 +847,7 @@ mod tests {
             generation,
             etag: Some("\"a\"".into()),
             stored_at_unix,
+            confirmed_at_unix: None,
             ..ObjectMeta::for_tests(key.as_str(), length, SLICE)
         }
     }

@@ -377,6 +377,7 @@ pub(super) fn meta_from_response(
         content_encoding: content_encoding(&origin.headers),
         headers: header_section::stored_fields(&origin.headers),
         stored_at_unix: unix_now(),
+        confirmed_at_unix: None,
         fresh_for_secs: freshness.to_secs(),
         heuristic_fresh_for_secs: freshness.heuristic_secs(),
         stale_while_revalidate_secs,

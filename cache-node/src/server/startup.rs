@@ -58,7 +58,8 @@ impl Node {
         let vary = crate::cache::vary::VaryIndex::default();
         for object in recovered {
             vary.learn_stored(&object.meta);
-            let age = crate::cache::store::unix_now().saturating_sub(object.meta.stored_at_unix);
+            let confirmed = (object.meta.confirmed_at_unix).unwrap_or(object.meta.stored_at_unix);
+            let age = crate::cache::store::unix_now().saturating_sub(confirmed);
             let entry = Arc::new(ObjectEntry::with_present(
                 object.meta,
                 &object.present_slices,
