@@ -186,6 +186,22 @@ pub struct LogConfig {
     /// `0s` turns it off.
     #[serde(with = "humantime_serde")]
     pub summary_interval: Duration,
+    /// The access log: `off`, `json` (one object per line) or `combined` (Apache/nginx combined,
+    /// then the cache's fields as `name=value`).
+    pub access: String,
+    /// The access log file; empty means `access.log` in `storage.path`. Rotated files get `.1`,
+    /// `.2`...
+    pub access_path: String,
+    /// The size at which the access log is rotated, e.g. `"100MiB"`.
+    pub access_max_size: String,
+    /// How many rotated access logs are kept.
+    pub access_keep: usize,
+    /// Query parameters whose values the access log writes as `REDACTED` (compared without
+    /// case): signatures and tokens in CDN URLs.
+    pub access_redact: Vec<String>,
+    /// How many finished requests may wait for a slow disk before access lines are dropped (and
+    /// counted in `access_log_dropped`) rather than slowing a request.
+    pub access_buffer: usize,
 }
 
 impl Default for ServerConfig {
@@ -234,6 +250,24 @@ impl Default for LogConfig {
             level: "info".to_owned(),
             format: "text".to_owned(),
             summary_interval: Duration::from_secs(15),
+            access: "off".to_owned(),
+            access_path: String::new(),
+            access_max_size: "100MiB".to_owned(),
+            access_keep: 5,
+            access_redact: [
+                "sig",
+                "signature",
+                "token",
+                "access_token",
+                "key",
+                "password",
+                "se",
+                "skoid",
+                "sktid",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            access_buffer: crate::http::access_log::QUEUE_ENTRIES,
         }
     }
 }
@@ -270,6 +304,8 @@ pub struct ValidConfig {
     pub max_object_size_bytes: u64,
     /// `storage.verify_hits`, checked to be within 0.0..=1.0.
     pub verify_hits: f64,
+    /// `log.access*`, parsed; `None` when the access log is off.
+    pub access_log: Option<crate::http::access_log::AccessLogSettings>,
 }
 
 impl Config {
@@ -406,6 +442,7 @@ impl Config {
                 ),
             ));
         }
+        let access_log = self.access_log_settings()?;
         let default_upstream = match &self.server.default_upstream {
             Some(url) => {
                 check_upstream_url("server.default_upstream", url)?;
@@ -532,7 +569,47 @@ impl Config {
             fill,
             max_object_size_bytes,
             verify_hits,
+            access_log,
         })
+    }
+
+    /// `log.access*`, checked: `None` when the access log is off.
+    fn access_log_settings(
+        &self,
+    ) -> Result<Option<crate::http::access_log::AccessLogSettings>, ConfigError> {
+        use crate::http::access_log::{AccessFormat, AccessLogSettings};
+        let Some(format) = AccessFormat::parse(&self.log.access)
+            .map_err(|message| invalid("log.access", message))?
+        else {
+            return Ok(None);
+        };
+        let max_bytes = parse_size(&self.log.access_max_size)
+            .map_err(|message| invalid("log.access_max_size", message))?;
+        if max_bytes < 4096 {
+            return Err(invalid(
+                "log.access_max_size",
+                "must be at least \"4KiB\", e.g. \"100MiB\"",
+            ));
+        }
+        if self.log.access_buffer == 0 {
+            return Err(invalid(
+                "log.access_buffer",
+                "must be at least 1 line, e.g. 65536",
+            ));
+        }
+        let path = if self.log.access_path.is_empty() {
+            self.storage.path.join("access.log")
+        } else {
+            PathBuf::from(&self.log.access_path)
+        };
+        Ok(Some(AccessLogSettings {
+            format,
+            path,
+            max_bytes,
+            keep: self.log.access_keep,
+            redact: self.log.access_redact.clone(),
+            queue: self.log.access_buffer,
+        }))
     }
 }
 

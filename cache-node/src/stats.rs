@@ -90,6 +90,10 @@ pub struct Stats {
     /// Checks that failed when the stored version could not be served stale (`must-revalidate`,
     /// beyond `stale-if-error`), answered `504`.
     pub stale_refusals: Counter,
+    /// Access log lines written.
+    pub access_log_lines: Counter,
+    /// Access log lines dropped because the writer was behind (a slow disk).
+    pub access_log_dropped: Counter,
     /// Origin answers other than content (`301`, `308`, `404`, `410`) kept while fresh.
     pub status_answers_kept: Counter,
     /// Requests answered with a kept `301`, `308`, `404` or `410`, without the origin.
@@ -186,6 +190,10 @@ pub struct StatsSnapshot {
     pub background_revalidations: u64,
     /// Failed checks answered `504` rather than with the stale version.
     pub stale_refusals: u64,
+    /// Access log lines written.
+    pub access_log_lines: u64,
+    /// Access log lines dropped because the writer was behind.
+    pub access_log_dropped: u64,
     /// Redirects, `404`s and `410`s kept while fresh.
     pub status_answers_kept: u64,
     /// Requests answered with a kept redirect, `404` or `410`.
@@ -317,6 +325,8 @@ impl Stats {
             revalidations: Counter::default(),
             background_revalidations: Counter::default(),
             stale_refusals: Counter::default(),
+            access_log_lines: Counter::default(),
+            access_log_dropped: Counter::default(),
             status_answers_kept: Counter::default(),
             status_answer_hits: Counter::default(),
             pass_through_requests: Counter::default(),
@@ -347,7 +357,7 @@ impl Stats {
             cache_effective_max_bytes: Gauge::default(),
         };
         let stats = &stats_without_registry;
-        let counters: [(&str, &str, &Counter, Option<Unit>); 24] = [
+        let counters: [(&str, &str, &Counter, Option<Unit>); 26] = [
             (
                 "requests",
                 "Client requests received",
@@ -442,6 +452,18 @@ impl Stats {
                 "stale_refusals",
                 "Failed checks answered 504 rather than with a stale version",
                 &stats.stale_refusals,
+                None,
+            ),
+            (
+                "access_log_lines",
+                "Access log lines written",
+                &stats.access_log_lines,
+                None,
+            ),
+            (
+                "access_log_dropped",
+                "Access log lines dropped because the writer was behind (a slow disk)",
+                &stats.access_log_dropped,
                 None,
             ),
             (
@@ -709,6 +731,8 @@ impl Stats {
             revalidations: self.revalidations.get(),
             background_revalidations: self.background_revalidations.get(),
             stale_refusals: self.stale_refusals.get(),
+            access_log_lines: self.access_log_lines.get(),
+            access_log_dropped: self.access_log_dropped.get(),
             status_answers_kept: self.status_answers_kept.get(),
             status_answer_hits: self.status_answer_hits.get(),
             pass_through_requests: self.pass_through_requests.get(),

@@ -13,7 +13,7 @@ mod producer;
 mod relay;
 mod response;
 
-pub use body::{text_response, ResponseBody};
+pub use body::{text_response, AccessRecord, ResponseBody, RoutedOrigin};
 pub(crate) use response::origin_failure_status;
 use response::{
     only_if_cached_miss, origin_failure_response, refused_response, respond,
@@ -103,8 +103,15 @@ pub async fn handle(
             .instrument(span.clone())
             .await
     };
+    let mut response = response;
+    if node.access_log.is_some() {
+        response
+            .extensions_mut()
+            .insert(RoutedOrigin(route.target.host.clone()));
+    }
+    // The access log (`log.access`) has a line per request; this one is for debugging.
     span.in_scope(|| {
-        tracing::info!(
+        tracing::debug!(
             method = %method,
             path = %route.path_and_query,
             status = response.status().as_u16(),

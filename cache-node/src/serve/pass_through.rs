@@ -36,12 +36,10 @@ pub(super) async fn pass_through(
         Err(error) => origin_failure_response(node, &error),
         Ok(upstream) => {
             let (parts, body) = upstream.into_parts();
-            let mut response = Response::new(ResponseBody {
-                kind: BodyKind::Upstream {
-                    body,
-                    node: node.clone(),
-                },
-            });
+            let mut response = Response::new(ResponseBody::of(BodyKind::Upstream {
+                body,
+                node: node.clone(),
+            }));
             *response.status_mut() = parts.status;
             // Every end-to-end field goes along unchanged (RFC 9110 §7.6.1): a
             // `Content-Encoding` dropped here would hand the client compressed bytes as if they

@@ -77,12 +77,10 @@ pub(super) async fn relay(
     if is_unsafe(&parts.method) && succeeded {
         invalidate(node, route, &upstream_parts.headers);
     }
-    let mut response = Response::new(ResponseBody {
-        kind: BodyKind::Upstream {
-            body: upstream_body,
-            node: node.clone(),
-        },
-    });
+    let mut response = Response::new(ResponseBody::of(BodyKind::Upstream {
+        body: upstream_body,
+        node: node.clone(),
+    }));
     *response.status_mut() = upstream_parts.status;
     let mut response_headers = upstream_parts.headers;
     remove_hop_by_hop(&mut response_headers);

@@ -432,13 +432,11 @@ fn start_body(
         }
         .in_current_span(),
     );
-    ResponseBody {
-        kind: BodyKind::Produced {
-            receiver,
-            node: request.node.clone(),
-            spans: request.spans.clone(),
-        },
-    }
+    ResponseBody::of(BodyKind::Produced {
+        receiver,
+        node: request.node.clone(),
+        spans: request.spans.clone(),
+    })
 }
 
 /// Sets `X-Cache`.

@@ -5,13 +5,14 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::http::sendfile::SpanQueue;
 use crate::node::Node;
-use crate::serve::{self, text_response, ResponseBody};
+use crate::serve::{self, text_response, AccessRecord, ResponseBody};
 use crate::upstream::router;
 
 /// Handles one request on the client listener. Never fails: every problem becomes an HTTP
@@ -20,6 +21,20 @@ use crate::upstream::router;
 /// `spans` is the connection's zero-copy queue when its socket is a
 /// [`crate::http::sendfile::ZeroCopyStream`].
 pub async fn client_request(
+    node: Arc<Node>,
+    request: Request<Incoming>,
+    spans: Option<SpanQueue>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let Some(log) = &node.access_log else {
+        return answer(node, request, spans).await;
+    };
+    let record = AccessRecord::start(log, &request, Instant::now());
+    let response = answer(node, request, spans).await?;
+    Ok(record.attach(response))
+}
+
+/// The answer to a client request (see [`client_request`]).
+async fn answer(
     node: Arc<Node>,
     request: Request<Incoming>,
     spans: Option<SpanQueue>,

@@ -11,6 +11,7 @@ use crate::cache::store::Layout;
 use crate::config::ValidConfig;
 use crate::disk::{self, SharedStorage};
 use crate::error::DiskError;
+use crate::http::access_log::AccessLog;
 use crate::node::{Node, UNCACHEABLE_KEYS, UNREACHABLE_ORIGIN_BACKOFF};
 use crate::peering::Peering;
 use crate::server::connections::client_limits;
@@ -82,6 +83,19 @@ impl Node {
         );
         let stats = Arc::new(Stats::new(backend_name));
         let fill_limits = FillLimits::new(&config.fill, stats.fills.clone());
+        let access_log = match &config.access_log {
+            Some(settings) => {
+                let log = AccessLog::start(
+                    settings.clone(),
+                    stats.access_log_lines.clone(),
+                    stats.access_log_dropped.clone(),
+                )
+                .map_err(|error| DiskError::io("open the access log", &settings.path, error))?;
+                tracing::info!(path = %settings.path.display(), "access log on");
+                Some(log)
+            }
+            None => None,
+        };
         Ok(Arc::new(Node {
             storage: reporting_full_disk(storage, index.clone(), stats.clone()),
             allowlist: config.allowlist.clone(),
@@ -119,6 +133,7 @@ impl Node {
             connection_limits: client_limits(&config.raw.server),
             max_object_size: config.max_object_size_bytes,
             verify_hits: config.verify_hits,
+            access_log,
         }))
     }
 }
