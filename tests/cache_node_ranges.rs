@@ -363,11 +363,11 @@ async fn origins_outside_the_allowlist_and_other_methods_are_refused() {
         "cacheHostOrigin is never sent upstream"
     );
 
-    // An origin 404 is passed on, saying so, and not cached as content: once the object
-    // appears, the next request gets the real bytes.
+    // An origin 404 (without a lifetime) is passed on as the origin sent it, body included, and
+    // not kept: once the object appears, the next request gets the real bytes.
     let missing = get(&node.mcc_url("/missing.bin"), &[]).await;
     assert_eq!(missing.status, 404);
-    assert_eq!(missing.bytes(), b"origin answered 404\n");
+    assert_eq!(missing.bytes(), b"mock origin: no object at this path\n");
     assert_ne!(missing.header("x-cache").as_deref(), Some("HIT"));
     let appeared = pattern_bytes(70_000, 9);
     origin.put("/missing.bin", appeared.clone());

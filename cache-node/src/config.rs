@@ -89,6 +89,10 @@ pub struct AdminConfig {
     pub listen: String,
     /// Bearer token required by every admin request that changes state.
     pub token: String,
+    /// How often the counters are sampled for `/stats/history`, `/summary` and the dashboard;
+    /// the last 24 hours are kept. At least `1s`.
+    #[serde(with = "humantime_serde")]
+    pub history_interval: Duration,
 }
 
 /// `[storage]`: the on-disk cache.
@@ -225,6 +229,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: "127.0.0.1:9090".to_owned(),
             token: String::new(),
+            history_interval: Duration::from_secs(15),
         }
     }
 }
@@ -432,6 +437,12 @@ impl Config {
             if value.is_zero() {
                 return Err(invalid(name, "must be longer than zero, e.g. \"30s\""));
             }
+        }
+        if self.admin.history_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "admin.history_interval",
+                "must be at least \"1s\"; \"15s\" keeps 5,760 samples for the last 24 hours",
+            ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid(

@@ -8,9 +8,10 @@
 //! layers below it, and no modules refer to each other in a circle (`tests/layering.rs` checks
 //! both; `docs/architecture.md` is the full map).
 //!
-//! - Foundation: [`error`] (typed errors that say where a failure came from) and `stats`
-//!   (the counters behind `/stats` and `/metrics`).
-//! - `http`: Range and conditional parsing, `sendfile`, the per-client key, connection limits.
+//! - Foundation: [`error`] (typed errors that say where a failure came from), `stats`
+//!   (the counters behind `/stats` and `/metrics`) and [`history`] (their last 24 hours).
+//! - `http`: Range and conditional parsing, `sendfile`, the per-client key, connection limits,
+//!   the access log.
 //!   [`disk`]: the [`disk::Storage`] trait and its io_uring and portable backends.
 //! - [`cache`]: what an object is and where its bytes live: keys, freshness, the on-disk layout
 //!   and its recovery, the index, the read-while-write slice buffers, piece hashes, the
@@ -31,6 +32,7 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub(crate) mod fill;
+pub mod history;
 pub(crate) mod http;
 pub mod node;
 pub mod peering;

@@ -77,6 +77,8 @@ pub struct Node {
     pub max_object_size: u64,
     /// `storage.verify_hits`.
     pub verify_hits: f64,
+    /// The counters' last 24 hours, sampled every `admin.history_interval`.
+    pub history: crate::history::History,
     /// The access log, when `log.access` is on.
     pub access_log: Option<crate::http::access_log::AccessLog>,
 }

@@ -14,6 +14,36 @@ use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 use std::sync::atomic::AtomicU64;
 
+/// Rewrites an OpenMetrics exposition into the classic Prometheus text format (0.0.4). The
+/// samples are the same lines; a counter's `HELP` and `TYPE` name its samples' `_total` name, and
+/// the `UNIT` and `EOF` lines, which the classic format does not have, go.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut classic = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(renamed) => classic.push_str(&renamed),
+            None => classic.push_str(line),
+        }
+        classic.push('\n');
+    }
+    classic
+}
+
 /// Where the bytes of a response body came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ByteSource {
@@ -648,13 +678,16 @@ impl Stats {
         ] {
             registry.register(name, help, counter.clone());
         }
+        // A gauge of 1 labelled with the backend, not an OpenMetrics `info` metric: Prometheus's
+        // classic text parser (and `promtool check metrics`) knows no `info` type.
+        let backend: Family<Vec<(String, String)>, Gauge<u64, AtomicU64>> = Family::default();
+        backend
+            .get_or_create(&vec![("backend".to_owned(), disk_backend.to_owned())])
+            .set(1);
         registry.register(
-            "disk_backend",
-            "The disk I/O backend in use",
-            prometheus_client::metrics::info::Info::new(vec![(
-                "backend".to_owned(),
-                disk_backend.to_owned(),
-            )]),
+            "disk_backend_info",
+            "The disk I/O backend in use (the gauge is 1 for it)",
+            backend,
         );
         stats.edge.register(&mut registry);
         Stats {
@@ -766,11 +799,17 @@ impl Stats {
         }
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition.
     pub fn prometheus_text(&self) -> String {
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
+    }
+
+    /// The classic Prometheus text format (0.0.4) of the same figures, for clients that do not
+    /// ask for OpenMetrics (curl, `promtool check metrics`, older scrapers): see [`classic_text`].
+    pub fn prometheus_classic_text(&self) -> String {
+        classic_text(&self.prometheus_text())
     }
 }
 

@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::api::auth_throttle::{AuthThrottle, AUTH_FAILURE_BURST};
 use crate::cache::key::CacheKey;
+use crate::history::Sample;
 use crate::http::client_key::ClientKey;
 use crate::node::Node;
 use crate::serve::{text_response, ResponseBody};
@@ -42,12 +43,36 @@ pub async fn handle(
             body.push(b'\n');
             typed(body, "application/json")
         }
+        (&Method::GET | &Method::HEAD, "/stats/history") => {
+            let since = query_value(request.uri().query().unwrap_or(""), "since")
+                .and_then(|since| since.parse().ok())
+                .unwrap_or(0);
+            json(&node.history.view(since))
+        }
+        (&Method::GET | &Method::HEAD, "/summary") => {
+            let now = Sample::of(&node.stats_snapshot(), crate::cache::store::unix_now());
+            json(&node.history.summary(&now))
+        }
         (&Method::GET | &Method::HEAD, "/metrics") => {
             node.refresh_gauges();
-            typed(
-                node.stats.prometheus_text().into_bytes(),
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
+            // Prometheus asks for OpenMetrics; everyone else gets the classic text format.
+            let openmetrics = request
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .any(|accept| accept.contains("application/openmetrics-text"));
+            if openmetrics {
+                typed(
+                    node.stats.prometheus_text().into_bytes(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+            } else {
+                typed(
+                    node.stats.prometheus_classic_text().into_bytes(),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            }
         }
         (&Method::GET | &Method::HEAD, "/objects") => {
             match object_key(request.uri().query().unwrap_or("")) {
@@ -59,15 +84,29 @@ pub async fn handle(
             Ok(()) => purge(&node, request.uri().query().unwrap_or("")),
             Err(refusal) => refusal.response(),
         },
-        (_, "/health" | "/stats" | "/metrics" | "/objects") => {
+        (_, "/health" | "/stats" | "/stats/history" | "/summary" | "/metrics" | "/objects") => {
             text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         }
         _ => text_response(
             StatusCode::NOT_FOUND,
-            "unknown admin path; try /health, /stats, /metrics or /objects?origin=<host>&path=<path>",
+            "unknown admin path; try /health, /stats, /stats/history, /summary, /metrics or /objects?origin=<host>&path=<path>",
         ),
     };
     Ok(response)
+}
+
+/// A JSON answer.
+fn json(value: &impl Serialize) -> Response<ResponseBody> {
+    let mut body = serde_json::to_vec(value).expect("admin documents serialise");
+    body.push(b'\n');
+    typed(body, "application/json")
+}
+
+/// The first value of parameter `name` in `query`, percent-decoded.
+fn query_value(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
 }
 
 fn typed(body: Vec<u8>, content_type: &'static str) -> Response<ResponseBody> {

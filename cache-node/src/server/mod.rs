@@ -47,6 +47,7 @@ use crate::api::admin;
 use crate::api::auth_throttle::AuthThrottle;
 use crate::config::ValidConfig;
 use crate::error::DiskError;
+use crate::history::Sample;
 use crate::http::client_key::ClientAddr;
 use crate::http::sendfile::{SpanQueue, ZeroCopyStream};
 use crate::node::Node;
@@ -131,6 +132,7 @@ pub async fn run_node(
     if !node.summary_interval.is_zero() {
         tokio::spawn(log_traffic_summaries(node.clone(), stop.clone()));
     }
+    tokio::spawn(sample_history(node.clone(), stop.clone()));
     let client_connections = ConnectionTable::new(node.connection_limits, node.stats.edge.clone());
     tracing::info!(
         max_connections = node.connection_limits.max_connections,
@@ -211,6 +213,22 @@ pub async fn run_node(
             unfinished,
             "exiting with fills in flight; their slices will be fetched again"
         );
+    }
+}
+
+/// Samples the counters into `Node::history` every `admin.history_interval`, from start until
+/// `stop`.
+async fn sample_history(node: Arc<Node>, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(node.history.interval());
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let snapshot = node.stats_snapshot();
+        node.history
+            .record(Sample::of(&snapshot, crate::cache::store::unix_now()));
     }
 }
 
