@@ -1,6 +1,7 @@
 //! End-to-end: what an admin reads from the admin listener besides `/stats`. The counters'
 //! history (`/stats/history`, bounded and advancing), MCC's `/summary` (equal to `/stats` since
-//! start), and `/metrics` as Prometheus's own `promtool check metrics` reads it.
+//! start), and `/metrics` as Prometheus's own `promtool check metrics` reads it, with the
+//! latency histograms per cache status.
 //!
 //! promtool comes from Debian's `prometheus` package, installed by `.ci/run`. When it is missing
 //! locally that check says so and passes, unless `OUTPOST_REQUIRE_TOOLS=1` (set in CI).
@@ -107,7 +108,28 @@ async fn promtool_accepts_the_metrics() {
     let (origin, _storage, node) = origin_and_node().await;
     origin.put("/m.bin", pattern_bytes(100_000, 22));
     let _ = get(&node.mcc_url("/m.bin"), &[]).await;
-    let metrics = node.metrics().await;
+    node.settle().await;
+    let _ = get(&node.mcc_url("/m.bin"), &[]).await;
+    // Latency per cache status: one miss and one hit, their first bytes and their durations.
+    let metrics = eventually_async(
+        "both durations recorded",
+        Duration::from_secs(10),
+        async || {
+            let metrics = node.metrics().await;
+            metrics
+                .contains("outpost_response_duration_seconds_count{cache=\"hit\"} 1")
+                .then_some(metrics)
+        },
+    )
+    .await;
+    for line in [
+        "outpost_response_first_byte_seconds_count{cache=\"miss\"} 1",
+        "outpost_response_first_byte_seconds_count{cache=\"hit\"} 1",
+        "outpost_response_duration_seconds_count{cache=\"miss\"} 1",
+        "# TYPE outpost_response_first_byte_seconds histogram",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

@@ -10,6 +10,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 use std::sync::atomic::AtomicU64;
@@ -42,6 +43,85 @@ pub fn classic_text(openmetrics: &str) -> String {
         classic.push('\n');
     }
     classic
+}
+
+/// The cache statuses latency is reported by, in [`LatencyHistograms`]'s order: `none` is an
+/// answer of the node's own (a refusal, an API answer).
+pub const LATENCY_STATUSES: [&str; 5] = ["hit", "miss", "partial", "bypass", "none"];
+
+/// The histograms' upper bounds in seconds: 0.5 ms doubling to about 33 s.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 17)
+}
+
+/// Time to first byte (until the response's headers are ready) and whole-response duration
+/// (until the body ends or the client leaves), per cache status. Each status's histogram is
+/// made once, so an observation costs no label lookup.
+#[derive(Debug, Clone)]
+pub struct LatencyHistograms {
+    family_first_byte: Family<Vec<(String, String)>, Histogram, fn() -> Histogram>,
+    family_duration: Family<Vec<(String, String)>, Histogram, fn() -> Histogram>,
+    first_byte: [Histogram; 5],
+    duration: [Histogram; 5],
+}
+
+impl Default for LatencyHistograms {
+    fn default() -> Self {
+        let new_histogram: fn() -> Histogram = || Histogram::new(latency_buckets());
+        let family_first_byte = Family::new_with_constructor(new_histogram);
+        let family_duration = Family::new_with_constructor(new_histogram);
+        let of = |family: &Family<Vec<(String, String)>, Histogram, fn() -> Histogram>| {
+            LATENCY_STATUSES.map(|status| {
+                family
+                    .get_or_create(&vec![("cache".to_owned(), status.to_owned())])
+                    .clone()
+            })
+        };
+        LatencyHistograms {
+            first_byte: of(&family_first_byte),
+            duration: of(&family_duration),
+            family_first_byte,
+            family_duration,
+        }
+    }
+}
+
+impl LatencyHistograms {
+    /// The index of an `X-Cache` value in [`LATENCY_STATUSES`].
+    pub fn index_of(x_cache: Option<&[u8]>) -> usize {
+        match x_cache {
+            Some(b"HIT") => 0,
+            Some(b"MISS") => 1,
+            Some(b"PARTIAL") => 2,
+            Some(b"BYPASS") => 3,
+            _ => 4,
+        }
+    }
+
+    /// Records a time to first byte for the status at `index`.
+    pub fn first_byte(&self, index: usize, seconds: f64) {
+        self.first_byte[index.min(4)].observe(seconds);
+    }
+
+    /// Records a whole-response duration for the status at `index`.
+    pub fn duration(&self, index: usize, seconds: f64) {
+        self.duration[index.min(4)].observe(seconds);
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register_with_unit(
+            "response_first_byte",
+            "Time until a client response's headers were ready, by cache status",
+            Unit::Seconds,
+            self.family_first_byte.clone(),
+        );
+        registry.register_with_unit(
+            "response_duration",
+            "Time until a client response's body ended or the client left, by cache status",
+            Unit::Seconds,
+            self.family_duration.clone(),
+        );
+    }
 }
 
 /// Where the bytes of a response body came from.
@@ -157,6 +237,8 @@ pub struct Stats {
     /// The defences at the edge: connection caps and timeouts, malformed requests, the
     /// tracker's quotas and the admin token's throttle.
     pub edge: EdgeCounters,
+    /// Time to first byte and whole-response duration, per cache status.
+    pub latency: LatencyHistograms,
     /// Discoveries refused because the origin declared more than `storage.max_object_size`.
     pub objects_refused_too_large: Counter,
     /// Responses not stored (relayed) because their header section was above
@@ -375,6 +457,7 @@ impl Stats {
             fill_refusals: Counter::default(),
             encoded_responses: Counter::default(),
             edge: EdgeCounters::default(),
+            latency: LatencyHistograms::default(),
             objects_refused_too_large: Counter::default(),
             objects_refused_headers_too_large: Counter::default(),
             integrity_failures: Counter::default(),
@@ -690,6 +773,7 @@ impl Stats {
             backend,
         );
         stats.edge.register(&mut registry);
+        stats.latency.register(&mut registry);
         Stats {
             registry,
             ..stats_without_registry

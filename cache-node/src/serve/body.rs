@@ -16,7 +16,7 @@ use crate::error::ServeError;
 use crate::http::access_log::{AccessEntry, AccessLog};
 use crate::http::sendfile::SpanQueue;
 use crate::node::Node;
-use crate::stats::ByteSource;
+use crate::stats::{ByteSource, LatencyHistograms, Stats};
 
 /// How many body chunks the producer may run ahead of the client.
 pub(super) const BODY_CHANNEL_DEPTH: usize = 4;
@@ -39,6 +39,15 @@ pub struct ResponseBody {
     pub(super) kind: BodyKind,
     /// The request's access log entry, written when the body is dropped.
     pub(super) access: Option<Box<AccessRecord>>,
+    /// When the request arrived and its cache status, for the duration histogram.
+    timing: Option<Timing>,
+}
+
+/// What the duration histogram needs about a response.
+struct Timing {
+    stats: Arc<Stats>,
+    started: Instant,
+    status: usize,
 }
 
 /// The origin a request was routed to, as a response extension for the access log.
@@ -122,8 +131,34 @@ impl AccessRecord {
     }
 }
 
+/// Records the response's time to first byte now (its headers are ready), and its duration when
+/// its body is dropped, in `stats`'s latency histograms under its `X-Cache` status.
+pub fn time_response(
+    stats: &Arc<Stats>,
+    started: Instant,
+    mut response: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    let status =
+        LatencyHistograms::index_of(response.headers().get("x-cache").map(HeaderValue::as_bytes));
+    stats
+        .latency
+        .first_byte(status, started.elapsed().as_secs_f64());
+    response.body_mut().timing = Some(Timing {
+        stats: stats.clone(),
+        started,
+        status,
+    });
+    response
+}
+
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        if let Some(timing) = self.timing.take() {
+            timing
+                .stats
+                .latency
+                .duration(timing.status, timing.started.elapsed().as_secs_f64());
+        }
         if let Some(mut access) = self.access.take() {
             let end = access.ended.unwrap_or_else(Instant::now);
             access.entry.duration = end.duration_since(access.started);
@@ -183,12 +218,17 @@ impl ResponseBody {
         ResponseBody {
             kind: BodyKind::Empty,
             access: None,
+            timing: None,
         }
     }
 
     /// A body fed as `kind` says.
     pub(super) fn of(kind: BodyKind) -> Self {
-        ResponseBody { kind, access: None }
+        ResponseBody {
+            kind,
+            access: None,
+            timing: None,
+        }
     }
 
     /// A body with fixed content (error pages, admin answers).
@@ -196,6 +236,7 @@ impl ResponseBody {
         ResponseBody {
             kind: BodyKind::Full(Some(bytes.into())),
             access: None,
+            timing: None,
         }
     }
 }

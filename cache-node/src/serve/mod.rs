@@ -13,7 +13,7 @@ mod producer;
 mod relay;
 mod response;
 
-pub use body::{text_response, AccessRecord, ResponseBody, RoutedOrigin};
+pub use body::{text_response, time_response, AccessRecord, ResponseBody, RoutedOrigin};
 pub(crate) use response::origin_failure_status;
 use response::{
     only_if_cached_miss, origin_failure_response, refused_response, respond,

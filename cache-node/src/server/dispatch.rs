@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 
 use crate::http::sendfile::SpanQueue;
 use crate::node::Node;
-use crate::serve::{self, text_response, AccessRecord, ResponseBody};
+use crate::serve::{self, text_response, time_response, AccessRecord, ResponseBody};
 use crate::upstream::router;
 
 /// Handles one request on the client listener. Never fails: every problem becomes an HTTP
@@ -25,12 +25,15 @@ pub async fn client_request(
     request: Request<Incoming>,
     spans: Option<SpanQueue>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let started = Instant::now();
+    let stats = node.stats.clone();
     let Some(log) = &node.access_log else {
-        return answer(node, request, spans).await;
+        let response = answer(node, request, spans).await?;
+        return Ok(time_response(&stats, started, response));
     };
-    let record = AccessRecord::start(log, &request, Instant::now());
+    let record = AccessRecord::start(log, &request, started);
     let response = answer(node, request, spans).await?;
-    Ok(record.attach(response))
+    Ok(record.attach(time_response(&stats, started, response)))
 }
 
 /// The answer to a client request (see [`client_request`]).
