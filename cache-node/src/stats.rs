@@ -54,13 +54,16 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 17)
 }
 
+/// Histograms labelled by cache status.
+type HistogramFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+
 /// Time to first byte (until the response's headers are ready) and whole-response duration
 /// (until the body ends or the client leaves), per cache status. Each status's histogram is
 /// made once, so an observation costs no label lookup.
 #[derive(Debug, Clone)]
 pub struct LatencyHistograms {
-    family_first_byte: Family<Vec<(String, String)>, Histogram, fn() -> Histogram>,
-    family_duration: Family<Vec<(String, String)>, Histogram, fn() -> Histogram>,
+    family_first_byte: HistogramFamily,
+    family_duration: HistogramFamily,
     first_byte: [Histogram; 5],
     duration: [Histogram; 5],
 }
@@ -70,7 +73,7 @@ impl Default for LatencyHistograms {
         let new_histogram: fn() -> Histogram = || Histogram::new(latency_buckets());
         let family_first_byte = Family::new_with_constructor(new_histogram);
         let family_duration = Family::new_with_constructor(new_histogram);
-        let of = |family: &Family<Vec<(String, String)>, Histogram, fn() -> Histogram>| {
+        let of = |family: &HistogramFamily| {
             LATENCY_STATUSES.map(|status| {
                 family
                     .get_or_create(&vec![("cache".to_owned(), status.to_owned())])
