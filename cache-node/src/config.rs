@@ -46,6 +46,8 @@ pub struct Config {
     pub peering: crate::peering::PeeringConfig,
     /// Bounds on origin fills: memory, concurrency, per-client caps.
     pub fill: crate::cache::fill_limits::FillConfig,
+    /// Prefill jobs (`POST /prefill`): how many objects at once, and their bandwidth cap.
+    pub prefill: crate::cache::fill_limits::PrefillConfig,
 }
 
 /// `[server]`: the client-facing listener.
@@ -305,6 +307,8 @@ pub struct ValidConfig {
     pub peering: crate::peering::PeeringSettings,
     /// `[fill]`, parsed.
     pub fill: crate::cache::fill_limits::FillSettings,
+    /// `[prefill]`, parsed.
+    pub prefill: crate::cache::fill_limits::PrefillSettings,
     /// `storage.max_object_size` in bytes.
     pub max_object_size_bytes: u64,
     /// `storage.verify_hits`, checked to be within 0.0..=1.0.
@@ -547,6 +551,10 @@ impl Config {
             .fill
             .validate(slice_len)
             .map_err(|(key, message)| invalid(key, message))?;
+        let prefill = self
+            .prefill
+            .validate()
+            .map_err(|(key, message)| invalid(key, message))?;
         let max_object_size_bytes = parse_size(&self.storage.max_object_size)
             .map_err(|message| invalid("storage.max_object_size", message))?;
         if max_object_size_bytes > MAX_OBJECT_SIZE_LIMIT {
@@ -578,6 +586,7 @@ impl Config {
             workers,
             proxy,
             fill,
+            prefill,
             max_object_size_bytes,
             verify_hits,
             access_log,

@@ -79,6 +79,8 @@ pub struct Node {
     pub verify_hits: f64,
     /// The counters' last 24 hours, sampled every `admin.history_interval`.
     pub history: crate::history::History,
+    /// `[prefill]`, for the admin listener's prefill jobs.
+    pub prefill: crate::cache::fill_limits::PrefillSettings,
     /// The access log, when `log.access` is on.
     pub access_log: Option<crate::http::access_log::AccessLog>,
 }

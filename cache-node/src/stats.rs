@@ -203,6 +203,8 @@ pub struct Stats {
     /// Checks that failed when the stored version could not be served stale (`must-revalidate`,
     /// beyond `stale-if-error`), answered `504`.
     pub stale_refusals: Counter,
+    /// Origin body bytes read by prefill jobs' fills (also in `origin_bytes`).
+    pub prefill_bytes: Counter,
     /// Access log lines written.
     pub access_log_lines: Counter,
     /// Access log lines dropped because the writer was behind (a slow disk).
@@ -305,6 +307,8 @@ pub struct StatsSnapshot {
     pub background_revalidations: u64,
     /// Failed checks answered `504` rather than with the stale version.
     pub stale_refusals: u64,
+    /// Origin body bytes read by prefill jobs.
+    pub prefill_bytes: u64,
     /// Access log lines written.
     pub access_log_lines: u64,
     /// Access log lines dropped because the writer was behind.
@@ -440,6 +444,7 @@ impl Stats {
             revalidations: Counter::default(),
             background_revalidations: Counter::default(),
             stale_refusals: Counter::default(),
+            prefill_bytes: Counter::default(),
             access_log_lines: Counter::default(),
             access_log_dropped: Counter::default(),
             status_answers_kept: Counter::default(),
@@ -473,7 +478,7 @@ impl Stats {
             cache_effective_max_bytes: Gauge::default(),
         };
         let stats = &stats_without_registry;
-        let counters: [(&str, &str, &Counter, Option<Unit>); 26] = [
+        let counters: [(&str, &str, &Counter, Option<Unit>); 27] = [
             (
                 "requests",
                 "Client requests received",
@@ -569,6 +574,12 @@ impl Stats {
                 "Failed checks answered 504 rather than with a stale version",
                 &stats.stale_refusals,
                 None,
+            ),
+            (
+                "prefill_bytes",
+                "Origin body bytes read by prefill jobs (also counted in origin_bytes)",
+                &stats.prefill_bytes,
+                Some(Unit::Bytes),
             ),
             (
                 "access_log_lines",
@@ -851,6 +862,7 @@ impl Stats {
             revalidations: self.revalidations.get(),
             background_revalidations: self.background_revalidations.get(),
             stale_refusals: self.stale_refusals.get(),
+            prefill_bytes: self.prefill_bytes.get(),
             access_log_lines: self.access_log_lines.get(),
             access_log_dropped: self.access_log_dropped.get(),
             status_answers_kept: self.status_answers_kept.get(),

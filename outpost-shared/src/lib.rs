@@ -11,12 +11,14 @@
 //! - [`units`]: the size parser (`"10GiB"`) both programs' configs use.
 //! - [`errors`]: formatting an error with its chain of sources on one line.
 //! - [`sync`]: the one policy for poisoned locks.
+//! - [`rate`]: the byte-rate cap (governor) both programs' bandwidth settings use.
 //!
 //! **Invariant:** this crate depends on no HTTP server, no async runtime and no io_uring; the
 //! peer-client links it.
 
 pub mod config_loading;
 pub mod errors;
+pub mod rate;
 pub mod sync;
 pub mod units;
 pub mod wire;

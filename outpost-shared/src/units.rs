@@ -27,9 +27,55 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     number.checked_mul(1 << shift).ok_or_else(not_a_size)
 }
 
+/// Parses a rate cap: bits per second (`"400Mbit"`, `"1Gbit"`, `"512Kbit"`, decimal units as
+/// links are sold) or bytes per second as a size (`"50MiB"`). `"0"` means no cap (`None`).
+pub fn parse_bandwidth(text: &str) -> Result<Option<u64>, String> {
+    let trimmed = text.trim();
+    if trimmed == "0" {
+        return Ok(None);
+    }
+    let not_a_rate = || {
+        format!(
+            "\"{text}\" is not a rate; use e.g. \"400Mbit\" or \"50MiB\" (per second), or \"0\""
+        )
+    };
+    for (unit, bits) in [
+        ("Gbit", 1_000_000_000u64),
+        ("Mbit", 1_000_000),
+        ("Kbit", 1_000),
+        ("bit", 1),
+    ] {
+        if let Some(digits) = trimmed.strip_suffix(unit) {
+            let number: u64 = digits.trim().parse().map_err(|_| not_a_rate())?;
+            let bytes = number.checked_mul(bits).ok_or_else(not_a_rate)? / 8;
+            return if bytes == 0 {
+                Err(not_a_rate())
+            } else {
+                Ok(Some(bytes))
+            };
+        }
+    }
+    match parse_size(trimmed) {
+        Ok(0) | Err(_) => Err(not_a_rate()),
+        Ok(bytes) => Ok(Some(bytes)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_take_bits_or_binary_sizes_per_second() {
+        assert_eq!(parse_bandwidth("400Mbit"), Ok(Some(50_000_000)));
+        assert_eq!(parse_bandwidth("1Gbit"), Ok(Some(125_000_000)));
+        assert_eq!(parse_bandwidth(" 64 Kbit "), Ok(Some(8_000)));
+        assert_eq!(parse_bandwidth("50MiB"), Ok(Some(50 << 20)));
+        assert_eq!(parse_bandwidth("0"), Ok(None));
+        for bad in ["", "fast", "10 Mbps", "4bit", "0MiB", "-1Mbit"] {
+            assert!(parse_bandwidth(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes_take_binary_units_and_refuse_the_rest() {

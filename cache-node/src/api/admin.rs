@@ -1,5 +1,6 @@
 //! The admin listener: `/health`, `/stats` (JSON), `/metrics` (Prometheus text),
-//! `GET /objects` to inspect one object and `DELETE /objects` to purge it. Reads are open to whoever can reach the listener;
+//! `GET /objects` to inspect one object and `DELETE /objects` to purge it, `/stats/history`,
+//! `/summary`, and prefill jobs (`/prefill`). Reads are open to whoever can reach the listener;
 //! anything that changes state needs `Authorization: Bearer <admin.token>`.
 //!
 //! The token is guarded three ways:
@@ -21,6 +22,7 @@ use hyper::body::Incoming;
 use serde::Serialize;
 
 use crate::api::auth_throttle::{AuthThrottle, AUTH_FAILURE_BURST};
+use crate::api::prefill::{parse_urls, PrefillJobs, MAX_BODY_BYTES};
 use crate::cache::key::CacheKey;
 use crate::history::Sample;
 use crate::http::client_key::ClientKey;
@@ -32,9 +34,14 @@ use crate::upstream::origin::normalise_host;
 pub async fn handle(
     node: Arc<Node>,
     throttle: Arc<AuthThrottle>,
+    prefill: Arc<PrefillJobs>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let path = request.uri().path();
+    let path = request.uri().path().to_owned();
+    if path == "/prefill" || path.starts_with("/prefill/") {
+        return Ok(prefill_request(&node, &throttle, &prefill, &path, request).await);
+    }
+    let path = path.as_str();
     let response = match (request.method(), path) {
         (&Method::GET | &Method::HEAD, "/health") => text_response(StatusCode::OK, "ok"),
         (&Method::GET | &Method::HEAD, "/stats") => {
@@ -93,6 +100,84 @@ pub async fn handle(
         ),
     };
     Ok(response)
+}
+
+/// `/prefill` and `/prefill/<id>`: submit (`POST`, token), list or show (`GET`), cancel
+/// (`DELETE`, token).
+async fn prefill_request(
+    node: &Arc<Node>,
+    throttle: &AuthThrottle,
+    prefill: &Arc<PrefillJobs>,
+    path: &str,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let id = path.strip_prefix("/prefill/").map(str::parse::<u64>);
+    match (request.method().clone(), id) {
+        (Method::GET | Method::HEAD, None) => json(&serde_json::json!({ "jobs": prefill.list() })),
+        (Method::GET | Method::HEAD, Some(Ok(id))) => match prefill.get(id) {
+            Some(job) => json(&job),
+            None => text_response(StatusCode::NOT_FOUND, format!("no prefill job {id}")),
+        },
+        (Method::POST, None) => {
+            if let Err(refusal) = authorise(node, throttle, &request) {
+                return refusal.response();
+            }
+            let json_body = request
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|value| value.to_str().ok())
+                .is_some_and(|value| value.starts_with("application/json"));
+            let limited = http_body_util::Limited::new(request.into_body(), MAX_BODY_BYTES);
+            let body = match tokio::time::timeout(
+                Duration::from_secs(30),
+                http_body_util::BodyExt::collect(limited),
+            )
+            .await
+            {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                _ => {
+                    return text_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "the body must be at most {MAX_BODY_BYTES} bytes, sent within 30 s"
+                        ),
+                    )
+                }
+            };
+            let urls = match parse_urls(&body, json_body) {
+                Ok(urls) => urls,
+                Err(reason) => return text_response(StatusCode::BAD_REQUEST, reason),
+            };
+            match prefill.submit(node, urls) {
+                Ok(job) => {
+                    let mut response = json(&job);
+                    *response.status_mut() = StatusCode::ACCEPTED;
+                    if let Ok(location) = HeaderValue::from_str(&format!("/prefill/{}", job.id)) {
+                        response.headers_mut().insert(header::LOCATION, location);
+                    }
+                    response
+                }
+                Err((status, reason)) => text_response(status, reason),
+            }
+        }
+        (Method::DELETE, Some(Ok(id))) => {
+            if let Err(refusal) = authorise(node, throttle, &request) {
+                return refusal.response();
+            }
+            if prefill.cancel(id) {
+                json(&prefill.get(id))
+            } else {
+                text_response(StatusCode::NOT_FOUND, format!("no prefill job {id}"))
+            }
+        }
+        (_, Some(Err(_))) => {
+            text_response(StatusCode::NOT_FOUND, "a prefill job is /prefill/<number>")
+        }
+        _ => text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use GET or POST /prefill, GET or DELETE /prefill/<id>",
+        ),
+    }
 }
 
 /// A JSON answer.

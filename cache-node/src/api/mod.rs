@@ -4,3 +4,4 @@
 pub mod admin;
 pub mod auth_throttle;
 pub(crate) mod peering;
+pub mod prefill;

@@ -303,7 +303,66 @@ pub struct Requester {
     pub client: Option<IpAddr>,
     /// Fill to the end of what was asked even when nobody reads it.
     pub prefill: bool,
+    /// A bandwidth cap on the fills it starts (a prefill job's).
+    pub pace: Option<Pace>,
     slot: Arc<Mutex<Weak<ClientSlot>>>,
+}
+
+/// `[prefill]`: prefill jobs, as written.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefillConfig {
+    /// Objects filled at once, across all prefill jobs.
+    pub concurrency: usize,
+    /// The origin bandwidth all prefill fills share together: `"100Mbit"`, `"50MiB"` (per
+    /// second), or `"0"` for no cap.
+    pub max_bandwidth: String,
+}
+
+impl Default for PrefillConfig {
+    fn default() -> Self {
+        PrefillConfig {
+            concurrency: 2,
+            max_bandwidth: "100Mbit".to_owned(),
+        }
+    }
+}
+
+/// `[prefill]`, validated.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillSettings {
+    /// Objects filled at once, across all jobs (at least 1).
+    pub concurrency: usize,
+    /// The shared cap in bytes per second; `None` for no cap.
+    pub bytes_per_sec: Option<u64>,
+}
+
+impl PrefillConfig {
+    /// Checks the values; an error names the key.
+    pub fn validate(&self) -> Result<PrefillSettings, (&'static str, String)> {
+        if !(1..=64).contains(&self.concurrency) {
+            return Err((
+                "prefill.concurrency",
+                format!("{} is outside 1..=64", self.concurrency),
+            ));
+        }
+        let bytes_per_sec = outpost_shared::units::parse_bandwidth(&self.max_bandwidth)
+            .map_err(|message| ("prefill.max_bandwidth", message))?;
+        Ok(PrefillSettings {
+            concurrency: self.concurrency,
+            bytes_per_sec,
+        })
+    }
+}
+
+/// A cap on the origin bytes of the fills a request starts, and the counter of those bytes:
+/// prefill jobs (`[prefill] max_bandwidth`, `prefill_bytes`).
+#[derive(Debug, Clone)]
+pub struct Pace {
+    /// The cap; `None` counts without capping.
+    pub limiter: Option<Arc<outpost_shared::rate::ByteLimiter>>,
+    /// Counts every origin byte the fills read.
+    pub bytes: prometheus_client::metrics::counter::Counter,
 }
 
 impl Requester {
@@ -320,6 +379,15 @@ impl Requester {
         Requester {
             client,
             prefill: true,
+            ..Requester::default()
+        }
+    }
+
+    /// A prefill job's: its fills go to the end and read the origin at `pace`.
+    pub fn paced_prefill(pace: Pace) -> Requester {
+        Requester {
+            prefill: true,
+            pace: Some(pace),
             ..Requester::default()
         }
     }

@@ -12,8 +12,8 @@ use tokio::sync::oneshot;
 
 use crate::cache::discovery::DiscoveryWaiter;
 pub use crate::cache::discovery::{DiscoverError, DiscoveryOutcome};
-use crate::cache::fill_limits::ClientSlot;
 pub use crate::cache::fill_limits::Requester;
+use crate::cache::fill_limits::{ClientSlot, Pace};
 use crate::cache::freshness::{self, Freshness, NotStorable, StaleDirectives};
 use crate::cache::header_section;
 pub use crate::cache::index::Demand;
@@ -26,6 +26,7 @@ use crate::error::OriginError;
 use crate::http::range::{parse_content_range, ContentRange};
 use crate::node::Node;
 use crate::upstream::router::Route;
+use outpost_shared::rate::ByteMeter;
 
 /// The slices a discovery should fetch: `first..=last`, or `first..` to the end when `last` is
 /// `None`.
@@ -50,7 +51,7 @@ pub async fn lookup_or_discover(
     let key = route.cache_key();
     let mut client_slot: Option<Arc<ClientSlot>> = None;
     let (waiter, own_demand) = loop {
-        match look_up_or_start(node, route, &key, span, &mut client_slot) {
+        match look_up_or_start(node, route, &key, span, &mut client_slot, requester) {
             Lookup::Found(entry) => return Ok((entry, Demand::default())),
             Lookup::NotStorable(reason) => return Err(DiscoverError::NotStorable(reason)),
             Lookup::Answered(answer) => return Err(DiscoverError::Answered { answer, kept: true }),
@@ -134,6 +135,7 @@ pub(super) fn look_up_or_start(
     key: &CacheKey,
     span: SliceSpan,
     client_slot: &mut Option<Arc<ClientSlot>>,
+    requester: &Requester,
 ) -> Lookup {
     let mut discoveries = node.discoveries.lock();
     if let Some(entry) = node.index.get(key) {
@@ -156,10 +158,11 @@ pub(super) fn look_up_or_start(
     let node = node.clone();
     let route = route.clone();
     let key = key.clone();
+    let pace = requester.pace.clone();
     tokio::spawn(async move {
         // The entry is in the index before the permit is finished, so a new request always
         // finds one or the other; if this task dies first, the permit frees the key itself.
-        let outcome = discover(&node, &route, &key, span, slot, demand_sender).await;
+        let outcome = discover(&node, &route, &key, span, slot, demand_sender, pace).await;
         permit.finish(outcome);
     });
     Lookup::Waiting(waiter, Some(demand_receiver))
@@ -415,6 +418,7 @@ pub(super) async fn discover(
     span: SliceSpan,
     client_slot: Arc<ClientSlot>,
     demand_sender: oneshot::Sender<Demand>,
+    pace: Option<Pace>,
 ) -> DiscoveryOutcome {
     let fill_slot = node.fill_limits.start_fill(Some(client_slot)).await;
     let first_byte = span.first * node.slice_len;
@@ -481,7 +485,10 @@ pub(super) async fn discover(
     let entry = Arc::new(ObjectEntry::new(meta));
     let (run, demand) = {
         let mut table = entry.table();
-        let run = Run::claim(&mut table, &entry.meta, origin.body_start, origin.body_end);
+        let mut run = Run::claim(&mut table, &entry.meta, origin.body_start, origin.body_end);
+        if let Some(run) = &mut run {
+            run.pace = pace.map(|pace| (pace, ByteMeter::default()));
+        }
         let mut demand = Demand::default();
         if let Some(run) = &run {
             demand.register(&entry, &mut table, run.first, run.last, false);

@@ -5,7 +5,7 @@ use super::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub use crate::cache::fill_limits::{FillRefused, Requester};
+pub use crate::cache::fill_limits::{FillRefused, Pace, Requester};
 pub use crate::cache::index::Demand;
 use crate::cache::index::{ObjectEntry, SliceTable};
 pub use crate::cache::slice_buffer::SliceBuffer;
@@ -13,6 +13,7 @@ use crate::cache::store::ObjectMeta;
 use crate::error::OriginError;
 use crate::node::Node;
 use crate::upstream::router::Route;
+use outpost_shared::rate::ByteMeter;
 
 /// How many slices a fill claims (gives a [`SliceBuffer`]) ahead of the byte it is reading.
 /// The rest of its run is only reserved, as one range, so what a fill holds follows what is
@@ -28,6 +29,9 @@ pub(super) struct Run {
     pub(super) last: u64,
     /// The claimed slices not finished yet.
     pub(super) owned: BTreeMap<u64, Arc<SliceBuffer>>,
+    /// The bandwidth cap of the request that started it (a prefill job), with this run's
+    /// carry below one cell.
+    pub(super) pace: Option<(Pace, ByteMeter)>,
 }
 
 impl Run {
@@ -51,6 +55,7 @@ impl Run {
             first,
             last,
             owned: BTreeMap::new(),
+            pace: None,
         };
         run.claim_ahead(table, meta, first);
         Some(run)
@@ -199,7 +204,11 @@ pub async fn ensure_filling(
         plan_reserved(&mut table, &entry.meta, first);
         demand.register(entry, &mut table, first, last, requester.prefill);
     }
-    for run in fills {
+    for mut run in fills {
+        run.pace = requester
+            .pace
+            .clone()
+            .map(|pace| (pace, ByteMeter::default()));
         let node = node.clone();
         let route = route.clone();
         let entry = entry.clone();

@@ -168,6 +168,12 @@ pub(super) async fn stream_into_slices(
             continue;
         };
         node.stats.origin_bytes.inc_by(data.len() as u64);
+        if let Some((pace, meter)) = &mut run.pace {
+            pace.bytes.inc_by(data.len() as u64);
+            if let Some(limiter) = &pace.limiter {
+                meter.charge(limiter, data.len() as u64).await;
+            }
+        }
         while !data.is_empty() && offset < stop_at {
             let index = offset / slice_len;
             if offset == index * slice_len {

@@ -168,6 +168,7 @@ pub async fn run_node(
     let admin_node = node.clone();
     // Failed admin-token attempts per client address, for throttling them.
     let admin_throttle = Arc::new(AuthThrottle::default());
+    let prefill_jobs = Arc::new(crate::api::prefill::PrefillJobs::new(&node));
     // The admin listener's own caps, and counters that stay out of the client listener's.
     let admin_connections =
         ConnectionTable::new(node.connection_limits.admin(), EdgeCounters::default());
@@ -179,13 +180,15 @@ pub async fn run_node(
             let state = admitted.state().clone();
             let node = admin_node.clone();
             let throttle = admin_throttle.clone();
+            let prefill = prefill_jobs.clone();
             let service = service_fn(move |mut request: Request<Incoming>| {
                 let in_flight = state.start_request();
                 request.extensions_mut().insert(ClientAddr(peer));
                 let node = node.clone();
                 let throttle = throttle.clone();
+                let prefill = prefill.clone();
                 async move {
-                    let response = admin::handle(node, throttle, request).await?;
+                    let response = admin::handle(node, throttle, prefill, request).await?;
                     Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
                 }
             });

@@ -134,6 +134,7 @@ impl Node {
             max_object_size: config.max_object_size_bytes,
             verify_hits: config.verify_hits,
             access_log,
+            prefill: config.prefill,
             history: crate::history::History::new(config.raw.admin.history_interval),
         }))
     }

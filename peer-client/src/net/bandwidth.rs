@@ -10,55 +10,19 @@
 //! governor counts cells of [`CELL_BYTES`]; each connection carries its remainder below one cell
 //! to its next chunk, so rounding never makes the cap stricter or looser than asked.
 
-use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use outpost_shared::rate::{ByteLimiter, ByteMeter};
 use tokio::time::Instant;
 
-use crate::config::{BandwidthLimit, MIN_BYTES_PER_SEC};
+use crate::config::BandwidthLimit;
 
 /// Bytes per governor cell: the smallest absolute cap [`BandwidthLimit`] accepts.
-pub const CELL_BYTES: u64 = MIN_BYTES_PER_SEC;
+pub const CELL_BYTES: u64 = outpost_shared::rate::CELL_BYTES;
 
 /// How long a download with a percentage cap runs unthrottled to measure its rate.
 pub const PERCENT_PROBE_WINDOW: Duration = Duration::from_secs(2);
-
-/// A rate limiter for bytes.
-#[derive(Debug)]
-struct ByteLimiter {
-    limiter: DefaultDirectRateLimiter,
-    burst_cells: u32,
-    bytes_per_sec: u64,
-}
-
-impl ByteLimiter {
-    fn new(bytes_per_sec: u64) -> ByteLimiter {
-        let cells_per_sec = (bytes_per_sec / CELL_BYTES).clamp(1, u32::MAX as u64) as u32;
-        // A burst of a twentieth of a second keeps the measured rate close to the cap over short
-        // downloads, and is still larger than one network read at any useful rate.
-        let burst_cells = (cells_per_sec / 20).max(16);
-        let quota =
-            Quota::per_second(NonZeroU32::new(cells_per_sec).expect("clamped to at least 1"))
-                .allow_burst(NonZeroU32::new(burst_cells).expect("at least 16"));
-        ByteLimiter {
-            limiter: RateLimiter::direct(quota),
-            burst_cells,
-            bytes_per_sec,
-        }
-    }
-
-    async fn take(&self, mut cells: u64) {
-        while cells > 0 {
-            let batch = cells.min(self.burst_cells as u64) as u32;
-            let batch = NonZeroU32::new(batch).expect("batch is positive");
-            // The batch never exceeds the burst, so the limiter can always grant it.
-            let _ = self.limiter.until_n_ready(batch).await;
-            cells -= batch.get() as u64;
-        }
-    }
-}
 
 /// The cap shared by all connections of a [`crate::Downloader`].
 #[derive(Debug, Clone)]
@@ -93,10 +57,7 @@ impl Bandwidth {
     /// The cap in force, in bytes per second: `None` without a cap, or while a percentage cap
     /// waits for its measurement.
     pub fn cap_bytes_per_sec(&self) -> Option<u64> {
-        self.shared
-            .limiter
-            .get()
-            .map(|limiter| limiter.bytes_per_sec)
+        self.shared.limiter.get().map(ByteLimiter::bytes_per_sec)
     }
 
     /// True while a percentage cap still waits for its measurement.
@@ -124,7 +85,7 @@ impl Bandwidth {
     pub fn meter(&self) -> BandwidthMeter {
         BandwidthMeter {
             bandwidth: self.clone(),
-            owed_bytes: 0,
+            owed: ByteMeter::default(),
         }
     }
 }
@@ -133,7 +94,7 @@ impl Bandwidth {
 #[derive(Debug)]
 pub struct BandwidthMeter {
     bandwidth: Bandwidth,
-    owed_bytes: u64,
+    owed: ByteMeter,
 }
 
 impl BandwidthMeter {
@@ -142,10 +103,7 @@ impl BandwidthMeter {
         let Some(limiter) = self.bandwidth.shared.limiter.get() else {
             return;
         };
-        self.owed_bytes += bytes;
-        let cells = self.owed_bytes / CELL_BYTES;
-        self.owed_bytes %= CELL_BYTES;
-        limiter.take(cells).await;
+        self.owed.charge(limiter, bytes).await;
     }
 }
 
@@ -214,9 +172,8 @@ mod tests {
         bandwidth.set_measured_rate(400 << 20);
         assert!(!bandwidth.wants_measurement());
         bandwidth.set_measured_rate(4 << 20);
-        let limiter = bandwidth.shared.limiter.get().unwrap();
-        // 100 MiB/s is 102400 cells per second; the burst is a twentieth of that.
-        assert_eq!(limiter.burst_cells, 102_400 / 20);
+        // 25 % of the first measurement (400 MiB/s), not of the second.
+        assert_eq!(bandwidth.cap_bytes_per_sec(), Some(100 << 20));
     }
 
     #[tokio::test]
