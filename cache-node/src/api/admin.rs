@@ -1,6 +1,7 @@
-//! The admin listener: `/health`, `/stats` (JSON), `/metrics` (Prometheus text),
-//! `GET /objects` to inspect one object and `DELETE /objects` to purge it, `/stats/history`,
-//! `/summary`, and prefill jobs (`/prefill`). Reads are open to whoever can reach the listener;
+//! The admin listener: the dashboard page (`/`, from `api::dashboard`), `/health`, `/stats`
+//! (JSON), `/metrics` (Prometheus text), `GET /objects` to inspect one object and
+//! `DELETE /objects` to purge it, `/stats/history`, `/summary`, and prefill jobs (`/prefill`).
+//! Reads are open to whoever can reach the listener;
 //! anything that changes state needs `Authorization: Bearer <admin.token>`.
 //!
 //! The token is guarded three ways:
@@ -22,6 +23,7 @@ use hyper::body::Incoming;
 use serde::Serialize;
 
 use crate::api::auth_throttle::{AuthThrottle, AUTH_FAILURE_BURST};
+use crate::api::dashboard;
 use crate::api::prefill::{parse_urls, PrefillJobs, MAX_BODY_BYTES};
 use crate::cache::key::CacheKey;
 use crate::history::Sample;
@@ -43,6 +45,7 @@ pub async fn handle(
     }
     let path = path.as_str();
     let response = match (request.method(), path) {
+        (&Method::GET | &Method::HEAD, "/" | "/dashboard") => dashboard::page_response(),
         (&Method::GET | &Method::HEAD, "/health") => text_response(StatusCode::OK, "ok"),
         (&Method::GET | &Method::HEAD, "/stats") => {
             let snapshot = node.stats_snapshot();
@@ -91,12 +94,16 @@ pub async fn handle(
             Ok(()) => purge(&node, request.uri().query().unwrap_or("")),
             Err(refusal) => refusal.response(),
         },
-        (_, "/health" | "/stats" | "/stats/history" | "/summary" | "/metrics" | "/objects") => {
+        (
+            _,
+            "/" | "/dashboard" | "/health" | "/stats" | "/stats/history" | "/summary" | "/metrics"
+            | "/objects",
+        ) => {
             text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         }
         _ => text_response(
             StatusCode::NOT_FOUND,
-            "unknown admin path; try /health, /stats, /stats/history, /summary, /metrics or /objects?origin=<host>&path=<path>",
+            "unknown admin path; try / (the dashboard), /health, /stats, /stats/history, /summary, /metrics or /objects?origin=<host>&path=<path>",
         ),
     };
     Ok(response)
