@@ -11,7 +11,9 @@
 //! - Foundation: [`error`] (typed errors that say where a failure came from) and `stats`
 //!   (the counters behind `/stats` and `/metrics`).
 //! - `http`: Range and conditional parsing, `sendfile`, the per-client key, connection limits.
-//!   [`disk`]: the [`disk::Storage`] trait and its io_uring and portable backends.
+//!   [`disk`]: the [`disk::Storage`] trait and its io_uring and portable backends. [`tls`]: the
+//!   certificate the HTTPS listener presents (checked, reloaded, described) and the tools that
+//!   make keys, CSRs and self-signed certificates.
 //! - [`cache`]: what an object is and where its bytes live: keys, freshness, the on-disk layout
 //!   and its recovery, the index, the read-while-write slice buffers, piece hashes, the
 //!   discovery lock and the fill budget.
@@ -37,4 +39,5 @@ pub mod peering;
 pub(crate) mod serve;
 pub mod server;
 pub(crate) mod stats;
+pub mod tls;
 pub(crate) mod upstream;

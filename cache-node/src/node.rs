@@ -71,6 +71,8 @@ pub struct Node {
     pub max_object_size: u64,
     /// `storage.verify_hits`.
     pub verify_hits: f64,
+    /// The TLS listener's certificate (`[tls]`), reloaded in place; `None` when TLS is off.
+    pub tls: Option<Arc<crate::tls::serving::ServingCertificate>>,
 }
 
 impl std::fmt::Debug for Node {

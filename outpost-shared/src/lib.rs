@@ -11,6 +11,7 @@
 //! - [`units`]: the size parser (`"10GiB"`) both programs' configs use.
 //! - [`errors`]: formatting an error with its chain of sources on one line.
 //! - [`sync`]: the one policy for poisoned locks.
+//! - [`tls_roots`]: the CA file both programs' configs name, and the client trust built from it.
 //!
 //! **Invariant:** this crate depends on no HTTP server, no async runtime and no io_uring; the
 //! peer-client links it.
@@ -18,5 +19,6 @@
 pub mod config_loading;
 pub mod errors;
 pub mod sync;
+pub mod tls_roots;
 pub mod units;
 pub mod wire;

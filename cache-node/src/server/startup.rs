@@ -15,6 +15,7 @@ use crate::node::{Node, UNCACHEABLE_KEYS, UNREACHABLE_ORIGIN_BACKOFF};
 use crate::peering::Peering;
 use crate::server::connections::client_limits;
 use crate::stats::Stats;
+use crate::tls::serving::ServingCertificate;
 use crate::upstream::origin::UpstreamClient;
 
 impl Node {
@@ -86,6 +87,7 @@ impl Node {
                 &config.raw.upstream,
                 config.proxy.clone(),
                 config.allowlist.address_policy(),
+                &config.upstream_roots,
                 stats.origin_requests.clone(),
             ),
             index,
@@ -113,6 +115,13 @@ impl Node {
             connection_limits: client_limits(&config.raw.server),
             max_object_size: config.max_object_size_bytes,
             verify_hits: config.verify_hits,
+            tls: config.tls.as_ref().map(|tls| {
+                Arc::new(ServingCertificate::new(
+                    &tls.cert,
+                    &tls.key,
+                    tls.pair.clone(),
+                ))
+            }),
         }))
     }
 }
