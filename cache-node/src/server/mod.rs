@@ -25,6 +25,7 @@
 
 pub mod connections;
 pub(crate) mod dispatch;
+mod primed_body;
 pub(crate) mod startup;
 mod tls_watch;
 
@@ -53,6 +54,7 @@ use crate::http::sendfile::{SpanQueue, ZeroCopyStream};
 use crate::node::Node;
 use crate::serve::{text_response, ResponseBody};
 use crate::server::connections::{ConnectionGuard, ConnectionTable, TrackedBody, WatchedIo};
+use crate::server::primed_body::PrimedBody;
 use crate::stats::EdgeCounters;
 use crate::upstream::router;
 
@@ -459,6 +461,9 @@ impl Worker {
     }
 }
 
+/// What the client listeners answer: the handler's response, held in flight until written.
+type ClientResponse = Response<TrackedBody<PrimedBody<ResponseBody>>>;
+
 /// What a worker needs to serve an accepted client connection, plain or TLS.
 struct ServedConnections<'a> {
     node: &'a Arc<Node>,
@@ -527,7 +532,8 @@ impl ServedConnections<'_> {
         });
     }
 
-    /// The request handler of one connection.
+    /// The request handler of one connection. Over TLS each response's head waits for its
+    /// first body bytes (see [`primed_body`]), so they share a TLS record.
     fn service(
         &self,
         peer: SocketAddr,
@@ -536,11 +542,9 @@ impl ServedConnections<'_> {
         scheme: ClientScheme,
     ) -> impl hyper::service::Service<
         Request<Incoming>,
-        Response = Response<TrackedBody<ResponseBody>>,
+        Response = ClientResponse,
         Error = Infallible,
-        Future = impl Future<Output = Result<Response<TrackedBody<ResponseBody>>, Infallible>>
-                     + Send
-                     + 'static,
+        Future = impl Future<Output = Result<ClientResponse, Infallible>> + Send + 'static,
     > + Clone
            + Send
            + 'static {
@@ -557,6 +561,10 @@ impl ServedConnections<'_> {
                 let response = match refuse_malformed(&node, &request) {
                     Some(refusal) => refusal,
                     None => dispatch::client_request(node, request, spans).await?,
+                };
+                let response = match scheme {
+                    ClientScheme::Https => primed_body::prime(response).await,
+                    ClientScheme::Http => response.map(PrimedBody::unprimed),
                 };
                 Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
             }
