@@ -3,7 +3,10 @@
 //!
 //! - (a) random 1 MiB-aligned 1 MiB ranges of a 1 GiB object, 32 connections, in GB/s;
 //! - (b) whole-object hits of a 4 KiB object, 64 connections, in requests/s;
-//! - (c) (a) again with `storage.io_backend = "portable"`.
+//! - (c) (a) again with `storage.io_backend = "portable"`;
+//! - (d) (a) and (b) over HTTPS (the `[tls]` listener, TLS 1.3, the suite OpenSSL's client and
+//!   rustls agree on) against nginx serving the same files from disk over TLS 1.3 pinned to that
+//!   suite, and as a fraction of the same node's plain-HTTP figures, in alternating rounds.
 //!
 //! Run with `cargo bench -p cache-node --bench hit_path`. As root it installs wrk, nginx and curl
 //! from Debian's packages when they are missing; otherwise it says what to install.
@@ -143,9 +146,35 @@ fn start_profiler(pid: u32, name: &str, seconds: u64) -> Option<std::process::Ch
         .ok()
 }
 
+/// The run with the median throughput of `runs`.
+fn median(mut runs: Vec<Load>) -> Load {
+    runs.sort_by(|a, b| a.bytes_per_second.total_cmp(&b.bytes_per_second));
+    runs[runs.len() / 2]
+}
+
+/// The TLS 1.3 cipher suite a server on `port` negotiates with OpenSSL's default client
+/// settings (what wrk uses), from `openssl s_client`.
+fn negotiated(port: u16) -> String {
+    let output = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-tls1_3",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find_map(|line| line.split_once("Cipher is ").map(|(_, suite)| suite.trim()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no cipher suite in openssl s_client's output:\n{text}"))
+}
+
 fn main() {
     let under_cargo_test = !std::env::args().any(|argument| argument == "--bench");
-    let missing: Vec<&str> = ["wrk", "nginx", "curl"]
+    let missing: Vec<&str> = ["wrk", "nginx", "curl", "openssl"]
         .into_iter()
         .filter(|name| !lancache_nginx::tool_available(name))
         .collect();
@@ -157,7 +186,7 @@ fn main() {
             .args(&missing)
             .status();
     }
-    for name in ["wrk", "nginx", "curl"] {
+    for name in ["wrk", "nginx", "curl", "openssl"] {
         if !lancache_nginx::tool_available(name) {
             eprintln!("{name} is not installed (apt-get install wrk nginx curl); skipping the hit-path benchmark");
             return;
@@ -180,6 +209,14 @@ fn main() {
     let script = random_range_script(work.path(), big_mib);
     let binary = Path::new(env!("CARGO_BIN_EXE_cache-node"));
 
+    // A self-signed pair for both TLS servers.
+    let tls_files = tempfile::tempdir().unwrap();
+    let (tls_cert, tls_key) = (
+        tls_files.path().join("node.crt"),
+        tls_files.path().join("node.key"),
+    );
+    cache_node::tls::issue::write_self_signed(&["127.0.0.1".to_owned()], 30, &tls_cert, &tls_key)
+        .unwrap();
     let mut node_results = Vec::new();
     for backend in ["auto", "portable"] {
         let storage = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -248,6 +285,63 @@ fn main() {
     let plain_small_load = run_wrk(&plain_small, 64, seconds, None);
     drop(plain);
 
+    // HTTPS: a node with [tls] (the default backend) and nginx over TLS 1.3 with the suite the
+    // node negotiates, serving the same files; measured in alternating rounds (node TLS, nginx
+    // TLS, node plain HTTP), so a machine whose load changes during the run weighs on all three
+    // alike, and each figure is the median of its rounds.
+    let storage = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let node_work = tempfile::tempdir().unwrap();
+    let mut config = test_config(storage.path(), &origin.base_url(), 1024 * 1024, "20GiB");
+    let node_tls_port = common::free_port();
+    config.tls.listen = format!("127.0.0.1:{node_tls_port}");
+    config.tls.cert = tls_cert.clone();
+    config.tls.key = tls_key.clone();
+    let mut node = NodeProcess::spawn(binary, node_work.path(), config);
+    runtime.block_on(node.wait_healthy());
+    warm(
+        &mcc_url(node.addr, BIG_PATH),
+        &mcc_url(node.addr, SMALL_PATH),
+    );
+    let node_suite = negotiated(node_tls_port);
+    let tls_prefix = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let nginx_tls_port = common::free_port();
+    let nginx_tls = lancache_nginx::LancacheNginx::start_static_tls(
+        tls_prefix.path(),
+        nginx_tls_port,
+        root.path(),
+        &tls_cert,
+        &tls_key,
+        &node_suite,
+    );
+    let nginx_suite = negotiated(nginx_tls_port);
+    let node_https = |path: &str| {
+        format!(
+            "https://127.0.0.1:{node_tls_port}{path}?cacheHostOrigin={}",
+            common::ORIGIN_HOST
+        )
+    };
+    let nginx_https = |path: &str| format!("https://127.0.0.1:{nginx_tls_port}{path}");
+    let rounds = if under_cargo_test { 1 } else { 3 };
+    let mut https_runs: [Vec<Load>; 6] = Default::default();
+    for _ in 0..rounds {
+        https_runs[0].push(run_wrk(&node_https(BIG_PATH), 32, seconds, Some(&script)));
+        https_runs[1].push(run_wrk(&nginx_https(BIG_PATH), 32, seconds, Some(&script)));
+        https_runs[2].push(run_wrk(
+            &mcc_url(node.addr, BIG_PATH),
+            32,
+            seconds,
+            Some(&script),
+        ));
+        https_runs[3].push(run_wrk(&node_https(SMALL_PATH), 64, seconds, None));
+        https_runs[4].push(run_wrk(&nginx_https(SMALL_PATH), 64, seconds, None));
+        https_runs[5].push(run_wrk(&mcc_url(node.addr, SMALL_PATH), 64, seconds, None));
+    }
+    let tls_stats = runtime.block_on(common::admin_stats(node.admin_addr));
+    node.kill_9();
+    drop(nginx_tls);
+    let [node_tls_ranges, nginx_tls_ranges, node_plain_ranges, node_tls_small, nginx_tls_small, node_plain_small] =
+        https_runs.map(median);
+
     let gb = |load: &Load| load.bytes_per_second / 1e9;
     println!(
         "\nhit path, {} cores, wrk -t2, {seconds} s per run, object {big_mib} MiB",
@@ -289,6 +383,45 @@ fn main() {
             );
         }
     }
+    println!(
+        "\nHTTPS hits: TLS 1.3, cache-node {node_suite}, nginx {nginx_suite}; nginx serves the files from disk; median of {rounds} alternating rounds"
+    );
+    println!(
+        "{:<46} {:>14} {:>14} {:>8} {:>16} {:>9} {:>7}",
+        "run", "cache-node TLS", "nginx TLS", "ratio", "node plain HTTP", "TLS/plain", "errors"
+    );
+    for (name, ours, theirs, plain, unit, errors) in [
+        (
+            "(d) random 1 MiB ranges, 32 conns, https",
+            gb(&node_tls_ranges),
+            gb(&nginx_tls_ranges),
+            gb(&node_plain_ranges),
+            "GB/s",
+            node_tls_ranges.errors + nginx_tls_ranges.errors,
+        ),
+        (
+            "    4 KiB hits, 64 conns, https",
+            node_tls_small.requests_per_second,
+            nginx_tls_small.requests_per_second,
+            node_plain_small.requests_per_second,
+            "req/s",
+            node_tls_small.errors + nginx_tls_small.errors,
+        ),
+    ] {
+        println!(
+            "{name:<46} {:>14} {:>14} {:>8.2} {:>16} {:>9.2} {errors:>7}",
+            format!("{ours:.2} {unit}"),
+            format!("{theirs:.2} {unit}"),
+            ours / theirs,
+            format!("{plain:.2} {unit}"),
+            ours / plain
+        );
+    }
+    assert_eq!(
+        tls_stats["origin_bytes"].as_u64().unwrap(),
+        big_mib * 1024 * 1024 + 4096,
+        "the HTTPS runs were all hits too"
+    );
     let origin_bytes = node_results[0].3;
     assert_eq!(
         origin_bytes,

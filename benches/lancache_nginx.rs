@@ -105,6 +105,36 @@ impl LancacheNginx {
         Self::start_with(prefix, port, server)
     }
 
+    /// Starts nginx serving files under `root` over TLS 1.3 only, with `cert`/`key` and the one
+    /// cipher suite `cipher_suite` (an OpenSSL name such as `TLS_AES_256_GCM_SHA384`), so it
+    /// negotiates what the node negotiates.
+    #[allow(dead_code)] // only the hit-path benchmark serves TLS
+    pub fn start_static_tls(
+        prefix: &Path,
+        port: u16,
+        root: &Path,
+        cert: &Path,
+        key: &Path,
+        cipher_suite: &str,
+    ) -> LancacheNginx {
+        let server = format!(
+            r#"    server {{
+        listen 127.0.0.1:{port} ssl reuseport;
+        keepalive_requests 1000000;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.3;
+        ssl_conf_command Ciphersuites {cipher_suite};
+        location / {{ root {root}; }}
+    }}
+"#,
+            root = root.display(),
+            cert = cert.display(),
+            key = key.display(),
+        );
+        Self::start_with(prefix, port, server)
+    }
+
     /// The master's process id and its workers', for resource sampling.
     #[allow(dead_code)] // only the abuse benchmark samples nginx
     pub fn process_ids(&self) -> Vec<u32> {

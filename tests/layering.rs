@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 /// cache-node's layers, bottom to top: top-level modules of `cache-node/src`.
 const CACHE_NODE_LAYERS: &[(&str, &[&str])] = &[
     ("foundation", &["error", "stats", "history"]),
-    ("http and disk", &["http", "disk"]),
+    ("http, disk and tls", &["http", "disk", "tls"]),
     ("cache", &["cache"]),
     ("upstream", &["upstream"]),
     ("peering", &["peering"]),

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::freshness::FreshnessPolicy;
 use crate::upstream::address_policy;
-use crate::upstream::origin::{AllowedOrigin, Allowlist, HostPattern, OriginTarget};
+use crate::upstream::origin::{
+    AllowedOrigin, Allowlist, HostPattern, OriginTarget, UpstreamScheme,
+};
 
 pub use crate::upstream::settings::{ContentSetConfig, OriginConfig, UpstreamConfig};
 
@@ -48,6 +50,77 @@ pub struct Config {
     pub fill: crate::cache::fill_limits::FillConfig,
     /// Prefill jobs (`POST /prefill`): how many objects at once, and their bandwidth cap.
     pub prefill: crate::cache::fill_limits::PrefillConfig,
+    /// The client-facing HTTPS listener and its certificate; off while `tls.listen` is empty.
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`: the client-facing HTTPS listener, beside the plain one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address of the HTTPS listener, e.g. `"0.0.0.0:443"`. Empty (the default) turns TLS off.
+    /// It runs on the same worker threads as `server.listen`, with the same connection caps and
+    /// timeouts (the TLS handshake counts against `server.header_read_timeout`).
+    pub listen: String,
+    /// PEM file with the certificate, then any intermediate CA certificates. Reloaded when it
+    /// changes (checked every 2 s) or on `SIGHUP`.
+    pub cert: PathBuf,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 RSA or SEC1 EC), readable
+    /// only by the node. Reloaded with `cert`.
+    pub key: PathBuf,
+}
+
+/// `[tls]`, validated: the address parsed and the pair read and checked.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// `tls.listen`.
+    pub listen: SocketAddr,
+    /// `tls.cert`.
+    pub cert: PathBuf,
+    /// `tls.key`.
+    pub key: PathBuf,
+    /// The pair the files held at validation.
+    pub pair: crate::tls::pair::LoadedPair,
+}
+
+impl TlsConfig {
+    /// `None` when TLS is off; else the listener's address and a pair that can serve now.
+    fn validate(&self, server_listen: SocketAddr) -> Result<Option<TlsSettings>, ConfigError> {
+        let listen_text = self.listen.trim();
+        if listen_text.is_empty() {
+            if !self.cert.as_os_str().is_empty() || !self.key.as_os_str().is_empty() {
+                return Err(invalid(
+                    "tls.listen",
+                    "is empty, so TLS is off, but tls.cert or tls.key is set; set it, e.g. \"0.0.0.0:443\", or remove [tls]",
+                ));
+            }
+            return Ok(None);
+        }
+        let listen = parse_listen("tls.listen", listen_text)?;
+        if listen == server_listen && listen.port() != 0 {
+            return Err(invalid(
+                "tls.listen",
+                format!("\"{listen}\" is server.listen's address too; use another port, e.g. 443"),
+            ));
+        }
+        for (key, path) in [("tls.cert", &self.cert), ("tls.key", &self.key)] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(
+                    key,
+                    "is empty; name a PEM file, e.g. made with `cache-node tls request` and signed by your CA",
+                ));
+            }
+        }
+        let pair =
+            crate::tls::pair::LoadedPair::load(&self.cert, &self.key, std::time::SystemTime::now())
+                .map_err(|error| invalid(error.file().config_key(), error.to_string()))?;
+        Ok(Some(TlsSettings {
+            listen,
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            pair,
+        }))
+    }
 }
 
 /// `[server]`: the client-facing listener.
@@ -315,6 +388,10 @@ pub struct ValidConfig {
     pub verify_hits: f64,
     /// `log.access*`, parsed; `None` when the access log is off.
     pub access_log: Option<crate::http::access_log::AccessLogSettings>,
+    /// `[tls]`, checked; `None` when TLS is off.
+    pub tls: Option<TlsSettings>,
+    /// The CA certificates of `upstream.ca_file`.
+    pub upstream_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
 impl Config {
@@ -540,6 +617,15 @@ impl Config {
                     ignore_client_no_cache: origin.ignore_client_no_cache,
                 },
                 ports: origin.ports.clone(),
+                scheme: match &origin.upstream_scheme {
+                    None => UpstreamScheme::Same,
+                    Some(text) => UpstreamScheme::parse(text).ok_or_else(|| {
+                        invalid(
+                            &format!("origin[{index}].upstream_scheme"),
+                            format!("\"{text}\" is not a scheme choice; use \"same\", \"http\" or \"https\""),
+                        )
+                    })?,
+                },
             });
         }
         let allowlist = Allowlist::new(allowed, default_upstream);
@@ -573,7 +659,12 @@ impl Config {
                 format!("{verify_hits} is not a share between 0.0 and 1.0; use e.g. 0.01"),
             ));
         }
+        let tls = self.tls.validate(server_listen)?;
+        let upstream_roots = outpost_shared::tls_roots::read_ca_file(&self.upstream.ca_file)
+            .map_err(|message| invalid("upstream.ca_file", message))?;
         Ok(ValidConfig {
+            tls,
+            upstream_roots,
             allowlist,
             peering,
             raw: self,

@@ -12,7 +12,9 @@
 //!   (the counters behind `/stats` and `/metrics`) and [`history`] (their last 24 hours).
 //! - `http`: Range and conditional parsing, `sendfile`, the per-client key, connection limits,
 //!   the access log.
-//!   [`disk`]: the [`disk::Storage`] trait and its io_uring and portable backends.
+//!   [`disk`]: the [`disk::Storage`] trait and its io_uring and portable backends. [`tls`]: the
+//!   certificate the HTTPS listener presents (checked, reloaded, described) and the tools that
+//!   make keys, CSRs and self-signed certificates.
 //! - [`cache`]: what an object is and where its bytes live: keys, freshness, the on-disk layout
 //!   and its recovery, the index, the read-while-write slice buffers, piece hashes, the
 //!   discovery lock and the fill budget.
@@ -39,4 +41,5 @@ pub mod peering;
 pub(crate) mod serve;
 pub mod server;
 pub(crate) mod stats;
+pub mod tls;
 pub(crate) mod upstream;

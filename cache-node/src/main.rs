@@ -23,10 +23,101 @@ struct Arguments {
     /// it answers 200. For container health checks: the image has no shell and no curl.
     #[arg(long)]
     health_check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Keys, certificate requests and certificates for the TLS listener ([tls]).
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TlsCommand {
+    /// Write a new private key (mode 0600) and a certificate signing request (CSR) to have
+    /// signed by your CA. Install the signed certificate as tls.cert and the key as tls.key.
+    Request {
+        /// A DNS name or IP address clients use to reach the node; repeat for each. The first
+        /// is also the subject's common name.
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        /// Where to write the new private key (PEM, mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// Where to write the CSR (PEM).
+        #[arg(long)]
+        csr: PathBuf,
+    },
+    /// Write a new private key (mode 0600) and a self-signed certificate, for labs and tests.
+    SelfSigned {
+        /// A DNS name or IP address clients use to reach the node; repeat for each.
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        /// Where to write the certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Where to write the private key (PEM, mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Print the subject, SANs, serial and validity of the first certificate of a PEM file, as
+    /// JSON (to check a signed certificate before installing it).
+    Show {
+        /// The PEM file.
+        #[arg(long)]
+        cert: PathBuf,
+    },
+}
+
+fn run_tls_command(command: TlsCommand) -> anyhow::Result<()> {
+    use cache_node::tls::issue;
+    match command {
+        TlsCommand::Request { sans, key, csr } => {
+            issue::write_request(&sans, &key, &csr)?;
+            println!(
+                "wrote the private key to {} (mode 0600) and the certificate request to {}; have your CA sign the request, then set tls.cert to the signed certificate and tls.key to {}",
+                key.display(),
+                csr.display(),
+                key.display()
+            );
+        }
+        TlsCommand::SelfSigned {
+            sans,
+            cert,
+            key,
+            days,
+        } => {
+            issue::write_self_signed(&sans, days, &cert, &key)?;
+            println!(
+                "wrote a self-signed certificate to {} and its private key to {} (mode 0600), valid for {days} days",
+                cert.display(),
+                key.display()
+            );
+        }
+        TlsCommand::Show { cert } => {
+            use rustls_pki_types::pem::PemObject;
+            let bytes =
+                std::fs::read(&cert).with_context(|| format!("cannot read {}", cert.display()))?;
+            let der = rustls_pki_types::CertificateDer::from_pem_slice(&bytes)
+                .with_context(|| format!("{} holds no PEM certificate", cert.display()))?;
+            let info = cache_node::tls::pair::describe(&der)
+                .map_err(|reason| anyhow::anyhow!("{}: {reason}", cert.display()))?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     let arguments = Arguments::parse();
+    if let Some(Command::Tls(command)) = arguments.command {
+        return run_tls_command(command);
+    }
     let config = Config::load(arguments.config.as_deref())?;
     let config = config.validate()?;
     init_logging(&config.raw.log.level, &config.raw.log.format)?;
@@ -57,10 +148,20 @@ fn main() -> anyhow::Result<()> {
     if config.raw.origin.is_empty() && config.raw.server.default_upstream.is_none() {
         tracing::warn!("no [[origin]] is configured: every request will be refused with 403");
     }
-    // The client listeners are bound before the workers start, one per worker on the same port.
-    let client_listeners =
+    // The client listeners are bound before the workers start, one per worker on the same port
+    // (and as many TLS listeners on the TLS port).
+    let plain_listeners =
         cache_node::server::bind_client_listeners(config.server_listen, config.workers)
             .with_context(|| format!("server.listen: cannot bind {}", config.server_listen))?;
+    let tls_listeners = match &config.tls {
+        Some(tls) => cache_node::server::bind_client_listeners(tls.listen, config.workers)
+            .with_context(|| format!("tls.listen: cannot bind {}", tls.listen))?,
+        None => Vec::new(),
+    };
+    let client_listeners = cache_node::server::ClientListeners {
+        plain: plain_listeners,
+        tls: tls_listeners,
+    };
     // This runtime runs start-up (store recovery), the admin listener and signal handling; the
     // client-facing workers run their own.
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -83,6 +83,8 @@ pub struct Node {
     pub prefill: crate::cache::fill_limits::PrefillSettings,
     /// The access log, when `log.access` is on.
     pub access_log: Option<crate::http::access_log::AccessLog>,
+    /// The TLS listener's certificate (`[tls]`), reloaded in place; `None` when TLS is off.
+    pub tls: Option<Arc<crate::tls::serving::ServingCertificate>>,
 }
 
 impl std::fmt::Debug for Node {

@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 
 /// Rewrites an OpenMetrics exposition into the classic Prometheus text format (0.0.4). The
 /// samples are the same lines; a counter's `HELP` and `TYPE` name its samples' `_total` name, and
@@ -265,7 +265,13 @@ pub struct Stats {
     /// `Location`/`Content-Location`) succeeded (RFC 9111 §4.4).
     pub invalidations: Counter,
     cache_effective_max_bytes: Gauge<u64, AtomicU64>,
+    /// Seconds until the TLS listener's certificate expires, labelled `cert="<tls.cert>"`; no
+    /// sample while TLS is off.
+    pub tls_certificate_expiry: TlsExpiryGauge,
 }
+
+/// The gauge of seconds to the TLS certificate's expiry (negative once expired), by file.
+pub type TlsExpiryGauge = Family<Vec<(String, String)>, Gauge<i64, AtomicI64>>;
 
 /// A gauge per cache drive, labelled `drive="<path>"`.
 type DriveGauges = Family<Vec<(String, String)>, Gauge<u64, AtomicU64>>;
@@ -476,6 +482,7 @@ impl Stats {
             relayed_request_bytes: Counter::default(),
             invalidations: Counter::default(),
             cache_effective_max_bytes: Gauge::default(),
+            tls_certificate_expiry: TlsExpiryGauge::default(),
         };
         let stats = &stats_without_registry;
         let counters: [(&str, &str, &Counter, Option<Unit>); 27] = [
@@ -661,6 +668,12 @@ impl Stats {
             stats.cache_max_bytes.clone(),
         );
         registry.register("objects", "Objects in the index", stats.objects.clone());
+        registry.register_with_unit(
+            "tls_certificate_expiry",
+            "Seconds until the TLS listener's certificate expires (negative once it has)",
+            Unit::Seconds,
+            stats.tls_certificate_expiry.clone(),
+        );
         registry.register_with_unit(
             "drive_used",
             "Bytes stored on each cache drive",
@@ -935,6 +948,9 @@ pub struct EdgeCounters {
     pub admin_auth_failures: Counter,
     /// Admin requests refused with 429 because their address failed too often.
     pub admin_auth_throttled: Counter,
+    /// TLS handshakes that failed (untrusted or malformed by the client, wrong protocol); a
+    /// handshake cut by the header timeout counts in `header_timeouts` instead.
+    pub tls_handshake_failures: Counter,
 }
 
 /// [`EdgeCounters`] in the `/stats` document.
@@ -958,6 +974,8 @@ pub struct EdgeSnapshot {
     pub admin_auth_failures: u64,
     /// Admin requests throttled with 429.
     pub admin_auth_throttled: u64,
+    /// TLS handshakes that failed.
+    pub tls_handshake_failures: u64,
 }
 
 impl EdgeCounters {
@@ -967,7 +985,12 @@ impl EdgeCounters {
             "Client connections open now",
             self.connections_open.clone(),
         );
-        let counters: [(&str, &str, &Counter); 8] = [
+        let counters: [(&str, &str, &Counter); 9] = [
+            (
+                "tls_handshake_failures",
+                "TLS handshakes on the client listener that failed",
+                &self.tls_handshake_failures,
+            ),
             (
                 "connections_refused",
                 "Client connections refused because a connection cap was reached",
@@ -1025,6 +1048,7 @@ impl EdgeCounters {
             tracker_evictions: self.tracker_evictions.get(),
             admin_auth_failures: self.admin_auth_failures.get(),
             admin_auth_throttled: self.admin_auth_throttled.get(),
+            tls_handshake_failures: self.tls_handshake_failures.get(),
         }
     }
 }

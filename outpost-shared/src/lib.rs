@@ -12,6 +12,7 @@
 //! - [`errors`]: formatting an error with its chain of sources on one line.
 //! - [`sync`]: the one policy for poisoned locks.
 //! - [`rate`]: the byte-rate cap (governor) both programs' bandwidth settings use.
+//! - [`tls_roots`]: the CA file both programs' configs name, and the client trust built from it.
 //!
 //! **Invariant:** this crate depends on no HTTP server, no async runtime and no io_uring; the
 //! peer-client links it.
@@ -20,5 +21,6 @@ pub mod config_loading;
 pub mod errors;
 pub mod rate;
 pub mod sync;
+pub mod tls_roots;
 pub mod units;
 pub mod wire;

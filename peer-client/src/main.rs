@@ -58,6 +58,10 @@ struct GetArguments {
     /// configured `cache_hosts`.
     #[arg(long = "cache-host", value_delimiter = ',')]
     cache_hosts: Vec<String>,
+    /// A PEM file of CA certificates to trust for `https://` cache hosts besides the system
+    /// roots (the enterprise CA that signed the node's certificate). Overrides `cache.ca_file`.
+    #[arg(long)]
+    ca_file: Option<String>,
     /// The expected SHA-256 of the file (64 hex digits).
     #[arg(long)]
     sha256: Option<String>,
@@ -151,6 +155,9 @@ fn run_get(mut config: Config, get: GetArguments) -> anyhow::Result<ExitCode> {
     if let Some(mode) = get.download_mode {
         config.download_mode = mode;
     }
+    if let Some(ca_file) = &get.ca_file {
+        config.cache.ca_file = ca_file.clone();
+    }
     if let Some(delay) = get.delay_cache_fallback_secs {
         config.delay_cache_fallback_secs = delay;
     }
@@ -171,6 +178,7 @@ fn run_get(mut config: Config, get: GetArguments) -> anyhow::Result<ExitCode> {
         // The daemon downloads with its own configuration, so flags that change how to
         // download mean this process does it.
         let overridden = !get.cache_hosts.is_empty()
+            || get.ca_file.is_some()
             || get.download_mode.is_some()
             || get.delay_cache_fallback_secs.is_some()
             || get.max_download_bandwidth.is_some();

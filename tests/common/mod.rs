@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -125,6 +127,8 @@ pub fn with_headers(headers: &[(&'static str, &str)]) -> outpost_testkit::Behavi
 /// A node running inside the test process.
 pub struct TestNode {
     pub addr: SocketAddr,
+    /// The TLS listener's address, when the config has `[tls]`.
+    pub tls_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub node: Arc<Node>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -158,6 +162,19 @@ impl TestNode {
     ) -> TestNode {
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = client_listeners[0].local_addr().unwrap();
+        let tls_listeners = match &valid.tls {
+            Some(_) => cache_node::server::bind_client_listeners(
+                "127.0.0.1:0".parse().unwrap(),
+                valid.workers,
+            )
+            .unwrap(),
+            None => Vec::new(),
+        };
+        let tls_addr = tls_listeners.first().map(|l| l.local_addr().unwrap());
+        let client_listeners = cache_node::server::ClientListeners {
+            plain: client_listeners,
+            tls: tls_listeners,
+        };
         let admin_addr = admin_listener.local_addr().unwrap();
         let (shutdown_sender, shutdown_receiver) = oneshot::channel::<()>();
         let task = tokio::spawn(cache_node::server::run_node(
@@ -171,6 +188,7 @@ impl TestNode {
         ));
         TestNode {
             addr,
+            tls_addr,
             admin_addr,
             node,
             shutdown: Some(shutdown_sender),

@@ -48,8 +48,14 @@ pub async fn handle(
         (&Method::GET | &Method::HEAD, "/" | "/dashboard") => dashboard::page_response(),
         (&Method::GET | &Method::HEAD, "/health") => text_response(StatusCode::OK, "ok"),
         (&Method::GET | &Method::HEAD, "/stats") => {
-            let snapshot = node.stats_snapshot();
-            let mut body = serde_json::to_vec_pretty(&snapshot).expect("stats serialise");
+            let document = StatsDocument {
+                snapshot: node.stats_snapshot(),
+                tls: node
+                    .tls
+                    .as_ref()
+                    .map(|tls| tls.summary(std::time::SystemTime::now())),
+            };
+            let mut body = serde_json::to_vec_pretty(&document).expect("stats serialise");
             body.push(b'\n');
             typed(body, "application/json")
         }
@@ -199,6 +205,16 @@ fn query_value(query: &str, name: &str) -> Option<String> {
     form_urlencoded::parse(query.as_bytes())
         .find(|(key, _)| key == name)
         .map(|(_, value)| value.into_owned())
+}
+
+/// The `/stats` document: the counters, and the TLS listener's certificate when TLS is on.
+#[derive(Debug, Serialize)]
+struct StatsDocument {
+    #[serde(flatten)]
+    snapshot: crate::stats::StatsSnapshot,
+    /// Subject, SANs, serial, validity and reload counts of the certificate in service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<crate::tls::serving::ServingSummary>,
 }
 
 fn typed(body: Vec<u8>, content_type: &'static str) -> Response<ResponseBody> {
@@ -440,6 +456,13 @@ impl Node {
             self.index.object_count(),
             &drives,
         );
+        if let Some(tls) = &self.tls {
+            let summary = tls.summary(std::time::SystemTime::now());
+            self.stats
+                .tls_certificate_expiry
+                .get_or_create(&vec![("cert".to_owned(), summary.cert_file)])
+                .set(summary.expires_in_seconds);
+        }
         drives
     }
 }

@@ -146,8 +146,14 @@ async fn manifest(
             )
         }
     };
-    // The URL names its origin as a proxy request does, and is routed (and refused) the same way.
-    let route = match router::route(&node.allowlist, &uri, None) {
+    // The URL names its origin as a proxy request does, and is routed (and refused) the same way;
+    // an `https://` URL is fetched as a request over TLS would be.
+    let scheme = if uri.scheme_str() == Some("https") {
+        crate::http::client_key::ClientScheme::Https
+    } else {
+        crate::http::client_key::ClientScheme::Http
+    };
+    let route = match router::route_over(&node.allowlist, &uri, None, scheme) {
         Ok(route) => route,
         Err(error) => return json_error(StatusCode::FORBIDDEN, &error.to_string()),
     };

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::fill_limits::{Pace, Requester};
 use crate::cache::freshness::ClientDirectives;
 use crate::fill::{self, DiscoverError, SliceSpan};
+use crate::http::client_key::ClientScheme;
 use crate::node::Node;
 use crate::upstream::router::{self, Route};
 
@@ -377,6 +378,13 @@ fn route_url(node: &Node, url: &str) -> Result<Route, String> {
     let mcc_form = uri
         .query()
         .is_some_and(|query| query.to_ascii_lowercase().contains("cachehostorigin="));
+    // An https:// URL is fetched from its origin over HTTPS, as a request over the TLS
+    // listener would be.
+    let scheme = if uri.scheme_str() == Some("https") {
+        ClientScheme::Https
+    } else {
+        ClientScheme::Http
+    };
     let routed = if mcc_form {
         let origin_form: Uri = uri
             .path_and_query()
@@ -384,9 +392,9 @@ fn route_url(node: &Node, url: &str) -> Result<Route, String> {
             .unwrap_or("/")
             .parse()
             .map_err(|_| format!("{url:?} is not a URL"))?;
-        router::route_request(&node.allowlist, http::Version::HTTP_11, &origin_form, None)
+        router::route_over(&node.allowlist, &origin_form, None, scheme)
     } else {
-        router::route(&node.allowlist, &uri, None)
+        router::route_over(&node.allowlist, &uri, None, scheme)
     };
     routed.map_err(|error| error.to_string())
 }

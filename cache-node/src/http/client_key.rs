@@ -35,6 +35,17 @@ impl std::fmt::Display for ClientKey {
     }
 }
 
+/// How a client's connection reached the node, put in each request's extensions by the server:
+/// routing fetches an origin named over TLS with HTTPS (unless its `[[origin]]` says otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientScheme {
+    /// Plain HTTP (the client listener, `server.listen`).
+    #[default]
+    Http,
+    /// HTTPS (the TLS listener, `tls.listen`).
+    Https,
+}
+
 /// The TCP source address of a client connection, put in each request's extensions by the
 /// server so the tracker can see who is asking.
 #[derive(Debug, Clone, Copy)]

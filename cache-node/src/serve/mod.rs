@@ -79,6 +79,7 @@ pub async fn handle(
         request.version(),
         request.uri(),
         host_header,
+        client_scheme(&request),
     ) {
         Ok(route) => route,
         Err(error) => {
@@ -124,6 +125,15 @@ pub async fn handle(
         )
     });
     Ok(response)
+}
+
+/// How the request's connection reached the node (the server records it).
+fn client_scheme<B>(request: &Request<B>) -> crate::http::client_key::ClientScheme {
+    request
+        .extensions()
+        .get::<crate::http::client_key::ClientScheme>()
+        .copied()
+        .unwrap_or_default()
 }
 
 /// The `405` for a method the node neither answers nor relays (`CONNECT`, `TRACE` and

@@ -25,7 +25,9 @@
 
 pub mod connections;
 pub(crate) mod dispatch;
+mod primed_body;
 pub(crate) mod startup;
+mod tls_watch;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -48,11 +50,12 @@ use crate::api::auth_throttle::AuthThrottle;
 use crate::config::ValidConfig;
 use crate::error::DiskError;
 use crate::history::Sample;
-use crate::http::client_key::ClientAddr;
+use crate::http::client_key::{ClientAddr, ClientScheme};
 use crate::http::sendfile::{SpanQueue, ZeroCopyStream};
 use crate::node::Node;
 use crate::serve::{text_response, ResponseBody};
 use crate::server::connections::{ConnectionGuard, ConnectionTable, TrackedBody, WatchedIo};
+use crate::server::primed_body::PrimedBody;
 use crate::stats::EdgeCounters;
 use crate::upstream::router;
 
@@ -92,11 +95,31 @@ fn reuse_port_listener(address: SocketAddr) -> std::io::Result<std::net::TcpList
     Ok(socket.into())
 }
 
+/// The client-facing listeners: one plain listener per worker and, with `[tls]`, one TLS
+/// listener per worker beside it (each set sharing its port with `SO_REUSEPORT`). Worker `i`
+/// accepts on `plain[i]` and `tls[i]`.
+#[derive(Debug, Default)]
+pub struct ClientListeners {
+    /// `server.listen`, one per worker.
+    pub plain: Vec<std::net::TcpListener>,
+    /// `tls.listen`, one per worker, or none when TLS is off.
+    pub tls: Vec<std::net::TcpListener>,
+}
+
+impl From<Vec<std::net::TcpListener>> for ClientListeners {
+    fn from(plain: Vec<std::net::TcpListener>) -> ClientListeners {
+        ClientListeners {
+            plain,
+            tls: Vec::new(),
+        }
+    }
+}
+
 /// Runs a node until `shutdown` completes, then waits up to `server.shutdown_grace` for open
 /// connections to finish.
 pub async fn run(
     config: ValidConfig,
-    client_listeners: Vec<std::net::TcpListener>,
+    client_listeners: impl Into<ClientListeners>,
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DiskError> {
@@ -113,14 +136,38 @@ pub async fn run(
 }
 
 /// Runs an already opened node (tests use this to inspect the node while it runs): one worker
-/// thread per client listener, and the admin listener on the calling runtime.
+/// thread per plain client listener (each also accepting on its TLS listener, if any), and the
+/// admin listener on the calling runtime.
 pub async fn run_node(
     node: Arc<Node>,
-    client_listeners: Vec<std::net::TcpListener>,
+    client_listeners: impl Into<ClientListeners>,
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     shutdown_grace: Duration,
 ) {
+    let ClientListeners {
+        plain: client_listeners,
+        tls: tls_listeners,
+    } = client_listeners.into();
+    let tls_acceptor = match (&node.tls, tls_listeners.is_empty()) {
+        (Some(certificate), false) => {
+            tracing::info!(
+                listen = %tls_listeners[0].local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                subject = %certificate.current().info.subject,
+                sans = ?certificate.current().info.sans,
+                serial = %certificate.current().info.serial,
+                not_after = %certificate.current().info.not_after,
+                "TLS listener serving"
+            );
+            Some(tokio_rustls::TlsAcceptor::from(certificate.server_config()))
+        }
+        (None, false) => {
+            tracing::error!("TLS listeners were given to a node without [tls]; not serving them");
+            None
+        }
+        _ => None,
+    };
+    let mut tls_listeners = tls_listeners.into_iter();
     tracing::info!(
         listen = %client_listeners.first().and_then(|listener| listener.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -133,6 +180,13 @@ pub async fn run_node(
         tokio::spawn(log_traffic_summaries(node.clone(), stop.clone()));
     }
     tokio::spawn(sample_history(node.clone(), stop.clone()));
+    if let Some(certificate) = &node.tls {
+        tokio::spawn(tls_watch::watch_certificate(
+            certificate.clone(),
+            node.stats.clone(),
+            stop.clone(),
+        ));
+    }
     let client_connections = ConnectionTable::new(node.connection_limits, node.stats.edge.clone());
     tracing::info!(
         max_connections = node.connection_limits.max_connections,
@@ -144,9 +198,14 @@ pub async fn run_node(
     let mut workers_done = Vec::new();
     for (index, listener) in client_listeners.into_iter().enumerate() {
         let (done, finished) = oneshot::channel::<()>();
+        let tls = match (&tls_acceptor, tls_listeners.next()) {
+            (Some(acceptor), Some(tls_listener)) => Some((tls_listener, acceptor.clone())),
+            _ => None,
+        };
         let worker = Worker {
             node: node.clone(),
             listener,
+            tls,
             connections: client_connections.clone(),
             stop: stop.clone(),
             shutdown_grace,
@@ -313,10 +372,12 @@ fn refuse_malformed(node: &Node, request: &Request<Incoming>) -> Option<Response
     Some(text_response(StatusCode::BAD_REQUEST, refusal.to_string()))
 }
 
-/// One serving thread: its runtime, its listener, and a share of the node.
+/// One serving thread: its runtime, its listeners, and a share of the node.
 struct Worker {
     node: Arc<Node>,
     listener: std::net::TcpListener,
+    /// Its TLS listener and the acceptor of the node's certificate, when TLS is on.
+    tls: Option<(std::net::TcpListener, tokio_rustls::TlsAcceptor)>,
     /// The client listener's table, shared by every worker.
     connections: Arc<ConnectionTable>,
     stop: CancellationToken,
@@ -360,49 +421,46 @@ impl Worker {
                 return;
             }
         };
+        let tls = match self.tls.map(|(tls_listener, acceptor)| {
+            TcpListener::from_std(tls_listener).map(|tls_listener| (tls_listener, acceptor))
+        }) {
+            Some(Err(error)) => {
+                tracing::error!(%error, "cannot register a TLS listener");
+                None
+            }
+            Some(Ok(tls)) => Some(tls),
+            None => None,
+        };
         let graceful = GracefulShutdown::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        // Queue body frames instead of flattening them, so placeholders reach the socket intact.
+        // Queue body frames instead of flattening them, so placeholders reach the socket intact
+        // (and, over TLS, rustls encrypts each frame from the pooled buffer it was read into).
         builder.http1().writev(true);
-        let node = &self.node;
+        let served = ServedConnections {
+            node: &self.node,
+            builder: &builder,
+            graceful: &graceful,
+        };
         let connections = &self.connections;
-        accept_until(
+        let plain = accept_until(
             &listener,
             &self.stop,
             connections,
-            |stream, peer, admitted| {
-                let _ = stream.set_nodelay(true);
-                let client_addr = ClientAddr(peer);
-                let spans = SpanQueue::default();
-                let state = admitted.state().clone();
-                let io = TokioIo::new(WatchedIo::new(
-                    ZeroCopyStream::new(stream, spans.clone()),
-                    state.clone(),
-                ));
-                let node = node.clone();
-                let service = service_fn(move |mut request: Request<Incoming>| {
-                    let in_flight = state.start_request();
-                    request.extensions_mut().insert(client_addr);
-                    let node = node.clone();
-                    let spans = spans.clone();
-                    async move {
-                        let response = match refuse_malformed(&node, &request) {
-                            Some(refusal) => refusal,
-                            None => dispatch::client_request(node, request, Some(spans)).await?,
-                        };
-                        Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
-                    }
-                });
-                let connection = builder.serve_connection(io, service).into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Some(Err(error)) = admitted.supervise(connection).await {
-                        tracing::debug!(error = %error, "client connection ended with an error");
-                    }
-                });
-            },
-        )
-        .await;
+            |stream, peer, admitted| served.plain(stream, peer, admitted),
+        );
+        let tls_accepting = async {
+            if let Some((tls_listener, acceptor)) = &tls {
+                accept_until(
+                    tls_listener,
+                    &self.stop,
+                    connections,
+                    |stream, peer, admitted| served.tls(stream, peer, admitted, acceptor.clone()),
+                )
+                .await;
+            }
+        };
+        tokio::join!(plain, tls_accepting);
+        drop(tls);
         drop(listener);
         let deadline = tokio::time::Instant::now() + self.shutdown_grace;
         if tokio::time::timeout_at(deadline, graceful.shutdown())
@@ -421,5 +479,116 @@ impl Worker {
         while self.node.index.inflight_slice_count() > 0 && tokio::time::Instant::now() < deadline {
             ticker.tick().await;
         }
+    }
+}
+
+/// What the client listeners answer: the handler's response, held in flight until written.
+type ClientResponse = Response<TrackedBody<PrimedBody<ResponseBody>>>;
+
+/// What a worker needs to serve an accepted client connection, plain or TLS.
+struct ServedConnections<'a> {
+    node: &'a Arc<Node>,
+    builder: &'a auto::Builder<TokioExecutor>,
+    graceful: &'a GracefulShutdown,
+}
+
+impl ServedConnections<'_> {
+    /// Serves a plain connection: its socket is a `ZeroCopyStream`, so HTTP/1 hits go out with
+    /// `sendfile`.
+    fn plain(&self, stream: TcpStream, peer: SocketAddr, admitted: ConnectionGuard) {
+        let _ = stream.set_nodelay(true);
+        let spans = SpanQueue::default();
+        let io = TokioIo::new(WatchedIo::new(
+            ZeroCopyStream::new(stream, spans.clone()),
+            admitted.state().clone(),
+        ));
+        let service = self.service(peer, &admitted, Some(spans), ClientScheme::Http);
+        let connection = self.builder.serve_connection(io, service).into_owned();
+        let connection = self.graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Some(Err(error)) = admitted.supervise(connection).await {
+                tracing::debug!(error = %error, "client connection ended with an error");
+            }
+        });
+    }
+
+    /// Serves a TLS connection: the handshake runs under the connection's watchdog, so a client
+    /// that stalls in it is closed at `server.header_read_timeout` like one that stalls in its
+    /// headers, and it holds its place in the connection table meanwhile. Bodies go through
+    /// rustls (no `sendfile`: the kernel has no TLS offload here, see docs/architecture.md).
+    fn tls(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        admitted: ConnectionGuard,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let service = self.service(peer, &admitted, None, ClientScheme::Https);
+        let builder = self.builder.clone();
+        let watcher = self.graceful.watcher();
+        let state = admitted.state().clone();
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            let served = async move {
+                let tls_stream = match acceptor.accept(stream).await {
+                    Ok(tls_stream) => tls_stream,
+                    Err(error) => {
+                        node.stats.edge.tls_handshake_failures.inc();
+                        tracing::debug!(%error, client = %peer, "TLS handshake failed");
+                        return Ok(());
+                    }
+                };
+                let io = TokioIo::new(WatchedIo::new(tls_stream, state));
+                let connection = builder.serve_connection(io, service).into_owned();
+                watcher.watch(connection).await
+            };
+            match admitted.supervise(served).await {
+                Some(Err(error)) => {
+                    tracing::debug!(error = %error, "TLS client connection ended with an error");
+                }
+                Some(Ok(())) => {}
+                None => {}
+            }
+        });
+    }
+
+    /// The request handler of one connection. Over TLS each response's head waits for its
+    /// first body bytes (see [`primed_body`]), so they share a TLS record.
+    fn service(
+        &self,
+        peer: SocketAddr,
+        admitted: &ConnectionGuard,
+        spans: Option<SpanQueue>,
+        scheme: ClientScheme,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = ClientResponse,
+        Error = Infallible,
+        Future = impl Future<Output = Result<ClientResponse, Infallible>> + Send + 'static,
+    > + Clone
+           + Send
+           + 'static {
+        let client_addr = ClientAddr(peer);
+        let state = admitted.state().clone();
+        let node = self.node.clone();
+        service_fn(move |mut request: Request<Incoming>| {
+            let in_flight = state.start_request();
+            request.extensions_mut().insert(client_addr);
+            request.extensions_mut().insert(scheme);
+            let node = node.clone();
+            let spans = spans.clone();
+            async move {
+                let response = match refuse_malformed(&node, &request) {
+                    Some(refusal) => refusal,
+                    None => dispatch::client_request(node, request, spans).await?,
+                };
+                let response = match scheme {
+                    ClientScheme::Https => primed_body::prime(response).await,
+                    ClientScheme::Http => response.map(PrimedBody::unprimed),
+                };
+                Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
+            }
+        })
     }
 }

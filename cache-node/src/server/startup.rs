@@ -16,6 +16,7 @@ use crate::node::{Node, UNCACHEABLE_KEYS, UNREACHABLE_ORIGIN_BACKOFF};
 use crate::peering::Peering;
 use crate::server::connections::client_limits;
 use crate::stats::Stats;
+use crate::tls::serving::ServingCertificate;
 use crate::upstream::origin::UpstreamClient;
 
 impl Node {
@@ -103,6 +104,7 @@ impl Node {
                 &config.raw.upstream,
                 config.proxy.clone(),
                 config.allowlist.address_policy(),
+                &config.upstream_roots,
                 stats.origin_requests.clone(),
             ),
             index,
@@ -136,6 +138,13 @@ impl Node {
             access_log,
             prefill: config.prefill,
             history: crate::history::History::new(config.raw.admin.history_interval),
+            tls: config.tls.as_ref().map(|tls| {
+                Arc::new(ServingCertificate::new(
+                    &tls.cert,
+                    &tls.key,
+                    tls.pair.clone(),
+                ))
+            }),
         }))
     }
 }

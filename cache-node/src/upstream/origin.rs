@@ -20,6 +20,7 @@ use ipnet::IpNet;
 
 use crate::cache::freshness::FreshnessPolicy;
 use crate::error::OriginError;
+use crate::http::client_key::ClientScheme;
 use crate::http::hop_by_hop::remove_hop_by_hop;
 use crate::upstream::address_policy::{self, AddressPolicy, AddressRefusal, NameRefused};
 pub use crate::upstream::host_pattern::HostPattern;
@@ -85,6 +86,41 @@ pub struct AllowedOrigin {
     pub policy: FreshnessPolicy,
     /// Ports clients may name besides [`DEFAULT_ORIGIN_PORTS`].
     pub ports: Vec<u16>,
+    /// `upstream_scheme`: how the node reaches this origin when `upstream` is unset.
+    pub scheme: UpstreamScheme,
+}
+
+/// `[[origin]] upstream_scheme`, parsed: the scheme of the node's own request to an origin it
+/// reaches by the name the client gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamScheme {
+    /// The client's: HTTPS for a request that came over TLS, HTTP otherwise.
+    #[default]
+    Same,
+    /// Always HTTP.
+    Http,
+    /// Always HTTPS.
+    Https,
+}
+
+impl UpstreamScheme {
+    /// Parses `same`, `http` or `https`.
+    pub fn parse(text: &str) -> Option<UpstreamScheme> {
+        match text {
+            "same" => Some(UpstreamScheme::Same),
+            "http" => Some(UpstreamScheme::Http),
+            "https" => Some(UpstreamScheme::Https),
+            _ => None,
+        }
+    }
+
+    /// The URL scheme for a request that arrived over `client`.
+    pub fn for_client(self, client: ClientScheme) -> &'static str {
+        match (self, client) {
+            (UpstreamScheme::Http, _) | (UpstreamScheme::Same, ClientScheme::Http) => "http",
+            (UpstreamScheme::Https, _) | (UpstreamScheme::Same, ClientScheme::Https) => "https",
+        }
+    }
 }
 
 /// Why a host a client named is not an allowed origin.
@@ -203,8 +239,22 @@ impl Allowlist {
     /// the origin has an `upstream`: without one the port is where the node would connect, and
     /// with one it would only multiply the cache keys of the same content.
     pub fn resolve(&self, raw_host: &str) -> Result<OriginTarget, LookupError> {
-        let named = NamedHost::parse(raw_host)
+        self.resolve_over(raw_host, ClientScheme::Http)
+    }
+
+    /// Like [`Allowlist::resolve`], for a request that arrived over `client`: the scheme of the
+    /// upstream URL follows the origin's [`UpstreamScheme`], and over TLS an explicit `:443` is
+    /// the default port (so `host:443` and `host` are one object, as `host:80` and `host` are).
+    pub fn resolve_over(
+        &self,
+        raw_host: &str,
+        client: ClientScheme,
+    ) -> Result<OriginTarget, LookupError> {
+        let mut named = NamedHost::parse(raw_host)
             .ok_or_else(|| LookupError::Malformed(raw_host.to_owned()))?;
+        if client == ClientScheme::Https && named.port == Some(443) {
+            named.port = None;
+        }
         let allowed = self.find(&named)?;
         let port = named.effective_port();
         if !DEFAULT_ORIGIN_PORTS.contains(&port) && !allowed.ports.contains(&port) {
@@ -217,7 +267,7 @@ impl Allowlist {
         let upstream_base = allowed
             .upstream
             .clone()
-            .unwrap_or_else(|| format!("http://{host}"));
+            .unwrap_or_else(|| format!("{}://{host}", allowed.scheme.for_client(client)));
         Ok(OriginTarget {
             host,
             upstream_base,
@@ -404,13 +454,17 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    /// Builds the client from the `[upstream]` settings, connecting through `proxy` when set.
+    /// Builds the client from the `[upstream]` settings, connecting through `proxy` when set and
+    /// trusting `extra_roots` (`upstream.ca_file`) besides the public roots for `https://`
+    /// origins.
     pub fn new(
         settings: &UpstreamConfig,
         proxy: Option<ProxySettings>,
         address_policy: Arc<AddressPolicy>,
+        extra_roots: &[rustls_pki_types::CertificateDer<'static>],
         origin_requests: Counter,
     ) -> UpstreamClient {
+        let tls = outpost_shared::tls_roots::client_config(extra_roots);
         let build = |resolver: OriginResolver| {
             let mut direct = HttpConnector::new_with_resolver(resolver);
             direct.enforce_http(false);
@@ -421,8 +475,7 @@ impl UpstreamClient {
             to_proxy.set_nodelay(true);
             to_proxy.set_connect_timeout(Some(settings.connect_timeout));
             let https = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-                .expect("the ring provider supports the default TLS versions")
+                .with_tls_config(tls.clone())
                 .https_or_http()
                 .enable_http1()
                 .enable_http2()
@@ -733,6 +786,53 @@ mod tests {
         assert!(allowlist.lookup("example.com").is_none());
         assert!(allowlist.lookup("other.org").is_none());
         assert!(allowlist.default_upstream().is_none());
+    }
+
+    #[test]
+    fn requests_over_tls_reach_their_origin_over_https_unless_it_says_otherwise() {
+        let origin = |host: &str, scheme: Option<&str>| OriginConfig {
+            host: host.into(),
+            upstream_scheme: scheme.map(str::to_owned),
+            ..Default::default()
+        };
+        let config = Config {
+            origin: vec![
+                origin("same.org", None),
+                origin("plain.org", Some("http")),
+                origin("secure.org", Some("https")),
+                OriginConfig {
+                    host: "mirror.lan".into(),
+                    upstream: Some("http://10.0.0.1:3142".into()),
+                    ..Default::default()
+                },
+            ],
+            ..Config::default()
+        };
+        let allowlist = config.validate().unwrap().allowlist;
+        let base = |host: &str, scheme| allowlist.resolve_over(host, scheme).unwrap().upstream_base;
+        let (http, https) = (ClientScheme::Http, ClientScheme::Https);
+        assert_eq!(base("same.org", https), "https://same.org");
+        assert_eq!(base("same.org", http), "http://same.org");
+        assert_eq!(base("plain.org", https), "http://plain.org");
+        assert_eq!(base("secure.org", http), "https://secure.org");
+        assert_eq!(base("mirror.lan", https), "http://10.0.0.1:3142");
+        // Over TLS, :443 is the default port: the same object as the bare host.
+        let explicit = allowlist.resolve_over("same.org:443", https).unwrap();
+        assert_eq!(explicit.host, "same.org");
+        assert_eq!(explicit.upstream_base, "https://same.org");
+        assert_eq!(
+            allowlist.resolve_over("same.org:443", http).unwrap().host,
+            "same.org:443"
+        );
+        let bad = Config {
+            origin: vec![origin("x.org", Some("ftp"))],
+            ..Config::default()
+        };
+        let message = bad.validate().unwrap_err().to_string();
+        assert!(
+            message.starts_with("origin[0].upstream_scheme:"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use crate::cache::key::{split_cache_host_origin, CacheKey};
 use crate::cache::vary::Variant;
+use crate::http::client_key::ClientScheme;
 use crate::upstream::origin::{
     normalise_host, Allowlist, FetchRequest, LookupError, NamedHost, OriginTarget,
 };
@@ -339,22 +340,25 @@ pub fn is_api_request(
         && host.is_none_or(|host| allowlist.lookup(host).is_none())
 }
 
-/// Routes a request of any HTTP version (see [`origin_form`] for HTTP/2).
+/// Routes a request of any HTTP version (see [`origin_form`] for HTTP/2) that arrived over
+/// `scheme` (which picks the scheme of the origin's URL, see [`Allowlist::resolve_over`]).
 pub fn route_request(
     allowlist: &Allowlist,
     version: http::Version,
     uri: &Uri,
     host_header: Option<&str>,
+    scheme: ClientScheme,
 ) -> Result<Route, RouteError> {
     let (uri, host) = origin_form(version, uri, host_header);
-    route(allowlist, &uri, host)
+    route_over(allowlist, &uri, host, scheme)
 }
 
-/// Routes an HTTP/1 request given its URI and `Host` header.
-pub fn route(
+/// Routes an HTTP/1 request given its URI, `Host` header and the scheme it arrived over.
+pub fn route_over(
     allowlist: &Allowlist,
     uri: &Uri,
     host_header: Option<&str>,
+    scheme: ClientScheme,
 ) -> Result<Route, RouteError> {
     let path = match uri.path() {
         "" => "/",
@@ -368,7 +372,7 @@ pub fn route(
     };
     let lookup = |named: &str, mode: RouteMode| {
         allowlist
-            .resolve(named)
+            .resolve_over(named, scheme)
             .map(|target| Route {
                 target,
                 path_and_query: path_and_query.clone(),
@@ -407,6 +411,14 @@ pub fn route(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn route(
+        allowlist: &Allowlist,
+        uri: &Uri,
+        host_header: Option<&str>,
+    ) -> Result<Route, RouteError> {
+        route_over(allowlist, uri, host_header, ClientScheme::Http)
+    }
     use crate::config::{Config, OriginConfig};
 
     fn allowlist(default_upstream: Option<&str>) -> Allowlist {
@@ -495,16 +507,25 @@ mod tests {
         let uri: Uri = "http://cache.local:8080/a/b?cacheHostOrigin=dl.delivery.mp.microsoft.com"
             .parse()
             .unwrap();
-        let mcc = route_request(&list, http::Version::HTTP_2, &uri, None).unwrap();
+        let mcc =
+            route_request(&list, http::Version::HTTP_2, &uri, None, ClientScheme::Http).unwrap();
         assert_eq!(mcc.mode, RouteMode::Mcc);
         assert_eq!(mcc.target.host, "dl.delivery.mp.microsoft.com");
         assert_eq!(mcc.path_and_query, "/a/b");
         let uri: Uri = "http://deb.debian.org/debian/x".parse().unwrap();
-        let by_host = route_request(&list, http::Version::HTTP_2, &uri, None).unwrap();
+        let by_host =
+            route_request(&list, http::Version::HTTP_2, &uri, None, ClientScheme::Http).unwrap();
         assert_eq!(by_host.mode, RouteMode::HostHeader);
         assert_eq!(by_host.path_and_query, "/debian/x");
         // The same absolute URI over HTTP/1.1 is a proxy request.
-        let proxied = route_request(&list, http::Version::HTTP_11, &uri, None).unwrap();
+        let proxied = route_request(
+            &list,
+            http::Version::HTTP_11,
+            &uri,
+            None,
+            ClientScheme::Http,
+        )
+        .unwrap();
         assert_eq!(proxied.mode, RouteMode::Proxy);
     }
 

@@ -57,6 +57,10 @@ pub struct UpstreamConfig {
     /// Hosts reached directly despite `proxy`: a comma list of names and `*.suffix` patterns,
     /// matched against the host the node connects to (an origin's `upstream` when set).
     pub no_proxy: String,
+    /// A PEM file of CA certificates trusted for `https://` origins besides the public roots
+    /// (webpki's), for internal mirrors and parent caches signed by an enterprise CA. Empty
+    /// trusts the public roots only.
+    pub ca_file: String,
 }
 
 /// `[[origin]]`: one allowed origin.
@@ -77,8 +81,15 @@ pub struct OriginConfig {
     /// and filled once. Unset: keyed by the host the client named.
     pub content_set: Option<String>,
     /// Base URL the node really connects to for this origin, for example `http://127.0.0.1:8000`
-    /// or a parent cache. Unset means `http://<requested host>`.
+    /// or a parent cache, used as written whatever the client's scheme. Unset means
+    /// `<scheme>://<requested host>`, the scheme chosen by `upstream_scheme`.
     pub upstream: Option<String>,
+    /// The scheme the node fetches this origin with when `upstream` is unset: `same` (the
+    /// default: HTTPS for requests that came over the TLS listener, HTTP for the others),
+    /// `http` (always plain, e.g. for a CDN whose HTTPS costs more than it protects inside the
+    /// WAN) or `https` (always TLS, also for plain-HTTP clients). The cache key never includes
+    /// the scheme.
+    pub upstream_scheme: Option<String>,
     /// This origin's `upstream.revalidate_after`; unset uses the global one.
     #[serde(with = "humantime_serde")]
     pub revalidate_after: Option<Duration>,
@@ -119,6 +130,7 @@ impl Default for UpstreamConfig {
             not_found_max_age: Duration::from_secs(300),
             proxy: String::new(),
             no_proxy: String::new(),
+            ca_file: String::new(),
         }
     }
 }

@@ -81,6 +81,10 @@ pub struct CacheConfig {
     pub ban_duration: Duration,
     /// The most parallel connections to one cache host.
     pub connections_per_host: usize,
+    /// A PEM file of CA certificates trusted for `https://` cache hosts besides the system's
+    /// public roots: the enterprise CA that signed the cache node's certificate. Empty trusts
+    /// the public roots only. `--ca-file` on the command line wins.
+    pub ca_file: String,
 }
 
 /// `[origin]`: the origin server.
@@ -240,6 +244,7 @@ impl Default for CacheConfig {
             connect_timeout: Duration::from_secs(3),
             ban_duration: Duration::from_secs(15 * 60),
             connections_per_host: 8,
+            ca_file: String::new(),
         }
     }
 }
@@ -400,6 +405,8 @@ pub struct ValidConfig {
     pub piece_len: u64,
     /// `[daemon]` sizes and addresses, parsed.
     pub daemon: ValidDaemon,
+    /// The CA certificates of `cache.ca_file`.
+    pub cache_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
 /// How big the content cache may grow.
@@ -452,6 +459,8 @@ impl Config {
             .iter()
             .map(|text| CacheHost::parse(text).map_err(|message| invalid("cache_hosts", message)))
             .collect::<Result<Vec<_>, _>>()?;
+        let cache_roots = outpost_shared::tls_roots::read_ca_file(&self.cache.ca_file)
+            .map_err(|message| invalid("cache.ca_file", message))?;
         let download_mode = DownloadMode::from_number(self.download_mode).ok_or_else(|| {
             invalid(
                 "download_mode",
@@ -576,6 +585,7 @@ impl Config {
         Ok(ValidConfig {
             raw: self,
             cache_hosts,
+            cache_roots,
             download_mode,
             fallback_delay,
             bandwidth,
@@ -796,7 +806,11 @@ mod tests {
             ),
             (
                 "cache_hosts",
-                Box::new(|config| config.cache_hosts = vec!["https://x".into()]),
+                Box::new(|config| config.cache_hosts = vec!["ftp://x".into()]),
+            ),
+            (
+                "cache.ca_file",
+                Box::new(|config| config.cache.ca_file = "/nonexistent/ca.pem".into()),
             ),
             (
                 "origin.connections",

@@ -8,21 +8,27 @@ use outpost_shared::units::parse_size;
 /// could not enforce less.
 pub const MIN_BYTES_PER_SEC: u64 = 1024;
 
-/// One cache host: an authority (`host` or `host:port`) spoken to in plain HTTP.
+/// One cache host: an authority (`host` or `host:port`) spoken to in plain HTTP, or in HTTPS
+/// when it was written `https://host[:port]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CacheHost {
     authority: String,
+    https: bool,
 }
 
 impl CacheHost {
-    /// Parses `host`, `host:port` or `http://host[:port][/]`.
+    /// Parses `host`, `host:port`, `http://host[:port][/]` or `https://host[:port][/]`. The
+    /// scheme's default port (80 or 443) is dropped.
     pub fn parse(text: &str) -> Result<CacheHost, String> {
         let trimmed = text.trim();
-        let without_scheme = trimmed.strip_prefix("http://").unwrap_or(trimmed);
+        let (https, without_scheme) = match trimmed.strip_prefix("https://") {
+            Some(rest) => (true, rest),
+            None => (false, trimmed.strip_prefix("http://").unwrap_or(trimmed)),
+        };
         let authority = without_scheme.trim_end_matches('/');
         let bad = || {
             format!(
-                "\"{text}\" is not a cache host; use a host name or address with an optional port, e.g. \"cache.branch.example:80\" (cache hosts speak plain HTTP)"
+                "\"{text}\" is not a cache host; use a host name or address with an optional port, e.g. \"cache.branch.example:80\", or \"https://cache.branch.example\" for HTTPS"
             )
         };
         if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
@@ -32,22 +38,38 @@ impl CacheHost {
         if parsed.host().is_empty() {
             return Err(bad());
         }
+        let default_port = if https { 443 } else { 80 };
         let authority = match parsed.port_u16() {
-            Some(80) => parsed.host().to_ascii_lowercase(),
-            Some(port) => format!("{}:{port}", parsed.host().to_ascii_lowercase()),
-            None => parsed.host().to_ascii_lowercase(),
+            Some(port) if port != default_port => {
+                format!("{}:{port}", parsed.host().to_ascii_lowercase())
+            }
+            _ => parsed.host().to_ascii_lowercase(),
         };
-        Ok(CacheHost { authority })
+        Ok(CacheHost { authority, https })
     }
 
     /// `host` or `host:port`.
     pub fn authority(&self) -> &str {
         &self.authority
     }
+
+    /// True when the host is spoken to in HTTPS.
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+
+    /// `http://host[:port]` or `https://host[:port]`, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.authority)
+    }
 }
 
 impl std::fmt::Display for CacheHost {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.https {
+            formatter.write_str("https://")?;
+        }
         formatter.write_str(&self.authority)
     }
 }

@@ -150,10 +150,11 @@ impl Downloader {
         let host = cache_host::rendezvous_order(&hosts, &cache_host::content_key(&uri))
             .into_iter()
             .next()?;
-        Some(NodeApi::new(
+        Some(NodeApi::with_tls(
             &host,
             self.local_address,
             self.config.raw.cache.connect_timeout,
+            crate::net::http::tls_client_config(&self.config.cache_roots),
         ))
     }
 

@@ -174,17 +174,27 @@ impl std::fmt::Debug for HttpClients {
     }
 }
 
+/// The TLS client settings for HTTPS sources: the public (webpki) roots, plus `extra_roots`
+/// (`cache.ca_file`: an enterprise CA that signed a cache node's certificate). A certificate
+/// that chains to none of them fails the connection, which counts as the host being
+/// unreachable (DO's fallback rules); there is never a retry in plain HTTP.
+pub fn tls_client_config(
+    extra_roots: &[rustls_pki_types::CertificateDer<'static>],
+) -> rustls::ClientConfig {
+    outpost_shared::tls_roots::client_config(extra_roots)
+}
+
 fn build_client(
     connect_timeout: Duration,
     max_idle_per_host: usize,
+    tls: rustls::ClientConfig,
 ) -> Client<HttpsConnector, Empty<Bytes>> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-        .expect("the ring provider supports the default TLS versions")
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
@@ -199,11 +209,20 @@ impl HttpClients {
     pub fn new(config: &ValidConfig) -> HttpClients {
         let raw = &config.raw;
         HttpClients {
-            cache: build_client(raw.cache.connect_timeout, raw.cache.connections_per_host),
-            origin: build_client(raw.origin.connect_timeout, raw.origin.connections),
+            cache: build_client(
+                raw.cache.connect_timeout,
+                raw.cache.connections_per_host,
+                tls_client_config(&config.cache_roots),
+            ),
+            origin: build_client(
+                raw.origin.connect_timeout,
+                raw.origin.connections,
+                tls_client_config(&[]),
+            ),
             peer: build_client(
                 raw.peering.connect_timeout,
                 raw.peering.connections_per_peer,
+                tls_client_config(&[]),
             ),
             first_byte_timeout: raw.transfer.first_byte_timeout,
             stall: StallSettings {

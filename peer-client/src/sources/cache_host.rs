@@ -5,7 +5,8 @@
 //!   `cache_hosts` or `PEER_CLIENT__CACHE_HOSTS`, then the DHCP option 235 file named by
 //!   `cache_host_source_file` (a comma list, as DO's `DOCacheHostSource` reads it).
 //! - **Rewrite**: the MCC form `http://<cache>/<path>?<query>&cacheHostOrigin=<host>`, the
-//!   contract cache-node (and Microsoft Connected Cache) serves.
+//!   contract cache-node (and Microsoft Connected Cache) serves; `https://<cache>/...` for a
+//!   host written `https://` (trusted through the system roots and `cache.ca_file`).
 //! - **Choice**: rendezvous (highest random weight) hashing of the content item over the hosts,
 //!   so each item is cached on one node and adding or removing a node moves only its share.
 //!   The rest of the order is the failover order.
@@ -29,13 +30,10 @@ impl CacheHost {
             .replace("%3A", ":");
         match origin_url.query() {
             Some(query) if !query.is_empty() => format!(
-                "http://{}{path}?{query}&cacheHostOrigin={encoded_origin}",
-                self.authority()
+                "{}{path}?{query}&cacheHostOrigin={encoded_origin}",
+                self.base_url()
             ),
-            _ => format!(
-                "http://{}{path}?cacheHostOrigin={encoded_origin}",
-                self.authority()
-            ),
+            _ => format!("{}{path}?cacheHostOrigin={encoded_origin}", self.base_url()),
         }
     }
 }
@@ -168,6 +166,9 @@ mod tests {
             ("http://cache.local/", "cache.local"),
             ("http://10.0.0.5:80", "10.0.0.5"),
             ("[::1]:8080", "[::1]:8080"),
+            ("https://cache.local", "cache.local"),
+            ("https://cache.local:443/", "cache.local"),
+            ("https://cache.local:8443", "cache.local:8443"),
         ] {
             assert_eq!(
                 CacheHost::parse(text).unwrap().authority(),
@@ -177,7 +178,8 @@ mod tests {
         }
         for bad in [
             "",
-            "https://cache.local",
+            "ftp://cache.local",
+            "https://cache.local/path",
             "cache.local/path",
             "a b",
             "user@host",
@@ -212,6 +214,14 @@ mod tests {
             let uri: Uri = origin.parse().unwrap();
             assert_eq!(cache.mcc_url(&uri), expected, "{origin}");
         }
+        let secure = CacheHost::parse("https://cache.lan:443/").unwrap();
+        assert!(secure.is_https());
+        assert_eq!(secure.authority(), "cache.lan");
+        let uri: Uri = "https://example.org/a".parse().unwrap();
+        assert_eq!(
+            secure.mcc_url(&uri),
+            "https://cache.lan/a?cacheHostOrigin=example.org"
+        );
     }
 
     #[test]

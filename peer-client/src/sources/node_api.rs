@@ -110,18 +110,41 @@ impl PeerHoldings for PeerEntry {
 #[derive(Clone, Debug)]
 pub struct NodeApi {
     base: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl NodeApi {
-    /// A client for `host`, sending from `local_address` when given.
+    /// A client for `host`, sending from `local_address` when given; an `https://` host is
+    /// trusted through the public roots only (see [`NodeApi::with_tls`]).
     pub fn new(host: &CacheHost, local_address: Option<IpAddr>, connect_timeout: Duration) -> Self {
+        Self::with_tls(
+            host,
+            local_address,
+            connect_timeout,
+            crate::net::http::tls_client_config(&[]),
+        )
+    }
+
+    /// A client for `host`, sending from `local_address` when given, over HTTPS with `tls`
+    /// when the host was written `https://`.
+    pub fn with_tls(
+        host: &CacheHost,
+        local_address: Option<IpAddr>,
+        connect_timeout: Duration,
+        tls: rustls::ClientConfig,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_local_address(local_address);
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         NodeApi {
-            base: format!("http://{host}/_outpost/v1"),
+            base: format!("{}/_outpost/v1", host.base_url()),
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build(connector),
