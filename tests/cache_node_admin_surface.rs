@@ -173,3 +173,27 @@ async fn promtool_accepts_the_metrics() {
     assert!(metrics.contains("# TYPE outpost_requests_total counter"));
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_once_every_worker_accepts() {
+    let (origin, _storage, node) = origin_and_node_configured(|storage, origin| {
+        let mut config = usual_config(storage, &origin.base_url());
+        config.server.workers = 2;
+        config
+    })
+    .await;
+    origin.put("/r.bin", pattern_bytes(1000, 3));
+    let ready_url = format!("http://{}/ready", node.admin_addr);
+    // The workers register their listeners on their own threads just after start: ready
+    // follows within moments, and then a client request is served.
+    eventually_async("ready", Duration::from_secs(10), async || {
+        let response = client().get(&ready_url).send().await.unwrap();
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    let response = client().get(&ready_url).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "ready\n");
+    assert_eq!(get(&node.mcc_url("/r.bin"), &[]).await.bytes().len(), 1000);
+    let refused = client().post(&ready_url).send().await.unwrap();
+    assert_eq!(refused.status(), 405);
+}

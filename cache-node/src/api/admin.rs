@@ -1,6 +1,7 @@
 //! The admin listener: the dashboard page (`/`, from `api::dashboard`), `/health`, `/stats`
 //! (JSON), `/metrics` (Prometheus text), `GET /objects` to inspect one object and
-//! `DELETE /objects` to purge it, `/stats/history`, `/summary`, and prefill jobs (`/prefill`).
+//! `DELETE /objects` to purge it, `/stats/history`, `/summary`, `/ready` (from
+//! `api::readiness`), and prefill jobs (`/prefill`).
 //! Reads are open to whoever can reach the listener;
 //! anything that changes state needs `Authorization: Bearer <admin.token>`.
 //!
@@ -25,6 +26,7 @@ use serde::Serialize;
 use crate::api::auth_throttle::{AuthThrottle, AUTH_FAILURE_BURST};
 use crate::api::dashboard;
 use crate::api::prefill::{parse_urls, PrefillJobs, MAX_BODY_BYTES};
+use crate::api::readiness::{NotReady, Readiness};
 use crate::cache::key::CacheKey;
 use crate::history::Sample;
 use crate::http::client_key::ClientKey;
@@ -32,16 +34,46 @@ use crate::node::Node;
 use crate::serve::{text_response, ResponseBody};
 use crate::upstream::origin::normalise_host;
 
+/// What the admin listener keeps besides the node: the token throttle, the prefill jobs, and
+/// the node's readiness (for `/ready`).
+#[derive(Debug)]
+pub struct AdminContext {
+    /// Failed admin-token attempts per client address.
+    pub throttle: AuthThrottle,
+    /// Prefill jobs.
+    pub prefill: Arc<PrefillJobs>,
+    /// Whether every worker accepts and shutdown has not started.
+    pub readiness: Arc<Readiness>,
+}
+
+/// The 503 a load balancer's health check reads while the node is not ready: `Retry-After`
+/// and the reason as text.
+pub fn not_ready_response(not_ready: &NotReady) -> Response<ResponseBody> {
+    let mut response = text_response(StatusCode::SERVICE_UNAVAILABLE, not_ready.to_string());
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 /// Handles one admin request.
 pub async fn handle(
     node: Arc<Node>,
-    throttle: Arc<AuthThrottle>,
-    prefill: Arc<PrefillJobs>,
+    context: Arc<AdminContext>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let throttle = &context.throttle;
+    let prefill = &context.prefill;
     let path = request.uri().path().to_owned();
+    if path == "/ready" && matches!(*request.method(), Method::GET | Method::HEAD) {
+        // While the store is recovered, `server::answer_while_starting` answers instead.
+        return Ok(match context.readiness.check() {
+            Ok(()) => text_response(StatusCode::OK, "ready"),
+            Err(not_ready) => not_ready_response(&not_ready),
+        });
+    }
     if path == "/prefill" || path.starts_with("/prefill/") {
-        return Ok(prefill_request(&node, &throttle, &prefill, &path, request).await);
+        return Ok(prefill_request(&node, throttle, prefill, &path, request).await);
     }
     let path = path.as_str();
     let response = match (request.method(), path) {
@@ -96,20 +128,20 @@ pub async fn handle(
                 None => bad_object_query(),
             }
         }
-        (&Method::DELETE, "/objects") => match authorise(&node, &throttle, &request) {
+        (&Method::DELETE, "/objects") => match authorise(&node, throttle, &request) {
             Ok(()) => purge(&node, request.uri().query().unwrap_or("")),
             Err(refusal) => refusal.response(),
         },
         (
             _,
-            "/" | "/dashboard" | "/health" | "/stats" | "/stats/history" | "/summary" | "/metrics"
+            "/" | "/dashboard" | "/health" | "/ready" | "/stats" | "/stats/history" | "/summary" | "/metrics"
             | "/objects",
         ) => {
             text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         }
         _ => text_response(
             StatusCode::NOT_FOUND,
-            "unknown admin path; try / (the dashboard), /health, /stats, /stats/history, /summary, /metrics or /objects?origin=<host>&path=<path>",
+            "unknown admin path; try / (the dashboard), /health, /ready, /stats, /stats/history, /summary, /metrics or /objects?origin=<host>&path=<path>",
         ),
     };
     Ok(response)

@@ -6,3 +6,4 @@ pub mod auth_throttle;
 pub(crate) mod dashboard;
 pub(crate) mod peering;
 pub mod prefill;
+pub mod readiness;

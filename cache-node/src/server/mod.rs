@@ -26,6 +26,7 @@
 pub mod connections;
 pub(crate) mod dispatch;
 mod primed_body;
+mod starting;
 pub(crate) mod startup;
 mod tls_watch;
 
@@ -47,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::admin;
 use crate::api::auth_throttle::AuthThrottle;
+use crate::api::readiness::Readiness;
 use crate::config::ValidConfig;
 use crate::error::DiskError;
 use crate::history::Sample;
@@ -56,6 +58,7 @@ use crate::node::Node;
 use crate::serve::{text_response, ResponseBody};
 use crate::server::connections::{ConnectionGuard, ConnectionTable, TrackedBody, WatchedIo};
 use crate::server::primed_body::PrimedBody;
+use crate::server::starting::answer_while_starting;
 use crate::stats::EdgeCounters;
 use crate::upstream::router;
 
@@ -123,7 +126,15 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DiskError> {
-    let node = Node::open(&config)?;
+    let opening = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Node::open(&config))
+    };
+    let opened = answer_while_starting(&admin_listener, opening).await;
+    let node = match opened {
+        Ok(opened) => opened?,
+        Err(panicked) => std::panic::resume_unwind(panicked.into_panic()),
+    };
     run_node(
         node,
         client_listeners,
@@ -195,6 +206,7 @@ pub async fn run_node(
         idle_timeout = ?node.connection_limits.idle_timeout,
         "client connection limits"
     );
+    let readiness = Arc::new(Readiness::new(client_listeners.len(), stop.clone()));
     let mut workers_done = Vec::new();
     for (index, listener) in client_listeners.into_iter().enumerate() {
         let (done, finished) = oneshot::channel::<()>();
@@ -209,6 +221,7 @@ pub async fn run_node(
             connections: client_connections.clone(),
             stop: stop.clone(),
             shutdown_grace,
+            readiness: readiness.clone(),
         };
         let spawned = std::thread::Builder::new()
             .name(format!("outpost-worker-{index}"))
@@ -225,9 +238,12 @@ pub async fn run_node(
     let admin_graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     let admin_node = node.clone();
-    // Failed admin-token attempts per client address, for throttling them.
-    let admin_throttle = Arc::new(AuthThrottle::default());
-    let prefill_jobs = Arc::new(crate::api::prefill::PrefillJobs::new(&node));
+    // Failed admin-token attempts per client address, the prefill jobs, and readiness.
+    let admin_context = Arc::new(admin::AdminContext {
+        throttle: AuthThrottle::default(),
+        prefill: Arc::new(crate::api::prefill::PrefillJobs::new(&node)),
+        readiness: readiness.clone(),
+    });
     // The admin listener's own caps, and counters that stay out of the client listener's.
     let admin_connections =
         ConnectionTable::new(node.connection_limits.admin(), EdgeCounters::default());
@@ -238,16 +254,14 @@ pub async fn run_node(
         |stream, peer, admitted| {
             let state = admitted.state().clone();
             let node = admin_node.clone();
-            let throttle = admin_throttle.clone();
-            let prefill = prefill_jobs.clone();
+            let context = admin_context.clone();
             let service = service_fn(move |mut request: Request<Incoming>| {
                 let in_flight = state.start_request();
                 request.extensions_mut().insert(ClientAddr(peer));
                 let node = node.clone();
-                let throttle = throttle.clone();
-                let prefill = prefill.clone();
+                let context = context.clone();
                 async move {
-                    let response = admin::handle(node, throttle, prefill, request).await?;
+                    let response = admin::handle(node, context, request).await?;
                     Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
                 }
             });
@@ -382,6 +396,8 @@ struct Worker {
     connections: Arc<ConnectionTable>,
     stop: CancellationToken,
     shutdown_grace: Duration,
+    /// Told once this worker accepts.
+    readiness: Arc<Readiness>,
 }
 
 impl Worker {
@@ -414,6 +430,7 @@ impl Worker {
     }
 
     async fn serve(self) {
+        let wants_tls = self.tls.is_some();
         let listener = match TcpListener::from_std(self.listener) {
             Ok(listener) => listener,
             Err(error) => {
@@ -431,6 +448,9 @@ impl Worker {
             Some(Ok(tls)) => Some(tls),
             None => None,
         };
+        if tls.is_some() == wants_tls {
+            self.readiness.worker_accepting();
+        }
         let graceful = GracefulShutdown::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // Queue body frames instead of flattening them, so placeholders reach the socket intact
