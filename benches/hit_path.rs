@@ -342,6 +342,41 @@ fn main() {
     let [node_tls_ranges, nginx_tls_ranges, node_plain_ranges, node_tls_small, nginx_tls_small, node_plain_small] =
         https_runs.map(median);
 
+    // The access log's cost: two nodes (default backend), one logging every request as JSON
+    // lines and one not, 4 KiB hits (the most lines per second) and 1 MiB ranges in alternating
+    // rounds; the logging node's /stats say how many lines were written and dropped.
+    let mut access_nodes = Vec::new();
+    for access in ["off", "json"] {
+        let storage = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let node_work = tempfile::tempdir().unwrap();
+        let mut config = test_config(storage.path(), &origin.base_url(), 1024 * 1024, "20GiB");
+        config.log.access = access.into();
+        let mut node = NodeProcess::spawn(binary, node_work.path(), config);
+        runtime.block_on(node.wait_healthy());
+        warm(
+            &mcc_url(node.addr, BIG_PATH),
+            &mcc_url(node.addr, SMALL_PATH),
+        );
+        access_nodes.push((node, storage, node_work));
+    }
+    let mut access_runs: [Vec<Load>; 4] = Default::default();
+    for _ in 0..rounds {
+        for (index, (node, _, _)) in access_nodes.iter().enumerate() {
+            access_runs[index].push(run_wrk(&mcc_url(node.addr, SMALL_PATH), 64, seconds, None));
+            access_runs[2 + index].push(run_wrk(
+                &mcc_url(node.addr, BIG_PATH),
+                32,
+                seconds,
+                Some(&script),
+            ));
+        }
+    }
+    let logged = runtime.block_on(common::admin_stats(access_nodes[1].0.admin_addr));
+    for (node, _, _) in access_nodes {
+        node.kill_9();
+    }
+    let [small_off, small_json, ranges_off, ranges_json] = access_runs.map(median);
+
     let gb = |load: &Load| load.bytes_per_second / 1e9;
     println!(
         "\nhit path, {} cores, wrk -t2, {seconds} s per run, object {big_mib} MiB",
@@ -417,6 +452,38 @@ fn main() {
             ours / plain
         );
     }
+    println!(
+        "\naccess log: two nodes [default backend], [log] access = off / json, median of {rounds} alternating rounds"
+    );
+    println!(
+        "{:<46} {:>14} {:>14} {:>8}",
+        "run", "access off", "access json", "json/off"
+    );
+    for (name, off, json, unit) in [
+        (
+            "    4 KiB hits, 64 conns",
+            small_off.requests_per_second,
+            small_json.requests_per_second,
+            "req/s",
+        ),
+        (
+            "    random 1 MiB ranges, 32 conns",
+            gb(&ranges_off),
+            gb(&ranges_json),
+            "GB/s",
+        ),
+    ] {
+        println!(
+            "{name:<46} {:>14} {:>14} {:>8.3}",
+            format!("{off:.2} {unit}"),
+            format!("{json:.2} {unit}"),
+            json / off
+        );
+    }
+    println!(
+        "    lines written {}, dropped {} (requests {})",
+        logged["access_log_lines"], logged["access_log_dropped"], logged["requests"]
+    );
     assert_eq!(
         tls_stats["origin_bytes"].as_u64().unwrap(),
         big_mib * 1024 * 1024 + 4096,

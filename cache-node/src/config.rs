@@ -850,9 +850,124 @@ pub(crate) fn parse_block_size(key: &str, text: &str) -> Result<u64, ConfigError
 
 pub use outpost_shared::units::parse_size;
 
+/// The settings a reload applies to the running node (`SIGHUP`, `POST /reload`): the allowlist
+/// with its content sets and per-origin policies (and the global freshness defaults they
+/// inherit), the default upstream, the log level and the admin token. A key named here covers
+/// everything under it (`origin` is every `[[origin]]` table).
+///
+/// Every other key keeps its running value until a restart: listen addresses and TLS
+/// listeners, storage paths and drives, the I/O backend, workers, slice size, limits and
+/// timeouts, peering, prefill and access-log settings.
+pub const LIVE_KEYS: &[&str] = &[
+    "origin",
+    "content_set",
+    "server.default_upstream",
+    "upstream.revalidate_after",
+    "upstream.cache_control",
+    "upstream.stale_if_error",
+    "log.level",
+    "admin.token",
+];
+
+/// Whether a reload applies `key` (a dotted path from [`Config::changed_keys`]).
+pub fn is_live_key(key: &str) -> bool {
+    LIVE_KEYS.iter().any(|live| {
+        key == *live
+            || key
+                .strip_prefix(live)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+    })
+}
+
+impl Config {
+    /// The dotted keys whose values differ between `self` and `other` (a table array such as
+    /// `origin` counts as one key), sorted. Values are not returned: `admin.token` is a secret.
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+            match (a, b) {
+                (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+                    keys.sort();
+                    keys.dedup();
+                    for key in keys {
+                        let path = if prefix.is_empty() {
+                            key.clone()
+                        } else {
+                            format!("{prefix}.{key}")
+                        };
+                        let missing = serde_json::Value::Null;
+                        walk(
+                            &path,
+                            a.get(key).unwrap_or(&missing),
+                            b.get(key).unwrap_or(&missing),
+                            out,
+                        );
+                    }
+                }
+                (a, b) if a != b => out.push(prefix.to_owned()),
+                _ => {}
+            }
+        }
+        let as_value = |config: &Config| serde_json::to_value(config).unwrap_or_default();
+        let mut changed = Vec::new();
+        walk("", &as_value(self), &as_value(other), &mut changed);
+        changed
+    }
+
+    /// Takes the [`LIVE_KEYS`] settings from `other`, keeping every other setting: the running
+    /// config after a reload.
+    pub fn take_live_settings(&mut self, other: &Config) {
+        self.origin = other.origin.clone();
+        self.content_set = other.content_set.clone();
+        self.server.default_upstream = other.server.default_upstream.clone();
+        self.upstream.revalidate_after = other.upstream.revalidate_after;
+        self.upstream.cache_control = other.upstream.cache_control.clone();
+        self.upstream.stale_if_error = other.upstream.stale_if_error;
+        self.log.level = other.log.level.clone();
+        self.admin.token = other.admin.token.clone();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_applies_live_keys_and_names_the_others() {
+        let running = Config::default();
+        let mut edited = Config::default();
+        edited.origin.push(OriginConfig {
+            host: "new.example".into(),
+            ..OriginConfig::default()
+        });
+        edited.log.level = "debug".into();
+        edited.admin.token = "rotated".into();
+        edited.server.listen = "0.0.0.0:8081".into();
+        edited.storage.path = "/elsewhere".into();
+        let changed = running.changed_keys(&edited);
+        assert_eq!(
+            changed,
+            [
+                "admin.token",
+                "log.level",
+                "origin",
+                "server.listen",
+                "storage.path"
+            ]
+        );
+        let (live, restart): (Vec<_>, Vec<_>) = changed.iter().partition(|key| is_live_key(key));
+        assert_eq!(live, ["admin.token", "log.level", "origin"]);
+        assert_eq!(restart, ["server.listen", "storage.path"]);
+        assert!(!is_live_key("origins"));
+        assert!(is_live_key("origin[0].host"));
+        let mut after = running.clone();
+        after.take_live_settings(&edited);
+        assert_eq!(
+            after.changed_keys(&edited),
+            ["server.listen", "storage.path"]
+        );
+        assert!(running.changed_keys(&running.clone()).is_empty());
+    }
     use std::collections::HashMap;
 
     fn valid_base() -> Config {

@@ -120,7 +120,7 @@ fn main() -> anyhow::Result<()> {
     }
     let config = Config::load(arguments.config.as_deref())?;
     let config = config.validate()?;
-    init_logging(&config.raw.log.level, &config.raw.log.format)?;
+    let set_log_level = init_logging(&config.raw.log.level, &config.raw.log.format)?;
     if arguments.check_config {
         println!("configuration is valid");
         return Ok(());
@@ -172,9 +172,19 @@ fn main() -> anyhow::Result<()> {
         let admin_listener = TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| format!("admin.listen: cannot bind {}", config.admin_listen))?;
-        cache_node::server::run(config, client_listeners, admin_listener, shutdown_signal())
-            .await
-            .context("cannot open the cache store")?;
+        let reload_source = cache_node::server::reload::ReloadSource {
+            path: arguments.config.clone(),
+            set_log_level: Some(set_log_level),
+        };
+        cache_node::server::run(
+            config,
+            client_listeners,
+            admin_listener,
+            shutdown_signal(),
+            reload_source,
+        )
+        .await
+        .context("cannot open the cache store")?;
         anyhow::Ok(())
     })
 }
@@ -216,17 +226,40 @@ fn health_check(admin_listen: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(level: &str, format: &str) -> anyhow::Result<()> {
+/// Installs the logger, and returns what sets its level again on a config reload.
+fn init_logging(
+    level: &str,
+    format: &str,
+) -> anyhow::Result<cache_node::server::reload::LogLevelSetter> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .with_context(|| format!("log.level: \"{level}\" is not a filter; use e.g. \"info\""))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+    fn setter<S: 'static>(
+        handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+    ) -> cache_node::server::reload::LogLevelSetter {
+        Box::new(move |level: &str| {
+            let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|error| {
+                format!("\"{level}\" is not a filter ({error}); use e.g. \"info\"")
+            })?;
+            handle.reload(filter).map_err(|error| error.to_string())
+        })
     }
-    Ok(())
+    if format == "json" {
+        let builder = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_filter_reloading();
+        let handle = builder.reload_handle();
+        builder.init();
+        Ok(setter(handle))
+    } else {
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_filter_reloading();
+        let handle = builder.reload_handle();
+        builder.init();
+        Ok(setter(handle))
+    }
 }
 
 async fn shutdown_signal() {

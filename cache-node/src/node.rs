@@ -22,8 +22,8 @@ pub const UNREACHABLE_ORIGIN_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Shared state of one running cache node.
 pub struct Node {
-    /// Which origins may be fetched, and where.
-    pub allowlist: Allowlist,
+    /// Which origins may be fetched, and where; replaced whole by a config reload.
+    pub allowlist: arc_swap::ArcSwap<Allowlist>,
     /// The pooled origin client.
     pub client: UpstreamClient,
     /// The object index.
@@ -64,8 +64,8 @@ pub struct Node {
     pub unreachable_origins: moka::sync::Cache<String, ()>,
     /// `server.max_ranges`.
     pub max_ranges: usize,
-    /// `admin.token`.
-    pub admin_token: String,
+    /// `admin.token`; replaced by a config reload.
+    pub admin_token: arc_swap::ArcSwap<String>,
     /// Piece manifests and the tracker; `None` when `peering.enabled` is off.
     pub peering: Option<crate::peering::Peering>,
     /// The memory, concurrency and per-client bounds of fills (`[fill]`).

@@ -951,6 +951,10 @@ pub struct EdgeCounters {
     /// TLS handshakes that failed (untrusted or malformed by the client, wrong protocol); a
     /// handshake cut by the header timeout counts in `header_timeouts` instead.
     pub tls_handshake_failures: Counter,
+    /// Configuration reloads applied (`SIGHUP`, `POST /reload`).
+    pub config_reloads: Counter,
+    /// Configuration reloads refused (the new config did not load or validate).
+    pub config_reload_failures: Counter,
 }
 
 /// [`EdgeCounters`] in the `/stats` document.
@@ -976,6 +980,10 @@ pub struct EdgeSnapshot {
     pub admin_auth_throttled: u64,
     /// TLS handshakes that failed.
     pub tls_handshake_failures: u64,
+    /// Configuration reloads applied.
+    pub config_reloads: u64,
+    /// Configuration reloads refused.
+    pub config_reload_failures: u64,
 }
 
 impl EdgeCounters {
@@ -985,7 +993,17 @@ impl EdgeCounters {
             "Client connections open now",
             self.connections_open.clone(),
         );
-        let counters: [(&str, &str, &Counter); 9] = [
+        let counters: [(&str, &str, &Counter); 11] = [
+            (
+                "config_reloads",
+                "Configuration reloads applied (SIGHUP, POST /reload)",
+                &self.config_reloads,
+            ),
+            (
+                "config_reload_failures",
+                "Configuration reloads refused; the running configuration stayed",
+                &self.config_reload_failures,
+            ),
             (
                 "tls_handshake_failures",
                 "TLS handshakes on the client listener that failed",
@@ -1049,6 +1067,8 @@ impl EdgeCounters {
             admin_auth_failures: self.admin_auth_failures.get(),
             admin_auth_throttled: self.admin_auth_throttled.get(),
             tls_handshake_failures: self.tls_handshake_failures.get(),
+            config_reloads: self.config_reloads.get(),
+            config_reload_failures: self.config_reload_failures.get(),
         }
     }
 }

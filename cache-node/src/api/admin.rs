@@ -1,7 +1,7 @@
 //! The admin listener: the dashboard page (`/`, from `api::dashboard`), `/health`, `/stats`
 //! (JSON), `/metrics` (Prometheus text), `GET /objects` to inspect one object and
 //! `DELETE /objects` to purge it, `/stats/history`, `/summary`, `/ready` (from
-//! `api::readiness`), and prefill jobs (`/prefill`).
+//! `api::readiness`), `POST /reload` (`api::reload`), and prefill jobs (`/prefill`).
 //! Reads are open to whoever can reach the listener;
 //! anything that changes state needs `Authorization: Bearer <admin.token>`.
 //!
@@ -27,6 +27,7 @@ use crate::api::auth_throttle::{AuthThrottle, AUTH_FAILURE_BURST};
 use crate::api::dashboard;
 use crate::api::prefill::{parse_urls, PrefillJobs, MAX_BODY_BYTES};
 use crate::api::readiness::{NotReady, Readiness};
+use crate::api::reload::Reload;
 use crate::cache::key::CacheKey;
 use crate::history::Sample;
 use crate::http::client_key::ClientKey;
@@ -44,6 +45,8 @@ pub struct AdminContext {
     pub prefill: Arc<PrefillJobs>,
     /// Whether every worker accepts and shutdown has not started.
     pub readiness: Arc<Readiness>,
+    /// Re-reads the config for `POST /reload`; `None` for a node started without one (tests).
+    pub reload: Option<Arc<dyn Reload>>,
 }
 
 /// The 503 a load balancer's health check reads while the node is not ready: `Retry-After`
@@ -71,6 +74,12 @@ pub async fn handle(
             Ok(()) => text_response(StatusCode::OK, "ready"),
             Err(not_ready) => not_ready_response(&not_ready),
         });
+    }
+    if path == "/reload" && request.method() == Method::POST {
+        if let Err(refusal) = authorise(&node, throttle, &request) {
+            return Ok(refusal.response());
+        }
+        return Ok(reload(context.reload.clone()).await);
     }
     if path == "/prefill" || path.starts_with("/prefill/") {
         return Ok(prefill_request(&node, throttle, prefill, &path, request).await);
@@ -134,7 +143,7 @@ pub async fn handle(
         },
         (
             _,
-            "/" | "/dashboard" | "/health" | "/ready" | "/stats" | "/stats/history" | "/summary" | "/metrics"
+            "/" | "/dashboard" | "/health" | "/ready" | "/reload" | "/stats" | "/stats/history" | "/summary" | "/metrics"
             | "/objects",
         ) => {
             text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
@@ -222,6 +231,29 @@ async fn prefill_request(
             StatusCode::METHOD_NOT_ALLOWED,
             "use GET or POST /prefill, GET or DELETE /prefill/<id>",
         ),
+    }
+}
+
+/// `POST /reload`: the report (200), or 422 with the reason when the new config is refused and
+/// the running one stays.
+async fn reload(reload: Option<Arc<dyn Reload>>) -> Response<ResponseBody> {
+    let Some(reload) = reload else {
+        return text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node was started without a config to reload",
+        );
+    };
+    match tokio::task::spawn_blocking(move || reload.reload("POST /reload")).await {
+        Ok(Ok(report)) => json(&report),
+        Ok(Err(reason)) => {
+            let mut response = json(&serde_json::json!({
+                "error": reason,
+                "running": "the running configuration is unchanged",
+            }));
+            *response.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+            response
+        }
+        Err(_) => text_response(StatusCode::INTERNAL_SERVER_ERROR, "the reload failed"),
     }
 }
 
@@ -317,7 +349,8 @@ fn authorise(
     throttle: &AuthThrottle,
     request: &Request<Incoming>,
 ) -> Result<(), AuthRefusal> {
-    if !token_is_usable(&node.admin_token) {
+    let token = node.admin_token.load();
+    if !token_is_usable(&token) {
         return Err(AuthRefusal::Disabled);
     }
     let client = request
@@ -333,7 +366,7 @@ fn authorise(
             retry_after,
         });
     }
-    if presents_token(request, &node.admin_token) {
+    if presents_token(request, &token) {
         return Ok(());
     }
     edge.admin_auth_failures.inc();

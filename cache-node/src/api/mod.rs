@@ -7,3 +7,4 @@ pub(crate) mod dashboard;
 pub(crate) mod peering;
 pub mod prefill;
 pub mod readiness;
+pub mod reload;

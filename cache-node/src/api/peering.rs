@@ -153,7 +153,7 @@ async fn manifest(
     } else {
         crate::http::client_key::ClientScheme::Http
     };
-    let route = match router::route_over(&node.allowlist, &uri, None, scheme) {
+    let route = match router::route_over(&node.allowlist.load(), &uri, None, scheme) {
         Ok(route) => route,
         Err(error) => return json_error(StatusCode::FORBIDDEN, &error.to_string()),
     };

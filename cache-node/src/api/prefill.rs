@@ -392,9 +392,9 @@ fn route_url(node: &Node, url: &str) -> Result<Route, String> {
             .unwrap_or("/")
             .parse()
             .map_err(|_| format!("{url:?} is not a URL"))?;
-        router::route_over(&node.allowlist, &origin_form, None, scheme)
+        router::route_over(&node.allowlist.load(), &origin_form, None, scheme)
     } else {
-        router::route_over(&node.allowlist, &uri, None, scheme)
+        router::route_over(&node.allowlist.load(), &uri, None, scheme)
     };
     routed.map_err(|error| error.to_string())
 }

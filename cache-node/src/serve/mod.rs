@@ -75,7 +75,7 @@ pub async fn handle(
         .get(header::HOST)
         .and_then(|value| value.to_str().ok());
     let route = match router::route_request(
-        &node.allowlist,
+        &node.allowlist.load(),
         request.version(),
         request.uri(),
         host_header,

@@ -57,7 +57,7 @@ async fn answer(
     // request starts fills like a GET does.
     node.stats.requests.inc();
     if router::is_api_request(
-        &node.allowlist,
+        &node.allowlist.load(),
         request.version(),
         request.uri(),
         host_header,

@@ -26,6 +26,7 @@
 pub mod connections;
 pub(crate) mod dispatch;
 mod primed_body;
+pub mod reload;
 mod starting;
 pub(crate) mod startup;
 mod tls_watch;
@@ -49,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::admin;
 use crate::api::auth_throttle::AuthThrottle;
 use crate::api::readiness::Readiness;
+use crate::api::reload::Reload;
 use crate::config::ValidConfig;
 use crate::error::DiskError;
 use crate::history::Sample;
@@ -58,6 +60,7 @@ use crate::node::Node;
 use crate::serve::{text_response, ResponseBody};
 use crate::server::connections::{ConnectionGuard, ConnectionTable, TrackedBody, WatchedIo};
 use crate::server::primed_body::PrimedBody;
+use crate::server::reload::{ConfigReloader, ReloadSource};
 use crate::server::starting::answer_while_starting;
 use crate::stats::EdgeCounters;
 use crate::upstream::router;
@@ -125,6 +128,7 @@ pub async fn run(
     client_listeners: impl Into<ClientListeners>,
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+    reload_source: ReloadSource,
 ) -> Result<(), DiskError> {
     let opening = {
         let config = config.clone();
@@ -135,12 +139,18 @@ pub async fn run(
         Ok(opened) => opened?,
         Err(panicked) => std::panic::resume_unwind(panicked.into_panic()),
     };
-    run_node(
+    let reload: Arc<dyn Reload> = Arc::new(ConfigReloader::new(
+        node.clone(),
+        reload_source,
+        config.raw.clone(),
+    ));
+    serve_node(
         node,
         client_listeners,
         admin_listener,
         shutdown,
         config.raw.server.shutdown_grace,
+        Some(reload),
     )
     .await;
     Ok(())
@@ -155,6 +165,26 @@ pub async fn run_node(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     shutdown_grace: Duration,
+) {
+    serve_node(
+        node,
+        client_listeners,
+        admin_listener,
+        shutdown,
+        shutdown_grace,
+        None,
+    )
+    .await;
+}
+
+/// [`run_node`], reloading the config with `reload` on `SIGHUP` and `POST /reload` when given.
+async fn serve_node(
+    node: Arc<Node>,
+    client_listeners: impl Into<ClientListeners>,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    shutdown_grace: Duration,
+    reload: Option<Arc<dyn Reload>>,
 ) {
     let ClientListeners {
         plain: client_listeners,
@@ -191,6 +221,9 @@ pub async fn run_node(
         tokio::spawn(log_traffic_summaries(node.clone(), stop.clone()));
     }
     tokio::spawn(sample_history(node.clone(), stop.clone()));
+    if let Some(reload) = &reload {
+        tokio::spawn(reload::reload_on_hangup(reload.clone(), stop.clone()));
+    }
     if let Some(certificate) = &node.tls {
         tokio::spawn(tls_watch::watch_certificate(
             certificate.clone(),
@@ -243,6 +276,7 @@ pub async fn run_node(
         throttle: AuthThrottle::default(),
         prefill: Arc::new(crate::api::prefill::PrefillJobs::new(&node)),
         readiness: readiness.clone(),
+        reload,
     });
     // The admin listener's own caps, and counters that stay out of the client listener's.
     let admin_connections =

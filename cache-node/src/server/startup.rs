@@ -99,7 +99,7 @@ impl Node {
         };
         Ok(Arc::new(Node {
             storage: reporting_full_disk(storage, index.clone(), stats.clone()),
-            allowlist: config.allowlist.clone(),
+            allowlist: arc_swap::ArcSwap::from_pointee(config.allowlist.clone()),
             client: UpstreamClient::new(
                 &config.raw.upstream,
                 config.proxy.clone(),
@@ -129,7 +129,7 @@ impl Node {
                 .time_to_live(UNREACHABLE_ORIGIN_BACKOFF)
                 .build(),
             max_ranges: config.raw.server.max_ranges,
-            admin_token: config.raw.admin.token.clone(),
+            admin_token: arc_swap::ArcSwap::from_pointee(config.raw.admin.token.clone()),
             peering: Peering::start(&config.peering),
             fill_limits,
             connection_limits: client_limits(&config.raw.server),

@@ -129,9 +129,11 @@ pub fn range_allows(range: &IpNet, address: IpAddr) -> Result<bool, AddressRefus
 
 /// The addresses names may resolve to: public ones, and special-purpose ones that one of the
 /// configured ranges (all `[[origin]] cidr` entries together) lists explicitly.
-#[derive(Debug, Clone, Default)]
+/// The ranges can be replaced while the node runs (a config reload), so the resolver that holds
+/// the policy sees the new ones.
+#[derive(Debug, Default)]
 pub struct AddressPolicy {
-    ranges: Vec<IpNet>,
+    ranges: arc_swap::ArcSwap<Vec<IpNet>>,
 }
 
 /// A name whose every address was refused; nothing was connected.
@@ -147,7 +149,14 @@ pub struct NameRefused {
 impl AddressPolicy {
     /// The policy of these configured ranges.
     pub fn new(ranges: Vec<IpNet>) -> AddressPolicy {
-        AddressPolicy { ranges }
+        AddressPolicy {
+            ranges: arc_swap::ArcSwap::from_pointee(ranges),
+        }
+    }
+
+    /// Takes `other`'s ranges, for the resolvers already holding this policy.
+    pub fn replace_with(&self, other: &AddressPolicy) {
+        self.ranges.store(other.ranges.load_full());
     }
 
     /// The addresses of what `name` resolved to that may be connected to, in their order.
@@ -184,6 +193,7 @@ impl AddressPolicy {
         };
         let listed = self
             .ranges
+            .load()
             .iter()
             .any(|range| range.contains(&address) && block.contains(range));
         if listed {

@@ -188,6 +188,14 @@ impl Allowlist {
         Arc::clone(&self.address_policy)
     }
 
+    /// Makes `shared` (the policy the running origin client resolves names with) this
+    /// allowlist's policy, after giving it this allowlist's ranges: a reloaded allowlist takes
+    /// over the running one's policy instead of leaving the client with the old ranges.
+    pub fn adopt_address_policy(&mut self, shared: Arc<AddressPolicy>) {
+        shared.replace_with(&self.address_policy);
+        self.address_policy = shared;
+    }
+
     /// The entry that allows `named`: by host pattern for a name; for an IP literal, by a `cidr`
     /// range (see [`address_policy::range_allows`]) or a `host` that is exactly that literal
     /// (the admin wrote the address). Wildcard patterns never match literals.
