@@ -5,6 +5,12 @@
 //! sent to clients straight from an origin fill, `egress_bytes` every body byte sent to clients
 //! (hits, misses, pass-through and multipart framing), and `origin_bytes` every body byte
 //! received from origins.
+//!
+//! The same figures are kept per origin label ([`OriginStats`]): one label per configured
+//! `[[origin]]` entry (its content set's name, its host pattern or its address ranges) and
+//! `default` for `server.default_upstream`, fixed at start-up, so what a client sends never
+//! becomes a label and the number of series is bounded by the config. A request carries its
+//! label's [`OriginIndex`] from routing on, so counting costs an index and an atomic add.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -268,6 +274,8 @@ pub struct Stats {
     /// Seconds until the TLS listener's certificate expires, labelled `cert="<tls.cert>"`; no
     /// sample while TLS is off.
     pub tls_certificate_expiry: TlsExpiryGauge,
+    /// The traffic and stored objects of each origin label.
+    pub origins: OriginStats,
 }
 
 /// The gauge of seconds to the TLS certificate's expiry (negative once expired), by file.
@@ -381,6 +389,8 @@ pub struct StatsSnapshot {
     /// The size the drives really allow together: `cache_max_bytes`, or less after a write
     /// failed for lack of space (see each drive's `effective_max_bytes`).
     pub cache_effective_max_bytes: u64,
+    /// Each origin label's traffic and stored objects, in configuration order.
+    pub origins: Vec<OriginSnapshot>,
 }
 
 /// The traffic of one interval between two snapshots, for the periodic summary log line.
@@ -429,8 +439,9 @@ impl TrafficSummary {
 
 impl Stats {
     /// Creates the counters and registers them under the `outpost_` prefix, with an info metric
-    /// naming the disk backend.
-    pub fn new(disk_backend: &str) -> Stats {
+    /// naming the disk backend. `origin_labels` are the allowlist's labels, in the order of the
+    /// [`OriginIndex`]es routing hands out.
+    pub fn new(disk_backend: &str, origin_labels: &[String]) -> Stats {
         let mut registry = Registry::with_prefix("outpost");
         let stats_without_registry = Stats {
             registry: Registry::default(),
@@ -483,6 +494,7 @@ impl Stats {
             invalidations: Counter::default(),
             cache_effective_max_bytes: Gauge::default(),
             tls_certificate_expiry: TlsExpiryGauge::default(),
+            origins: OriginStats::new(origin_labels),
         };
         let stats = &stats_without_registry;
         let counters: [(&str, &str, &Counter, Option<Unit>); 27] = [
@@ -801,23 +813,43 @@ impl Stats {
         );
         stats.edge.register(&mut registry);
         stats.latency.register(&mut registry);
+        stats.origins.register(&mut registry);
         Stats {
             registry,
             ..stats_without_registry
         }
     }
 
-    /// Counts `length` body bytes sent to a client from `source`.
-    pub fn count_egress(&self, source: ByteSource, length: u64) {
+    /// Counts `length` body bytes sent to a client from `source`, for a request routed to
+    /// `origin`.
+    pub fn count_egress(&self, origin: OriginIndex, source: ByteSource, length: u64) {
         self.egress_bytes.inc_by(length);
+        let counters = self.origins.get(origin);
+        if let Some(counters) = counters {
+            counters.egress_bytes.inc_by(length);
+        }
         match source {
             ByteSource::Disk => {
                 self.hit_bytes.inc_by(length);
+                if let Some(counters) = counters {
+                    counters.hit_bytes.inc_by(length);
+                }
             }
             ByteSource::Fill => {
                 self.miss_bytes.inc_by(length);
+                if let Some(counters) = counters {
+                    counters.miss_bytes.inc_by(length);
+                }
             }
             ByteSource::Other => {}
+        }
+    }
+
+    /// Counts `length` body bytes received from `origin`.
+    pub fn count_origin_bytes(&self, origin: OriginIndex, length: u64) {
+        self.origin_bytes.inc_by(length);
+        if let Some(counters) = self.origins.get(origin) {
+            counters.origin_bytes.inc_by(length);
         }
     }
 
@@ -908,6 +940,7 @@ impl Stats {
             relayed_request_bytes: self.relayed_request_bytes.get(),
             invalidations: self.invalidations.get(),
             cache_effective_max_bytes: self.cache_effective_max_bytes.get(),
+            origins: self.origins.snapshot(),
         }
     }
 
@@ -1053,19 +1086,234 @@ impl EdgeCounters {
     }
 }
 
+/// Which origin label a request was routed to: the position of the label among the allowlist's
+/// labels, and of its counters in [`OriginStats`]. Routing hands it out; it is never built from
+/// what a client sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OriginIndex(pub usize);
+
+/// Labelled counters, one series per origin label.
+type OriginFamily<M> = Family<Vec<(String, String)>, M>;
+
+/// One origin label's counters: the global byte counters' meanings, for the requests routed to
+/// it. The handles share their atomics with the `/metrics` families.
+#[derive(Debug, Clone, Default)]
+pub struct OriginCounters {
+    /// Client requests routed to this origin (content and relayed requests; not refusals, which
+    /// have no origin, nor the node's own API).
+    pub requests: Counter,
+    /// Body bytes sent to clients from disk.
+    pub hit_bytes: Counter,
+    /// Body bytes sent to clients straight from fills.
+    pub miss_bytes: Counter,
+    /// Every body byte sent to clients.
+    pub egress_bytes: Counter,
+    /// Body bytes received from this origin.
+    pub origin_bytes: Counter,
+    /// Objects of this origin in the index (set from the index when read).
+    stored_objects: Gauge<u64, AtomicU64>,
+    /// Bytes of this origin's objects on disk (set from the index when read).
+    stored_bytes: Gauge<u64, AtomicU64>,
+}
+
+/// What the index holds for one origin label (see [`OriginStats::set_stored`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredTally {
+    /// Objects in the index.
+    pub objects: u64,
+    /// Their bytes on disk.
+    pub bytes: u64,
+}
+
+/// The per-origin figures: the labels fixed at start-up, and one [`OriginCounters`] per label.
+#[derive(Debug)]
+pub struct OriginStats {
+    labels: Vec<String>,
+    counters: Vec<OriginCounters>,
+    families: OriginFamilies,
+}
+
+/// The `/metrics` families behind [`OriginCounters`].
+#[derive(Debug, Default)]
+struct OriginFamilies {
+    requests: OriginFamily<Counter>,
+    hit_bytes: OriginFamily<Counter>,
+    miss_bytes: OriginFamily<Counter>,
+    egress_bytes: OriginFamily<Counter>,
+    origin_bytes: OriginFamily<Counter>,
+    stored_objects: OriginFamily<Gauge<u64, AtomicU64>>,
+    stored_bytes: OriginFamily<Gauge<u64, AtomicU64>>,
+}
+
+/// One origin label in the `/stats` document.
+#[derive(Debug, Clone, Serialize)]
+pub struct OriginSnapshot {
+    /// The label: a content set's name, a host pattern, address ranges, or `default`.
+    pub label: String,
+    /// Client requests routed to it.
+    pub requests: u64,
+    /// Body bytes sent from disk.
+    pub hit_bytes: u64,
+    /// Body bytes sent from fills.
+    pub miss_bytes: u64,
+    /// Body bytes sent in all.
+    pub egress_bytes: u64,
+    /// Body bytes received from it.
+    pub origin_bytes: u64,
+    /// Its objects in the index.
+    pub objects: u64,
+    /// Their bytes on disk.
+    pub stored_bytes: u64,
+}
+
+/// A label value as the Prometheus text formats write it between quotes: backslash, double quote
+/// and line feed escaped. (prometheus-client writes label values as given.)
+pub fn escape_label_value(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for character in value.chars() {
+        match character {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
+}
+
+impl OriginStats {
+    /// Counters for `labels`, each series created at once so that every configured origin
+    /// appears (at zero) from the start.
+    fn new(labels: &[String]) -> OriginStats {
+        let families = OriginFamilies::default();
+        let counters = labels
+            .iter()
+            .map(|label| {
+                let series = vec![("origin".to_owned(), escape_label_value(label))];
+                OriginCounters {
+                    requests: families.requests.get_or_create(&series).clone(),
+                    hit_bytes: families.hit_bytes.get_or_create(&series).clone(),
+                    miss_bytes: families.miss_bytes.get_or_create(&series).clone(),
+                    egress_bytes: families.egress_bytes.get_or_create(&series).clone(),
+                    origin_bytes: families.origin_bytes.get_or_create(&series).clone(),
+                    stored_objects: families.stored_objects.get_or_create(&series).clone(),
+                    stored_bytes: families.stored_bytes.get_or_create(&series).clone(),
+                }
+            })
+            .collect();
+        OriginStats {
+            labels: labels.to_vec(),
+            counters,
+            families,
+        }
+    }
+
+    /// The counters of the label at `origin`. `None` only for an index that no allowlist of
+    /// this node handed out (the stats' own tests).
+    pub fn get(&self, origin: OriginIndex) -> Option<&OriginCounters> {
+        let counters = self.counters.get(origin.0);
+        debug_assert!(
+            counters.is_some() || self.counters.is_empty(),
+            "origin index {} out of {} labels",
+            origin.0,
+            self.counters.len()
+        );
+        counters
+    }
+
+    /// Counts a client request routed to `origin`.
+    pub fn count_request(&self, origin: OriginIndex) {
+        if let Some(counters) = self.get(origin) {
+            counters.requests.inc();
+        }
+    }
+
+    /// Sets what the index holds per label, in [`OriginIndex`] order (missing entries are 0).
+    pub fn set_stored(&self, tallies: &[StoredTally]) {
+        for (index, counters) in self.counters.iter().enumerate() {
+            let tally = tallies.get(index).copied().unwrap_or_default();
+            counters.stored_objects.set(tally.objects);
+            counters.stored_bytes.set(tally.bytes);
+        }
+    }
+
+    fn snapshot(&self) -> Vec<OriginSnapshot> {
+        self.labels
+            .iter()
+            .zip(&self.counters)
+            .map(|(label, counters)| OriginSnapshot {
+                label: label.clone(),
+                requests: counters.requests.get(),
+                hit_bytes: counters.hit_bytes.get(),
+                miss_bytes: counters.miss_bytes.get(),
+                egress_bytes: counters.egress_bytes.get(),
+                origin_bytes: counters.origin_bytes.get(),
+                objects: counters.stored_objects.get(),
+                stored_bytes: counters.stored_bytes.get(),
+            })
+            .collect()
+    }
+
+    /// Registers the families as `per_origin_<global name>`, so that each sums (over `origin`)
+    /// to the global figure of the same name.
+    fn register(&self, registry: &mut Registry) {
+        let families = &self.families;
+        registry.register(
+            "per_origin_requests",
+            "Client requests routed to each configured origin",
+            families.requests.clone(),
+        );
+        for (name, help, family) in [
+            (
+                "per_origin_hit",
+                "Body bytes sent to clients from disk, per configured origin",
+                &families.hit_bytes,
+            ),
+            (
+                "per_origin_miss",
+                "Body bytes sent to clients from origin fills, per configured origin",
+                &families.miss_bytes,
+            ),
+            (
+                "per_origin_egress",
+                "Body bytes sent to clients, per configured origin",
+                &families.egress_bytes,
+            ),
+            (
+                "per_origin_origin",
+                "Body bytes received from each configured origin",
+                &families.origin_bytes,
+            ),
+        ] {
+            registry.register_with_unit(name, help, Unit::Bytes, family.clone());
+        }
+        registry.register(
+            "per_origin_stored_objects",
+            "Objects in the index, per configured origin",
+            families.stored_objects.clone(),
+        );
+        registry.register_with_unit(
+            "per_origin_stored",
+            "Bytes stored on disk, per configured origin",
+            Unit::Bytes,
+            families.stored_bytes.clone(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_summary_covers_its_interval_only_and_quiet_intervals_have_none() {
-        let stats = Stats::new("portable");
-        stats.count_egress(ByteSource::Disk, 300);
+        let stats = Stats::new("portable", &[]);
+        stats.count_egress(OriginIndex(0), ByteSource::Disk, 300);
         let snapshot = stats.snapshot("portable");
         assert_eq!(TrafficSummary::between(&snapshot, &snapshot), None);
         stats.requests.inc();
-        stats.count_egress(ByteSource::Disk, 100);
-        stats.count_egress(ByteSource::Fill, 300);
+        stats.count_egress(OriginIndex(0), ByteSource::Disk, 100);
+        stats.count_egress(OriginIndex(0), ByteSource::Fill, 300);
         let later = stats.snapshot("portable");
         let summary = TrafficSummary::between(&snapshot, &later).unwrap();
         assert_eq!(summary.requests, 1);
@@ -1076,10 +1324,10 @@ mod tests {
 
     #[test]
     fn both_views_report_the_same_counts() {
-        let stats = Stats::new("portable");
-        stats.count_egress(ByteSource::Disk, 300);
-        stats.count_egress(ByteSource::Fill, 100);
-        stats.count_egress(ByteSource::Other, 7);
+        let stats = Stats::new("portable", &[]);
+        stats.count_egress(OriginIndex(0), ByteSource::Disk, 300);
+        stats.count_egress(OriginIndex(0), ByteSource::Fill, 100);
+        stats.count_egress(OriginIndex(0), ByteSource::Other, 7);
         let drive = DriveUsage {
             path: "/var/cache/outpost".into(),
             used_bytes: 10,
@@ -1113,7 +1361,7 @@ mod tests {
 
     #[test]
     fn the_store_defences_are_counted_in_both_views() {
-        let stats = Stats::new("portable");
+        let stats = Stats::new("portable", &[]);
         stats.objects_refused_too_large.inc();
         stats.integrity_failures.inc();
         stats.slices_verified.inc_by(3);
@@ -1138,5 +1386,76 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from {text}");
         }
+    }
+
+    #[test]
+    fn origin_figures_are_counted_per_label_in_both_views() {
+        let labels = ["windows-update".to_owned(), "*.example.com".to_owned()];
+        let stats = Stats::new("portable", &labels);
+        let (set, hosts) = (OriginIndex(0), OriginIndex(1));
+        stats.origins.count_request(set);
+        stats.origins.count_request(hosts);
+        stats.origins.count_request(hosts);
+        stats.count_egress(set, ByteSource::Fill, 100);
+        stats.count_egress(hosts, ByteSource::Disk, 30);
+        stats.count_egress(hosts, ByteSource::Other, 2);
+        stats.count_origin_bytes(set, 100);
+        stats.origins.set_stored(&[StoredTally {
+            objects: 1,
+            bytes: 4096,
+        }]);
+        let snapshot = stats.snapshot("portable");
+        let figures: Vec<_> = snapshot
+            .origins
+            .iter()
+            .map(|origin| {
+                (
+                    origin.label.as_str(),
+                    origin.requests,
+                    origin.hit_bytes,
+                    origin.miss_bytes,
+                    origin.egress_bytes,
+                    origin.origin_bytes,
+                    origin.objects,
+                    origin.stored_bytes,
+                )
+            })
+            .collect();
+        assert_eq!(
+            figures,
+            [
+                ("windows-update", 1, 0, 100, 100, 100, 1, 4096),
+                ("*.example.com", 2, 30, 0, 32, 0, 0, 0),
+            ]
+        );
+        assert_eq!(snapshot.egress_bytes, 132);
+        assert_eq!(snapshot.origin_bytes, 100);
+        let text = stats.prometheus_classic_text();
+        for line in [
+            "outpost_per_origin_requests_total{origin=\"*.example.com\"} 2",
+            "outpost_per_origin_hit_bytes_total{origin=\"*.example.com\"} 30",
+            "outpost_per_origin_miss_bytes_total{origin=\"windows-update\"} 100",
+            "outpost_per_origin_egress_bytes_total{origin=\"*.example.com\"} 32",
+            "outpost_per_origin_origin_bytes_total{origin=\"windows-update\"} 100",
+            "outpost_per_origin_stored_objects{origin=\"windows-update\"} 1",
+            "outpost_per_origin_stored_bytes{origin=\"windows-update\"} 4096",
+            "outpost_per_origin_stored_bytes{origin=\"*.example.com\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped_for_the_text_formats() {
+        assert_eq!(escape_label_value("*.example.com"), "*.example.com");
+        assert_eq!(escape_label_value(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label_value("a\nb"), "a\\nb");
+        let stats = Stats::new("portable", &["odd\"label".to_owned()]);
+        let text = stats.prometheus_text();
+        assert!(
+            text.contains("outpost_per_origin_requests_total{origin=\"odd\\\"label\"} 0"),
+            "{text}"
+        );
+        assert_eq!(stats.snapshot("portable").origins[0].label, "odd\"label");
     }
 }
