@@ -826,19 +826,19 @@ impl Stats {
         self.egress_bytes.inc_by(length);
         let counters = self.origins.get(origin);
         if let Some(counters) = counters {
-            counters.egress_bytes.inc_by(length);
+            counters.add(OriginBytes::Egress, length);
         }
         match source {
             ByteSource::Disk => {
                 self.hit_bytes.inc_by(length);
                 if let Some(counters) = counters {
-                    counters.hit_bytes.inc_by(length);
+                    counters.add(OriginBytes::Hit, length);
                 }
             }
             ByteSource::Fill => {
                 self.miss_bytes.inc_by(length);
                 if let Some(counters) = counters {
-                    counters.miss_bytes.inc_by(length);
+                    counters.add(OriginBytes::Miss, length);
                 }
             }
             ByteSource::Other => {}
@@ -849,7 +849,7 @@ impl Stats {
     pub fn count_origin_bytes(&self, origin: OriginIndex, length: u64) {
         self.origin_bytes.inc_by(length);
         if let Some(counters) = self.origins.get(origin) {
-            counters.origin_bytes.inc_by(length);
+            counters.add(OriginBytes::Origin, length);
         }
     }
 
@@ -1095,25 +1095,63 @@ pub struct OriginIndex(pub usize);
 /// Labelled counters, one series per origin label.
 type OriginFamily<M> = Family<Vec<(String, String)>, M>;
 
-/// One origin label's counters: the global byte counters' meanings, for the requests routed to
-/// it. The handles share their atomics with the `/metrics` families.
+/// The byte counters kept per origin label, in [`OriginCounters::bytes`] order, with the global
+/// counter each one breaks down (and the `/metrics` family name, `per_origin_<name>_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginBytes {
+    /// Body bytes sent to clients from disk (`hit_bytes`).
+    Hit,
+    /// Body bytes sent to clients straight from fills (`miss_bytes`).
+    Miss,
+    /// Every body byte sent to clients (`egress_bytes`).
+    Egress,
+    /// Body bytes received from the origin (`origin_bytes`).
+    Origin,
+}
+
+/// Each [`OriginBytes`] kind's `/metrics` name (before `_bytes_total`) and help.
+const ORIGIN_BYTE_FAMILIES: [(&str, &str); 4] = [
+    (
+        "per_origin_hit",
+        "Body bytes sent to clients from disk, per configured origin",
+    ),
+    (
+        "per_origin_miss",
+        "Body bytes sent to clients from origin fills, per configured origin",
+    ),
+    (
+        "per_origin_egress",
+        "Body bytes sent to clients, per configured origin",
+    ),
+    (
+        "per_origin_origin",
+        "Body bytes received from each configured origin",
+    ),
+];
+
+/// One origin label's counters: the global counters' meanings, for the requests routed to it.
+/// The handles share their atomics with the `/metrics` families.
 #[derive(Debug, Clone, Default)]
 pub struct OriginCounters {
     /// Client requests routed to this origin (content and relayed requests; not refusals, which
     /// have no origin, nor the node's own API).
     pub requests: Counter,
-    /// Body bytes sent to clients from disk.
-    pub hit_bytes: Counter,
-    /// Body bytes sent to clients straight from fills.
-    pub miss_bytes: Counter,
-    /// Every body byte sent to clients.
-    pub egress_bytes: Counter,
-    /// Body bytes received from this origin.
-    pub origin_bytes: Counter,
-    /// Objects of this origin in the index (set from the index when read).
-    stored_objects: Gauge<u64, AtomicU64>,
-    /// Bytes of this origin's objects on disk (set from the index when read).
-    stored_bytes: Gauge<u64, AtomicU64>,
+    /// Body bytes, by [`OriginBytes`] kind.
+    bytes: [Counter; 4],
+    /// Objects of this origin in the index, then their bytes on disk (set when read).
+    stored: [Gauge<u64, AtomicU64>; 2],
+}
+
+impl OriginCounters {
+    /// Counts `length` bytes of `kind`.
+    pub fn add(&self, kind: OriginBytes, length: u64) {
+        self.bytes[kind as usize].inc_by(length);
+    }
+
+    /// The bytes of `kind` so far.
+    pub fn get(&self, kind: OriginBytes) -> u64 {
+        self.bytes[kind as usize].get()
+    }
 }
 
 /// What the index holds for one origin label (see [`OriginStats::set_stored`]).
@@ -1133,16 +1171,12 @@ pub struct OriginStats {
     families: OriginFamilies,
 }
 
-/// The `/metrics` families behind [`OriginCounters`].
+/// The `/metrics` families behind [`OriginCounters`], field for field.
 #[derive(Debug, Default)]
 struct OriginFamilies {
     requests: OriginFamily<Counter>,
-    hit_bytes: OriginFamily<Counter>,
-    miss_bytes: OriginFamily<Counter>,
-    egress_bytes: OriginFamily<Counter>,
-    origin_bytes: OriginFamily<Counter>,
-    stored_objects: OriginFamily<Gauge<u64, AtomicU64>>,
-    stored_bytes: OriginFamily<Gauge<u64, AtomicU64>>,
+    bytes: [OriginFamily<Counter>; 4],
+    stored: [OriginFamily<Gauge<u64, AtomicU64>>; 2],
 }
 
 /// One origin label in the `/stats` document.
@@ -1192,12 +1226,14 @@ impl OriginStats {
                 let series = vec![("origin".to_owned(), escape_label_value(label))];
                 OriginCounters {
                     requests: families.requests.get_or_create(&series).clone(),
-                    hit_bytes: families.hit_bytes.get_or_create(&series).clone(),
-                    miss_bytes: families.miss_bytes.get_or_create(&series).clone(),
-                    egress_bytes: families.egress_bytes.get_or_create(&series).clone(),
-                    origin_bytes: families.origin_bytes.get_or_create(&series).clone(),
-                    stored_objects: families.stored_objects.get_or_create(&series).clone(),
-                    stored_bytes: families.stored_bytes.get_or_create(&series).clone(),
+                    bytes: families
+                        .bytes
+                        .each_ref()
+                        .map(|family| family.get_or_create(&series).clone()),
+                    stored: families
+                        .stored
+                        .each_ref()
+                        .map(|family| family.get_or_create(&series).clone()),
                 }
             })
             .collect();
@@ -1232,8 +1268,8 @@ impl OriginStats {
     pub fn set_stored(&self, tallies: &[StoredTally]) {
         for (index, counters) in self.counters.iter().enumerate() {
             let tally = tallies.get(index).copied().unwrap_or_default();
-            counters.stored_objects.set(tally.objects);
-            counters.stored_bytes.set(tally.bytes);
+            counters.stored[0].set(tally.objects);
+            counters.stored[1].set(tally.bytes);
         }
     }
 
@@ -1244,12 +1280,12 @@ impl OriginStats {
             .map(|(label, counters)| OriginSnapshot {
                 label: label.clone(),
                 requests: counters.requests.get(),
-                hit_bytes: counters.hit_bytes.get(),
-                miss_bytes: counters.miss_bytes.get(),
-                egress_bytes: counters.egress_bytes.get(),
-                origin_bytes: counters.origin_bytes.get(),
-                objects: counters.stored_objects.get(),
-                stored_bytes: counters.stored_bytes.get(),
+                hit_bytes: counters.get(OriginBytes::Hit),
+                miss_bytes: counters.get(OriginBytes::Miss),
+                egress_bytes: counters.get(OriginBytes::Egress),
+                origin_bytes: counters.get(OriginBytes::Origin),
+                objects: counters.stored[0].get(),
+                stored_bytes: counters.stored[1].get(),
             })
             .collect()
     }
@@ -1263,40 +1299,19 @@ impl OriginStats {
             "Client requests routed to each configured origin",
             families.requests.clone(),
         );
-        for (name, help, family) in [
-            (
-                "per_origin_hit",
-                "Body bytes sent to clients from disk, per configured origin",
-                &families.hit_bytes,
-            ),
-            (
-                "per_origin_miss",
-                "Body bytes sent to clients from origin fills, per configured origin",
-                &families.miss_bytes,
-            ),
-            (
-                "per_origin_egress",
-                "Body bytes sent to clients, per configured origin",
-                &families.egress_bytes,
-            ),
-            (
-                "per_origin_origin",
-                "Body bytes received from each configured origin",
-                &families.origin_bytes,
-            ),
-        ] {
-            registry.register_with_unit(name, help, Unit::Bytes, family.clone());
+        for ((name, help), family) in ORIGIN_BYTE_FAMILIES.iter().zip(&families.bytes) {
+            registry.register_with_unit(*name, *help, Unit::Bytes, family.clone());
         }
         registry.register(
             "per_origin_stored_objects",
             "Objects in the index, per configured origin",
-            families.stored_objects.clone(),
+            families.stored[0].clone(),
         );
         registry.register_with_unit(
             "per_origin_stored",
             "Bytes stored on disk, per configured origin",
             Unit::Bytes,
-            families.stored_bytes.clone(),
+            families.stored[1].clone(),
         );
     }
 }
@@ -1304,6 +1319,13 @@ impl OriginStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fails unless `text` has every one of `lines`.
+    fn assert_has_lines(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
+    }
 
     #[test]
     fn a_summary_covers_its_interval_only_and_quiet_intervals_have_none() {
@@ -1430,19 +1452,19 @@ mod tests {
         );
         assert_eq!(snapshot.egress_bytes, 132);
         assert_eq!(snapshot.origin_bytes, 100);
-        let text = stats.prometheus_classic_text();
-        for line in [
-            "outpost_per_origin_requests_total{origin=\"*.example.com\"} 2",
-            "outpost_per_origin_hit_bytes_total{origin=\"*.example.com\"} 30",
-            "outpost_per_origin_miss_bytes_total{origin=\"windows-update\"} 100",
-            "outpost_per_origin_egress_bytes_total{origin=\"*.example.com\"} 32",
-            "outpost_per_origin_origin_bytes_total{origin=\"windows-update\"} 100",
-            "outpost_per_origin_stored_objects{origin=\"windows-update\"} 1",
-            "outpost_per_origin_stored_bytes{origin=\"windows-update\"} 4096",
-            "outpost_per_origin_stored_bytes{origin=\"*.example.com\"} 0",
-        ] {
-            assert!(text.contains(line), "{line} missing from {text}");
-        }
+        assert_has_lines(
+            &stats.prometheus_classic_text(),
+            &[
+                "outpost_per_origin_requests_total{origin=\"*.example.com\"} 2",
+                "outpost_per_origin_hit_bytes_total{origin=\"*.example.com\"} 30",
+                "outpost_per_origin_miss_bytes_total{origin=\"windows-update\"} 100",
+                "outpost_per_origin_egress_bytes_total{origin=\"*.example.com\"} 32",
+                "outpost_per_origin_origin_bytes_total{origin=\"windows-update\"} 100",
+                "outpost_per_origin_stored_objects{origin=\"windows-update\"} 1",
+                "outpost_per_origin_stored_bytes{origin=\"windows-update\"} 4096",
+                "outpost_per_origin_stored_bytes{origin=\"*.example.com\"} 0",
+            ],
+        );
     }
 
     #[test]

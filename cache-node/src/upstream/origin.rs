@@ -868,14 +868,21 @@ mod tests {
         assert!(allowlist.default_upstream().is_none());
     }
 
+    /// An `[[origin]]` allowing `host` (a pattern, or empty) and the `cidr` ranges.
+    fn origin_config(host: &str, cidr: &[&str]) -> OriginConfig {
+        OriginConfig {
+            host: host.into(),
+            cidr: cidr.iter().map(|range| (*range).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn each_entry_gets_a_label_from_its_config_and_objects_map_back_to_it() {
         let origin = |host: &str, cidr: &[&str], content_set: Option<&str>| OriginConfig {
-            host: host.into(),
-            cidr: cidr.iter().map(|range| (*range).to_owned()).collect(),
             content_set: content_set.map(str::to_owned),
             upstream: Some("http://127.0.0.1:9000".into()),
-            ..Default::default()
+            ..origin_config(host, cidr)
         };
         let config = Config {
             origin: vec![
@@ -916,29 +923,25 @@ mod tests {
                 .origin_of_key(&key)
                 .map(|origin| allowlist.labels()[origin.0].as_str())
         };
-        assert_eq!(
-            key_label(CacheKey::in_content_set("cdn", "/f?x=1")),
-            Some("cdn")
-        );
-        assert_eq!(
-            key_label(CacheKey::new("dl.example.com", "/a")),
-            Some("*.example.com")
-        );
-        assert_eq!(
-            key_label(CacheKey::new("dl.example.com:8080", "/a").variant("accept-encoding=gzip")),
-            Some("*.example.com")
-        );
-        assert_eq!(
-            key_label(CacheKey::new("203.0.113.9", "/a")),
-            Some("203.0.113.0/24,2001:db8::/32")
-        );
-        assert_eq!(
-            key_label(CacheKey::new("mirror.lan:8080", "/a")),
-            Some("default")
-        );
-        // Objects the config no longer allows belong to no label.
-        assert_eq!(key_label(CacheKey::new("gone.org", "/a")), None);
-        assert_eq!(key_label(CacheKey::in_content_set("old-set", "/a")), None);
+        let host_key = |host: &str| CacheKey::new(host, "/a");
+        for (key, expected) in [
+            (CacheKey::in_content_set("cdn", "/f?x=1"), Some("cdn")),
+            (host_key("dl.example.com"), Some("*.example.com")),
+            (
+                host_key("dl.example.com:8080").variant("accept-encoding=gzip"),
+                Some("*.example.com"),
+            ),
+            (
+                host_key("203.0.113.9"),
+                Some("203.0.113.0/24,2001:db8::/32"),
+            ),
+            (host_key("mirror.lan:8080"), Some("default")),
+            // Objects the config no longer allows belong to no label.
+            (host_key("gone.org"), None),
+            (CacheKey::in_content_set("old-set", "/a"), None),
+        ] {
+            assert_eq!(key_label(key.clone()), expected, "{key:?}");
+        }
     }
 
     #[test]
@@ -991,10 +994,8 @@ mod tests {
     #[test]
     fn literals_match_ranges_and_exact_hosts_but_never_wildcards() {
         let origin = |host: &str, cidr: &[&str], upstream: Option<&str>| OriginConfig {
-            host: host.into(),
-            cidr: cidr.iter().map(|text| (*text).to_owned()).collect(),
             upstream: upstream.map(str::to_owned),
-            ..Default::default()
+            ..origin_config(host, cidr)
         };
         let config = Config {
             origin: vec![
