@@ -211,6 +211,30 @@ async fn chromium_shows_the_numbers_of_stats() {
         assert!(dom.contains(&row), "{row} in the drives list");
     }
 
+    // The top origins by bytes sent, with /stats's figures: all the traffic went to one.
+    let origins = stats["origins"].as_array().unwrap();
+    assert_eq!(
+        attribute_of(&dom, "origins", "data-count"),
+        Some(origins.len().to_string())
+    );
+    let top = &origins[0];
+    assert_eq!(top["label"], ORIGIN_HOST, "{stats}");
+    assert_eq!(value_of(&dom, "origin-0-label"), ORIGIN_HOST);
+    for (field, name) in [
+        ("requests", "requests"),
+        ("egress-bytes", "egress_bytes"),
+        ("origin-bytes", "origin_bytes"),
+        ("stored-bytes", "stored_bytes"),
+    ] {
+        let shown: u64 = value_of(&dom, &format!("origin-0-{field}"))
+            .parse()
+            .unwrap();
+        assert_eq!(shown, stat(top, name), "#origin-0-{field} against {name}");
+    }
+    assert_eq!(stat(top, "egress_bytes"), 12 * OBJECT_LEN as u64);
+    assert_eq!(text_of(&dom, "origin-0-egress-bytes"), "24.0 MiB");
+    assert_eq!(value_of(&dom, "origin-1-egress-bytes"), "0");
+
     // The charts drew the rates between the samples (one point per pair).
     for chart in ["chart-hour", "chart-day"] {
         let points: usize = attribute_of(&dom, chart, "data-points")

@@ -103,6 +103,23 @@ async fn reloads_add_origins_refuse_bad_configs_and_name_restart_only_settings()
     let fetched = get(&new_url, &[]).await;
     assert_eq!(fetched.status, 200);
     assert_eq!(fetched.bytes(), &content[..]);
+    // The new origin has its own label in the per-origin numbers, the old ones keep theirs.
+    let stats = stats_of(&node).await;
+    let labels: Vec<&str> = stats["origins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|origin| origin["label"].as_str().unwrap())
+        .collect();
+    assert!(labels.contains(&ORIGIN_HOST), "{labels:?}");
+    let added = stats["origins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|origin| origin["label"] == NEW_HOST)
+        .unwrap_or_else(|| panic!("no label {NEW_HOST}: {labels:?}"));
+    assert_eq!(added["requests"], 1);
+    assert_eq!(added["egress_bytes"], content.len() as u64);
 
     // 2. A config that fails validation is refused whole, with the key and the reason; the
     // running one keeps serving the new origin, and the rest of the bad file is not applied.

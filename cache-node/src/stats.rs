@@ -5,6 +5,12 @@
 //! sent to clients straight from an origin fill, `egress_bytes` every body byte sent to clients
 //! (hits, misses, pass-through and multipart framing), and `origin_bytes` every body byte
 //! received from origins.
+//!
+//! The same figures are kept per origin label ([`OriginStats`]): one label per configured
+//! `[[origin]]` entry (its content set's name, its host pattern or its address ranges) and
+//! `default` for `server.default_upstream`, fixed at start-up, so what a client sends never
+//! becomes a label and the number of series is bounded by the config. A request carries its
+//! label's [`OriginIndex`] from routing on, so counting costs an index and an atomic add.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -268,6 +274,8 @@ pub struct Stats {
     /// Seconds until the TLS listener's certificate expires, labelled `cert="<tls.cert>"`; no
     /// sample while TLS is off.
     pub tls_certificate_expiry: TlsExpiryGauge,
+    /// The traffic and stored objects of each origin label.
+    pub origins: OriginStats,
 }
 
 /// The gauge of seconds to the TLS certificate's expiry (negative once expired), by file.
@@ -381,6 +389,8 @@ pub struct StatsSnapshot {
     /// The size the drives really allow together: `cache_max_bytes`, or less after a write
     /// failed for lack of space (see each drive's `effective_max_bytes`).
     pub cache_effective_max_bytes: u64,
+    /// Each origin label's traffic and stored objects, in configuration order.
+    pub origins: Vec<OriginSnapshot>,
 }
 
 /// The traffic of one interval between two snapshots, for the periodic summary log line.
@@ -429,8 +439,9 @@ impl TrafficSummary {
 
 impl Stats {
     /// Creates the counters and registers them under the `outpost_` prefix, with an info metric
-    /// naming the disk backend.
-    pub fn new(disk_backend: &str) -> Stats {
+    /// naming the disk backend. `origin_labels` are the allowlist's labels, in the order of the
+    /// [`OriginIndex`]es routing hands out.
+    pub fn new(disk_backend: &str, origin_labels: &[String]) -> Stats {
         let mut registry = Registry::with_prefix("outpost");
         let stats_without_registry = Stats {
             registry: Registry::default(),
@@ -483,6 +494,7 @@ impl Stats {
             invalidations: Counter::default(),
             cache_effective_max_bytes: Gauge::default(),
             tls_certificate_expiry: TlsExpiryGauge::default(),
+            origins: OriginStats::new(origin_labels),
         };
         let stats = &stats_without_registry;
         let counters: [(&str, &str, &Counter, Option<Unit>); 27] = [
@@ -801,23 +813,44 @@ impl Stats {
         );
         stats.edge.register(&mut registry);
         stats.latency.register(&mut registry);
+        stats.origins.register(&mut registry);
         Stats {
             registry,
             ..stats_without_registry
         }
     }
 
-    /// Counts `length` body bytes sent to a client from `source`.
-    pub fn count_egress(&self, source: ByteSource, length: u64) {
+    /// Counts `length` body bytes sent to a client from `source`, for a request routed to
+    /// `origin`.
+    pub fn count_egress(&self, origin: OriginIndex, source: ByteSource, length: u64) {
         self.egress_bytes.inc_by(length);
+        let table = self.origins.table();
+        let counters = table.get(origin);
+        if let Some(counters) = counters {
+            counters.add(OriginBytes::Egress, length);
+        }
         match source {
             ByteSource::Disk => {
                 self.hit_bytes.inc_by(length);
+                if let Some(counters) = counters {
+                    counters.add(OriginBytes::Hit, length);
+                }
             }
             ByteSource::Fill => {
                 self.miss_bytes.inc_by(length);
+                if let Some(counters) = counters {
+                    counters.add(OriginBytes::Miss, length);
+                }
             }
             ByteSource::Other => {}
+        }
+    }
+
+    /// Counts `length` body bytes received from `origin`.
+    pub fn count_origin_bytes(&self, origin: OriginIndex, length: u64) {
+        self.origin_bytes.inc_by(length);
+        if let Some(counters) = self.origins.table().get(origin) {
+            counters.add(OriginBytes::Origin, length);
         }
     }
 
@@ -908,6 +941,7 @@ impl Stats {
             relayed_request_bytes: self.relayed_request_bytes.get(),
             invalidations: self.invalidations.get(),
             cache_effective_max_bytes: self.cache_effective_max_bytes.get(),
+            origins: self.origins.snapshot(),
         }
     }
 
@@ -1073,19 +1107,325 @@ impl EdgeCounters {
     }
 }
 
+/// Which origin label a request was routed to: the position of the label among the allowlist's
+/// labels, and of its counters in [`OriginStats`]. Routing hands it out; it is never built from
+/// what a client sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OriginIndex(pub usize);
+
+/// Labelled counters, one series per origin label.
+type OriginFamily<M> = Family<Vec<(String, String)>, M>;
+
+/// The byte counters kept per origin label, in [`OriginCounters::bytes`] order, with the global
+/// counter each one breaks down (and the `/metrics` family name, `per_origin_<name>_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginBytes {
+    /// Body bytes sent to clients from disk (`hit_bytes`).
+    Hit,
+    /// Body bytes sent to clients straight from fills (`miss_bytes`).
+    Miss,
+    /// Every body byte sent to clients (`egress_bytes`).
+    Egress,
+    /// Body bytes received from the origin (`origin_bytes`).
+    Origin,
+}
+
+/// Each [`OriginBytes`] kind's `/metrics` name (before `_bytes_total`) and help.
+const ORIGIN_BYTE_FAMILIES: [(&str, &str); 4] = [
+    (
+        "per_origin_hit",
+        "Body bytes sent to clients from disk, per configured origin",
+    ),
+    (
+        "per_origin_miss",
+        "Body bytes sent to clients from origin fills, per configured origin",
+    ),
+    (
+        "per_origin_egress",
+        "Body bytes sent to clients, per configured origin",
+    ),
+    (
+        "per_origin_origin",
+        "Body bytes received from each configured origin",
+    ),
+];
+
+/// One origin label's counters: the global counters' meanings, for the requests routed to it.
+/// The handles share their atomics with the `/metrics` families.
+#[derive(Debug, Clone, Default)]
+pub struct OriginCounters {
+    /// Client requests routed to this origin (content and relayed requests; not refusals, which
+    /// have no origin, nor the node's own API).
+    pub requests: Counter,
+    /// Body bytes, by [`OriginBytes`] kind.
+    bytes: [Counter; 4],
+    /// Objects of this origin in the index, then their bytes on disk (set when read).
+    stored: [Gauge<u64, AtomicU64>; 2],
+}
+
+impl OriginCounters {
+    /// Counts `length` bytes of `kind`.
+    pub fn add(&self, kind: OriginBytes, length: u64) {
+        self.bytes[kind as usize].inc_by(length);
+    }
+
+    /// The bytes of `kind` so far.
+    pub fn get(&self, kind: OriginBytes) -> u64 {
+        self.bytes[kind as usize].get()
+    }
+}
+
+/// What the index holds for one origin label (see [`OriginStats::set_stored`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredTally {
+    /// Objects in the index.
+    pub objects: u64,
+    /// Their bytes on disk.
+    pub bytes: u64,
+}
+
+/// The per-origin figures: the labels of the config at start-up, and those a config reload
+/// added (labels are never removed, so their counters stay monotonic, and at most
+/// [`MAX_ORIGIN_LABELS`]), one [`OriginCounters`] per label.
+#[derive(Debug)]
+pub struct OriginStats {
+    /// Replaced whole when a reload adds labels; requests hold it for one count.
+    table: arc_swap::ArcSwap<OriginTable>,
+    /// Serialises adding labels.
+    adding: std::sync::Mutex<()>,
+    families: OriginFamilies,
+}
+
+/// Labels and their counters, in [`OriginIndex`] order.
+#[derive(Debug, Default)]
+pub struct OriginTable {
+    labels: Vec<String>,
+    counters: Vec<OriginCounters>,
+}
+
+impl OriginTable {
+    /// The counters of the label at `origin`. `None` only for an index no allowlist of this
+    /// node handed out (the stats' own tests).
+    pub fn get(&self, origin: OriginIndex) -> Option<&OriginCounters> {
+        let counters = self.counters.get(origin.0);
+        debug_assert!(
+            counters.is_some() || self.counters.is_empty(),
+            "origin index {} out of {} labels",
+            origin.0,
+            self.counters.len()
+        );
+        counters
+    }
+}
+
+/// Labels a node keeps at most, over all its reloads; past it, new labels count under
+/// [`OVERFLOW_ORIGIN_LABEL`] until a restart.
+pub const MAX_ORIGIN_LABELS: usize = 1024;
+
+/// The label of origins added by reloads past [`MAX_ORIGIN_LABELS`].
+pub const OVERFLOW_ORIGIN_LABEL: &str = "other (restart to split)";
+
+/// The `/metrics` families behind [`OriginCounters`], field for field.
+#[derive(Debug, Default)]
+struct OriginFamilies {
+    requests: OriginFamily<Counter>,
+    bytes: [OriginFamily<Counter>; 4],
+    stored: [OriginFamily<Gauge<u64, AtomicU64>>; 2],
+}
+
+/// One origin label in the `/stats` document.
+#[derive(Debug, Clone, Serialize)]
+pub struct OriginSnapshot {
+    /// The label: a content set's name, a host pattern, address ranges, or `default`.
+    pub label: String,
+    /// Client requests routed to it.
+    pub requests: u64,
+    /// Body bytes sent from disk.
+    pub hit_bytes: u64,
+    /// Body bytes sent from fills.
+    pub miss_bytes: u64,
+    /// Body bytes sent in all.
+    pub egress_bytes: u64,
+    /// Body bytes received from it.
+    pub origin_bytes: u64,
+    /// Its objects in the index.
+    pub objects: u64,
+    /// Their bytes on disk.
+    pub stored_bytes: u64,
+}
+
+/// A label value as the Prometheus text formats write it between quotes: backslash, double quote
+/// and line feed escaped. (prometheus-client writes label values as given.)
+pub fn escape_label_value(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for character in value.chars() {
+        match character {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
+}
+
+impl OriginStats {
+    /// Counters for `labels`, each series created at once so that every configured origin
+    /// appears (at zero) from the start.
+    fn new(labels: &[String]) -> OriginStats {
+        let stats = OriginStats {
+            table: arc_swap::ArcSwap::from_pointee(OriginTable::default()),
+            adding: std::sync::Mutex::new(()),
+            families: OriginFamilies::default(),
+        };
+        stats.adopt_labels(labels);
+        stats
+    }
+
+    /// The labels and counters now.
+    pub fn table(&self) -> arc_swap::Guard<std::sync::Arc<OriginTable>> {
+        self.table.load()
+    }
+
+    /// How many labels there are.
+    pub fn len(&self) -> usize {
+        self.table.load().labels.len()
+    }
+
+    /// Whether there are no labels.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Where each of `labels` (an allowlist's, in its own order) counts: its existing label's
+    /// index, or a new one created for it (each series at once, so it appears at zero).
+    pub fn adopt_labels(&self, labels: &[String]) -> Vec<OriginIndex> {
+        let _adding = outpost_shared::sync::lock(&self.adding);
+        let current = self.table.load_full();
+        let mut table = OriginTable {
+            labels: current.labels.clone(),
+            counters: current.counters.clone(),
+        };
+        let indices = labels
+            .iter()
+            .map(|label| {
+                // The last place is kept for the overflow label.
+                let label =
+                    if table.labels.contains(label) || table.labels.len() < MAX_ORIGIN_LABELS - 1 {
+                        label.as_str()
+                    } else {
+                        OVERFLOW_ORIGIN_LABEL
+                    };
+                self.find_or_create(&mut table, label)
+            })
+            .collect();
+        self.table.store(std::sync::Arc::new(table));
+        indices
+    }
+
+    /// The index of `label` in `table`, adding it with its series if it is new.
+    fn find_or_create(&self, table: &mut OriginTable, label: &str) -> OriginIndex {
+        if let Some(position) = table.labels.iter().position(|known| known == label) {
+            return OriginIndex(position);
+        }
+        let series = vec![("origin".to_owned(), escape_label_value(label))];
+        let families = &self.families;
+        table.labels.push(label.to_owned());
+        table.counters.push(OriginCounters {
+            requests: families.requests.get_or_create(&series).clone(),
+            bytes: families
+                .bytes
+                .each_ref()
+                .map(|family| family.get_or_create(&series).clone()),
+            stored: families
+                .stored
+                .each_ref()
+                .map(|family| family.get_or_create(&series).clone()),
+        });
+        OriginIndex(table.labels.len() - 1)
+    }
+
+    /// Counts a client request routed to `origin`.
+    pub fn count_request(&self, origin: OriginIndex) {
+        if let Some(counters) = self.table().get(origin) {
+            counters.requests.inc();
+        }
+    }
+
+    /// Sets what the index holds per label, in [`OriginIndex`] order (missing entries are 0).
+    pub fn set_stored(&self, tallies: &[StoredTally]) {
+        for (index, counters) in self.table().counters.iter().enumerate() {
+            let tally = tallies.get(index).copied().unwrap_or_default();
+            counters.stored[0].set(tally.objects);
+            counters.stored[1].set(tally.bytes);
+        }
+    }
+
+    fn snapshot(&self) -> Vec<OriginSnapshot> {
+        let table = self.table();
+        table
+            .labels
+            .iter()
+            .zip(&table.counters)
+            .map(|(label, counters)| OriginSnapshot {
+                label: label.clone(),
+                requests: counters.requests.get(),
+                hit_bytes: counters.get(OriginBytes::Hit),
+                miss_bytes: counters.get(OriginBytes::Miss),
+                egress_bytes: counters.get(OriginBytes::Egress),
+                origin_bytes: counters.get(OriginBytes::Origin),
+                objects: counters.stored[0].get(),
+                stored_bytes: counters.stored[1].get(),
+            })
+            .collect()
+    }
+
+    /// Registers the families as `per_origin_<global name>`, so that each sums (over `origin`)
+    /// to the global figure of the same name.
+    fn register(&self, registry: &mut Registry) {
+        let families = &self.families;
+        registry.register(
+            "per_origin_requests",
+            "Client requests routed to each configured origin",
+            families.requests.clone(),
+        );
+        for ((name, help), family) in ORIGIN_BYTE_FAMILIES.iter().zip(&families.bytes) {
+            registry.register_with_unit(*name, *help, Unit::Bytes, family.clone());
+        }
+        registry.register(
+            "per_origin_stored_objects",
+            "Objects in the index, per configured origin",
+            families.stored[0].clone(),
+        );
+        registry.register_with_unit(
+            "per_origin_stored",
+            "Bytes stored on disk, per configured origin",
+            Unit::Bytes,
+            families.stored[1].clone(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Fails unless `text` has every one of `lines`.
+    fn assert_has_lines(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
+    }
+
     #[test]
     fn a_summary_covers_its_interval_only_and_quiet_intervals_have_none() {
-        let stats = Stats::new("portable");
-        stats.count_egress(ByteSource::Disk, 300);
+        let stats = Stats::new("portable", &[]);
+        stats.count_egress(OriginIndex(0), ByteSource::Disk, 300);
         let snapshot = stats.snapshot("portable");
         assert_eq!(TrafficSummary::between(&snapshot, &snapshot), None);
         stats.requests.inc();
-        stats.count_egress(ByteSource::Disk, 100);
-        stats.count_egress(ByteSource::Fill, 300);
+        stats.count_egress(OriginIndex(0), ByteSource::Disk, 100);
+        stats.count_egress(OriginIndex(0), ByteSource::Fill, 300);
         let later = stats.snapshot("portable");
         let summary = TrafficSummary::between(&snapshot, &later).unwrap();
         assert_eq!(summary.requests, 1);
@@ -1096,10 +1436,10 @@ mod tests {
 
     #[test]
     fn both_views_report_the_same_counts() {
-        let stats = Stats::new("portable");
-        stats.count_egress(ByteSource::Disk, 300);
-        stats.count_egress(ByteSource::Fill, 100);
-        stats.count_egress(ByteSource::Other, 7);
+        let stats = Stats::new("portable", &[]);
+        stats.count_egress(OriginIndex(0), ByteSource::Disk, 300);
+        stats.count_egress(OriginIndex(0), ByteSource::Fill, 100);
+        stats.count_egress(OriginIndex(0), ByteSource::Other, 7);
         let drive = DriveUsage {
             path: "/var/cache/outpost".into(),
             used_bytes: 10,
@@ -1133,7 +1473,7 @@ mod tests {
 
     #[test]
     fn the_store_defences_are_counted_in_both_views() {
-        let stats = Stats::new("portable");
+        let stats = Stats::new("portable", &[]);
         stats.objects_refused_too_large.inc();
         stats.integrity_failures.inc();
         stats.slices_verified.inc_by(3);
@@ -1158,5 +1498,76 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from {text}");
         }
+    }
+
+    #[test]
+    fn origin_figures_are_counted_per_label_in_both_views() {
+        let labels = ["windows-update".to_owned(), "*.example.com".to_owned()];
+        let stats = Stats::new("portable", &labels);
+        let (set, hosts) = (OriginIndex(0), OriginIndex(1));
+        stats.origins.count_request(set);
+        stats.origins.count_request(hosts);
+        stats.origins.count_request(hosts);
+        stats.count_egress(set, ByteSource::Fill, 100);
+        stats.count_egress(hosts, ByteSource::Disk, 30);
+        stats.count_egress(hosts, ByteSource::Other, 2);
+        stats.count_origin_bytes(set, 100);
+        stats.origins.set_stored(&[StoredTally {
+            objects: 1,
+            bytes: 4096,
+        }]);
+        let snapshot = stats.snapshot("portable");
+        let figures: Vec<_> = snapshot
+            .origins
+            .iter()
+            .map(|origin| {
+                (
+                    origin.label.as_str(),
+                    origin.requests,
+                    origin.hit_bytes,
+                    origin.miss_bytes,
+                    origin.egress_bytes,
+                    origin.origin_bytes,
+                    origin.objects,
+                    origin.stored_bytes,
+                )
+            })
+            .collect();
+        assert_eq!(
+            figures,
+            [
+                ("windows-update", 1, 0, 100, 100, 100, 1, 4096),
+                ("*.example.com", 2, 30, 0, 32, 0, 0, 0),
+            ]
+        );
+        assert_eq!(snapshot.egress_bytes, 132);
+        assert_eq!(snapshot.origin_bytes, 100);
+        assert_has_lines(
+            &stats.prometheus_classic_text(),
+            &[
+                "outpost_per_origin_requests_total{origin=\"*.example.com\"} 2",
+                "outpost_per_origin_hit_bytes_total{origin=\"*.example.com\"} 30",
+                "outpost_per_origin_miss_bytes_total{origin=\"windows-update\"} 100",
+                "outpost_per_origin_egress_bytes_total{origin=\"*.example.com\"} 32",
+                "outpost_per_origin_origin_bytes_total{origin=\"windows-update\"} 100",
+                "outpost_per_origin_stored_objects{origin=\"windows-update\"} 1",
+                "outpost_per_origin_stored_bytes{origin=\"windows-update\"} 4096",
+                "outpost_per_origin_stored_bytes{origin=\"*.example.com\"} 0",
+            ],
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped_for_the_text_formats() {
+        assert_eq!(escape_label_value("*.example.com"), "*.example.com");
+        assert_eq!(escape_label_value(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label_value("a\nb"), "a\\nb");
+        let stats = Stats::new("portable", &["odd\"label".to_owned()]);
+        let text = stats.prometheus_text();
+        assert!(
+            text.contains("outpost_per_origin_requests_total{origin=\"odd\\\"label\"} 0"),
+            "{text}"
+        );
+        assert_eq!(stats.snapshot("portable").origins[0].label, "odd\"label");
     }
 }

@@ -521,6 +521,11 @@ impl Node {
             self.index.object_count(),
             &drives,
         );
+        let allowlist = self.allowlist.load();
+        let stored_per_origin = self.index.tally_by(self.stats.origins.len(), |key| {
+            allowlist.origin_of_key(key).map(|origin| origin.0)
+        });
+        self.stats.origins.set_stored(&stored_per_origin);
         if let Some(tls) = &self.tls {
             let summary = tls.summary(std::time::SystemTime::now());
             self.stats

@@ -38,7 +38,7 @@ use crate::cache::store::{Layout, ObjectMeta};
 use crate::disk::full::RefusedWrite;
 use crate::disk::SharedStorage;
 use crate::error::DiskError;
-use crate::stats::{DriveUsage, Stats};
+use crate::stats::{DriveUsage, Stats, StoredTally};
 
 /// moka weights are `u32`, so objects are weighed in units of this many bytes; that still allows
 /// objects of up to 16 TiB.
@@ -639,6 +639,30 @@ impl Index {
     /// How many objects are indexed, on every drive.
     pub fn object_count(&self) -> u64 {
         self.drives.iter().map(DriveIndex::object_count).sum()
+    }
+
+    /// What the index holds per group, for `groups` groups: `group_of` names the group of each
+    /// object's key (a number below `groups`), or `None` for an object of no group. It walks
+    /// every entry (without locking their tables), so it is for readers at scrape rate, not for
+    /// requests; recovered objects count as soon as they are indexed.
+    pub fn tally_by(
+        &self,
+        groups: usize,
+        mut group_of: impl FnMut(&CacheKey) -> Option<usize>,
+    ) -> Vec<StoredTally> {
+        let mut tallies = vec![StoredTally::default(); groups];
+        for drive in &self.drives {
+            for (key, entry) in drive.cache.iter() {
+                if entry.is_removed() {
+                    continue;
+                }
+                if let Some(tally) = group_of(&key).and_then(|group| tallies.get_mut(group)) {
+                    tally.objects += 1;
+                    tally.bytes += entry.stored_bytes();
+                }
+            }
+        }
+        tallies
     }
 
     /// Each drive's figures, in configuration order.

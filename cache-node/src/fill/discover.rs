@@ -503,8 +503,18 @@ pub(super) async fn discover(
         let node = node.clone();
         let entry = entry.clone();
         let body_start = origin.body_start;
+        let counted_under = route.target.origin;
         tokio::spawn(async move {
-            stream_into_slices(&node, &entry, body, body_start, run, fill_slot).await;
+            stream_into_slices(
+                &node,
+                counted_under,
+                &entry,
+                body,
+                body_start,
+                run,
+                fill_slot,
+            )
+            .await;
         });
     }
     Ok(entry)

@@ -14,6 +14,7 @@ use crate::cache::index::{ObjectEntry, SliceTable};
 pub use crate::cache::slice_buffer::SliceBuffer;
 use crate::error::OriginError;
 use crate::node::Node;
+use crate::stats::OriginIndex;
 use crate::upstream::router::Route;
 
 /// How many bytes of finished slices of one fill may wait for their disk write before the fill
@@ -53,8 +54,16 @@ pub(super) async fn run_fill(
                             first_slice - 1,
                         );
                     }
-                    stream_into_slices(&node, &entry, body, origin.body_start, run, fill_slot)
-                        .await;
+                    stream_into_slices(
+                        &node,
+                        route.target.origin,
+                        &entry,
+                        body,
+                        origin.body_start,
+                        run,
+                        fill_slot,
+                    )
+                    .await;
                     return;
                 }
                 _ if !same_version => {
@@ -129,9 +138,11 @@ pub(super) fn release_claim(table: &mut SliceTable, index: u64, buffer: &Arc<Sli
 /// Streams an origin body into the owned slice buffers, storing each finished slice. Entering
 /// each slice after the first, it checks that someone still wants the rest ([`keeps_going`]);
 /// before taking a slice's first byte it reserves the slice's memory, waiting (and so leaving
-/// the origin's bytes in the socket) while the budget is spent.
+/// the origin's bytes in the socket) while the budget is spent. The bytes read count under
+/// `origin`, the label of the route that started the fill.
 pub(super) async fn stream_into_slices(
     node: &Arc<Node>,
+    origin: OriginIndex,
     entry: &Arc<ObjectEntry>,
     mut body: Incoming,
     body_start: u64,
@@ -167,7 +178,7 @@ pub(super) async fn stream_into_slices(
         let Ok(mut data) = frame.into_data() else {
             continue;
         };
-        node.stats.origin_bytes.inc_by(data.len() as u64);
+        node.stats.count_origin_bytes(origin, data.len() as u64);
         if let Some((pace, meter)) = &mut run.pace {
             pace.bytes.inc_by(data.len() as u64);
             if let Some(limiter) = &pace.limiter {

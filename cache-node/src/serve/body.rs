@@ -16,7 +16,7 @@ use crate::error::ServeError;
 use crate::http::access_log::{AccessEntry, AccessLog};
 use crate::http::sendfile::SpanQueue;
 use crate::node::Node;
-use crate::stats::{ByteSource, LatencyHistograms, Stats};
+use crate::stats::{ByteSource, LatencyHistograms, OriginIndex, Stats};
 
 /// How many body chunks the producer may run ahead of the client.
 pub(super) const BODY_CHANNEL_DEPTH: usize = 4;
@@ -200,10 +200,14 @@ pub(super) enum BodyKind {
         node: Arc<Node>,
         /// The connection's zero-copy queue, when the producer may send [`Chunk::File`].
         spans: Option<SpanQueue>,
+        /// The label the body's bytes count under (the route's).
+        origin: OriginIndex,
     },
     Upstream {
         body: Incoming,
         node: Arc<Node>,
+        /// The label the body's bytes count under (the route's).
+        origin: OriginIndex,
     },
 }
 
@@ -255,6 +259,7 @@ impl ResponseBody {
                 receiver,
                 node,
                 spans,
+                origin,
             } => match receiver.poll_recv(context) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(None) => Poll::Ready(None),
@@ -278,17 +283,17 @@ impl ResponseBody {
                             )))
                         }
                     };
-                    node.stats.count_egress(source, bytes.len() as u64);
+                    node.stats.count_egress(*origin, source, bytes.len() as u64);
                     Poll::Ready(Some(Ok(Frame::data(bytes))))
                 }
                 Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Box::new(error)))),
             },
-            BodyKind::Upstream { body, node } => match Pin::new(body).poll_frame(context) {
+            BodyKind::Upstream { body, node, origin } => match Pin::new(body).poll_frame(context) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
-                        node.stats.origin_bytes.inc_by(data.len() as u64);
+                        node.stats.count_origin_bytes(*origin, data.len() as u64);
                         node.stats
-                            .count_egress(ByteSource::Other, data.len() as u64);
+                            .count_egress(*origin, ByteSource::Other, data.len() as u64);
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }

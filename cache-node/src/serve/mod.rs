@@ -88,6 +88,7 @@ pub async fn handle(
             return Ok(text_response(StatusCode::FORBIDDEN, error.to_string()));
         }
     };
+    node.stats.origins.count_request(route.target.origin);
     let span = tracing::info_span!(
         "request",
         id = request_id,

@@ -39,6 +39,7 @@ pub(super) async fn pass_through(
             let mut response = Response::new(ResponseBody::of(BodyKind::Upstream {
                 body,
                 node: node.clone(),
+                origin: route.target.origin,
             }));
             *response.status_mut() = parts.status;
             // Every end-to-end field goes along unchanged (RFC 9110 §7.6.1): a

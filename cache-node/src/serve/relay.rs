@@ -80,6 +80,7 @@ pub(super) async fn relay(
     let mut response = Response::new(ResponseBody::of(BodyKind::Upstream {
         body: upstream_body,
         node: node.clone(),
+        origin: route.target.origin,
     }));
     *response.status_mut() = upstream_parts.status;
     let mut response_headers = upstream_parts.headers;

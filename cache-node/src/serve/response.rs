@@ -436,6 +436,7 @@ fn start_body(
         receiver,
         node: request.node.clone(),
         spans: request.spans.clone(),
+        origin: request.route.target.origin,
     })
 }
 

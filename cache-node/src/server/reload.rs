@@ -78,6 +78,8 @@ impl ConfigReloader {
         {
             let mut allowlist = valid.allowlist.clone();
             allowlist.adopt_address_policy(self.node.allowlist.load().address_policy());
+            // Labels the stats know keep their counters; new ones get theirs.
+            allowlist.count_under(&self.node.stats.origins.adopt_labels(allowlist.labels()));
             self.node.allowlist.store(Arc::new(allowlist));
         }
         if applied.iter().any(|key| key == "admin.token") {

@@ -82,7 +82,7 @@ impl Node {
             backend = storage.backend_name(),
             "cache store opened"
         );
-        let stats = Arc::new(Stats::new(backend_name));
+        let stats = Arc::new(Stats::new(backend_name, config.allowlist.labels()));
         let fill_limits = FillLimits::new(&config.fill, stats.fills.clone());
         let access_log = match &config.access_log {
             Some(settings) => {

@@ -49,3 +49,13 @@ impl HostPattern {
         }
     }
 }
+
+/// Writes the pattern as it is configured: `example.com` or `*.example.com`.
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostPattern::Exact(name) => formatter.write_str(name),
+            HostPattern::Subdomains(dotted_suffix) => write!(formatter, "*{dotted_suffix}"),
+        }
+    }
+}

@@ -19,9 +19,11 @@ use hyper_util::rt::TokioExecutor;
 use ipnet::IpNet;
 
 use crate::cache::freshness::FreshnessPolicy;
+use crate::cache::key::{CacheKey, CONTENT_SET_PREFIX};
 use crate::error::OriginError;
 use crate::http::client_key::ClientScheme;
 use crate::http::hop_by_hop::remove_hop_by_hop;
+use crate::stats::OriginIndex;
 use crate::upstream::address_policy::{self, AddressPolicy, AddressRefusal, NameRefused};
 pub use crate::upstream::host_pattern::HostPattern;
 use crate::upstream::outbound_proxy::{OriginResolver, ProxySettings, UpstreamConnector};
@@ -47,6 +49,8 @@ pub struct OriginTarget {
     pub host_header: Option<String>,
     /// Who chose where the node connects, which decides whether the addresses are checked.
     pub chosen_by: ChosenBy,
+    /// The origin label its traffic is counted under (see [`Allowlist::labels`]).
+    pub origin: OriginIndex,
 }
 
 /// Who chose the host the node connects to for an origin.
@@ -64,6 +68,10 @@ pub enum ChosenBy {
 #[derive(Debug, Clone)]
 pub struct Allowlist {
     entries: Vec<AllowedOrigin>,
+    /// Each entry's label, by position in `entries`.
+    entry_origins: Vec<OriginIndex>,
+    /// The labels the node's figures are kept under (see [`Allowlist::labels`]).
+    labels: Vec<String>,
     default_upstream: Option<OriginTarget>,
     /// What names a client names may resolve to (every entry's `cidr` together).
     address_policy: Arc<AddressPolicy>,
@@ -151,9 +159,31 @@ pub enum LookupError {
     },
 }
 
+/// The label of `server.default_upstream`'s traffic.
+pub const DEFAULT_UPSTREAM_LABEL: &str = "default";
+
+impl AllowedOrigin {
+    /// The label this entry's traffic is counted under: its content set's name (shared by every
+    /// entry of the set), else its host pattern as configured (`*.example.com`), else its
+    /// address ranges (`203.0.113.0/24,2001:db8::/32`). Config text only, never request input.
+    pub fn label(&self) -> String {
+        if let Some(content_set) = &self.content_set {
+            return content_set.clone();
+        }
+        if let Some(pattern) = &self.pattern {
+            return pattern.to_string();
+        }
+        self.ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 impl OriginTarget {
     /// The target of reverse-proxy mode: every request goes to `url`, under `policy`. `None`
-    /// when the URL names no host.
+    /// when the URL names no host. [`Allowlist::new`] gives it its label.
     pub fn default_upstream(url: &str, policy: FreshnessPolicy) -> Option<OriginTarget> {
         let uri: Uri = url.parse().ok()?;
         let host = normalise_host(uri.authority()?.as_str())?;
@@ -164,23 +194,88 @@ impl OriginTarget {
             content_set: None,
             host_header: None,
             chosen_by: ChosenBy::Admin,
+            origin: OriginIndex(0),
         })
     }
 }
 
 impl Allowlist {
     /// The allowlist of parsed `[[origin]]` tables (first match wins) and the reverse-proxy
-    /// mode's `server.default_upstream`.
+    /// mode's `server.default_upstream`, each given its label (see [`AllowedOrigin::label`] and
+    /// [`DEFAULT_UPSTREAM_LABEL`]); entries whose labels read the same share it.
     pub fn new(entries: Vec<AllowedOrigin>, default_upstream: Option<OriginTarget>) -> Allowlist {
         let ranges = entries
             .iter()
             .flat_map(|allowed| allowed.ranges.iter().copied())
             .collect();
+        let mut labels: Vec<String> = Vec::new();
+        let mut index_of = |label: String| match labels.iter().position(|known| *known == label) {
+            Some(position) => OriginIndex(position),
+            None => {
+                labels.push(label);
+                OriginIndex(labels.len() - 1)
+            }
+        };
+        let entry_origins = entries
+            .iter()
+            .map(|allowed| index_of(allowed.label()))
+            .collect();
+        let default_upstream = default_upstream.map(|target| OriginTarget {
+            origin: index_of(DEFAULT_UPSTREAM_LABEL.to_owned()),
+            ..target
+        });
         Allowlist {
             entries,
+            entry_origins,
+            labels,
             default_upstream,
             address_policy: Arc::new(AddressPolicy::new(ranges)),
         }
+    }
+
+    /// Counts this allowlist's origins where `indices` say: `indices[i]` is where its label `i`
+    /// (of [`Allowlist::labels`]) counts in the node's stats. For a reloaded allowlist, whose
+    /// labels the running stats may already know under other indices.
+    pub fn count_under(&mut self, indices: &[OriginIndex]) {
+        let map = |origin: &mut OriginIndex| {
+            if let Some(mapped) = indices.get(origin.0) {
+                *origin = *mapped;
+            }
+        };
+        self.entry_origins.iter_mut().for_each(map);
+        if let Some(default) = &mut self.default_upstream {
+            map(&mut default.origin);
+        }
+    }
+
+    /// The labels the node counts traffic and stored objects under, in [`OriginIndex`] order:
+    /// one per distinct entry label, then `default` when a default upstream is set. Fixed when
+    /// the config is validated, so their number is bounded by the config.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// The label a stored object belongs to, from its key: a content set's key names its set;
+    /// a host's key names its host, which is the default upstream's, or is looked up as a
+    /// request naming it would be. `None` for an object no entry allows any more (the config
+    /// changed since it was stored).
+    pub fn origin_of_key(&self, key: &CacheKey) -> Option<OriginIndex> {
+        let text = key.as_str();
+        if let Some(in_set) = text.strip_prefix(CONTENT_SET_PREFIX) {
+            let name = in_set.split('/').next()?;
+            return self
+                .entries
+                .iter()
+                .zip(&self.entry_origins)
+                .find(|(allowed, _)| allowed.content_set.as_deref() == Some(name))
+                .map(|(_, origin)| *origin);
+        }
+        let host = text.split('/').next()?;
+        if let Some(default) = self.default_upstream.as_ref().filter(|d| d.host == host) {
+            return Some(default.origin);
+        }
+        let named = NamedHost::parse(host)?;
+        self.find(&named).ok().map(|(_, origin)| origin)
     }
 
     /// What names a client names may resolve to, for the connector.
@@ -199,12 +294,11 @@ impl Allowlist {
     /// The entry that allows `named`: by host pattern for a name; for an IP literal, by a `cidr`
     /// range (see [`address_policy::range_allows`]) or a `host` that is exactly that literal
     /// (the admin wrote the address). Wildcard patterns never match literals.
-    fn find(&self, named: &NamedHost) -> Result<&AllowedOrigin, LookupError> {
+    fn find(&self, named: &NamedHost) -> Result<(&AllowedOrigin, OriginIndex), LookupError> {
+        let mut entries = self.entries.iter().zip(self.entry_origins.iter().copied());
         let Some(literal) = named.ip_literal() else {
-            return self
-                .entries
-                .iter()
-                .find(|allowed| {
+            return entries
+                .find(|(allowed, _)| {
                     allowed
                         .pattern
                         .as_ref()
@@ -213,13 +307,13 @@ impl Allowlist {
                 .ok_or_else(|| LookupError::NotAllowed(named.canonical()));
         };
         let mut refusal = None;
-        for allowed in &self.entries {
+        for (allowed, origin) in entries {
             if matches!(&allowed.pattern, Some(HostPattern::Exact(exact)) if *exact == named.name) {
-                return Ok(allowed);
+                return Ok((allowed, origin));
             }
             for range in &allowed.ranges {
                 match address_policy::range_allows(range, literal) {
-                    Ok(true) => return Ok(allowed),
+                    Ok(true) => return Ok((allowed, origin)),
                     Ok(false) => {}
                     Err(refused) => {
                         refusal.get_or_insert(refused);
@@ -263,7 +357,7 @@ impl Allowlist {
         if client == ClientScheme::Https && named.port == Some(443) {
             named.port = None;
         }
-        let allowed = self.find(&named)?;
+        let (allowed, origin) = self.find(&named)?;
         let port = named.effective_port();
         if !DEFAULT_ORIGIN_PORTS.contains(&port) && !allowed.ports.contains(&port) {
             return Err(LookupError::PortNotAllowed {
@@ -287,6 +381,7 @@ impl Allowlist {
             } else {
                 ChosenBy::Client
             },
+            origin,
         })
     }
 
@@ -796,6 +891,82 @@ mod tests {
         assert!(allowlist.default_upstream().is_none());
     }
 
+    /// An `[[origin]]` allowing `host` (a pattern, or empty) and the `cidr` ranges.
+    fn origin_config(host: &str, cidr: &[&str]) -> OriginConfig {
+        OriginConfig {
+            host: host.into(),
+            cidr: cidr.iter().map(|range| (*range).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_entry_gets_a_label_from_its_config_and_objects_map_back_to_it() {
+        let origin = |host: &str, cidr: &[&str], content_set: Option<&str>| OriginConfig {
+            content_set: content_set.map(str::to_owned),
+            upstream: Some("http://127.0.0.1:9000".into()),
+            ..origin_config(host, cidr)
+        };
+        let config = Config {
+            origin: vec![
+                origin("a.cdn.example", &[], Some("cdn")),
+                origin("*.Example.com", &[], None),
+                origin("", &["203.0.113.0/24", "2001:db8::/32"], None),
+                origin("b.cdn.example", &["198.51.100.0/24"], Some("cdn")),
+            ],
+            server: crate::config::ServerConfig {
+                default_upstream: Some("http://mirror.lan:8080".into()),
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        let allowlist = config.validate().unwrap().allowlist;
+        assert_eq!(
+            allowlist.labels(),
+            [
+                "cdn",
+                "*.example.com",
+                "203.0.113.0/24,2001:db8::/32",
+                "default"
+            ]
+        );
+        let label_of = |host: &str| {
+            let origin = allowlist.resolve(host).unwrap().origin;
+            allowlist.labels()[origin.0].as_str()
+        };
+        // Both entries of the set share its label, whichever name or address reached it.
+        assert_eq!(label_of("a.cdn.example"), "cdn");
+        assert_eq!(label_of("198.51.100.7"), "cdn");
+        assert_eq!(label_of("dl.example.com"), "*.example.com");
+        assert_eq!(label_of("203.0.113.9"), "203.0.113.0/24,2001:db8::/32");
+        assert_eq!(allowlist.default_upstream().unwrap().origin, OriginIndex(3));
+        // Stored objects map back to the label their requests counted under.
+        let key_label = |key: CacheKey| {
+            allowlist
+                .origin_of_key(&key)
+                .map(|origin| allowlist.labels()[origin.0].as_str())
+        };
+        let host_key = |host: &str| CacheKey::new(host, "/a");
+        for (key, expected) in [
+            (CacheKey::in_content_set("cdn", "/f?x=1"), Some("cdn")),
+            (host_key("dl.example.com"), Some("*.example.com")),
+            (
+                host_key("dl.example.com:8080").variant("accept-encoding=gzip"),
+                Some("*.example.com"),
+            ),
+            (
+                host_key("203.0.113.9"),
+                Some("203.0.113.0/24,2001:db8::/32"),
+            ),
+            (host_key("mirror.lan:8080"), Some("default")),
+            // Objects the config no longer allows belong to no label.
+            (host_key("gone.org"), None),
+            (CacheKey::in_content_set("old-set", "/a"), None),
+        ] {
+            assert_eq!(key_label(key.clone()), expected, "{key:?}");
+        }
+    }
+
     #[test]
     fn requests_over_tls_reach_their_origin_over_https_unless_it_says_otherwise() {
         let origin = |host: &str, scheme: Option<&str>| OriginConfig {
@@ -846,10 +1017,8 @@ mod tests {
     #[test]
     fn literals_match_ranges_and_exact_hosts_but_never_wildcards() {
         let origin = |host: &str, cidr: &[&str], upstream: Option<&str>| OriginConfig {
-            host: host.into(),
-            cidr: cidr.iter().map(|text| (*text).to_owned()).collect(),
             upstream: upstream.map(str::to_owned),
-            ..Default::default()
+            ..origin_config(host, cidr)
         };
         let config = Config {
             origin: vec![
