@@ -2,9 +2,15 @@
 //! client asking, and the next client gets a HIT; a URL the origin lacks or the allowlist
 //! refuses fails with its reason; a job can be cancelled; the shared bandwidth cap holds as a
 //! rate (within 15 %); the token is required.
+//!
+//! `cache-node prefill`, the real binary against a node in this process: every URL stored and
+//! exit 0 (then a HIT); a failing URL listed with its reason and exit 1; a wrong token explained
+//! and exit 2; `--detach` back at once with the job id. A `[[prefill.schedule]]` whose window
+//! contains now fills its file's objects with no client and no job submitted.
 
 mod common;
 
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -26,9 +32,10 @@ async fn submit(node: &TestNode, body: serde_json::Value) -> (u16, serde_json::V
     (status, serde_json::from_slice(&bytes).unwrap_or_default())
 }
 
-async fn job(node: &TestNode, id: u64) -> serde_json::Value {
+/// The JSON document of `GET <path>` on the admin listener.
+async fn admin_document(node: &TestNode, path: &str) -> serde_json::Value {
     let bytes = client()
-        .get(format!("http://{}/prefill/{id}", node.admin_addr))
+        .get(format!("http://{}{path}", node.admin_addr))
         .send()
         .await
         .unwrap()
@@ -36,6 +43,52 @@ async fn job(node: &TestNode, id: u64) -> serde_json::Value {
         .await
         .unwrap();
     serde_json::from_slice(&bytes).unwrap()
+}
+
+/// `GET /prefill/<id>`: one job.
+async fn job(node: &TestNode, id: u64) -> serde_json::Value {
+    admin_document(node, &format!("/prefill/{id}")).await
+}
+
+/// `GET /prefill`: every job.
+async fn jobs(node: &TestNode) -> serde_json::Value {
+    admin_document(node, "/prefill").await
+}
+
+/// Puts `content` at `path`, served in 16 KiB chunks 50 ms apart (about 320 KB/s), so a job
+/// on it is still running seconds later.
+fn put_slow(origin: &outpost_testkit::MockOrigin, path: &str, content: bytes::Bytes) {
+    origin.put_with(
+        path,
+        content,
+        Behaviour {
+            chunk_delay: Some(Duration::from_millis(50)),
+            chunk_size: Some(16 * 1024),
+            ..Behaviour::default()
+        },
+    );
+}
+
+/// The first client's request for `path` is a HIT with `content`, with no origin request.
+async fn assert_first_client_hits(
+    node: &TestNode,
+    origin: &outpost_testkit::MockOrigin,
+    path: &str,
+    content: &[u8],
+) {
+    let asked = origin.request_count();
+    let first_client = get(&node.mcc_url(path), &[]).await;
+    assert_eq!(
+        first_client.header("x-cache").as_deref(),
+        Some("HIT"),
+        "{path}"
+    );
+    assert_eq!(first_client.bytes(), content);
+    assert_eq!(
+        origin.request_count(),
+        asked,
+        "no origin request for the first client of {path}"
+    );
 }
 
 async fn until_ended(node: &TestNode, id: u64) -> serde_json::Value {
@@ -80,28 +133,10 @@ async fn a_prefilled_object_is_a_hit_for_the_first_client_and_failures_say_why()
     let stats = node.stats().await;
     assert_eq!(stat(&stats, "prefill_bytes"), 1_000_000);
     assert_eq!(stat(&stats, "miss_bytes"), 0, "a prefill is no client miss");
-    let asked = origin.request_count();
-    let first_client = get(&node.mcc_url("/patch/kb1.msu"), &[]).await;
-    assert_eq!(first_client.header("x-cache").as_deref(), Some("HIT"));
-    assert_eq!(first_client.bytes(), &content[..]);
-    assert_eq!(
-        origin.request_count(),
-        asked,
-        "no origin request for the first client"
-    );
+    assert_first_client_hits(&node, &origin, "/patch/kb1.msu", &content).await;
 
     // The list shows the job; a job needs the token.
-    let list: serde_json::Value = serde_json::from_slice(
-        &client()
-            .get(format!("http://{}/prefill", node.admin_addr))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let list = jobs(&node).await;
     assert_eq!(list["jobs"][0]["id"], id);
     let anonymous = client()
         .post(format!("http://{}/prefill", node.admin_addr))
@@ -116,15 +151,7 @@ async fn a_prefilled_object_is_a_hit_for_the_first_client_and_failures_say_why()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_job_stops_and_says_so() {
     let (origin, _storage, node) = origin_and_node().await;
-    origin.put_with(
-        "/slow.bin",
-        pattern_bytes(4_000_000, 32),
-        Behaviour {
-            chunk_delay: Some(Duration::from_millis(50)),
-            chunk_size: Some(16 * 1024),
-            ..Behaviour::default()
-        },
-    );
+    put_slow(&origin, "/slow.bin", pattern_bytes(4_000_000, 32));
     let (_, submitted) = submit(
         &node,
         serde_json::json!([format!("http://{ORIGIN_HOST}/slow.bin")]),
@@ -201,5 +228,227 @@ async fn the_prefill_bandwidth_cap_holds_as_a_rate() {
     assert_eq!(ended["state"], "done");
     let whole = started.elapsed().as_secs_f64();
     assert!(whole >= length as f64 / 2_300_000.0, "{whole} s");
+    node.stop().await;
+}
+
+/// Runs `cache-node prefill` against `node` with `arguments` after the admin URL, `stdin` as
+/// its standard input and `OUTPOST_ADMIN_TOKEN` set to `environment_token` (if any).
+async fn prefill_command(
+    node: &TestNode,
+    arguments: &[&str],
+    stdin: &str,
+    environment_token: Option<&str>,
+) -> Output {
+    prefill_command_at(node.admin_addr, arguments, stdin, environment_token).await
+}
+
+/// [`prefill_command`] against the admin listener at `admin_addr`.
+async fn prefill_command_at(
+    admin_addr: std::net::SocketAddr,
+    arguments: &[&str],
+    stdin: &str,
+    environment_token: Option<&str>,
+) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_cache-node"));
+    command
+        .arg("prefill")
+        .arg("--admin")
+        .arg(format!("http://{admin_addr}"))
+        .args(arguments)
+        .env_remove("OUTPOST_ADMIN_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(token) = environment_token {
+        command.env("OUTPOST_ADMIN_TOKEN", token);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("cache-node prefill ends within 60 s")
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefill_command_stores_every_url_and_exits_0() {
+    let (origin, _storage, node) = origin_and_node().await;
+    let first = pattern_bytes(700_000, 41);
+    let second = pattern_bytes(150_000, 42);
+    origin.put("/patch/kb1.msu", first.clone());
+    origin.put("/patch/kb2.msu", second.clone());
+    // The URL list on stdin, the token from the environment.
+    let list = format!(
+        "# Patch Tuesday\nhttp://{ORIGIN_HOST}/patch/kb1.msu\n\n{}\n",
+        node.mcc_url("/patch/kb2.msu")
+    );
+    let output = prefill_command(&node, &["-"], &list, Some(TOKEN)).await;
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("2 URLs: 2 done, 0 failed"), "{stdout}");
+
+    assert_first_client_hits(&node, &origin, "/patch/kb1.msu", &first).await;
+    assert_first_client_hits(&node, &origin, "/patch/kb2.msu", &second).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefill_command_lists_each_failed_url_with_its_reason_and_exits_1() {
+    let (origin, _storage, node) = origin_and_node().await;
+    origin.put("/patch/kb1.msu", pattern_bytes(200_000, 43));
+    let directory = tempfile::tempdir().unwrap();
+    let token_file = directory.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let list = directory.path().join("urls.txt");
+    std::fs::write(
+        &list,
+        format!(
+            "http://{ORIGIN_HOST}/patch/kb1.msu\nhttp://{ORIGIN_HOST}/patch/absent.msu\nhttp://not-allowed.example/file\n"
+        ),
+    )
+    .unwrap();
+    let output = prefill_command(
+        &node,
+        &[
+            "--token-file",
+            token_file.to_str().unwrap(),
+            list.to_str().unwrap(),
+        ],
+        "",
+        None,
+    )
+    .await;
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(output.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("3 URLs: 1 done, 2 failed"), "{stdout}");
+    let absent = stderr
+        .lines()
+        .find(|line| line.starts_with(&format!("failed: http://{ORIGIN_HOST}/patch/absent.msu: ")))
+        .unwrap_or_else(|| panic!("the 404 is listed: {stderr}"));
+    assert!(absent.contains("404"), "{absent}");
+    assert!(
+        stderr
+            .lines()
+            .any(|line| line.starts_with("failed: http://not-allowed.example/file: ")),
+        "the refused origin is listed: {stderr}"
+    );
+    assert!(
+        !stderr.contains("kb1.msu:"),
+        "the stored one is not: {stderr}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefill_command_explains_a_wrong_token_and_an_unreachable_node_and_exits_2() {
+    let (origin, _storage, node) = origin_and_node().await;
+    origin.put("/a.bin", pattern_bytes(1000, 44));
+    let list = format!("http://{ORIGIN_HOST}/a.bin\n");
+    let wrong = prefill_command(&node, &["--token", "wrong", "-"], &list, None).await;
+    let stderr = text(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("401") && stderr.contains("admin.token"),
+        "{stderr}"
+    );
+
+    let without = prefill_command(&node, &["-"], &list, None).await;
+    let stderr = text(&without.stderr);
+    assert_eq!(without.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("OUTPOST_ADMIN_TOKEN"), "{stderr}");
+
+    let listed = jobs(&node).await;
+    assert_eq!(listed["jobs"], serde_json::json!([]), "no job was started");
+    let admin_addr = node.admin_addr;
+    node.stop().await;
+
+    // The node is gone: nobody listens on its admin port.
+    let unreachable = prefill_command_at(admin_addr, &["-"], &list, Some(TOKEN)).await;
+    let stderr = text(&unreachable.stderr);
+    assert_eq!(unreachable.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach the admin listener"),
+        "{stderr}"
+    );
+    // An empty list is refused before any connection.
+    let empty = prefill_command_at(admin_addr, &["-"], "# nothing yet\n", Some(TOKEN)).await;
+    assert_eq!(empty.status.code(), Some(2));
+    assert!(text(&empty.stderr).contains("no URLs"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefill_command_with_detach_returns_the_job_id_at_once() {
+    let (origin, _storage, node) = origin_and_node().await;
+    put_slow(&origin, "/slow.bin", pattern_bytes(2_000_000, 45));
+    let list = format!("http://{ORIGIN_HOST}/slow.bin\n");
+    let output = prefill_command(&node, &["--detach", "-"], &list, Some(TOKEN)).await;
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    let id: u64 = stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("the id: {stdout}"));
+    // The object takes over 6 s at that pace; the command is back while the job runs.
+    let running = job(&node, id).await;
+    assert_eq!(running["state"], "running", "{running}");
+    assert_eq!(running["origin"], "api");
+    node.stop().await;
+}
+
+/// A window in UTC that contains now: from a minute ago to ten minutes on.
+fn window_around_now() -> String {
+    let minute_of_day = (cache_node::cache::store::unix_now() / 60) % 1440;
+    let start = (minute_of_day + 1440 - 1) % 1440;
+    let end = (minute_of_day + 10) % 1440;
+    format!(
+        "{:02}:{:02}-{:02}:{:02}",
+        start / 60,
+        start % 60,
+        end / 60,
+        end % 60
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_prefill_inside_its_window_stores_the_listed_objects_with_no_client() {
+    let origin = outpost_testkit::MockOrigin::start().await;
+    let content = pattern_bytes(600_000, 46);
+    origin.put("/patch/kb9.msu", content.clone());
+    let storage = tempfile::tempdir().unwrap();
+    let list = storage.path().join("patch-tuesday.txt");
+    std::fs::write(&list, format!("http://{ORIGIN_HOST}/patch/kb9.msu\n")).unwrap();
+    let mut config = usual_config(storage.path(), &origin.base_url());
+    config.prefill.schedule = vec![cache_node::schedule::ScheduleConfig {
+        urls: list.clone(),
+        window: window_around_now(),
+        days: Vec::new(),
+    }];
+    let node = TestNode::start(config).await;
+
+    // No client asks and nobody submits: the schedule's job fills the object.
+    let stored = eventually_async(
+        "the scheduled job ends",
+        Duration::from_secs(30),
+        async || {
+            let list = jobs(&node).await;
+            let job = list["jobs"][0].clone();
+            (job["state"] == "done").then_some(job)
+        },
+    )
+    .await;
+    assert_eq!(stored["origin"], "schedule 0", "{stored}");
+    assert_eq!(stored["urls"][0]["state"], "done", "{stored}");
+    let stats = node.stats().await;
+    assert_eq!(stat(&stats, "prefill_bytes"), 600_000);
+    assert_eq!(stat(&stats, "requests"), 0, "no client request");
+
+    assert_first_client_hits(&node, &origin, "/patch/kb9.msu", &content).await;
     node.stop().await;
 }

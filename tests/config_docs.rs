@@ -165,6 +165,7 @@ fn every_config_field_of_both_programs_is_documented_with_its_environment_variab
         ..cache_node::config::Config::default()
     };
     cache_node_config.storage.extra_drives = vec![cache_node::config::DriveConfig::default()];
+    cache_node_config.prefill.schedule = vec![cache_node::schedule::ScheduleConfig::default()];
     let mut problems = compare(
         "cache-node",
         "CACHE_NODE",

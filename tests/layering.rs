@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 /// cache-node's layers, bottom to top: top-level modules of `cache-node/src`.
 const CACHE_NODE_LAYERS: &[(&str, &[&str])] = &[
-    ("foundation", &["error", "stats", "history"]),
+    ("foundation", &["error", "stats", "history", "schedule"]),
     ("http, disk and tls", &["http", "disk", "tls"]),
     ("cache", &["cache"]),
     ("upstream", &["upstream"]),
@@ -24,6 +24,7 @@ const CACHE_NODE_LAYERS: &[(&str, &[&str])] = &[
     ("api", &["api"]),
     ("config", &["config"]),
     ("server", &["server"]),
+    ("cli", &["cli"]),
 ];
 
 /// peer-client's layers, bottom to top: top-level modules of `peer-client/src`.

@@ -640,7 +640,7 @@ impl Config {
         let prefill = self
             .prefill
             .validate()
-            .map_err(|(key, message)| invalid(key, message))?;
+            .map_err(|(key, message)| invalid(&key, message))?;
         let max_object_size_bytes = parse_size(&self.storage.max_object_size)
             .map_err(|message| invalid("storage.max_object_size", message))?;
         if max_object_size_bytes > MAX_OBJECT_SIZE_LIMIT {

@@ -9,7 +9,8 @@
 //! both; `docs/architecture.md` is the full map).
 //!
 //! - Foundation: [`error`] (typed errors that say where a failure came from), `stats`
-//!   (the counters behind `/stats` and `/metrics`) and [`history`] (their last 24 hours).
+//!   (the counters behind `/stats` and `/metrics`), [`history`] (their last 24 hours) and
+//!   [`schedule`] (daily time windows, for scheduled prefills).
 //! - `http`: Range and conditional parsing, `sendfile`, the per-client key, connection limits,
 //!   the access log.
 //!   [`disk`]: the [`disk::Storage`] trait and its io_uring and portable backends. [`tls`]: the
@@ -27,9 +28,11 @@
 //! - [`api`]: the peering API on the client listener and the admin listener.
 //! - [`config`]: the one config struct, validated (and parsed, once) into `ValidConfig`.
 //! - [`server`]: start-up, listeners and workers, the dispatcher, connection caps and timeouts.
+//! - [`cli`]: the subcommands that talk to a running node (`cache-node prefill`).
 
 pub mod api;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod disk;
 pub mod error;
@@ -38,6 +41,7 @@ pub mod history;
 pub(crate) mod http;
 pub mod node;
 pub mod peering;
+pub mod schedule;
 pub(crate) mod serve;
 pub mod server;
 pub(crate) mod stats;

@@ -1,5 +1,7 @@
 //! The `cache-node` binary: parse arguments, load and validate the config, set up logging, bind
-//! the listeners and run the node until SIGTERM or Ctrl-C.
+//! the listeners and run the node until SIGTERM or Ctrl-C. The subcommands run without a
+//! config: `tls` (keys and certificates) and `prefill` (a job on a running node, in
+//! `cache_node::cli::prefill`).
 
 use std::path::PathBuf;
 
@@ -32,6 +34,29 @@ enum Command {
     /// Keys, certificate requests and certificates for the TLS listener ([tls]).
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Submit a URL list as a prefill job to a running node's admin listener and follow it with
+    /// a progress bar. Exit status: 0 every URL stored, 1 some failed (listed on stderr), 2
+    /// usage, connection or token errors, 130 interrupted (the job is cancelled first).
+    Prefill(PrefillArguments),
+}
+
+#[derive(Debug, clap::Args)]
+struct PrefillArguments {
+    /// The node's admin listener (plain HTTP).
+    #[arg(long, default_value = "http://127.0.0.1:9090")]
+    admin: String,
+    /// The admin token (admin.token). Prefer --token-file or OUTPOST_ADMIN_TOKEN: a command line
+    /// is visible to every user of the machine.
+    #[arg(long, conflicts_with = "token_file")]
+    token: Option<String>,
+    /// A file whose first line is the admin token.
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
+    /// Return once the job is accepted, printing its id, instead of following it.
+    #[arg(long)]
+    detach: bool,
+    /// The URL list: one URL per line (`#` comments allowed) or a JSON array; `-` for stdin.
+    urls: std::path::PathBuf,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -113,20 +138,35 @@ fn run_tls_command(command: TlsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let arguments = Arguments::parse();
-    if let Some(Command::Tls(command)) = arguments.command {
-        return run_tls_command(command);
+    match arguments.command {
+        Some(Command::Tls(command)) => {
+            run_tls_command(command)?;
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Some(Command::Prefill(prefill)) => {
+            let status = cache_node::cli::prefill::run(cache_node::cli::prefill::PrefillOptions {
+                admin: prefill.admin,
+                token: prefill.token,
+                token_file: prefill.token_file,
+                urls: prefill.urls,
+                detach: prefill.detach,
+            });
+            return Ok(std::process::ExitCode::from(status));
+        }
+        None => {}
     }
     let config = Config::load(arguments.config.as_deref())?;
     let config = config.validate()?;
     let set_log_level = init_logging(&config.raw.log.level, &config.raw.log.format)?;
     if arguments.check_config {
         println!("configuration is valid");
-        return Ok(());
+        return Ok(std::process::ExitCode::SUCCESS);
     }
     if arguments.health_check {
-        return health_check(config.admin_listen);
+        health_check(config.admin_listen)?;
+        return Ok(std::process::ExitCode::SUCCESS);
     }
     if !cache_node::api::admin::token_is_usable(&config.raw.admin.token) {
         tracing::warn!("{}", cache_node::api::admin::TOKEN_UNSET_MESSAGE);
@@ -186,7 +226,8 @@ fn main() -> anyhow::Result<()> {
         .await
         .context("cannot open the cache store")?;
         anyhow::Ok(())
-    })
+    })?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Timeout of the whole `--health-check` request.

@@ -202,7 +202,7 @@ async fn prefill_request(
                 Ok(urls) => urls,
                 Err(reason) => return text_response(StatusCode::BAD_REQUEST, reason),
             };
-            match prefill.submit(node, urls) {
+            match prefill.submit(node, crate::api::prefill::JobOrigin::Api, urls) {
                 Ok(job) => {
                     let mut response = json(&job);
                     *response.status_mut() = StatusCode::ACCEPTED;

@@ -6,5 +6,6 @@ pub mod auth_throttle;
 pub(crate) mod dashboard;
 pub(crate) mod peering;
 pub mod prefill;
+pub mod prefill_schedule;
 pub mod readiness;
 pub mod reload;

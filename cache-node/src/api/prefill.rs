@@ -10,6 +10,11 @@
 //! - **Visible.** `GET /prefill` lists each job's URLs with their state (`queued`, `filling`
 //!   with bytes stored, `done`, `failed` with the reason, `cancelled`); `DELETE /prefill/<id>`
 //!   cancels a job: its running fills stop at their next slice.
+//! - **Scheduled too.** `api::prefill_schedule` submits jobs from `[[prefill.schedule]]` files
+//!   through the same [`PrefillJobs`]; a job's [`JobOrigin`] says who started it.
+//!
+//! The job documents ([`JobView`] and the types in it) are both serialised here and read back
+//! by `cache-node prefill` (`cli::prefill`), so the command cannot drift from the API.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +23,7 @@ use std::time::Duration;
 
 use http::{StatusCode, Uri};
 use outpost_shared::sync::lock;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +44,7 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 const POLL: Duration = Duration::from_millis(100);
 
 /// One URL's progress.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum UrlState {
     /// Not started yet.
@@ -66,7 +71,7 @@ pub enum UrlState {
 }
 
 /// One URL of a job.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UrlProgress {
     /// The URL as submitted.
     pub url: String,
@@ -75,13 +80,68 @@ pub struct UrlProgress {
     pub state: UrlState,
 }
 
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Some URL has not ended yet.
+    Running,
+    /// Every URL ended (done or failed).
+    Done,
+    /// Cancelled (`DELETE /prefill/<id>`, or the end of its schedule's window): the URLs that
+    /// had not ended are `cancelled`.
+    Cancelled,
+}
+
+/// Who started a job: `"api"` (`POST /prefill`) or `"schedule N"` (the `N`th
+/// `[[prefill.schedule]]` table, counted from 0 as in `prefill.schedule[N]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum JobOrigin {
+    /// Submitted on the admin listener.
+    Api,
+    /// Started by `[[prefill.schedule]]` table `N`.
+    Schedule(usize),
+}
+
+impl std::fmt::Display for JobOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobOrigin::Api => f.write_str("api"),
+            JobOrigin::Schedule(index) => write!(f, "schedule {index}"),
+        }
+    }
+}
+
+impl From<JobOrigin> for String {
+    fn from(origin: JobOrigin) -> String {
+        origin.to_string()
+    }
+}
+
+impl TryFrom<String> for JobOrigin {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<JobOrigin, String> {
+        if text == "api" {
+            return Ok(JobOrigin::Api);
+        }
+        text.strip_prefix("schedule ")
+            .and_then(|index| index.parse().ok())
+            .map(JobOrigin::Schedule)
+            .ok_or_else(|| format!("\"{text}\" is not a job origin"))
+    }
+}
+
 /// One job, as `GET /prefill` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobView {
     /// The job's id.
     pub id: u64,
-    /// `running`, `done` (every URL ended) or `cancelled`.
-    pub state: &'static str,
+    /// Where it stands.
+    pub state: JobState,
+    /// Who started it.
+    pub origin: JobOrigin,
     /// When it was submitted, in seconds since the Unix epoch.
     pub created_unix: u64,
     /// URLs stored whole.
@@ -95,6 +155,7 @@ pub struct JobView {
 #[derive(Debug)]
 struct Job {
     id: u64,
+    origin: JobOrigin,
     created_unix: u64,
     urls: Mutex<Vec<UrlProgress>>,
     cancel: CancellationToken,
@@ -114,15 +175,16 @@ impl Job {
             )
         };
         let state = if self.cancel.is_cancelled() {
-            "cancelled"
+            JobState::Cancelled
         } else if urls.iter().all(ended) {
-            "done"
+            JobState::Done
         } else {
-            "running"
+            JobState::Running
         };
         JobView {
             id: self.id,
             state,
+            origin: self.origin,
             created_unix: self.created_unix,
             done: urls
                 .iter()
@@ -186,11 +248,24 @@ impl PrefillJobs {
         }
     }
 
-    /// Starts a job for `urls` (already parsed from the request body). Every URL is routed
-    /// first: one the allowlist refuses fails at once with the reason.
+    /// Cancels job `id` if it is still running (a job that ended keeps its state); true when
+    /// it was.
+    pub fn cancel_running(&self, id: u64) -> bool {
+        match lock(&self.jobs).get(&id) {
+            Some(job) if job.view().state == JobState::Running => {
+                job.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Starts a job for `urls` (already parsed from the request body), on behalf of `origin`.
+    /// Every URL is routed first: one the allowlist refuses fails at once with the reason.
     pub fn submit(
         self: &Arc<Self>,
         node: &Arc<Node>,
+        origin: JobOrigin,
         urls: Vec<String>,
     ) -> Result<JobView, (StatusCode, String)> {
         if urls.is_empty() {
@@ -209,6 +284,7 @@ impl PrefillJobs {
             urls.iter().map(|url| route_url(node, url)).collect();
         let job = Arc::new(Job {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            origin,
             created_unix: crate::cache::store::unix_now(),
             urls: Mutex::new(
                 urls.into_iter()
@@ -232,7 +308,7 @@ impl PrefillJobs {
                 // The oldest finished job goes; with none finished, the oldest running one.
                 let oldest = jobs
                     .iter()
-                    .find(|(_, job)| job.view().state != "running")
+                    .find(|(_, job)| job.view().state != JobState::Running)
                     .or_else(|| jobs.iter().next())
                     .map(|(id, job)| (*id, job.clone()));
                 match oldest {
@@ -267,6 +343,7 @@ impl PrefillJobs {
         }
         tracing::info!(
             id = job.id,
+            origin = %origin,
             urls = lock(&job.urls).len(),
             "prefill job started"
         );
@@ -415,6 +492,17 @@ pub fn parse_urls(body: &[u8], json: bool) -> Result<Vec<String>, String> {
         .collect())
 }
 
+/// The URLs of a URL-list file (`cache-node prefill`'s argument, a `[[prefill.schedule]]`
+/// file): a JSON array when its first character that is not white space is `[`, else one URL
+/// per line, read by [`parse_urls`] as `POST /prefill` reads its body.
+pub fn parse_url_file(content: &[u8]) -> Result<Vec<String>, String> {
+    let json = content
+        .iter()
+        .find(|byte| !byte.is_ascii_whitespace())
+        .is_some_and(|first| *first == b'[');
+    parse_urls(content, json)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,5 +519,55 @@ mod tests {
             ["http://a/1", "http://b/2"]
         );
         assert!(parse_urls(&[0xff, 0xfe], false).is_err());
+        assert_eq!(
+            parse_url_file(b"\n  [\"http://a/1\"]").unwrap(),
+            ["http://a/1"]
+        );
+        assert_eq!(
+            parse_url_file(b"http://a/1\nhttp://b/2").unwrap(),
+            ["http://a/1", "http://b/2"]
+        );
+    }
+
+    #[test]
+    fn job_documents_read_back_as_they_were_written() {
+        for origin in [JobOrigin::Api, JobOrigin::Schedule(3)] {
+            let view = JobView {
+                id: 4,
+                state: JobState::Running,
+                origin,
+                created_unix: 1_700_000_000,
+                done: 1,
+                failed: 1,
+                urls: vec![
+                    UrlProgress {
+                        url: "http://a/1".into(),
+                        state: UrlState::Done { length: 5 },
+                    },
+                    UrlProgress {
+                        url: "http://a/2".into(),
+                        state: UrlState::Failed {
+                            reason: "origin answered 404 Not Found".into(),
+                        },
+                    },
+                    UrlProgress {
+                        url: "http://a/3".into(),
+                        state: UrlState::Filling {
+                            bytes_done: 1,
+                            length: 9,
+                        },
+                    },
+                    UrlProgress {
+                        url: "http://a/4".into(),
+                        state: UrlState::Queued,
+                    },
+                ],
+            };
+            let text = serde_json::to_string(&view).unwrap();
+            assert_eq!(serde_json::from_str::<JobView>(&text).unwrap(), view);
+        }
+        let text = serde_json::to_value(JobOrigin::Schedule(0)).unwrap();
+        assert_eq!(text, "schedule 0");
+        assert!(serde_json::from_str::<JobOrigin>("\"cron\"").is_err());
     }
 }

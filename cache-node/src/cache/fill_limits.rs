@@ -317,6 +317,8 @@ pub struct PrefillConfig {
     /// The origin bandwidth all prefill fills share together: `"100Mbit"`, `"50MiB"` (per
     /// second), or `"0"` for no cap.
     pub max_bandwidth: String,
+    /// Scheduled prefills (`[[prefill.schedule]]`): a URL-list file prefilled in a daily window.
+    pub schedule: Vec<crate::schedule::ScheduleConfig>,
 }
 
 impl Default for PrefillConfig {
@@ -324,33 +326,43 @@ impl Default for PrefillConfig {
         PrefillConfig {
             concurrency: 2,
             max_bandwidth: "100Mbit".to_owned(),
+            schedule: Vec::new(),
         }
     }
 }
 
 /// `[prefill]`, validated.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PrefillSettings {
     /// Objects filled at once, across all jobs (at least 1).
     pub concurrency: usize,
     /// The shared cap in bytes per second; `None` for no cap.
     pub bytes_per_sec: Option<u64>,
+    /// The scheduled prefills, in the order of their tables.
+    pub schedule: Vec<crate::schedule::Schedule>,
 }
 
 impl PrefillConfig {
     /// Checks the values; an error names the key.
-    pub fn validate(&self) -> Result<PrefillSettings, (&'static str, String)> {
+    pub fn validate(&self) -> Result<PrefillSettings, (String, String)> {
         if !(1..=64).contains(&self.concurrency) {
             return Err((
-                "prefill.concurrency",
+                "prefill.concurrency".to_owned(),
                 format!("{} is outside 1..=64", self.concurrency),
             ));
         }
         let bytes_per_sec = outpost_shared::units::parse_bandwidth(&self.max_bandwidth)
-            .map_err(|message| ("prefill.max_bandwidth", message))?;
+            .map_err(|message| ("prefill.max_bandwidth".to_owned(), message))?;
+        let schedule = self
+            .schedule
+            .iter()
+            .enumerate()
+            .map(|(index, table)| table.validate(index))
+            .collect::<Result<_, _>>()?;
         Ok(PrefillSettings {
             concurrency: self.concurrency,
             bytes_per_sec,
+            schedule,
         })
     }
 }

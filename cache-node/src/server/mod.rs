@@ -278,6 +278,15 @@ async fn serve_node(
         readiness: readiness.clone(),
         reload,
     });
+    // Scheduled prefills submit their jobs to the same prefill jobs as the admin API.
+    if !node.prefill.schedule.is_empty() {
+        tokio::spawn(crate::api::prefill_schedule::run(
+            node.clone(),
+            admin_context.prefill.clone(),
+            crate::cache::store::unix_now,
+            stop.clone(),
+        ));
+    }
     // The admin listener's own caps, and counters that stay out of the client listener's.
     let admin_connections =
         ConnectionTable::new(node.connection_limits.admin(), EdgeCounters::default());

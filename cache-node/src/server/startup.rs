@@ -136,7 +136,7 @@ impl Node {
             max_object_size: config.max_object_size_bytes,
             verify_hits: config.verify_hits,
             access_log,
-            prefill: config.prefill,
+            prefill: config.prefill.clone(),
             history: crate::history::History::new(config.raw.admin.history_interval),
             tls: config.tls.as_ref().map(|tls| {
                 Arc::new(ServingCertificate::new(
