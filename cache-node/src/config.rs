@@ -853,11 +853,12 @@ pub use outpost_shared::units::parse_size;
 /// The settings a reload applies to the running node (`SIGHUP`, `POST /reload`): the allowlist
 /// with its content sets and per-origin policies (and the global freshness defaults they
 /// inherit), the default upstream, the log level and the admin token. A key named here covers
-/// everything under it (`origin` is every `[[origin]]` table).
+/// everything under it (`origin` is every `[[origin]]` table), and `prefill.schedule` the
+/// scheduled prefills.
 ///
 /// Every other key keeps its running value until a restart: listen addresses and TLS
 /// listeners, storage paths and drives, the I/O backend, workers, slice size, limits and
-/// timeouts, peering, prefill and access-log settings.
+/// timeouts, peering, the other prefill settings and the access log.
 pub const LIVE_KEYS: &[&str] = &[
     "origin",
     "content_set",
@@ -867,6 +868,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "upstream.stale_if_error",
     "log.level",
     "admin.token",
+    "prefill.schedule",
 ];
 
 /// Whether a reload applies `key` (a dotted path from [`Config::changed_keys`]).
@@ -925,6 +927,7 @@ impl Config {
         self.upstream.stale_if_error = other.upstream.stale_if_error;
         self.log.level = other.log.level.clone();
         self.admin.token = other.admin.token.clone();
+        self.prefill.schedule = other.prefill.schedule.clone();
     }
 }
 

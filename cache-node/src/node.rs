@@ -64,6 +64,8 @@ pub struct Node {
     pub unreachable_origins: moka::sync::Cache<String, ()>,
     /// `server.max_ranges`.
     pub max_ranges: usize,
+    /// `[[prefill.schedule]]`; replaced by a config reload.
+    pub prefill_schedules: arc_swap::ArcSwap<Vec<crate::schedule::Schedule>>,
     /// `admin.token`; replaced by a config reload.
     pub admin_token: arc_swap::ArcSwap<String>,
     /// Piece manifests and the tracker; `None` when `peering.enabled` is off.

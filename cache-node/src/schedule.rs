@@ -232,6 +232,11 @@ pub struct ScheduledRuns {
 }
 
 impl ScheduledRuns {
+    /// The job of the last run, while it may still be running.
+    pub fn running_job(&self) -> Option<u64> {
+        self.last.as_ref().and_then(|run| run.job)
+    }
+
     /// What to do at `now_unix` under `window`.
     pub fn step(&mut self, window: &Window, now_unix: u64) -> Step {
         if let Some(run) = &mut self.last {

@@ -34,10 +34,9 @@ pub async fn run(
     now: impl Fn() -> u64,
     stop: CancellationToken,
 ) {
-    let schedules = node.prefill.schedule.clone();
-    if schedules.is_empty() {
-        return;
-    }
+    // A config reload replaces the schedules (`Node::prefill_schedules`): a schedule that stays
+    // the same keeps its run state, a removed one's running job is cancelled.
+    let mut schedules = node.prefill_schedules.load_full();
     let mut runs: Vec<ScheduledRuns> = schedules.iter().map(|_| ScheduledRuns::default()).collect();
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -45,6 +44,32 @@ pub async fn run(
         tokio::select! {
             _ = ticks.tick() => {}
             () = stop.cancelled() => return,
+        }
+        let current = node.prefill_schedules.load_full();
+        if current != schedules {
+            let mut previous: Vec<(Schedule, ScheduledRuns)> =
+                schedules.iter().cloned().zip(runs.drain(..)).collect();
+            for schedule in current.iter() {
+                let kept = previous.iter().position(|(old, _)| {
+                    old.urls == schedule.urls && old.window == schedule.window
+                });
+                runs.push(match kept {
+                    Some(position) => previous.swap_remove(position).1,
+                    None => ScheduledRuns::default(),
+                });
+            }
+            for (old, dropped) in previous {
+                if let Some(job) = dropped.running_job() {
+                    if jobs.cancel_running(job) {
+                        tracing::info!(
+                            schedule = old.index,
+                            job,
+                            "scheduled prefill: the schedule was removed by a reload; its job is cancelled"
+                        );
+                    }
+                }
+            }
+            schedules = current;
         }
         let now = now();
         for (schedule, runs) in schedules.iter().zip(&mut runs) {

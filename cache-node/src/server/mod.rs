@@ -279,14 +279,13 @@ async fn serve_node(
         reload,
     });
     // Scheduled prefills submit their jobs to the same prefill jobs as the admin API.
-    if !node.prefill.schedule.is_empty() {
-        tokio::spawn(crate::api::prefill_schedule::run(
-            node.clone(),
-            admin_context.prefill.clone(),
-            crate::cache::store::unix_now,
-            stop.clone(),
-        ));
-    }
+    // (Always running: a config reload may add schedules.)
+    tokio::spawn(crate::api::prefill_schedule::run(
+        node.clone(),
+        admin_context.prefill.clone(),
+        crate::cache::store::unix_now,
+        stop.clone(),
+    ));
     // The admin listener's own caps, and counters that stay out of the client listener's.
     let admin_connections =
         ConnectionTable::new(node.connection_limits.admin(), EdgeCounters::default());

@@ -72,15 +72,22 @@ impl ConfigReloader {
                     .map_err(|reason| format!("log.level: {reason}"))?;
             }
         }
-        if applied
-            .iter()
-            .any(|key| key != "log.level" && key != "admin.token")
-        {
+        if applied.iter().any(|key| {
+            !matches!(key.as_str(), "log.level" | "admin.token") && !key.starts_with("prefill.")
+        }) {
             let mut allowlist = valid.allowlist.clone();
             allowlist.adopt_address_policy(self.node.allowlist.load().address_policy());
             // Labels the stats know keep their counters; new ones get theirs.
             allowlist.count_under(&self.node.stats.origins.adopt_labels(allowlist.labels()));
             self.node.allowlist.store(Arc::new(allowlist));
+        }
+        if applied
+            .iter()
+            .any(|key| key.starts_with("prefill.schedule"))
+        {
+            self.node
+                .prefill_schedules
+                .store(Arc::new(valid.prefill.schedule.clone()));
         }
         if applied.iter().any(|key| key == "admin.token") {
             self.node

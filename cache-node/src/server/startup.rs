@@ -130,6 +130,7 @@ impl Node {
                 .build(),
             max_ranges: config.raw.server.max_ranges,
             admin_token: arc_swap::ArcSwap::from_pointee(config.raw.admin.token.clone()),
+            prefill_schedules: arc_swap::ArcSwap::from_pointee(config.prefill.schedule.clone()),
             peering: Peering::start(&config.peering),
             fill_limits,
             connection_limits: client_limits(&config.raw.server),
