@@ -1,7 +1,8 @@
 //! End-to-end: prefill jobs on the admin listener. A listed object is stored whole with no
 //! client asking, and the next client gets a HIT; a URL the origin lacks or the allowlist
 //! refuses fails with its reason; a job can be cancelled; the shared bandwidth cap holds as a
-//! rate (within 15 %); the token is required.
+//! rate (within 15 %); the token is required; a client's cold miss and hit keep their time to
+//! first byte while a prefill holds every fill slot.
 //!
 //! `cache-node prefill`, the real binary against a node in this process: every URL stored and
 //! exit 0 (then a HIT); a failing URL listed with its reason and exit 1; a wrong token explained
@@ -450,5 +451,113 @@ async fn a_scheduled_prefill_inside_its_window_stores_the_listed_objects_with_no
     assert_eq!(stat(&stats, "requests"), 0, "no client request");
 
     assert_first_client_hits(&node, &origin, "/patch/kb9.msu", &content).await;
+    node.stop().await;
+}
+
+/// Time to the response head of a GET, and its `X-Cache`.
+async fn time_to_first_byte(url: &str) -> (Duration, String) {
+    let started = Instant::now();
+    let response = client().get(url).send().await.unwrap();
+    let elapsed = started.elapsed();
+    let cache = response
+        .headers()
+        .get("x-cache")
+        .map(|value| value.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    assert_eq!(response.status(), 200);
+    let _ = response.bytes().await.unwrap();
+    (elapsed, cache)
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_are_served_first_while_a_prefill_holds_every_fill_slot() {
+    let (origin, _storage, node) = origin_and_node_configured(|storage, origin| {
+        let mut config = usual_config(storage, &origin.base_url());
+        // Two fills at once in all, and a prefill that may take both.
+        config.fill.max_concurrent = 2;
+        config.prefill.concurrency = 2;
+        config
+    })
+    .await;
+    for index in 0..4 {
+        put_slow(
+            &origin,
+            &format!("/slow-{index}.bin"),
+            pattern_bytes(1024 * 1024, 60 + index),
+        );
+    }
+    for index in 0..10 {
+        origin.put(
+            &format!("/cold-{index}.bin"),
+            pattern_bytes(64 * 1024, 80 + index),
+        );
+    }
+    origin.put("/warm.bin", pattern_bytes(64 * 1024, 99));
+    let warm = node.mcc_url("/warm.bin");
+    get(&warm, &[]).await;
+    node.settle().await;
+
+    let mut idle = (Vec::new(), Vec::new());
+    for index in 0..5 {
+        let (miss, cache) = time_to_first_byte(&node.mcc_url(&format!("/cold-{index}.bin"))).await;
+        assert_eq!(cache, "MISS");
+        idle.0.push(miss);
+        let (hit, cache) = time_to_first_byte(&warm).await;
+        assert_eq!(cache, "HIT");
+        idle.1.push(hit);
+    }
+
+    // A job on four objects that take over three seconds each, two at a time: both fill slots.
+    let urls: Vec<String> = (0..4)
+        .map(|index| format!("http://{ORIGIN_HOST}/slow-{index}.bin"))
+        .collect();
+    let (status, submitted) = submit(&node, serde_json::json!(urls)).await;
+    assert_eq!(status, 202, "{submitted}");
+    let id = submitted["id"].as_u64().unwrap();
+    eventually_async(
+        "two prefill fills running",
+        Duration::from_secs(10),
+        async || {
+            let urls = job(&node, id).await["urls"].clone();
+            let filling = urls
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|url| url["state"] == "filling")
+                .count();
+            filling == 2
+        },
+    )
+    .await;
+    let mut busy = (Vec::new(), Vec::new());
+    for index in 5..10 {
+        let (miss, cache) = time_to_first_byte(&node.mcc_url(&format!("/cold-{index}.bin"))).await;
+        assert_eq!(cache, "MISS");
+        busy.0.push(miss);
+        let (hit, cache) = time_to_first_byte(&warm).await;
+        assert_eq!(cache, "HIT");
+        busy.1.push(hit);
+    }
+    assert_eq!(
+        job(&node, id).await["state"],
+        "running",
+        "the prefill was still running while the clients were measured"
+    );
+    let (idle_miss, idle_hit) = (median(idle.0), median(idle.1));
+    let (busy_miss, busy_hit) = (median(busy.0), median(busy.1));
+    println!(
+        "time to first byte, median of 5: cold miss {idle_miss:?} idle, {busy_miss:?} while a prefill holds both fill slots; hit {idle_hit:?} idle, {busy_hit:?} during the prefill"
+    );
+    // A client queued behind the prefill would wait for a slot: over three seconds.
+    assert!(
+        busy_miss < Duration::from_secs(1),
+        "a client's cold miss waited {busy_miss:?} behind the prefill"
+    );
+    assert!(busy_hit < Duration::from_millis(500), "{busy_hit:?}");
     node.stop().await;
 }
