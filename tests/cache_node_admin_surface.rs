@@ -197,3 +197,49 @@ async fn ready_once_every_worker_accepts() {
     let refused = client().post(&ready_url).send().await.unwrap();
     assert_eq!(refused.status(), 405);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_list_the_fills_in_flight_with_their_progress() {
+    let (origin, _storage, node) = origin_and_node().await;
+    let length = 2 * 1024 * 1024;
+    origin.put_with(
+        "/slow-fill.bin",
+        pattern_bytes(length, 5),
+        outpost_testkit::Behaviour {
+            chunk_delay: Some(Duration::from_millis(40)),
+            chunk_size: Some(32 * 1024),
+            ..Default::default()
+        },
+    );
+    let download = tokio::spawn(
+        client()
+            .get(node.mcc_url("/slow-fill.bin"))
+            .send()
+            .await
+            .unwrap()
+            .bytes(),
+    );
+    let fill = eventually_async(
+        "the fill listed with some bytes stored",
+        Duration::from_secs(15),
+        async || {
+            let stats = admin_json(&node, "/stats").await;
+            stats["fills"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|fill| {
+                    fill["key"].as_str().unwrap().ends_with("/slow-fill.bin")
+                        && fill["stored_bytes"].as_u64().unwrap() > 0
+                })
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(fill["length"], length as u64);
+    assert!(fill["stored_bytes"].as_u64().unwrap() < length as u64);
+    assert_eq!(download.await.unwrap().unwrap().len(), length);
+    node.settle().await;
+    let stats = admin_json(&node, "/stats").await;
+    assert_eq!(stats["fills"], serde_json::json!([]), "{}", stats["fills"]);
+}

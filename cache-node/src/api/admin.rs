@@ -95,6 +95,7 @@ pub async fn handle(
                     .tls
                     .as_ref()
                     .map(|tls| tls.summary(std::time::SystemTime::now())),
+                fills: node.index.fills_in_progress(FILLS_LISTED),
             };
             let mut body = serde_json::to_vec_pretty(&document).expect("stats serialise");
             body.push(b'\n');
@@ -279,7 +280,12 @@ struct StatsDocument {
     /// Subject, SANs, serial, validity and reload counts of the certificate in service.
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<crate::tls::serving::ServingSummary>,
+    /// The objects being filled now (at most [`FILLS_LISTED`]), most still to come first.
+    fills: Vec<crate::cache::index::FillProgress>,
 }
+
+/// How many fills in flight `/stats` lists.
+const FILLS_LISTED: usize = 32;
 
 fn typed(body: Vec<u8>, content_type: &'static str) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::full(body));

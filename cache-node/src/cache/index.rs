@@ -177,6 +177,17 @@ pub struct SliceTable {
     pub claims: crate::cache::slice_buffer::Claims,
 }
 
+/// One object being filled, for `/stats` `fills` (see [`Index::fills_in_progress`]).
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct FillProgress {
+    /// Its cache key.
+    pub key: String,
+    /// Its bytes stored so far.
+    pub stored_bytes: u64,
+    /// Its whole length.
+    pub length: u64,
+}
+
 /// One version of one cached object.
 #[derive(Debug)]
 pub struct ObjectEntry {
@@ -634,6 +645,26 @@ impl Index {
             .iter()
             .map(|entry| entry.table().inflight.len())
             .sum()
+    }
+
+    /// The objects with slices being filled now, at most `limit` of them (those with the most
+    /// still to come first): each one's key, its bytes stored so far and its length. For the
+    /// admin's view of fills in flight; walks every entry, so it is for readers at scrape rate.
+    pub fn fills_in_progress(&self, limit: usize) -> Vec<FillProgress> {
+        let mut fills: Vec<FillProgress> = self
+            .drives
+            .iter()
+            .flat_map(|drive| drive.cache.iter().map(|(_, entry)| entry))
+            .filter(|entry| !entry.is_removed() && !entry.table().inflight.is_empty())
+            .map(|entry| FillProgress {
+                key: entry.key.as_str().to_owned(),
+                stored_bytes: entry.stored_bytes(),
+                length: entry.meta.length,
+            })
+            .collect();
+        fills.sort_by_key(|fill| std::cmp::Reverse(fill.length.saturating_sub(fill.stored_bytes)));
+        fills.truncate(limit);
+        fills
     }
 
     /// How many objects are indexed, on every drive.
