@@ -266,7 +266,8 @@ async fn prefill_command_at(
     }
     let mut child = command.spawn().unwrap();
     let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.as_bytes()).await.unwrap();
+    // A command that fails before reading its input (no token) has closed the pipe: not an error.
+    let _ = input.write_all(stdin.as_bytes()).await;
     drop(input);
     tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
         .await
