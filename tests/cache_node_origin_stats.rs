@@ -48,16 +48,6 @@ fn url(node: &TestNode, path: &str, host: &str) -> String {
     format!("http://{}{path}?cacheHostOrigin={host}", node.addr)
 }
 
-/// The `origins` entry labelled `label`.
-fn origin_figures<'a>(stats: &'a serde_json::Value, label: &str) -> &'a serde_json::Value {
-    stats["origins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|origin| origin["label"] == label)
-        .unwrap_or_else(|| panic!("no origin {label:?} in {stats}"))
-}
-
 /// The sum over every origin label of the field `name`.
 fn sum_over_origins(stats: &serde_json::Value, name: &str) -> u64 {
     stats["origins"]
@@ -79,13 +69,7 @@ async fn per_origin_numbers_after_traffic_to_two_origins() {
 
     // Before any traffic, both labels are there at zero: the labels come from the config.
     let stats = node.stats().await;
-    let labels: Vec<&str> = stats["origins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|origin| origin["label"].as_str().unwrap())
-        .collect();
-    assert_eq!(labels, ["a.example", "b-set"]);
+    assert_eq!(origin_labels(&stats), ["a.example", "b-set"]);
     assert_eq!(sum_over_origins(&stats, "requests"), 0);
 
     // A miss and a hit on each; the content set's under two of its names.

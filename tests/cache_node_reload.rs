@@ -105,19 +105,9 @@ async fn reloads_add_origins_refuse_bad_configs_and_name_restart_only_settings()
     assert_eq!(fetched.bytes(), &content[..]);
     // The new origin has its own label in the per-origin numbers, the old ones keep theirs.
     let stats = stats_of(&node).await;
-    let labels: Vec<&str> = stats["origins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|origin| origin["label"].as_str().unwrap())
-        .collect();
+    let labels = origin_labels(&stats);
     assert!(labels.contains(&ORIGIN_HOST), "{labels:?}");
-    let added = stats["origins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|origin| origin["label"] == NEW_HOST)
-        .unwrap_or_else(|| panic!("no label {NEW_HOST}: {labels:?}"));
+    let added = origin_figures(&stats, NEW_HOST);
     assert_eq!(added["requests"], 1);
     assert_eq!(added["egress_bytes"], content.len() as u64);
 

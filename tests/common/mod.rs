@@ -413,3 +413,23 @@ impl NodeProcess {
 pub fn config_to_toml(config: &Config) -> String {
     toml::to_string(config).expect("every config serialises to TOML")
 }
+
+/// The labels of `/stats` `origins`, in their order.
+pub fn origin_labels(stats: &serde_json::Value) -> Vec<&str> {
+    stats["origins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|origin| origin["label"].as_str().unwrap())
+        .collect()
+}
+
+/// The `/stats` `origins` entry labelled `label`.
+pub fn origin_figures<'a>(stats: &'a serde_json::Value, label: &str) -> &'a serde_json::Value {
+    stats["origins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|origin| origin["label"] == label)
+        .unwrap_or_else(|| panic!("no origin {label:?} in {stats}"))
+}

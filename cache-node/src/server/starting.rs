@@ -37,7 +37,7 @@ pub(crate) async fn answer_while_starting<F: Future>(
             output = &mut opening => return output,
             accepted = listener.accept(), if connections.len() < STARTING_CONNECTIONS => {
                 let Ok((stream, _peer)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(super::ACCEPT_RETRY_DELAY).await;
                     continue;
                 };
                 let service = service_fn(|_request: Request<Incoming>| async {
